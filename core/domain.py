@@ -1,0 +1,231 @@
+"""Plain dataclasses shared by every service: the domain, free of gRPC and protobuf.
+
+Times of measurements are integer nanoseconds (`*_ns`); wall-clock instants are
+`datetime` in UTC. Converters to and from protobuf live in `idealrt.core.convert`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+
+from idealrt.core.model_spec import ModelSpec
+
+__all__ = [
+    "Backend",
+    "ContentionObservation",
+    "CostModel",
+    "FitQuality",
+    "LeasePolicy",
+    "ModelRef",
+    "Profile",
+    "ProfilePlan",
+    "ProfileState",
+    "Provenance",
+    "Sample",
+    "SampleFlag",
+    "StackSpec",
+    "Target",
+    "TargetKind",
+]
+
+
+class Backend(enum.StrEnum):
+    PYTORCH = "pytorch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+    TRANSFORMERS = "transformers"
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """The software/hardware stack a model runs on. `options` are backend specific
+    (e.g. {"cuda_graphs": "1", "torch_compile": "0", "threads": "2"}) and are recorded."""
+
+    backend: Backend = Backend.PYTORCH
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A model: either a catalog name, or an explicit spec. Weights: seeded random init
+    unless `weights_path` names a local safetensors file / Hugging Face directory."""
+
+    name: str = ""
+    spec: ModelSpec | None = None
+    seed: int = 0
+    weights_path: str = ""
+
+
+class LeasePolicy(enum.StrEnum):
+    WAIT = "wait"
+    FAIL = "fail"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfilePlan:
+    """What to measure. The fit grid is prompt_tokens x output_tokens; the held-out grid
+    (holdout_prompt_tokens x holdout_output_tokens, each defaulting to the fit grid's other
+    axis when empty) is measured in the same run but never used to fit."""
+
+    prompt_tokens: tuple[int, ...]
+    output_tokens: tuple[int, ...]
+    repeats: int = 3
+    warmups: int = 1
+    holdout_prompt_tokens: tuple[int, ...] = ()
+    holdout_output_tokens: tuple[int, ...] = ()
+    seed: int = 0
+    randomize: bool = True
+    until_ci_rel: float = 0.0  # >0: repeat until CI half-width / mean < this (e.g. 0.01)
+    max_repeats: int = 0  # cap for until_ci_rel (0: 10 x repeats)
+    budget_s: float = 0.0  # 0: unlimited
+    lease: LeasePolicy = LeasePolicy.WAIT
+    batch_size: int = 1
+
+
+class TargetKind(enum.StrEnum):
+    SERVING = "serving"  # an idealrt serving endpoint (gRPC)
+    HTTP = "http"  # a black-box OpenAI-compatible completions API
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: TargetKind = TargetKind.SERVING
+    address: str = ""  # serving: host:port ("" = the profiler's configured serving)
+    base_url: str = ""  # http
+    api_model: str = ""  # http: model name sent to the API
+    api_key_env: str = ""  # http: NAME of the env var holding the key (never the key)
+    tokenizer: str = ""  # http: local tokenizer path used to build exact-length prompts
+
+
+class ProfileState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INVALID = "invalid"  # finished, but contention persisted: never an idealized result
+
+    @property
+    def terminal(self) -> bool:
+        return self in (
+            ProfileState.SUCCEEDED,
+            ProfileState.FAILED,
+            ProfileState.CANCELLED,
+            ProfileState.INVALID,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Environment fingerprint: flat key -> value (e.g. "cpu.model", "torch.version",
+    "gpu.0.name", "idealrt.git_rev", "model.spec_hash")."""
+
+    entries: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Profile:
+    id: str
+    model: ModelRef
+    stack: StackSpec
+    plan: ProfilePlan
+    target: Target = dataclasses.field(default_factory=Target)
+    state: ProfileState = ProfileState.QUEUED
+    request_id: str = ""
+    create_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    completed_samples: int = 0
+    total_samples: int = 0
+    error: str = ""
+    provenance: Provenance = dataclasses.field(default_factory=Provenance)
+    model_spec: ModelSpec | None = None  # resolved spec actually measured
+
+
+class SampleFlag(enum.StrEnum):
+    OK = "ok"
+    WARMUP = "warmup"
+    CONTENDED = "contended"  # outside the robust baseline; re-measured
+    NONCONFORMING = "nonconforming"  # token counts differ from the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentionObservation:
+    """Observations taken around (never inside) a timed region."""
+
+    foreign_cpu_s: float = 0.0  # other processes' CPU time on our cores during the sample
+    gpu_foreign_processes: int = 0
+    sm_clock_mhz: float = 0.0
+    temperature_c: float = 0.0
+    throttle_reasons: int = 0
+    energy_j: float = 0.0  # device/package energy over the sample, if readable
+    energy_source: str = ""  # "nvml" | "rapl" | ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One exact-length generation, timed inside the serving process.
+
+    prefill_ns: request start -> first output token (alpha).
+    decode_ns[i]: end of token i+1 -> end of token i+2 (o-1 entries).
+    total_ns: prefill + all decode steps (server-side, excludes RPC).
+    """
+
+    prompt_tokens: int
+    output_tokens: int
+    prefill_ns: int
+    decode_ns: tuple[int, ...]
+    total_ns: int
+    batch_size: int = 1
+    start_time: datetime | None = None
+    rpc_ns: int = 0  # client-observed round trip, reported separately
+    heldout: bool = False
+    repeat: int = 0
+    flag: SampleFlag = SampleFlag.OK
+    contention: ContentionObservation = dataclasses.field(default_factory=ContentionObservation)
+    seq: int = -1  # position within the profile (set by the store)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitQuality:
+    """Relative errors |pred - meas| / meas over the evaluation points."""
+
+    method: str = "heldout"  # "heldout" | "kfold" | "none"
+    points: int = 0
+    mean_rel: float = 0.0
+    p95_rel: float = 0.0
+    max_rel: float = 0.0
+
+
+@dataclasses.dataclass
+class CostModel:
+    """runtime(p, o) = overhead + alpha(p) + sum_{i=1}^{o-1} beta(p + i), seconds.
+
+    alpha is piecewise linear and monotone through (alpha_knots_p, alpha_knots_s); beyond the
+    last knot it continues with the tail slope; below the first knot it is flat.
+    beta(c) = beta0_s + beta1_s * c.
+    """
+
+    id: str
+    profile_id: str
+    alpha_knots_p: tuple[int, ...]
+    alpha_knots_s: tuple[float, ...]
+    beta0_s: float
+    beta1_s: float = 0.0
+    overhead_s: float = 0.0
+    request_id: str = ""
+    name: str = ""
+    kind: str = "idealized"  # "idealized" | "denoised" | "imported"
+    quality: FitQuality = dataclasses.field(default_factory=FitQuality)
+    # bootstrap confidence intervals (95%): name -> (low, high); names "beta0", "beta1",
+    # "overhead", "alpha@<p>"
+    intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    valid_prompt_tokens: tuple[int, int] = (0, 0)
+    valid_output_tokens: tuple[int, int] = (0, 0)
+    create_time: datetime | None = None
+    model_name: str = ""
+    stack: StackSpec | None = None
