@@ -1,0 +1,55 @@
+# idealrt — the README's commands. Every target does its own setup.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+BUF_DIR := .cache/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+
+.PHONY: all demo test lint typecheck protos protos-check buf-lint bench install clean up
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first (a local CPU wheel here); nothing later may pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/idealrt demo
+
+up: $(STAMP)
+	$(BIN)/idealrt up
+
+$(BUF):
+	mkdir -p $(BUF_DIR)
+	cd $(BUF_DIR) && { test -f package.json || npm init -y >/dev/null; } && npm install --silent --no-audit --no-fund @bufbuild/buf@1.75.0
+
+protos: $(STAMP)
+	PY=$(BIN)/python bash scripts/gen-protos.sh
+
+protos-check: protos
+	@git diff --exit-code --stat -- gen/ || { echo "gen/ is out of date: run 'make protos' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- gen/)" || { git status --short -- gen/; echo "gen/ has untracked generated files"; exit 1; }
+
+buf-lint: $(BUF)
+	$(BUF) lint
+
+lint: $(STAMP) buf-lint
+	$(BIN)/ruff check .
+	$(BIN)/mypy core services clients bench
+
+test: $(STAMP) lint protos-check
+	bash scripts/test.sh
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .idealrt .cache build *.egg-info

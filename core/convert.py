@@ -1,0 +1,348 @@
+"""Converters between protobuf messages and the domain dataclasses.
+
+Only servicers and clients call these; the domain never sees pb2 types. `*_from_pb` on
+client input rejects UNSPECIFIED enums with INVALID_ARGUMENT naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, TypeVar
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from idealrt.common.v1 import common_pb2 as cpb
+from idealrt.common.v1 import resources_pb2 as rpb
+from idealrt.core import domain as d
+from idealrt.core.errors import InvalidArgument
+from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+
+__all__ = [
+    "cost_model_from_pb",
+    "cost_model_to_pb",
+    "dtype_from_pb",
+    "dtype_to_pb",
+    "model_ref_from_pb",
+    "model_ref_to_pb",
+    "plan_from_pb",
+    "plan_to_pb",
+    "profile_from_pb",
+    "profile_state_from_pb",
+    "profile_state_to_pb",
+    "profile_to_pb",
+    "sample_from_pb",
+    "sample_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+    "stack_from_pb",
+    "stack_to_pb",
+    "target_from_pb",
+    "target_to_pb",
+    "ts_from_pb",
+    "ts_to_pb",
+]
+
+E = TypeVar("E", bound=Enum)
+
+
+def _enum_maps(
+    domain: type[E], pb_enum: Any, prefix: str
+) -> tuple[dict[E, int], dict[int, E]]:
+    to_pb = {m: pb_enum.Value(f"{prefix}{m.name}") for m in domain}
+    return to_pb, {v: k for k, v in to_pb.items()}
+
+
+_NORM = _enum_maps(Norm, cpb.Norm, "NORM_")
+_ACT = _enum_maps(Activation, cpb.Activation, "ACTIVATION_")
+_POS = _enum_maps(Positional, cpb.Positional, "POSITIONAL_")
+_BACKEND = _enum_maps(d.Backend, cpb.Backend, "BACKEND_")
+_FLAG = _enum_maps(d.SampleFlag, cpb.SampleFlag, "SAMPLE_FLAG_")
+_STATE = _enum_maps(d.ProfileState, rpb.ProfileState, "PROFILE_STATE_")
+_LEASE = _enum_maps(d.LeasePolicy, rpb.LeasePolicy, "LEASE_POLICY_")
+_TARGET = _enum_maps(d.TargetKind, rpb.TargetKind, "TARGET_KIND_")
+_DTYPE_TO_PB = {"fp32": cpb.D_TYPE_FP32, "fp16": cpb.D_TYPE_FP16, "bf16": cpb.D_TYPE_BF16}
+_DTYPE_FROM_PB = {v: k for k, v in _DTYPE_TO_PB.items()}
+
+
+def _from(maps: tuple[dict[E, int], dict[int, E]], value: int, field: str, pb_enum: Any) -> E:
+    try:
+        return maps[1][value]
+    except KeyError:
+        allowed = ", ".join(n for n in pb_enum.keys() if not n.endswith("UNSPECIFIED"))
+        raise InvalidArgument(
+            "ENUM_UNSPECIFIED" if value == 0 else "ENUM_INVALID",
+            f"{field} must be one of {allowed}; got {pb_enum.Name(value) if value in pb_enum.values() else value}",
+            field=field,
+        ) from None
+
+
+def ts_to_pb(t: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if t is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(t.astimezone(UTC))
+    return ts
+
+
+def ts_from_pb(msg: Any, field: str) -> datetime | None:
+    if not msg.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, field)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+# ---- model ----
+
+
+def spec_to_pb(s: ModelSpec) -> cpb.ModelSpec:
+    return cpb.ModelSpec(
+        name=s.name, layers=s.layers, d_model=s.d_model, heads=s.heads, kv_heads=s.kv_heads,
+        d_ff=s.d_ff, vocab=s.vocab, max_positions=s.max_positions, norm=_NORM[0][s.norm],
+        activation=_ACT[0][s.activation], positional=_POS[0][s.positional],
+        tied_embeddings=s.tied_embeddings, parallel_attention=s.parallel_attention,
+        rotary_pct=s.rotary_pct, rotary_base=s.rotary_base, bias=s.bias, norm_eps=s.norm_eps,
+        family=s.family,
+    )
+
+
+def spec_from_pb(m: cpb.ModelSpec, field: str = "model.spec") -> ModelSpec:
+    return ModelSpec(
+        name=m.name, layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads,
+        d_ff=m.d_ff, vocab=m.vocab, max_positions=m.max_positions,
+        norm=_from(_NORM, m.norm, f"{field}.norm", cpb.Norm),
+        activation=_from(_ACT, m.activation, f"{field}.activation", cpb.Activation),
+        positional=_from(_POS, m.positional, f"{field}.positional", cpb.Positional),
+        tied_embeddings=m.tied_embeddings, parallel_attention=m.parallel_attention,
+        rotary_pct=m.rotary_pct or 1.0, rotary_base=m.rotary_base or 10000.0, bias=m.bias,
+        norm_eps=m.norm_eps or 1e-5, family=m.family or "gpt2",
+    )
+
+
+def model_ref_to_pb(r: d.ModelRef) -> cpb.ModelRef:
+    msg = cpb.ModelRef(name=r.name, seed=r.seed, weights_path=r.weights_path)
+    if r.spec is not None:
+        msg.spec.CopyFrom(spec_to_pb(r.spec))
+    return msg
+
+
+def model_ref_from_pb(m: cpb.ModelRef, field: str = "model") -> d.ModelRef:
+    spec = spec_from_pb(m.spec, f"{field}.spec") if m.HasField("spec") else None
+    if spec is None and not m.name and not m.weights_path:
+        raise InvalidArgument(
+            "MODEL_REQUIRED", f"{field}: give a catalog name, a spec or a weights_path",
+            field=f"{field}.name",
+        )
+    return d.ModelRef(name=m.name, spec=spec, seed=m.seed, weights_path=m.weights_path)
+
+
+def dtype_to_pb(dtype: str) -> int:
+    return _DTYPE_TO_PB[dtype]
+
+
+def dtype_from_pb(value: int, field: str = "stack.dtype") -> str:
+    try:
+        return _DTYPE_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(
+            "ENUM_UNSPECIFIED" if value == 0 else "ENUM_INVALID",
+            f"{field} must be one of D_TYPE_FP32, D_TYPE_FP16, D_TYPE_BF16",
+            field=field,
+        ) from None
+
+
+def stack_to_pb(s: d.StackSpec) -> cpb.StackSpec:
+    return cpb.StackSpec(
+        backend=_BACKEND[0][s.backend], device=s.device, dtype=dtype_to_pb(s.dtype),
+        options=dict(s.options),
+    )
+
+
+def stack_from_pb(m: cpb.StackSpec, field: str = "stack") -> d.StackSpec:
+    return d.StackSpec(
+        backend=_from(_BACKEND, m.backend, f"{field}.backend", cpb.Backend),
+        device=m.device or "cpu",
+        dtype=dtype_from_pb(m.dtype, f"{field}.dtype"),
+        options=dict(m.options),
+    )
+
+
+# ---- samples ----
+
+
+def _contention_to_pb(c: d.ContentionObservation) -> cpb.ContentionObservation:
+    return cpb.ContentionObservation(
+        foreign_cpu_seconds=c.foreign_cpu_s, gpu_foreign_processes=c.gpu_foreign_processes,
+        sm_clock_mhz=c.sm_clock_mhz, temperature_c=c.temperature_c,
+        throttle_reasons=c.throttle_reasons, energy_joules=c.energy_j,
+        energy_source=c.energy_source,
+    )
+
+
+def _contention_from_pb(m: cpb.ContentionObservation) -> d.ContentionObservation:
+    return d.ContentionObservation(
+        foreign_cpu_s=m.foreign_cpu_seconds, gpu_foreign_processes=m.gpu_foreign_processes,
+        sm_clock_mhz=m.sm_clock_mhz, temperature_c=m.temperature_c,
+        throttle_reasons=m.throttle_reasons, energy_j=m.energy_joules,
+        energy_source=m.energy_source,
+    )
+
+
+def sample_to_pb(s: d.Sample) -> cpb.Sample:
+    return cpb.Sample(
+        prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens, batch_size=s.batch_size,
+        prefill_ns=s.prefill_ns, decode_ns=list(s.decode_ns), total_ns=s.total_ns,
+        rpc_ns=s.rpc_ns, start_time=ts_to_pb(s.start_time), heldout=s.heldout,
+        repeat=s.repeat, flag=_FLAG[0][s.flag], contention=_contention_to_pb(s.contention),
+        seq=s.seq,
+    )
+
+
+def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
+    return d.Sample(
+        prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens,
+        prefill_ns=m.prefill_ns, decode_ns=tuple(m.decode_ns), total_ns=m.total_ns,
+        batch_size=m.batch_size or 1, start_time=ts_from_pb(m, "start_time"),
+        rpc_ns=m.rpc_ns, heldout=m.heldout, repeat=m.repeat,
+        flag=_from(_FLAG, m.flag, f"{field}.flag", cpb.SampleFlag),
+        contention=_contention_from_pb(m.contention), seq=m.seq,
+    )
+
+
+# ---- profiles ----
+
+
+def plan_to_pb(p: d.ProfilePlan) -> rpb.ProfilePlan:
+    msg = rpb.ProfilePlan(
+        prompt_tokens=list(p.prompt_tokens), output_tokens=list(p.output_tokens),
+        repeats=p.repeats, warmups=p.warmups,
+        holdout_prompt_tokens=list(p.holdout_prompt_tokens),
+        holdout_output_tokens=list(p.holdout_output_tokens), seed=p.seed,
+        randomize=p.randomize, until_ci_rel=p.until_ci_rel, max_repeats=p.max_repeats,
+        lease=_LEASE[0][p.lease], batch_size=p.batch_size,
+    )
+    if p.budget_s > 0:
+        msg.budget.CopyFrom(duration_pb2.Duration(seconds=int(p.budget_s),
+                                                  nanos=int((p.budget_s % 1) * 1e9)))
+    return msg
+
+
+def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePlan:
+    return d.ProfilePlan(
+        prompt_tokens=tuple(m.prompt_tokens), output_tokens=tuple(m.output_tokens),
+        repeats=m.repeats, warmups=m.warmups,
+        holdout_prompt_tokens=tuple(m.holdout_prompt_tokens),
+        holdout_output_tokens=tuple(m.holdout_output_tokens), seed=m.seed,
+        randomize=m.randomize, until_ci_rel=m.until_ci_rel, max_repeats=m.max_repeats,
+        budget_s=m.budget.seconds + m.budget.nanos / 1e9 if m.HasField("budget") else 0.0,
+        lease=_from(_LEASE, m.lease, f"{field}.lease", rpb.LeasePolicy),
+        batch_size=m.batch_size or 1,
+    )
+
+
+def target_to_pb(t: d.Target) -> rpb.Target:
+    return rpb.Target(
+        kind=_TARGET[0][t.kind], address=t.address, base_url=t.base_url,
+        api_model=t.api_model, api_key_env=t.api_key_env, tokenizer=t.tokenizer,
+    )
+
+
+def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
+    return d.Target(
+        kind=_from(_TARGET, m.kind, f"{field}.kind", rpb.TargetKind), address=m.address,
+        base_url=m.base_url, api_model=m.api_model, api_key_env=m.api_key_env,
+        tokenizer=m.tokenizer,
+    )
+
+
+def profile_state_to_pb(s: d.ProfileState) -> int:
+    return _STATE[0][s]
+
+
+def profile_state_from_pb(v: int, field: str = "state") -> d.ProfileState:
+    return _from(_STATE, v, field, rpb.ProfileState)
+
+
+def profile_to_pb(p: d.Profile) -> rpb.Profile:
+    msg = rpb.Profile(
+        id=p.id, model=model_ref_to_pb(p.model), stack=stack_to_pb(p.stack),
+        plan=plan_to_pb(p.plan), target=target_to_pb(p.target),
+        state=_STATE[0][p.state], request_id=p.request_id,
+        create_time=ts_to_pb(p.create_time), start_time=ts_to_pb(p.start_time),
+        end_time=ts_to_pb(p.end_time), completed_samples=p.completed_samples,
+        total_samples=p.total_samples, error=p.error, provenance=dict(p.provenance.entries),
+    )
+    if p.model_spec is not None:
+        msg.model_spec.CopyFrom(spec_to_pb(p.model_spec))
+    return msg
+
+
+def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False) -> d.Profile:
+    """`new=True` for client-created profiles: state and progress are the server's."""
+    return d.Profile(
+        id="" if new else m.id,
+        model=model_ref_from_pb(m.model, f"{field}.model"),
+        stack=stack_from_pb(m.stack, f"{field}.stack"),
+        plan=plan_from_pb(m.plan, f"{field}.plan"),
+        target=target_from_pb(m.target, f"{field}.target") if m.HasField("target")
+        else d.Target(),
+        state=d.ProfileState.QUEUED if new else profile_state_from_pb(m.state, f"{field}.state"),
+        request_id=m.request_id,
+        create_time=None if new else ts_from_pb(m, "create_time"),
+        start_time=None if new else ts_from_pb(m, "start_time"),
+        end_time=None if new else ts_from_pb(m, "end_time"),
+        completed_samples=0 if new else m.completed_samples,
+        total_samples=0 if new else m.total_samples,
+        error="" if new else m.error,
+        provenance=d.Provenance(dict(m.provenance)) if not new else d.Provenance(),
+        model_spec=spec_from_pb(m.model_spec, f"{field}.model_spec")
+        if m.HasField("model_spec") and not new else None,
+    )
+
+
+# ---- cost models ----
+
+
+def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
+    q = cm.quality
+    msg = rpb.CostModel(
+        id=cm.id, profile_id=cm.profile_id, alpha_knots_p=list(cm.alpha_knots_p),
+        alpha_knots_seconds=list(cm.alpha_knots_s), beta0_seconds=cm.beta0_s,
+        beta1_seconds=cm.beta1_s, overhead_seconds=cm.overhead_s, request_id=cm.request_id,
+        name=cm.name, kind=cm.kind,
+        quality=rpb.FitQuality(method=q.method, points=q.points, mean_rel=q.mean_rel,
+                               p95_rel=q.p95_rel, max_rel=q.max_rel),
+        valid_prompt_tokens_min=cm.valid_prompt_tokens[0],
+        valid_prompt_tokens_max=cm.valid_prompt_tokens[1],
+        valid_output_tokens_min=cm.valid_output_tokens[0],
+        valid_output_tokens_max=cm.valid_output_tokens[1],
+        create_time=ts_to_pb(cm.create_time), model_name=cm.model_name,
+    )
+    for k, (lo, hi) in cm.intervals.items():
+        msg.intervals[k].low = lo
+        msg.intervals[k].high = hi
+    if cm.stack is not None:
+        msg.stack.CopyFrom(stack_to_pb(cm.stack))
+    return msg
+
+
+def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
+    return d.CostModel(
+        id=m.id, profile_id=m.profile_id, alpha_knots_p=tuple(m.alpha_knots_p),
+        alpha_knots_s=tuple(m.alpha_knots_seconds), beta0_s=m.beta0_seconds,
+        beta1_s=m.beta1_seconds, overhead_s=m.overhead_seconds, request_id=m.request_id,
+        name=m.name, kind=m.kind or "idealized",
+        quality=d.FitQuality(method=m.quality.method or "none", points=m.quality.points,
+                             mean_rel=m.quality.mean_rel, p95_rel=m.quality.p95_rel,
+                             max_rel=m.quality.max_rel),
+        intervals={k: (v.low, v.high) for k, v in m.intervals.items()},
+        valid_prompt_tokens=(m.valid_prompt_tokens_min, m.valid_prompt_tokens_max),
+        valid_output_tokens=(m.valid_output_tokens_min, m.valid_output_tokens_max),
+        create_time=ts_from_pb(m, "create_time"), model_name=m.model_name,
+        stack=stack_from_pb(m.stack) if m.HasField("stack") else None,
+    )
+
+
+def str_map(m: Mapping[str, str]) -> dict[str, str]:
+    return dict(m)

@@ -1,0 +1,217 @@
+"""gRPC server bootstrap shared by every service: error mapping, logging, health, reflection.
+
+`ErrorInterceptor` maps `IdealrtError` to `google.rpc.Status` carrying
+`ErrorInfo(reason, domain="idealrt", metadata={"field": ...})`; any other exception becomes
+INTERNAL "internal error" and is logged with its traceback. One `rpc_finished` line per RPC.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from idealrt.core.errors import DOMAIN, IdealrtError
+
+__all__ = ["ErrorInterceptor", "GrpcServer", "abort_status", "start_server"]
+
+log = structlog.get_logger("idealrt.grpc")
+
+Register = Callable[[grpc.Server], None]
+
+
+def abort_status(err: IdealrtError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
+    if err.field:
+        info.metadata["field"] = err.field
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code_value: int = err.code.value[0]
+    st = status_pb2.Status(code=code_value, message=err.message, details=[detail])
+    return rpc_status.to_status(st)
+
+
+def _internal_status() -> grpc.Status:
+    st = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    return rpc_status.to_status(st)
+
+
+def _request_id(request: Any) -> str:
+    rid = getattr(request, "request_id", "")
+    return rid if isinstance(rid, str) else ""
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps domain errors to rich statuses and logs one `rpc_finished` line per RPC."""
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+
+        def finish(start: float, code: str, request_id: str) -> None:
+            log.info(
+                "rpc_finished",
+                method=method,
+                code=code,
+                duration_ms=round((time.perf_counter() - start) * 1e3, 3),
+                request_id=request_id,
+            )
+
+        def handle(exc: BaseException, context: grpc.ServicerContext, start: float, rid: str) -> None:
+            if isinstance(exc, IdealrtError):
+                finish(start, exc.code.name, rid)
+                context.abort_with_status(abort_status(exc))
+            log.error("rpc_internal_error", method=method, exc_info=exc)
+            finish(start, "INTERNAL", rid)
+            context.abort_with_status(_internal_status())
+
+        def is_abort(exc: BaseException) -> bool:
+            # context.abort raises a plain Exception after setting the status
+            return type(exc) is Exception and not exc.args
+
+        def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def inner(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                rid = _request_id(request) if not hasattr(request, "__next__") else ""
+                try:
+                    resp = fn(request, context)
+                except Exception as exc:
+                    if is_abort(exc):
+                        raise
+                    handle(exc, context, start, rid)
+                    raise
+                finish(start, "OK", rid)
+                return resp
+
+            return inner
+
+        def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def inner(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                rid = _request_id(request)
+                try:
+                    yield from fn(request, context)
+                except Exception as exc:
+                    if is_abort(exc):
+                        raise
+                    handle(exc, context, start, rid)
+                    raise
+                finish(start, "OK", rid)
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class GrpcServer:
+    """A started gRPC server with health and reflection; `stop()` drains gracefully."""
+
+    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
+                 service_names: Sequence[str]) -> None:
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.service_names = tuple(service_names)
+        self.on_stop: list[Callable[[], None]] = []  # run after the server has drained
+        self._stopped = False
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for name in (*self.service_names, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace_s).wait()
+        for fn in self.on_stop:
+            fn()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def install_sigterm(self, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None) -> None:
+        """Graceful shutdown on SIGTERM/SIGINT (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            threading.Thread(target=self._shutdown, args=(grace_s, on_stop), daemon=True).start()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _shutdown(self, grace_s: float, on_stop: Callable[[], None] | None) -> None:
+        if on_stop is not None:
+            on_stop()
+        self.stop(grace_s)
+
+
+def start_server(
+    address: str,
+    register: Sequence[Register],
+    service_names: Sequence[str],
+    *,
+    max_workers: int = 16,
+) -> GrpcServer:
+    """Build and start a server on `address` ("127.0.0.1:0" picks a free port)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+    )
+    for reg in register:
+        reg(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    server.start()
+    for name in (*service_names, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("server_started", address=address, port=port, services=list(service_names))
+    return GrpcServer(server, port, health_servicer, service_names)

@@ -1,0 +1,29 @@
+"""Serving server: `build_server(cfg) -> (server, port)`."""
+
+from __future__ import annotations
+
+from idealrt.core.config import ServingConfig
+from idealrt.core.grpc_server import GrpcServer, start_server
+from idealrt.serving.v1 import serving_service_pb2 as pb
+from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
+from idealrt.services.serving.registry import ModelRegistry
+from idealrt.services.serving.servicer import ServingServicer
+
+__all__ = ["SERVICE_NAME", "build_server"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ServingService"].full_name
+
+
+def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
+    registry = ModelRegistry()
+    servicer = ServingServicer(registry)
+    # Few workers: generations are serialized per model anyway, and extra threads would only
+    # compete with the measurement for cores.
+    server = start_server(
+        cfg.address,
+        [lambda s: pbg.add_ServingServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        max_workers=4,
+    )
+    server.on_stop.append(registry.close)
+    return server, server.port

@@ -1,0 +1,28 @@
+"""Store server: `build_server(cfg) -> (server, port)`."""
+
+from __future__ import annotations
+
+from idealrt.core.config import StoreConfig
+from idealrt.core.grpc_server import GrpcServer, start_server
+from idealrt.services.store.repository import Store, open_store
+from idealrt.services.store.servicer import StoreServicer
+from idealrt.store.v1 import store_service_pb2 as pb
+from idealrt.store.v1 import store_service_pb2_grpc as pbg
+
+__all__ = ["SERVICE_NAME", "build_server"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StoreService"].full_name
+
+
+def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServer, int]:
+    """Start the store on cfg.address. The caller owns `store` if it passes one."""
+    st = store if store is not None else open_store(cfg.resolved_url)
+    servicer = StoreServicer(st)
+    server = start_server(
+        cfg.address,
+        [lambda s: pbg.add_StoreServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+    )
+    if store is None:
+        server.on_stop.append(st.close)
+    return server, server.port
