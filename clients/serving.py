@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-
 from idealrt.core import convert as cv
 from idealrt.core.domain import ModelRef, StackSpec
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
-from idealrt.serving.v1 import serving_service_pb2 as pb
-from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 from idealrt.services.serving.backends.base import GenerationResult, MemoryReport
 from idealrt.services.serving.registry import LoadedModel
+from idealrt.serving.v1 import serving_service_pb2 as pb
+from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
 __all__ = ["ServingClient"]
 

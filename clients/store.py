@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel

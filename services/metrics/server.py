@@ -1,0 +1,27 @@
+"""Metrics server: `build_server(cfg) -> (server, port)`."""
+
+from __future__ import annotations
+
+from idealrt.clients.store import StoreClient
+from idealrt.core.config import MetricsConfig
+from idealrt.core.grpc_server import GrpcServer, start_server
+from idealrt.metrics.v1 import metrics_service_pb2 as pb
+from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
+from idealrt.services.metrics.engine import MetricsEngine
+from idealrt.services.metrics.servicer import MetricsServicer
+
+__all__ = ["SERVICE_NAME", "build_server"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MetricsService"].full_name
+
+
+def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
+    if not cfg.store_target:
+        raise ValueError("MetricsConfig.store_target is required")
+    store = StoreClient(cfg.store_target)
+    servicer = MetricsServicer(MetricsEngine(store))
+    server = start_server(cfg.address,
+                          [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],
+                          [SERVICE_NAME])
+    server.on_stop.append(store.close)
+    return server, server.port
