@@ -12,7 +12,6 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
-
 from idealrt.common.v1 import common_pb2 as cpb
 from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
@@ -103,8 +102,14 @@ def spec_to_pb(s: ModelSpec) -> cpb.ModelSpec:
         activation=_ACT[0][s.activation], positional=_POS[0][s.positional],
         tied_embeddings=s.tied_embeddings, parallel_attention=s.parallel_attention,
         rotary_pct=s.rotary_pct, rotary_base=s.rotary_base, bias=s.bias, norm_eps=s.norm_eps,
-        family=s.family,
+        family=s.family, attn_bias=s.attn_bias, lm_head_bias=s.lm_head_bias,
+        embedding_norm=s.embedding_norm, shared_norm=s.shared_norm,
+        sliding_window=s.sliding_window,
     )
+
+
+def _opt(m: cpb.ModelSpec, name: str) -> bool | None:
+    return bool(getattr(m, name)) if m.HasField(name) else None
 
 
 def spec_from_pb(m: cpb.ModelSpec, field: str = "model.spec") -> ModelSpec:
@@ -117,6 +122,9 @@ def spec_from_pb(m: cpb.ModelSpec, field: str = "model.spec") -> ModelSpec:
         tied_embeddings=m.tied_embeddings, parallel_attention=m.parallel_attention,
         rotary_pct=m.rotary_pct or 1.0, rotary_base=m.rotary_base or 10000.0, bias=m.bias,
         norm_eps=m.norm_eps or 1e-5, family=m.family or "gpt2",
+        attn_bias=_opt(m, "attn_bias"), lm_head_bias=_opt(m, "lm_head_bias"),
+        embedding_norm=_opt(m, "embedding_norm"), shared_norm=_opt(m, "shared_norm"),
+        sliding_window=m.sliding_window,
     )
 
 

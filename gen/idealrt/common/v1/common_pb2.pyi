@@ -83,7 +83,7 @@ SAMPLE_FLAG_CONTENDED: SampleFlag
 SAMPLE_FLAG_NONCONFORMING: SampleFlag
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab", "max_positions", "norm", "activation", "positional", "tied_embeddings", "parallel_attention", "rotary_pct", "rotary_base", "bias", "norm_eps", "family")
+    __slots__ = ("name", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab", "max_positions", "norm", "activation", "positional", "tied_embeddings", "parallel_attention", "rotary_pct", "rotary_base", "bias", "norm_eps", "family", "attn_bias", "lm_head_bias", "embedding_norm", "shared_norm", "sliding_window")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,11 @@ class ModelSpec(_message.Message):
     BIAS_FIELD_NUMBER: _ClassVar[int]
     NORM_EPS_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ATTN_BIAS_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_BIAS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_NORM_FIELD_NUMBER: _ClassVar[int]
+    SHARED_NORM_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     layers: int
     d_model: int
@@ -120,7 +125,12 @@ class ModelSpec(_message.Message):
     bias: bool
     norm_eps: float
     family: str
-    def __init__(self, name: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., d_ff: _Optional[int] = ..., vocab: _Optional[int] = ..., max_positions: _Optional[int] = ..., norm: _Optional[_Union[Norm, str]] = ..., activation: _Optional[_Union[Activation, str]] = ..., positional: _Optional[_Union[Positional, str]] = ..., tied_embeddings: _Optional[bool] = ..., parallel_attention: _Optional[bool] = ..., rotary_pct: _Optional[float] = ..., rotary_base: _Optional[float] = ..., bias: _Optional[bool] = ..., norm_eps: _Optional[float] = ..., family: _Optional[str] = ...) -> None: ...
+    attn_bias: bool
+    lm_head_bias: bool
+    embedding_norm: bool
+    shared_norm: bool
+    sliding_window: int
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., d_ff: _Optional[int] = ..., vocab: _Optional[int] = ..., max_positions: _Optional[int] = ..., norm: _Optional[_Union[Norm, str]] = ..., activation: _Optional[_Union[Activation, str]] = ..., positional: _Optional[_Union[Positional, str]] = ..., tied_embeddings: _Optional[bool] = ..., parallel_attention: _Optional[bool] = ..., rotary_pct: _Optional[float] = ..., rotary_base: _Optional[float] = ..., bias: _Optional[bool] = ..., norm_eps: _Optional[float] = ..., family: _Optional[str] = ..., attn_bias: _Optional[bool] = ..., lm_head_bias: _Optional[bool] = ..., embedding_norm: _Optional[bool] = ..., shared_norm: _Optional[bool] = ..., sliding_window: _Optional[int] = ...) -> None: ...
 
 class ModelFacts(_message.Message):
     __slots__ = ("param_count", "weight_bytes", "kv_cache_bytes_per_token", "spec_hash")

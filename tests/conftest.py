@@ -1,0 +1,24 @@
+"""Shared fixtures: the real suite on 127.0.0.1 port 0 with a SQLite store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """All four services, each its own gRPC server on a free loopback port."""
+    from idealrt.services.suite import start_suite
+
+    data = tmp_path_factory.mktemp("suite")
+    s = start_suite(data_dir=Path(data))
+    try:
+        yield s
+    finally:
+        s.stop(1.0)
