@@ -192,24 +192,27 @@ def cmd_import_helm(args: argparse.Namespace, s: Session) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace, s: Session) -> int:
-    from idealrt.services.metrics.pareto import pareto_from_csv
+    from idealrt.services.metrics.pareto import pareto_frontier, plot_pareto
 
     ps, os_ = read_queries(args)
     runtimes: dict[str, float] = {}
     for item in args.cost_model:
-        name, _, cid = item.partition("=")
+        name, sep, cid = item.partition("=")
+        if not sep:
+            raise InvalidArgument("COST_MODEL_INVALID", f"--cost-model takes MODEL=ID, got {item!r}",
+                                  field="cost_model")
         runtimes[name] = s.metrics.estimate(cid, ps, os_, per_query=False).summary.sum_s
-    result = pareto_from_csv(Path(args.accuracies).read_text(), runtimes,
-                             plot_path=Path(args.plot) if args.plot else None)
+    result = pareto_frontier(Path(args.accuracies).read_text(), runtimes)
+    if args.plot:
+        plot_pareto(result, Path(args.plot), cost_label="idealized runtime of the workload (s)",
+                    accuracy_label="accuracy", title="efficiency-capability frontier",
+                    log_cost=True)
     if args.json:
         emit_json(result)
-    else:
-        rows = result if isinstance(result, list) else getattr(result, "rows", result)
-        print_table("efficiency-capability frontier", ["model", "accuracy", "runtime s",
-                                                       "frontier"],
-                    [(r.model, f"{r.accuracy:.4f}", f"{r.cost:.4f}",
-                      "*" if r.on_frontier else "") for r in rows])
-        if args.plot:
-            console.print(f"plot: {args.plot}")
-    _ = np
+        return 0
+    print_table("efficiency-capability frontier", ["model", "accuracy", "runtime s", "frontier"],
+                [(r.model, f"{r.accuracy:.4f}", f"{r.cost:.4f}", "*" if r.on_frontier else "")
+                 for r in result.rows])
+    if args.plot:
+        console.print(f"plot: {args.plot}")
     return 0
