@@ -1,0 +1,498 @@
+"""The store: idealrt's system of record for profiles, samples and cost models.
+
+`open_store(url)` parses the URL (see `url`), opens one engine and applies migrations
+(see `schema`). `Store` is thread-safe; every method is one short transaction, validated
+before it writes and rolled back on any error, so bad input never corrupts stored data.
+
+Idempotency: creates carry a client `request_id` (a replay returns the stored row and
+created=False; the same request_id with a different body is AlreadyExists
+REQUEST_ID_REUSED); sample appends carry a `batch_id` per profile (a replay returns the
+batch's count and writes nothing; a different body is AlreadyExists BATCH_ID_REUSED).
+
+Write serialization: SQLite writes begin IMMEDIATE (its one writer lock, taken up front) and
+an in-process lock spares threads SQLite's busy-wait; on PostgreSQL an append locks its
+profile row (SELECT ... FOR UPDATE), so sequence numbers stay contiguous under concurrency.
+The in-memory SQLite database lives in one connection, so there every call is serialized.
+Database connection failures surface as Unavailable STORE_UNAVAILABLE.
+
+Pages (AIP-158): page_size 0 means the default; larger than the maximum is coerced to the
+maximum; negative is InvalidArgument. Profiles and cost models list newest first
+(create_time, id descending); samples in seq order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
+from idealrt.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from idealrt.services.store import _paging, _rows, _serde, _validate
+from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
+from idealrt.services.store.url import (
+    SQLITE_BEGIN_OPTION,
+    StoreUrl,
+    create_store_engine,
+    parse_store_url,
+)
+
+__all__ = [
+    "PROFILE_PAGE",
+    "SAMPLE_PAGE",
+    "Store",
+    "open_store",
+]
+
+# (default, maximum) page sizes
+PROFILE_PAGE = (50, 1000)
+SAMPLE_PAGE = (1000, 10000)
+_UNFINISHED = (ProfileState.QUEUED.value, ProfileState.RUNNING.value)
+
+
+def open_store(url: str) -> Store:
+    """Open (creating and migrating as needed) the store at `url`."""
+    parsed = parse_store_url(url)
+    engine = create_store_engine(parsed)
+    try:
+        with _unavailable_on_db_error(parsed):
+            migrate(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Store(engine, parsed)
+
+
+# SQLite reports lock timeouts and I/O trouble as OperationalError, but also SQL mistakes;
+# only the former mean "the database is unavailable".
+_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o", "readonly", "disk is full")
+
+
+def _is_unavailable(exc: DBAPIError, backend: str) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return False
+    if backend == "sqlite":
+        return any(word in str(exc.orig).lower() for word in _SQLITE_UNAVAILABLE)
+    return True
+
+
+@contextlib.contextmanager
+def _unavailable_on_db_error(parsed: StoreUrl) -> Iterator[None]:
+    """Connection failures, lock timeouts and I/O errors become Unavailable STORE_UNAVAILABLE
+    (retryable); anything else propagates."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not _is_unavailable(exc, parsed.backend):
+            raise
+        raise Unavailable(
+            "STORE_UNAVAILABLE", f"store {parsed.redacted()} is unavailable: {exc.orig}"
+        ) from exc
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def _profile_not_found(profile_id: str, field: str) -> NotFound:
+    return NotFound("PROFILE_NOT_FOUND", f"no profile with id {profile_id!r}", field=field)
+
+
+def _request_body(p: Profile) -> str:
+    return _serde.dumps({"model": p.model, "stack": p.stack, "plan": p.plan, "target": p.target})
+
+
+def _mutable(p: Profile) -> str:
+    return _serde.dumps(
+        [p.state, p.completed_samples, p.total_samples, p.start_time, p.end_time, p.error,
+         p.provenance, p.model_spec]
+    )  # fmt: skip
+
+
+def _cost_model_body(cm: CostModel) -> str:
+    return _serde.dumps(dataclasses.replace(cm, id="", create_time=None))
+
+
+class Store:
+    """See the module docstring. Construct with `open_store`."""
+
+    def __init__(self, engine: Engine, parsed: StoreUrl) -> None:
+        self._engine = engine
+        self._parsed = parsed
+        self._write_engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        sqlite = parsed.backend == "sqlite"
+        self._all_lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if parsed.memory else contextlib.nullcontext()
+        )
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if sqlite and not parsed.memory else contextlib.nullcontext()
+        )
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """The store URL, password masked."""
+        return self._parsed.redacted()
+
+    @property
+    def backend(self) -> str:
+        return self._parsed.backend
+
+    def close(self) -> None:
+        self._closed = True
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sa.Connection]:
+        if self._closed:
+            raise FailedPrecondition("STORE_CLOSED", "the store has been closed")
+        engine = self._write_engine if write else self._engine
+        with (
+            self._all_lock,
+            self._write_lock if write else contextlib.nullcontext(),
+            _unavailable_on_db_error(self._parsed),
+            engine.begin() as conn,
+        ):
+            yield conn
+
+    # ---- profiles ----------------------------------------------------------------------
+
+    def create_profile(self, profile: Profile) -> tuple[Profile, bool]:
+        """Store a new profile; returns (stored, created). Idempotent on request_id."""
+        p = _validate.check_profile(profile)
+        p = dataclasses.replace(p, id=p.id or _new_id("prof"), create_time=_now())
+        try:
+            with self._tx(write=True) as conn:
+                if p.request_id and (existing := self._profile_by_request(conn, p)):
+                    return existing, False
+                conn.execute(profiles.insert().values(_rows.profile_row(p, update_time=_now())))
+                return self._get_profile(conn, p.id, "id"), True
+        except IntegrityError:  # lost a race on request_id, or the id is taken
+            with self._tx(write=False) as conn:
+                if p.request_id and (existing := self._profile_by_request(conn, p)):
+                    return existing, False
+            raise AlreadyExists(
+                "PROFILE_ALREADY_EXISTS", f"a profile with id {p.id!r} exists", field="id"
+            ) from None
+
+    def _profile_by_request(self, conn: sa.Connection, p: Profile) -> Profile | None:
+        row = conn.execute(
+            sa.select(profiles).where(profiles.c.request_id == p.request_id)
+        ).mappings().first()  # fmt: skip
+        if row is None:
+            return None
+        existing = _rows.profile_from_row(row)
+        if _request_body(existing) != _request_body(p):
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED",
+                f"request_id {p.request_id!r} was used for profile {existing.id} with a "
+                "different body; use a new request_id for a new profile",
+                field="request_id",
+            )
+        return existing
+
+    def _get_profile(
+        self, conn: sa.Connection, profile_id: str, field: str, *, lock: bool = False
+    ) -> Profile:
+        query = sa.select(profiles).where(profiles.c.id == profile_id)
+        row = conn.execute(query.with_for_update() if lock else query).mappings().first()
+        if row is None:
+            raise _profile_not_found(profile_id, field)
+        return _rows.profile_from_row(row)
+
+    def get_profile(self, profile_id: str) -> Profile:
+        _validate.check_id(profile_id, "id")
+        with self._tx(write=False) as conn:
+            return self._get_profile(conn, profile_id, "id")
+
+    def update_profile(self, profile: Profile) -> Profile:
+        """Write the mutable fields (state, counters, start/end time, error, provenance,
+        model_spec); model/stack/plan/target/request_id/create_time are kept as stored.
+        A terminal profile is final: only an identical update (a retry) is accepted."""
+        p = _validate.check_profile(profile)
+        _validate.check_id(p.id, "id")
+        with self._tx(write=True) as conn:
+            current = self._get_profile(conn, p.id, "id", lock=True)
+            updated = dataclasses.replace(
+                current,
+                state=p.state,
+                completed_samples=p.completed_samples,
+                total_samples=p.total_samples,
+                start_time=p.start_time,
+                end_time=p.end_time,
+                error=p.error,
+                provenance=p.provenance,
+                model_spec=p.model_spec,
+            )
+            if current.state.terminal:
+                if _mutable(updated) == _mutable(current):
+                    return current
+                raise FailedPrecondition(
+                    "PROFILE_TERMINAL",
+                    f"profile {p.id} is {current.state.value}; a finished profile cannot change",
+                    field="state",
+                )
+            row = _rows.profile_row(updated, update_time=_now())
+            del row["id"], row["request_id"], row["create_time"]
+            conn.execute(profiles.update().where(profiles.c.id == p.id).values(row))
+            return self._get_profile(conn, p.id, "id")
+
+    def list_profiles(
+        self, page_size: int, page_token: str, state: ProfileState | None = None
+    ) -> tuple[list[Profile], str]:
+        """Newest first. Returns (profiles, next_page_token); "" when there are no more."""
+        size = _paging.page_size(page_size, *PROFILE_PAGE)
+        filt = "" if state is None else _validate.check_state(state).value
+        query = sa.select(profiles)
+        if state is not None:
+            query = query.where(profiles.c.state == filt)
+        return self._newest_first(
+            profiles, query, size, page_token, "profiles", filt, _rows.profile_from_row
+        )
+
+    def unfinished_profiles(self) -> list[Profile]:
+        """QUEUED and RUNNING profiles, oldest first (to resume at profiler start-up)."""
+        query = (
+            sa.select(profiles)
+            .where(profiles.c.state.in_(_UNFINISHED))
+            .order_by(profiles.c.create_time, profiles.c.id)
+        )
+        with self._tx(write=False) as conn:
+            return [_rows.profile_from_row(r) for r in conn.execute(query).mappings()]
+
+    def _newest_first(
+        self,
+        table: sa.Table,
+        query: sa.Select[Any],
+        size: int,
+        page_token: str,
+        kind: str,
+        filt: str,
+        convert: Any,
+    ) -> tuple[list[Any], str]:
+        cursor = _paging.decode_token(page_token, kind, filt)
+        ct, tid = table.c.create_time, table.c.id
+        if cursor is not None:
+            try:
+                after_time = _serde.from_jsonable(datetime, cursor[0])
+                after_id = _validate.check_id(cursor[1], "page_token")
+            except (TypeError, ValueError, IndexError, InvalidArgument):
+                raise _paging.invalid_token() from None
+            query = query.where(sa.or_(ct < after_time, sa.and_(ct == after_time, tid < after_id)))
+        query = query.order_by(ct.desc(), tid.desc()).limit(size + 1)
+        with self._tx(write=False) as conn:
+            rows = list(conn.execute(query).mappings())
+        items = [convert(r) for r in rows[:size]]
+        if len(rows) <= size:
+            return items, ""
+        last = rows[size - 1]
+        return items, _paging.encode_token(
+            kind, filt, [_serde.to_jsonable(last["create_time"]), last["id"]]
+        )
+
+    # ---- samples -----------------------------------------------------------------------
+
+    def append_samples(self, profile_id: str, batch_id: str, samples_: Sequence[Sample]) -> int:
+        """Append a batch atomically, assigning contiguous seq numbers; returns its size.
+        Idempotent on (profile_id, batch_id). A finished profile takes no new batches."""
+        _validate.check_id(profile_id, "profile_id")
+        _validate.check_request_id(
+            batch_id, "batch_id", allow_empty=False, reason="BATCH_ID_INVALID"
+        )
+        batch = _validate.check_samples(samples_)
+        with self._tx(write=True) as conn:
+            profile = self._get_profile(conn, profile_id, "profile_id", lock=True)
+            prior = conn.execute(
+                sa.select(sample_batches.c.first_seq, sample_batches.c.count).where(
+                    sample_batches.c.profile_id == profile_id,
+                    sample_batches.c.batch_id == batch_id,
+                )
+            ).first()
+            if prior is not None:
+                self._check_replay(conn, profile_id, batch_id, prior[0], prior[1], batch)
+                return int(prior[1])
+            if profile.state.terminal:
+                raise FailedPrecondition(
+                    "PROFILE_TERMINAL",
+                    f"profile {profile_id} is {profile.state.value}; it takes no new samples",
+                    field="profile_id",
+                )
+            first = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(samples.c.seq) + 1, 0)).where(
+                    samples.c.profile_id == profile_id
+                )
+            ).scalar_one()
+            conn.execute(
+                sample_batches.insert().values(
+                    profile_id=profile_id,
+                    batch_id=batch_id,
+                    first_seq=first,
+                    count=len(batch),
+                    create_time=_now(),
+                )
+            )
+            if batch:
+                conn.execute(
+                    samples.insert(),
+                    [
+                        _rows.sample_row(s, profile_id=profile_id, batch_id=batch_id, seq=first + i)
+                        for i, s in enumerate(batch)
+                    ],
+                )
+            return len(batch)
+
+    def _check_replay(
+        self,
+        conn: sa.Connection,
+        profile_id: str,
+        batch_id: str,
+        first: int,
+        count: int,
+        batch: list[Sample],
+    ) -> None:
+        stored = [
+            _rows.sample_from_row(r)
+            for r in conn.execute(
+                sa.select(samples)
+                .where(samples.c.profile_id == profile_id, samples.c.batch_id == batch_id)
+                .order_by(samples.c.seq)
+            ).mappings()
+        ]
+        same = len(stored) == count == len(batch) and all(
+            _serde.dumps(dataclasses.replace(a, seq=-1)) == _serde.dumps(b)
+            for a, b in zip(stored, batch, strict=True)
+        )
+        if not same:
+            raise AlreadyExists(
+                "BATCH_ID_REUSED",
+                f"batch_id {batch_id!r} of profile {profile_id} was appended with different "
+                f"samples (seq {first}..{first + count - 1}); use a new batch_id",
+                field="batch_id",
+            )
+
+    def list_samples(
+        self, profile_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Sample], str]:
+        """In seq order. Returns (samples, next_page_token); "" when there are no more."""
+        _validate.check_id(profile_id, "profile_id")
+        size = _paging.page_size(page_size, *SAMPLE_PAGE)
+        cursor = _paging.decode_token(page_token, "samples", profile_id)
+        query = sa.select(samples).where(samples.c.profile_id == profile_id)
+        if cursor is not None:
+            if len(cursor) != 1 or isinstance(cursor[0], bool) or not isinstance(cursor[0], int):
+                raise _paging.invalid_token()
+            query = query.where(samples.c.seq > cursor[0])
+        with self._tx(write=False) as conn:
+            self._get_profile(conn, profile_id, "profile_id")
+            rows = list(conn.execute(query.order_by(samples.c.seq).limit(size + 1)).mappings())
+        items = [_rows.sample_from_row(r) for r in rows[:size]]
+        if len(rows) <= size:
+            return items, ""
+        return items, _paging.encode_token("samples", profile_id, [items[-1].seq])
+
+    def all_samples(self, profile_id: str) -> list[Sample]:
+        """Every sample of the profile, in seq order."""
+        _validate.check_id(profile_id, "profile_id")
+        query = sa.select(samples).where(samples.c.profile_id == profile_id)
+        with self._tx(write=False) as conn:
+            self._get_profile(conn, profile_id, "profile_id")
+            rows = conn.execute(query.order_by(samples.c.seq)).mappings()
+            return [_rows.sample_from_row(r) for r in rows]
+
+    def count_samples(self, profile_id: str) -> int:
+        _validate.check_id(profile_id, "profile_id")
+        query = sa.select(sa.func.count()).where(samples.c.profile_id == profile_id)
+        with self._tx(write=False) as conn:
+            self._get_profile(conn, profile_id, "profile_id")
+            return int(conn.execute(query).scalar_one())
+
+    # ---- cost models -------------------------------------------------------------------
+
+    def create_cost_model(self, cost_model: CostModel) -> tuple[CostModel, bool]:
+        """Store a fitted cost model; returns (stored, created). Idempotent on request_id.
+        A non-empty profile_id must name a stored profile."""
+        cm = _validate.check_cost_model(cost_model)
+        cm = dataclasses.replace(cm, id=cm.id or _new_id("cm"), create_time=_now())
+        try:
+            with self._tx(write=True) as conn:
+                if cm.request_id and (existing := self._cost_model_by_request(conn, cm)):
+                    return existing, False
+                if cm.profile_id:
+                    self._get_profile(conn, cm.profile_id, "profile_id")
+                conn.execute(cost_models.insert().values(_rows.cost_model_row(cm)))
+                return self._get_cost_model(conn, cm.id), True
+        except IntegrityError:
+            with self._tx(write=False) as conn:
+                if cm.request_id and (existing := self._cost_model_by_request(conn, cm)):
+                    return existing, False
+            raise AlreadyExists(
+                "COST_MODEL_ALREADY_EXISTS", f"a cost model with id {cm.id!r} exists", field="id"
+            ) from None
+
+    def _cost_model_by_request(self, conn: sa.Connection, cm: CostModel) -> CostModel | None:
+        query = sa.select(cost_models).where(cost_models.c.request_id == cm.request_id)
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        existing = _rows.cost_model_from_row(row)
+        if _cost_model_body(existing) != _cost_model_body(dataclasses.replace(cm, id="")):
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED",
+                f"request_id {cm.request_id!r} was used for cost model {existing.id} with a "
+                "different body; use a new request_id for a new cost model",
+                field="request_id",
+            )
+        return existing
+
+    def _get_cost_model(self, conn: sa.Connection, cm_id: str) -> CostModel:
+        row = conn.execute(
+            sa.select(cost_models).where(cost_models.c.id == cm_id)
+        ).mappings().first()  # fmt: skip
+        if row is None:
+            raise NotFound("COST_MODEL_NOT_FOUND", f"no cost model with id {cm_id!r}", field="id")
+        return _rows.cost_model_from_row(row)
+
+    def get_cost_model(self, cost_model_id: str) -> CostModel:
+        _validate.check_id(cost_model_id, "id")
+        with self._tx(write=False) as conn:
+            return self._get_cost_model(conn, cost_model_id)
+
+    def list_cost_models(
+        self, page_size: int, page_token: str, profile_id: str = ""
+    ) -> tuple[list[CostModel], str]:
+        """Newest first, optionally only those fitted to `profile_id`."""
+        _validate.check_id(profile_id, "profile_id", allow_empty=True)
+        size = _paging.page_size(page_size, *PROFILE_PAGE)
+        query = sa.select(cost_models)
+        if profile_id:
+            query = query.where(cost_models.c.profile_id == profile_id)
+        return self._newest_first(
+            cost_models, query, size, page_token, "cost_models", profile_id,
+            _rows.cost_model_from_row,
+        )  # fmt: skip

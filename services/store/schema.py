@@ -1,0 +1,206 @@
+"""The store's relational schema (SQLAlchemy Core) and its ordered migrations.
+
+`schema_version` holds one row per applied migration; the database's version is the largest.
+`migrate(engine)` runs at every open, in one transaction that holds a lock (SQLite: BEGIN
+IMMEDIATE; PostgreSQL: a transaction-scoped advisory lock), so concurrent openers neither
+race nor half-apply: it creates `schema_version` if missing, applies each migration newer
+than the database, and refuses (FailedPrecondition SCHEMA_TOO_NEW) a database written by a
+newer idealrt. Opening an up-to-date database is one SELECT.
+
+Adding a migration: append `(N, "what it does", fn)` to MIGRATIONS and bump SCHEMA_VERSION;
+never edit an applied one. `_create_v1` builds its tables from `_v1_metadata()`, a frozen
+copy of the v1 shape; the module-level tables below describe the *current* shape (equal to
+v1 until a migration changes a table, at which point declare them separately).
+
+Conventions: times are UTCDateTime (PostgreSQL timestamptz; SQLite fixed-width text in UTC,
+which sorts chronologically); JSON payloads are TEXT (see `_serde`); sample decode steps are
+an int64 little-endian blob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.types import TypeDecorator
+
+from idealrt.core.errors import FailedPrecondition
+from idealrt.services.store._serde import to_utc
+from idealrt.services.store.url import SQLITE_BEGIN_OPTION
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "UTCDateTime",
+    "cost_models",
+    "current_version",
+    "metadata",
+    "migrate",
+    "profiles",
+    "sample_batches",
+    "samples",
+    "schema_version",
+]
+
+SCHEMA_VERSION = 1
+ID_LEN = 64
+REQUEST_ID_LEN = 256
+NAME_LEN = 256
+_PG_MIGRATION_LOCK = 0x1DEA1_57_0E  # advisory lock key: any constant unique to idealrt
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every backend."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = to_utc(value)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else to_utc(value)
+
+
+def _v1_metadata() -> sa.MetaData:
+    md = sa.MetaData()
+    sa.Table(
+        "schema_version",
+        md,
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("description", sa.String(NAME_LEN), nullable=False),
+        sa.Column("applied_time", UTCDateTime, nullable=False),
+    )
+    sa.Table(
+        "profiles",
+        md,
+        sa.Column("id", sa.String(ID_LEN), primary_key=True),
+        sa.Column("request_id", sa.String(REQUEST_ID_LEN), nullable=True, unique=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("create_time", UTCDateTime, nullable=False),
+        sa.Column("update_time", UTCDateTime, nullable=False),
+        sa.Column("start_time", UTCDateTime, nullable=True),
+        sa.Column("end_time", UTCDateTime, nullable=True),
+        sa.Column("completed_samples", sa.BigInteger, nullable=False),
+        sa.Column("total_samples", sa.BigInteger, nullable=False),
+        sa.Column("error", sa.Text, nullable=False),
+        # {"model", "stack", "plan", "target", "provenance", "model_spec"}
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Index("ix_profiles_create_time_id", "create_time", "id"),
+        sa.Index("ix_profiles_state_create_time_id", "state", "create_time", "id"),
+    )
+    sa.Table(
+        "sample_batches",
+        md,
+        sa.Column("profile_id", sa.String(ID_LEN), sa.ForeignKey("profiles.id"), primary_key=True),
+        sa.Column("batch_id", sa.String(REQUEST_ID_LEN), primary_key=True),
+        sa.Column("first_seq", sa.BigInteger, nullable=False),
+        sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("create_time", UTCDateTime, nullable=False),
+    )
+    sa.Table(
+        "samples",
+        md,
+        sa.Column("profile_id", sa.String(ID_LEN), sa.ForeignKey("profiles.id"), primary_key=True),
+        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("batch_id", sa.String(REQUEST_ID_LEN), nullable=False),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False),
+        sa.Column("output_tokens", sa.Integer, nullable=False),
+        sa.Column("batch_size", sa.Integer, nullable=False),
+        sa.Column("prefill_ns", sa.BigInteger, nullable=False),
+        sa.Column("total_ns", sa.BigInteger, nullable=False),
+        sa.Column("decode_ns", sa.LargeBinary, nullable=False),  # int64 LE per step
+        sa.Column("rpc_ns", sa.BigInteger, nullable=False),
+        sa.Column("heldout", sa.Boolean, nullable=False),
+        sa.Column("repeat", sa.Integer, nullable=False),
+        sa.Column("flag", sa.String(16), nullable=False),
+        sa.Column("contention", sa.Text, nullable=False),  # JSON, non-default fields only
+        sa.Column("start_time", UTCDateTime, nullable=True),
+    )
+    sa.Table(
+        "cost_models",
+        md,
+        sa.Column("id", sa.String(ID_LEN), primary_key=True),
+        sa.Column("request_id", sa.String(REQUEST_ID_LEN), nullable=True, unique=True),
+        sa.Column("profile_id", sa.String(ID_LEN), sa.ForeignKey("profiles.id"), nullable=True),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("name", sa.String(NAME_LEN), nullable=False),
+        sa.Column("create_time", UTCDateTime, nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),  # the CostModel's other fields
+        sa.Index("ix_cost_models_create_time_id", "create_time", "id"),
+        sa.Index("ix_cost_models_profile_create_time_id", "profile_id", "create_time", "id"),
+    )
+    return md
+
+
+# The current shape (== v1).
+metadata = _v1_metadata()
+schema_version = metadata.tables["schema_version"]
+profiles = metadata.tables["profiles"]
+sample_batches = metadata.tables["sample_batches"]
+samples = metadata.tables["samples"]
+cost_models = metadata.tables["cost_models"]
+
+
+def _create_v1(conn: sa.Connection) -> None:
+    md = _v1_metadata()
+    tables = [t for t in md.sorted_tables if t.name != "schema_version"]
+    md.create_all(conn, tables=tables, checkfirst=False)  # a clashing table is an error
+
+
+Migration = tuple[int, str, Callable[[sa.Connection], None]]
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "profiles, samples, sample_batches, cost_models", _create_v1),
+)
+assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def current_version(conn: sa.Connection) -> int:
+    """The database's schema version (0: empty database)."""
+    if not sa.inspect(conn).has_table("schema_version"):
+        return 0
+    value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(value or 0)
+
+
+def _too_new(found: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        "SCHEMA_TOO_NEW",
+        f"the store's schema is version {found}, newer than this idealrt understands "
+        f"({SCHEMA_VERSION}); upgrade idealrt to open it",
+        field="store_url",
+    )
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the database up to SCHEMA_VERSION; returns the version found before."""
+    with engine.connect() as probe:  # fast path, no lock: already current (or too new)
+        found = current_version(probe)
+        probe.rollback()
+    if found > SCHEMA_VERSION:
+        raise _too_new(found)
+    if found == SCHEMA_VERSION:
+        return found
+    locked = engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+    with locked.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+        schema_version.create(conn, checkfirst=True)
+        found = current_version(conn)  # again, under the lock
+        if found > SCHEMA_VERSION:
+            raise _too_new(found)
+        for version, description, apply in MIGRATIONS:
+            if version > found:
+                apply(conn)
+                conn.execute(
+                    schema_version.insert().values(
+                        version=version, description=description, applied_time=datetime.now(UTC)
+                    )
+                )
+    return found

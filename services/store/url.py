@@ -1,0 +1,157 @@
+"""Store URLs: parsing, validation, and the SQLAlchemy engine each kind of URL gets.
+
+Accepted URLs (`IDEALRT_STORE_URL`):
+
+- ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (SQLAlchemy's
+  convention: three slashes then the path, so an absolute path shows four). Parent
+  directories are created. ``~`` is expanded.
+- ``sqlite://`` (or ``sqlite:///:memory:``): a private in-memory database, for tests.
+- ``postgresql://user[:password]@host[:port]/dbname[?param=value]`` (``postgres://`` and
+  ``postgresql+psycopg://`` are accepted too). The driver is psycopg 3, imported only here
+  and only for such a URL; without it opening fails with FailedPrecondition naming
+  ``pip install idealrt[postgres]``.
+
+Durability (design: "nothing committed is lost on a crash"): SQLite runs in WAL mode with
+``synchronous=FULL``, so a commit has been fsynced to the WAL before it returns. NORMAL
+would survive a process crash but may lose the last commits on power loss or an OS crash;
+the store commits once per sample batch, not per sample, so the extra fsync costs little.
+PostgreSQL's defaults (fsync=on, synchronous_commit=on) give the same guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import StaticPool
+
+from idealrt.core.errors import FailedPrecondition, InvalidArgument
+
+__all__ = ["SQLITE_BUSY_TIMEOUT_S", "StoreUrl", "create_store_engine", "parse_store_url"]
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Execution option read by the "begin" hook: "IMMEDIATE" takes SQLite's write lock at BEGIN
+# (so a read-then-write transaction cannot fail with SQLITE_BUSY_SNAPSHOT half-way).
+SQLITE_BEGIN_OPTION = "idealrt_sqlite_begin"
+
+_FIELD = "store_url"
+_HELP = (
+    "expected sqlite:///PATH (relative), sqlite:////ABSOLUTE/PATH, sqlite:// (in memory) "
+    "or postgresql://USER@HOST:PORT/DBNAME"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreUrl:
+    """A validated store URL. `path` is None for an in-memory SQLite database."""
+
+    backend: str  # "sqlite" | "postgresql"
+    url: URL  # the SQLAlchemy URL, driver resolved
+    path: Path | None = None
+
+    @property
+    def memory(self) -> bool:
+        return self.backend == "sqlite" and self.path is None
+
+    def redacted(self) -> str:
+        """The URL with any password masked, for logs and messages."""
+        return self.url.render_as_string(hide_password=True)
+
+
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument("STORE_URL_INVALID", message, field=_FIELD)
+
+
+def parse_store_url(raw: str) -> StoreUrl:
+    """Validate `raw` and resolve it to a StoreUrl. Raises InvalidArgument(field=store_url)."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise _invalid(f"store_url is empty; {_HELP}")
+    raw = raw.strip()
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise _invalid(f"store_url is not a URL; {_HELP}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend == "sqlite":
+        return _parse_sqlite(url, driver)
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise _invalid(f"store_url: PostgreSQL driver {driver!r} is not supported; use psycopg")
+        return StoreUrl("postgresql", url.set(drivername="postgresql+psycopg"))
+    raise _invalid(f"store_url scheme {url.drivername!r} is not supported; {_HELP}")
+
+
+def _parse_sqlite(url: URL, driver: str) -> StoreUrl:
+    if driver not in ("", "pysqlite"):
+        raise _invalid(f"store_url: SQLite driver {driver!r} is not supported")
+    if url.host or url.username or url.password or url.port:
+        raise _invalid(f"store_url: a sqlite URL has no host or user; {_HELP}")
+    if url.query:
+        raise _invalid(f"store_url: sqlite URLs take no parameters, got {sorted(url.query)}")
+    url = url.set(drivername="sqlite+pysqlite")
+    if url.database in (None, "", ":memory:"):
+        return StoreUrl("sqlite", url.set(database=None), None)
+    if url.database.startswith("file:"):
+        raise _invalid("store_url: sqlite file: URIs are not supported; give a path")
+    path = Path(url.database).expanduser()
+    if path.exists() and path.is_dir():
+        raise _invalid(f"store_url: {path} is a directory; name a database file in it")
+    return StoreUrl("sqlite", url.set(database=str(path)), path)
+
+
+def create_store_engine(parsed: StoreUrl) -> Engine:
+    """The engine for a parsed URL. SQLite: WAL + synchronous=FULL + foreign keys, BEGIN
+    emitted by us (pysqlite's own transaction handling is bypassed). PostgreSQL: psycopg 3,
+    pre-ping so a restarted server costs one reconnect, not an error."""
+    if parsed.backend == "postgresql":
+        try:
+            importlib.import_module("psycopg")
+        except ImportError:
+            raise FailedPrecondition(
+                "POSTGRES_DRIVER_MISSING",
+                "a postgresql:// store needs psycopg 3: pip install idealrt[postgres]",
+                field=_FIELD,
+            ) from None
+        return sa.create_engine(parsed.url, pool_pre_ping=True)
+    if parsed.path is not None:
+        parsed.path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            parsed.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        )
+    else:
+        # One connection shared by every thread (the database lives in it); the Store
+        # serializes access with a lock.
+        engine = sa.create_engine(
+            parsed.url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    _install_sqlite_hooks(engine, wal=parsed.path is not None)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        try:
+            if wal:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+        if mode not in ("DEFERRED", "IMMEDIATE"):
+            raise ValueError(f"bad {SQLITE_BEGIN_OPTION}: {mode!r}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
