@@ -1,0 +1,405 @@
+"""The serving domain: which models are loaded, on which backend, and exact-length
+generations against them. No gRPC here; `servicer.py` converts and calls in.
+
+Thread safety: one lock guards the tables (held only for dictionary work); loads are
+serialised (each checks free memory, which a concurrent load would invalidate); each model
+runs one generation at a time (a measurement never shares its device with another).
+
+Backends are created by factories keyed by `Backend`. The built-in table finds each backend
+module lazily (`idealrt.services.serving.backends.<name>_backend.create_backend`), so a
+missing optional dependency only disables its backend; `register_backend` adds or replaces
+a factory (tests, or backends that live elsewhere). The default table is the one module-level
+mutable object here, on purpose: it is the registration point the backend modules share.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import contextlib
+import dataclasses
+import importlib
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from idealrt.core import catalog
+from idealrt.core.domain import Backend, ModelRef, StackSpec
+from idealrt.core.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
+from idealrt.core.hf_config import spec_from_hf_config
+from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving.backends.base import (
+    Backend as BackendProtocol,
+)
+from idealrt.services.serving.backends.base import (
+    BackendFactory,
+    GenerationResult,
+    MemoryReport,
+)
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_BATCH_SIZE",
+    "MAX_PAGE_SIZE",
+    "BackendTable",
+    "LoadedModel",
+    "ModelRegistry",
+    "default_backends",
+    "register_backend",
+]
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_BATCH_SIZE = 64
+
+_MODULES = {
+    Backend.PYTORCH: "pytorch_backend",
+    Backend.ONNXRUNTIME: "onnxruntime_backend",
+    Backend.TENSORRT: "tensorrt_backend",
+    Backend.TRANSFORMERS: "transformers_backend",
+}
+_EXTRAS = {
+    Backend.PYTORCH: "pip install idealrt",
+    Backend.ONNXRUNTIME: "pip install idealrt[onnx] (or onnxruntime-gpu for CUDA)",
+    Backend.TENSORRT: "pip install idealrt[tensorrt]",
+    Backend.TRANSFORMERS: "pip install idealrt[transformers]",
+}
+_PACKAGE = "idealrt.services.serving.backends"
+
+
+class BackendTable:
+    """Backend -> factory, thread-safe; unregistered built-ins are imported on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._factories: dict[Backend, BackendFactory] = {}
+
+    def register(self, backend: Backend, factory: BackendFactory) -> None:
+        with self._lock:
+            self._factories[Backend(backend)] = factory
+
+    def factory(self, backend: Backend) -> BackendFactory:
+        """The factory for `backend`: Unimplemented(BACKEND_NOT_IMPLEMENTED) when there is
+        none; FailedPrecondition(DEPENDENCY_MISSING) when its module cannot be imported."""
+        with self._lock:
+            found = self._factories.get(backend)
+        if found is not None:
+            return found
+        module_name = _MODULES.get(backend)
+        if module_name is None:
+            raise Unimplemented(
+                "BACKEND_NOT_IMPLEMENTED", f"backend {backend!r} is not implemented"
+            )
+        qualified = f"{_PACKAGE}.{module_name}"
+        try:
+            module = importlib.import_module(qualified)
+        except ModuleNotFoundError as e:
+            if e.name == qualified:
+                raise Unimplemented(
+                    "BACKEND_NOT_IMPLEMENTED",
+                    f"backend {backend.value} is not available in this build of idealrt",
+                ) from None
+            raise FailedPrecondition(
+                "DEPENDENCY_MISSING",
+                f"backend {backend.value} needs {e.name!r}: {_EXTRAS[backend]}",
+            ) from None
+        create = getattr(module, "create_backend", None)
+        if create is None:
+            raise Unimplemented(
+                "BACKEND_NOT_IMPLEMENTED", f"{qualified} defines no create_backend()"
+            )
+        return create
+
+
+_DEFAULT = BackendTable()
+
+
+def default_backends() -> BackendTable:
+    return _DEFAULT
+
+
+def register_backend(backend: Backend, factory: BackendFactory) -> None:
+    """Register (or replace) the factory of `backend` in the default table."""
+    _DEFAULT.register(backend, factory)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model_id: str
+    name: str
+    spec: ModelSpec
+    stack: StackSpec
+    memory: MemoryReport
+    load_ns: int
+    max_context: int
+    create_time: datetime
+    seed: int = 0
+    weights_path: str = ""
+    request_id: str = ""
+
+
+@dataclasses.dataclass
+class _Entry:
+    model: LoadedModel
+    backend: BackendProtocol
+    seq: int
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    unloaded: bool = False
+
+
+def _invalid(reason: str, message: str, field: str) -> InvalidArgument:
+    return InvalidArgument(reason, message, field=field)
+
+
+def resolve_spec(model: ModelRef) -> tuple[str, ModelSpec]:
+    """(display name, spec) of a ModelRef: its spec, else its catalog name, else the
+    config.json of its weights directory."""
+    if model.weights_path and not Path(model.weights_path).exists():
+        raise _invalid(
+            "WEIGHTS_NOT_FOUND",
+            f"no file or directory at {model.weights_path!r}",
+            "model.weights_path",
+        )
+    if model.spec is not None:
+        return model.name or model.spec.name, model.spec
+    if model.name:
+        return model.name, catalog.resolve(model.name)
+    if model.weights_path and Path(model.weights_path, "config.json").is_file():
+        spec = spec_from_hf_config(model.weights_path)
+        return spec.name, spec
+    raise _invalid(
+        "MODEL_UNSPECIFIED",
+        "name a catalog model, give a spec, or a Hugging Face directory as weights_path",
+        "model",
+    )
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{seq}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        prefix, _, seq = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if prefix != "after":
+            raise ValueError(prefix)
+        return int(seq)
+    except (ValueError, UnicodeError):
+        raise _invalid(
+            "PAGE_TOKEN_INVALID", "page_token is not one this server returned", "page_token"
+        ) from None
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        backends: BackendTable | None = None,
+        *,
+        new_id: Callable[[], str] = lambda: f"m-{uuid.uuid4().hex[:12]}",
+    ) -> None:
+        self._backends = backends or _DEFAULT
+        self._new_id = new_id
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._by_request: dict[str, str] = {}
+        self._seq = 0
+
+    # ---- load / unload / get ----
+    def load(
+        self, model: ModelRef, stack: StackSpec, max_context: int = 0, request_id: str = ""
+    ) -> LoadedModel:
+        """Load `model` on `stack`. Idempotent by request_id while that model is loaded."""
+        try:
+            backend_kind = Backend(stack.backend)
+        except ValueError:
+            raise _invalid(
+                "BACKEND_INVALID",
+                f"stack.backend must be one of {', '.join(b.value for b in Backend)}",
+                "stack.backend",
+            ) from None
+        if max_context < 0:
+            raise _invalid(
+                "MAX_CONTEXT_INVALID", f"max_context must be >= 0, got {max_context}", "max_context"
+            )
+        with self._load_lock:
+            if request_id:
+                with self._lock:
+                    prior = self._entries.get(self._by_request.get(request_id, ""))
+                if prior is not None:
+                    return prior.model
+            name, spec = resolve_spec(model)
+            max_context = max_context or spec.max_positions
+            if max_context > spec.max_positions:
+                raise _invalid(
+                    "MAX_CONTEXT_INVALID",
+                    f"max_context must be <= the model's {spec.max_positions} positions, "
+                    f"got {max_context}",
+                    "max_context",
+                )
+            backend = self._backends.factory(backend_kind)()
+            t0 = time.perf_counter_ns()
+            try:
+                memory = backend.load(spec, stack, model.weights_path, model.seed, max_context)
+            except BaseException:
+                backend.unload()
+                raise
+            load_ns = time.perf_counter_ns() - t0
+            loaded = LoadedModel(
+                model_id=self._new_id(),
+                name=name,
+                spec=spec,
+                stack=stack,
+                memory=memory,
+                load_ns=load_ns,
+                max_context=max_context,
+                create_time=datetime.now(UTC),
+                seed=model.seed,
+                weights_path=model.weights_path,
+                request_id=request_id,
+            )
+            with self._lock:
+                self._seq += 1
+                self._entries[loaded.model_id] = _Entry(loaded, backend, self._seq)
+                if request_id:
+                    self._by_request[request_id] = loaded.model_id
+            return loaded
+
+    def _entry(self, model_id: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(model_id)
+        if entry is None:
+            raise NotFound("MODEL_NOT_LOADED", f"no loaded model {model_id!r}", field="model_id")
+        return entry
+
+    def get(self, model_id: str) -> LoadedModel:
+        return self._entry(model_id).model
+
+    def unload(self, model_id: str) -> LoadedModel:
+        """Unload a model (after its running generation, if any, finishes)."""
+        with self._lock:
+            entry = self._entries.pop(model_id, None)
+            if entry is not None and entry.model.request_id:
+                self._by_request.pop(entry.model.request_id, None)
+        if entry is None:
+            raise NotFound("MODEL_NOT_LOADED", f"no loaded model {model_id!r}", field="model_id")
+        with entry.lock:
+            entry.unloaded = True
+            entry.backend.unload()
+        return entry.model
+
+    def close(self) -> None:
+        """Unload every model."""
+        with self._lock:
+            ids = builtins.list(self._entries)
+        for model_id in ids:
+            with contextlib.suppress(NotFound):
+                self.unload(model_id)
+
+    # ---- generation ----
+    def generate(
+        self,
+        model_id: str,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        prompt_length: int = 0,
+        prompt_seed: int = 0,
+        output_tokens: int,
+        batch_size: int = 1,
+    ) -> GenerationResult:
+        """One exact-length greedy generation. The prompt is `prompt_ids`, or
+        `prompt_length` tokens drawn uniformly from the vocabulary with `prompt_seed`."""
+        entry = self._entry(model_id)
+        spec, max_context = entry.model.spec, entry.model.max_context
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise _invalid(
+                "BATCH_SIZE_INVALID",
+                f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}",
+                "batch_size",
+            )
+        if output_tokens < 1:
+            raise _invalid(
+                "OUTPUT_TOKENS_INVALID",
+                f"output_tokens must be >= 1, got {output_tokens}",
+                "output_tokens",
+            )
+        ids = self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
+        p = len(ids)
+        if p + output_tokens > max_context:
+            raise _invalid(
+                "CONTEXT_EXCEEDED",
+                f"prompt ({p}) + output_tokens ({output_tokens}) = {p + output_tokens} exceeds "
+                f"the model's max_context {max_context}",
+                "output_tokens",
+            )
+        with entry.lock:
+            if entry.unloaded:
+                raise NotFound(
+                    "MODEL_NOT_LOADED", f"model {model_id!r} was unloaded", field="model_id"
+                )
+            result = entry.backend.generate(ids, output_tokens, batch_size)
+        got = (result.prompt_tokens, result.output_tokens, result.batch_size)
+        if got != (p, output_tokens, batch_size):
+            raise Internal(
+                "NONCONFORMING_GENERATION",
+                f"backend {entry.model.stack.backend} returned (p, o, batch) = {got}, "
+                f"asked for {(p, output_tokens, batch_size)}",
+            )
+        return result
+
+    @staticmethod
+    def _prompt(
+        spec: ModelSpec, prompt_ids: Sequence[int] | None, length: int, seed: int
+    ) -> builtins.list[int]:
+        if prompt_ids:
+            if length and length != len(prompt_ids):
+                raise _invalid(
+                    "PROMPT_LENGTH_MISMATCH",
+                    f"prompt.length {length} != {len(prompt_ids)} token ids given",
+                    "prompt.length",
+                )
+            ids = [int(t) for t in prompt_ids]
+            bad = [t for t in ids if not 0 <= t < spec.vocab]
+            if bad:
+                raise _invalid(
+                    "TOKEN_OUT_OF_RANGE",
+                    f"token ids must be in [0, {spec.vocab}); got {bad[:5]}",
+                    "prompt.token_ids",
+                )
+            return ids
+        if length < 1:
+            raise _invalid(
+                "PROMPT_EMPTY", f"prompt.length must be >= 1, got {length}", "prompt.length"
+            )
+        rng = random.Random(seed)
+        return [rng.randrange(spec.vocab) for _ in range(length)]
+
+    # ---- listing (last: `list` shadows the builtin inside the class body) ----
+    def list(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> tuple[builtins.list[LoadedModel], str]:
+        """Loaded models in load order: (page, next_page_token or "").
+        page_size 0 -> 50, capped at 1000."""
+        if page_size < 0:
+            raise _invalid(
+                "PAGE_SIZE_INVALID", f"page_size must be >= 0, got {page_size}", "page_size"
+            )
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token) if page_token else 0
+        with self._lock:
+            entries = sorted(
+                (e for e in self._entries.values() if e.seq > after), key=lambda e: e.seq
+            )
+        page = entries[:size]
+        token = _encode_token(page[-1].seq) if len(entries) > size else ""
+        return [e.model for e in page], token

@@ -1,0 +1,165 @@
+"""The decoder's construction: seeded init, planned bytes, dtypes, weight errors, HF configs,
+ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from idealrt.core import catalog
+from idealrt.core.errors import InvalidArgument
+from idealrt.core.hf_config import spec_from_hf_config
+from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving import decoder as decoder_pkg
+from idealrt.services.serving.decoder import (
+    TORCH_DTYPES,
+    build_decoder,
+    planned_bytes,
+    torch_dtype,
+)
+from idealrt.services.serving.decoder.hf_convert import hf_config, hf_config_dict
+
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "bloom")
+
+
+def test_all_is_what_it_claims() -> None:
+    for name in decoder_pkg.__all__:
+        assert hasattr(decoder_pkg, name), name
+
+
+def test_seeded_init_is_deterministic_and_seed_dependent(tiny: dict[str, ModelSpec]) -> None:
+    spec = tiny["gpt2"]
+    a, b, c = (build_decoder(spec, seed=s) for s in (7, 7, 8))
+    for (name, pa), pb, pc in zip(
+        a.named_parameters(), b.parameters(), c.parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+        if "norm_w" in name:
+            assert torch.all(pa == 1.0)
+        elif pa.dim() == 1:
+            assert torch.all(pa == 0.0)
+        else:
+            assert not torch.equal(pa, pc), name
+    assert abs(float(a.head_w.std()) - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mistral"])
+def test_planned_bytes_match_spec_formulas(family: str, tiny: dict[str, ModelSpec]) -> None:
+    spec = tiny[family]
+    for dtype in ("fp32", "bf16"):
+        weights, kv = planned_bytes(spec, TORCH_DTYPES[dtype], 48, batch_size=3)
+        assert weights == spec.weight_bytes(dtype)
+        assert kv == spec.kv_cache_bytes(48, dtype, batch=3)
+
+
+def test_planned_bytes_of_catalog_gpt2_without_allocating() -> None:
+    spec = catalog.resolve("gpt2")
+    weights, kv = planned_bytes(spec, torch.float16, 0)
+    assert weights == spec.weight_bytes("fp16") == 2 * 124_439_808
+    assert kv == spec.kv_cache_bytes(spec.max_positions, "fp16")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_tracks_fp32(dtype: str, tiny: dict[str, ModelSpec]) -> None:
+    spec = tiny["llama"]
+    ref = build_decoder(spec, seed=3)
+    half = build_decoder(spec, seed=3, dtype=torch_dtype(dtype))
+    with torch.no_grad():
+        half.load_state_dict({k: v.to(half.dtype) for k, v in ref.state_dict().items()})
+    ids = torch.arange(9).view(1, 9)
+    with torch.inference_mode():
+        a = ref(ids, ref.new_cache(1), 0)
+        b = half(ids, half.new_cache(1), 0)
+    assert b.dtype == TORCH_DTYPES[dtype]
+    assert float((a - b.float()).abs().max() / a.abs().max()) < 0.05
+
+
+def test_unknown_dtype_names_the_field() -> None:
+    with pytest.raises(InvalidArgument) as e:
+        torch_dtype("int4")
+    assert e.value.reason == "DTYPE_UNSUPPORTED" and e.value.field == "stack.dtype"
+
+
+def test_positions_beyond_max_context_are_refused(tiny: dict[str, ModelSpec]) -> None:
+    dec = build_decoder(tiny["gpt2"], max_context=8)
+    with torch.inference_mode(), pytest.raises(ValueError):
+        dec(torch.zeros(1, 4, dtype=torch.int64), dec.new_cache(1), 6)
+    with pytest.raises(ValueError):
+        build_decoder(tiny["gpt2"], max_context=tiny["gpt2"].max_positions + 1)
+
+
+def test_weights_of_another_shape_are_refused(hf_dir: Any, tiny: dict[str, ModelSpec]) -> None:
+    _, gpt2_dir = hf_dir("gpt2")
+    wider = tiny["gpt2"].replace(d_ff=96)
+    with pytest.raises(InvalidArgument) as e:
+        build_decoder(wider, weights_path=str(gpt2_dir))
+    assert e.value.reason == "WEIGHTS_MISMATCH" and e.value.field == "model.weights_path"
+    _, llama_dir = hf_dir("llama")
+    with pytest.raises(InvalidArgument) as e:
+        build_decoder(tiny["gpt2"], weights_path=str(llama_dir))
+    assert e.value.reason == "WEIGHTS_MISMATCH"
+
+
+def test_missing_weights_are_not_found(tmp_path: Path, tiny: dict[str, ModelSpec]) -> None:
+    for path in (tmp_path / "absent", tmp_path):
+        with pytest.raises(InvalidArgument) as e:
+            build_decoder(tiny["gpt2"], weights_path=str(path))
+        assert e.value.reason == "WEIGHTS_NOT_FOUND"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_config_round_trips_through_core_hf_config(
+    family: str, tiny: dict[str, ModelSpec]
+) -> None:
+    spec = tiny[family]
+    assert hf_config_dict(spec)["model_type"] == family
+    back = spec_from_hf_config(hf_config(spec).to_dict(), name=spec.name)
+    assert back.spec_hash() == spec.spec_hash(), (back, spec)
+
+
+def test_spec_without_hf_equivalent_is_refused(tiny: dict[str, ModelSpec]) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        hf_config_dict(tiny["bloom"].replace(d_ff=100))
+    assert e.value.reason == "SPEC_NOT_EXPRESSIBLE"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_onnx_export_runs_in_onnxruntime(
+    family: str, tmp_path: Path, tiny: dict[str, ModelSpec]
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from idealrt.services.serving.decoder import export_onnx
+
+    dec = build_decoder(tiny[family], max_context=16, seed=2)
+    export_onnx(dec, tmp_path / "step.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    cache = dec.new_cache(2)
+    ids = torch.randint(0, tiny[family].vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref_prefill = dec(ids, cache, 0, last_only=True)
+        ref_step = dec(ids[:, :1], cache, 5, last_only=True)
+    # static buffer of max_context slots, the caller storing the new K/V between calls
+    k = torch.zeros_like(cache[:, 0]).numpy()
+    v = k.copy()
+    feeds = {
+        "input_ids": ids.numpy(),
+        "past_k": k,
+        "past_v": v,
+        "position": torch.tensor(0).numpy(),
+    }
+    logits, nk, nv = sess.run(None, feeds)
+    assert float(abs(logits - ref_prefill.numpy()).max()) < 1e-4
+    k[:, :, :, :5], v[:, :, :, :5] = nk, nv
+    feeds = {
+        "input_ids": ids[:, :1].numpy(),
+        "past_k": k,
+        "past_v": v,
+        "position": torch.tensor(5).numpy(),
+    }
+    logits, _, _ = sess.run(None, feeds)
+    assert float(abs(logits - ref_step.numpy()).max()) < 1e-4
