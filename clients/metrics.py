@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
@@ -66,10 +67,17 @@ class Comparison:
 
 
 def _summary(m: pb.WorkloadSummary) -> Summary:
-    return Summary(count=m.count, sum_s=m.sum_seconds, mean_s=m.mean_seconds,
-                   p50_s=m.p50_seconds, p90_s=m.p90_seconds, p99_s=m.p99_seconds,
-                   out_of_domain=m.out_of_domain, sum_low_s=m.sum_low_seconds,
-                   sum_high_s=m.sum_high_seconds)
+    return Summary(
+        count=m.count,
+        sum_s=m.sum_seconds,
+        mean_s=m.mean_seconds,
+        p50_s=m.p50_seconds,
+        p90_s=m.p90_seconds,
+        p99_s=m.p99_seconds,
+        out_of_domain=m.out_of_domain,
+        sum_low_s=m.sum_low_seconds,
+        sum_high_s=m.sum_high_seconds,
+    )
 
 
 def _queries(p: Sequence[int], o: Sequence[int]) -> list[pb.Query]:
@@ -87,118 +95,239 @@ class MetricsClient:
         if self._own:
             self._channel.close()
 
-    def fit(self, profile_id: str, *, request_id: str = "", name: str = "",
-            fit_overhead: bool = False, bootstrap: int = 0, constant_beta: bool = False,
-            seed: int = 0) -> CostModel:
-        r = call(self._stub.FitCostModel, pb.FitCostModelRequest(
-            request_id=request_id, profile_id=profile_id, name=name,
-            options=pb.FitOptions(fit_overhead=fit_overhead, bootstrap=bootstrap,
-                                  constant_beta=constant_beta, seed=seed)),
-            max(self.timeout, 300.0))
+    def fit(
+        self,
+        profile_id: str,
+        *,
+        request_id: str = "",
+        name: str = "",
+        fit_overhead: bool = False,
+        bootstrap: int = 0,
+        constant_beta: bool = False,
+        seed: int = 0,
+    ) -> CostModel:
+        r = call(
+            self._stub.FitCostModel,
+            pb.FitCostModelRequest(
+                request_id=request_id,
+                profile_id=profile_id,
+                name=name,
+                options=pb.FitOptions(
+                    fit_overhead=fit_overhead,
+                    bootstrap=bootstrap,
+                    constant_beta=constant_beta,
+                    seed=seed,
+                ),
+            ),
+            max(self.timeout, 300.0),
+        )
         return cv.cost_model_from_pb(r.cost_model)
 
     def get_cost_model(self, id: str) -> CostModel:
         r = call(self._stub.GetCostModel, pb.GetCostModelRequest(id=id), self.timeout)
         return cv.cost_model_from_pb(r.cost_model)
 
-    def list_cost_models(self, page_size: int = 0, page_token: str = "",
-                         profile_id: str = "") -> tuple[list[CostModel], str]:
-        r = call(self._stub.ListCostModels, pb.ListCostModelsRequest(
-            page_size=page_size, page_token=page_token, profile_id=profile_id), self.timeout)
+    def list_cost_models(
+        self, page_size: int = 0, page_token: str = "", profile_id: str = ""
+    ) -> tuple[list[CostModel], str]:
+        r = call(
+            self._stub.ListCostModels,
+            pb.ListCostModelsRequest(
+                page_size=page_size, page_token=page_token, profile_id=profile_id
+            ),
+            self.timeout,
+        )
         return [cv.cost_model_from_pb(c) for c in r.cost_models], r.next_page_token
 
-    def estimate(self, cost_model_id: str, prompt_tokens: Sequence[int],
-                 output_tokens: Sequence[int], per_query: bool = True) -> Estimates:
-        r = call(self._stub.EstimateRuntime, pb.EstimateRuntimeRequest(
-            cost_model_id=cost_model_id, queries=_queries(prompt_tokens, output_tokens),
-            per_query=per_query), self.timeout)
+    def estimate(
+        self,
+        cost_model_id: str,
+        prompt_tokens: Sequence[int],
+        output_tokens: Sequence[int],
+        per_query: bool = True,
+    ) -> Estimates:
+        r = call(
+            self._stub.EstimateRuntime,
+            pb.EstimateRuntimeRequest(
+                cost_model_id=cost_model_id,
+                queries=_queries(prompt_tokens, output_tokens),
+                per_query=per_query,
+            ),
+            self.timeout,
+        )
         est = r.estimates
         return Estimates(
             runtime_s=np.array([e.runtime_seconds for e in est], dtype=np.float64),
             low_s=np.array([e.low_seconds for e in est], dtype=np.float64),
             high_s=np.array([e.high_seconds for e in est], dtype=np.float64),
             out_of_domain=np.array([e.out_of_domain for e in est], dtype=np.bool_),
-            summary=_summary(r.summary))
+            summary=_summary(r.summary),
+        )
 
-    def stream_estimate(self, cost_model_id: str,
-                        chunks: Iterable[tuple[Sequence[int], Sequence[int]]]) -> Summary:
+    def stream_estimate(
+        self, cost_model_id: str, chunks: Iterable[tuple[Sequence[int], Sequence[int]]]
+    ) -> Summary:
         def requests() -> Iterable[pb.StreamEstimateRuntimeRequest]:
             first = True
             for p, o in chunks:
                 for i in range(0, len(p), STREAM_CHUNK):
                     yield pb.StreamEstimateRuntimeRequest(
                         cost_model_id=cost_model_id if first else "",
-                        prompt_tokens=[int(x) for x in p[i:i + STREAM_CHUNK]],
-                        output_tokens=[int(x) for x in o[i:i + STREAM_CHUNK]])
+                        prompt_tokens=[int(x) for x in p[i : i + STREAM_CHUNK]],
+                        output_tokens=[int(x) for x in o[i : i + STREAM_CHUNK]],
+                    )
                     first = False
 
         r = call(self._stub.StreamEstimateRuntime, requests(), max(self.timeout, 600.0))
         return _summary(r.summary)
 
-    def denoise(self, profile_id: str, *, method: str = "quantile", quantile: float = 0.1,
-                request_id: str = "", name: str = "") -> CostModel:
+    def denoise(
+        self,
+        profile_id: str,
+        *,
+        method: str = "quantile",
+        quantile: float = 0.1,
+        request_id: str = "",
+        name: str = "",
+    ) -> CostModel:
         m = {"min": pb.DENOISE_METHOD_MIN, "quantile": pb.DENOISE_METHOD_QUANTILE}[method]
-        r = call(self._stub.DenoiseCostModel, pb.DenoiseCostModelRequest(
-            request_id=request_id, profile_id=profile_id, method=m, quantile=quantile,
-            name=name), max(self.timeout, 300.0))
+        r = call(
+            self._stub.DenoiseCostModel,
+            pb.DenoiseCostModelRequest(
+                request_id=request_id, profile_id=profile_id, method=m, quantile=quantile, name=name
+            ),
+            max(self.timeout, 300.0),
+        )
         return cv.cost_model_from_pb(r.cost_model)
 
-    def cost(self, cost_model_id: str, prompt_tokens: Sequence[int],
-             output_tokens: Sequence[int], *, accelerator: str, spec: ModelSpec | None = None,
-             dtype: str = "fp16", max_context: int = 0, reserve_fraction: float = 0.1,
-             power_of_two: bool = True, prices: Mapping[str, float] | None = None,
-             grid_g_co2_per_kwh: float = 0.0) -> CostReport:
+    def cost(
+        self,
+        cost_model_id: str,
+        prompt_tokens: Sequence[int],
+        output_tokens: Sequence[int],
+        *,
+        accelerator: str,
+        spec: ModelSpec | None = None,
+        dtype: str = "fp16",
+        max_context: int = 0,
+        reserve_fraction: float = 0.1,
+        power_of_two: bool = True,
+        prices: Mapping[str, float] | None = None,
+        grid_g_co2_per_kwh: float = 0.0,
+    ) -> CostReport:
         req = pb.ComputeCostRequest(
-            cost_model_id=cost_model_id, queries=_queries(prompt_tokens, output_tokens),
-            accelerator=accelerator, dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
-            max_context=max_context, reserve_fraction=reserve_fraction,
-            power_of_two=power_of_two, price_per_hour_usd=dict(prices or {}),
-            grid_g_co2_per_kwh=grid_g_co2_per_kwh)
+            cost_model_id=cost_model_id,
+            queries=_queries(prompt_tokens, output_tokens),
+            accelerator=accelerator,
+            dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
+            max_context=max_context,
+            reserve_fraction=reserve_fraction,
+            power_of_two=power_of_two,
+            price_per_hour_usd=dict(prices or {}),
+            grid_g_co2_per_kwh=grid_g_co2_per_kwh,
+        )
         if spec is not None:
             req.model_spec.CopyFrom(cv.spec_to_pb(spec))
         r = call(self._stub.ComputeCost, req, self.timeout)
-        return CostReport(accelerators=r.accelerators, runtime_s=r.runtime_seconds,
-                          accelerator_s=r.accelerator_seconds, dollars=r.dollars,
-                          energy_j=r.energy_joules, energy_source=r.energy_source,
-                          co2_g=r.co2_grams)
+        return CostReport(
+            accelerators=r.accelerators,
+            runtime_s=r.runtime_seconds,
+            accelerator_s=r.accelerator_seconds,
+            dollars=r.dollars,
+            energy_j=r.energy_joules,
+            energy_source=r.energy_source,
+            co2_g=r.co2_grams,
+        )
 
-    def roofline(self, spec: ModelSpec, *, dtype: str = "fp32", accelerator: str = "",
-                 peak_flops: float = 0.0, bandwidth: float = 0.0,
-                 prompt_tokens: Sequence[int] = (), contexts: Sequence[int] = (),
-                 cost_model_id: str = "") -> dict[str, list[dict[str, Any]]]:
-        r = call(self._stub.ComputeRoofline, pb.ComputeRooflineRequest(
-            model_spec=cv.spec_to_pb(spec), dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
-            accelerator=accelerator, peak_flops=peak_flops, bandwidth_bytes_per_second=bandwidth,
-            prompt_tokens=list(prompt_tokens), contexts=list(contexts),
-            cost_model_id=cost_model_id), self.timeout)
+    def roofline(
+        self,
+        spec: ModelSpec,
+        *,
+        dtype: str = "fp32",
+        accelerator: str = "",
+        peak_flops: float = 0.0,
+        bandwidth: float = 0.0,
+        prompt_tokens: Sequence[int] = (),
+        contexts: Sequence[int] = (),
+        cost_model_id: str = "",
+    ) -> dict[str, list[dict[str, Any]]]:
+        r = call(
+            self._stub.ComputeRoofline,
+            pb.ComputeRooflineRequest(
+                model_spec=cv.spec_to_pb(spec),
+                dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
+                accelerator=accelerator,
+                peak_flops=peak_flops,
+                bandwidth_bytes_per_second=bandwidth,
+                prompt_tokens=list(prompt_tokens),
+                contexts=list(contexts),
+                cost_model_id=cost_model_id,
+            ),
+            self.timeout,
+        )
 
         def pts(items: Iterable[pb.RooflinePoint]) -> list[dict[str, Any]]:
-            return [{"tokens": x.tokens, "lower_bound_s": x.lower_bound_seconds,
-                     "fitted_s": x.fitted_seconds, "fraction_of_bound": x.fraction_of_bound}
-                    for x in items]
+            return [
+                {
+                    "tokens": x.tokens,
+                    "lower_bound_s": x.lower_bound_seconds,
+                    "fitted_s": x.fitted_seconds,
+                    "fraction_of_bound": x.fraction_of_bound,
+                }
+                for x in items
+            ]
 
         return {"prefill": pts(r.prefill), "decode": pts(r.decode)}
 
-    def compare(self, profile_id_a: str, profile_id_b: str, prompt_tokens: Sequence[int],
-                output_tokens: Sequence[int], *, bootstrap: int = 200, seed: int = 0
-                ) -> Comparison:
-        r = call(self._stub.CompareCostModels, pb.CompareCostModelsRequest(
-            profile_id_a=profile_id_a, profile_id_b=profile_id_b,
-            queries=_queries(prompt_tokens, output_tokens), bootstrap=bootstrap, seed=seed),
-            max(self.timeout, 600.0))
-        return Comparison(ratio=r.ratio, low=r.ratio_low, high=r.ratio_high,
-                          significant=r.significant, a_total_s=r.a_total_seconds,
-                          b_total_s=r.b_total_seconds)
+    def compare(
+        self,
+        profile_id_a: str,
+        profile_id_b: str,
+        prompt_tokens: Sequence[int],
+        output_tokens: Sequence[int],
+        *,
+        bootstrap: int = 200,
+        seed: int = 0,
+    ) -> Comparison:
+        r = call(
+            self._stub.CompareCostModels,
+            pb.CompareCostModelsRequest(
+                profile_id_a=profile_id_a,
+                profile_id_b=profile_id_b,
+                queries=_queries(prompt_tokens, output_tokens),
+                bootstrap=bootstrap,
+                seed=seed,
+            ),
+            max(self.timeout, 600.0),
+        )
+        return Comparison(
+            ratio=r.ratio,
+            low=r.ratio_low,
+            high=r.ratio_high,
+            significant=r.significant,
+            a_total_s=r.a_total_seconds,
+            b_total_s=r.b_total_seconds,
+        )
 
-    def export_helm(self, cost_model_ids: Mapping[str, str],
-                    prompt_tokens: Sequence[int] = ()) -> dict[str, Any]:
-        r = call(self._stub.ExportHelm, pb.ExportHelmRequest(
-            cost_model_ids=dict(cost_model_ids), prompt_tokens=list(prompt_tokens)), self.timeout)
+    def export_helm(
+        self, cost_model_ids: Mapping[str, str], prompt_tokens: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        r = call(
+            self._stub.ExportHelm,
+            pb.ExportHelmRequest(
+                cost_model_ids=dict(cost_model_ids), prompt_tokens=list(prompt_tokens)
+            ),
+            self.timeout,
+        )
         doc: dict[str, Any] = json.loads(r.json)
         return doc
 
-    def import_helm(self, doc: Mapping[str, Any], *, kind: str = "idealized",
-                    request_id: str = "") -> list[CostModel]:
-        r = call(self._stub.ImportHelm, pb.ImportHelmRequest(
-            request_id=request_id, json=json.dumps(doc), kind=kind), self.timeout)
+    def import_helm(
+        self, doc: Mapping[str, Any], *, kind: str = "idealized", request_id: str = ""
+    ) -> list[CostModel]:
+        r = call(
+            self._stub.ImportHelm,
+            pb.ImportHelmRequest(request_id=request_id, json=json.dumps(doc), kind=kind),
+            self.timeout,
+        )
         return [cv.cost_model_from_pb(c) for c in r.cost_models]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+
 from idealrt.core import convert as cv
 from idealrt.core.domain import Profile
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, call_stream, open_channel
@@ -26,8 +27,13 @@ class ProfilerClient:
             self._channel.close()
 
     def create_profile(self, profile: Profile) -> Profile:
-        r = call(self._stub.CreateProfile, pb.CreateProfileRequest(
-            request_id=profile.request_id, profile=cv.profile_to_pb(profile)), self.timeout)
+        r = call(
+            self._stub.CreateProfile,
+            pb.CreateProfileRequest(
+                request_id=profile.request_id, profile=cv.profile_to_pb(profile)
+            ),
+            self.timeout,
+        )
         return cv.profile_from_pb(r.profile)
 
     def get_profile(self, id: str) -> Profile:
@@ -35,8 +41,11 @@ class ProfilerClient:
         return cv.profile_from_pb(r.profile)
 
     def list_profiles(self, page_size: int = 0, page_token: str = "") -> tuple[list[Profile], str]:
-        r = call(self._stub.ListProfiles,
-                 pb.ListProfilesRequest(page_size=page_size, page_token=page_token), self.timeout)
+        r = call(
+            self._stub.ListProfiles,
+            pb.ListProfilesRequest(page_size=page_size, page_token=page_token),
+            self.timeout,
+        )
         return [cv.profile_from_pb(p) for p in r.profiles], r.next_page_token
 
     def watch(self, id: str, timeout: float | None = None) -> Iterator[Profile]:

@@ -25,13 +25,17 @@ def _int(row: dict[str, str], col: str, line: int, minimum: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise InvalidArgument("CSV_VALUE_INVALID",
-                              f"line {line}: column {col} must be an integer >= {minimum}, "
-                              f"got {raw!r}", field=col) from None
+        raise InvalidArgument(
+            "CSV_VALUE_INVALID",
+            f"line {line}: column {col} must be an integer >= {minimum}, got {raw!r}",
+            field=col,
+        ) from None
     if value < minimum:
-        raise InvalidArgument("CSV_VALUE_INVALID",
-                              f"line {line}: column {col} must be >= {minimum}, got {value}",
-                              field=col)
+        raise InvalidArgument(
+            "CSV_VALUE_INVALID",
+            f"line {line}: column {col} must be >= {minimum}, got {value}",
+            field=col,
+        )
     return value
 
 
@@ -41,9 +45,11 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
     missing = [c for c in REQUIRED if c not in cols]
     if missing or not ({"decode_ns", "total_ns"} & cols):
         need = missing + ([] if {"decode_ns", "total_ns"} & cols else ["decode_ns or total_ns"])
-        raise InvalidArgument("CSV_COLUMNS_MISSING",
-                              f"CSV header lacks {', '.join(need)}; have {sorted(cols)}",
-                              field="header")
+        raise InvalidArgument(
+            "CSV_COLUMNS_MISSING",
+            f"CSV header lacks {', '.join(need)}; have {sorted(cols)}",
+            field="header",
+        )
     out: list[Sample] = []
     for line, row in enumerate(reader, start=2):
         p = _int(row, "prompt_tokens", line, 1)
@@ -55,28 +61,44 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
             try:
                 steps = tuple(int(x) for x in raw_steps.split(";") if x.strip())
             except ValueError:
-                raise InvalidArgument("CSV_VALUE_INVALID",
-                                      f"line {line}: decode_ns must be ';'-joined integers",
-                                      field="decode_ns") from None
+                raise InvalidArgument(
+                    "CSV_VALUE_INVALID",
+                    f"line {line}: decode_ns must be ';'-joined integers",
+                    field="decode_ns",
+                ) from None
             if len(steps) != o - 1 or any(s <= 0 for s in steps):
                 raise InvalidArgument(
                     "CSV_VALUE_INVALID",
                     f"line {line}: decode_ns must hold output_tokens-1 = {o - 1} positive step "
-                    f"times, got {len(steps)}", field="decode_ns")
+                    f"times, got {len(steps)}",
+                    field="decode_ns",
+                )
         raw_total = (row.get("total_ns") or "").strip()
         total = _int(row, "total_ns", line, 1) if raw_total else prefill + sum(steps)
         if not raw_steps and not raw_total:
-            raise InvalidArgument("CSV_VALUE_INVALID",
-                                  f"line {line}: give decode_ns or total_ns", field="total_ns")
+            raise InvalidArgument(
+                "CSV_VALUE_INVALID", f"line {line}: give decode_ns or total_ns", field="total_ns"
+            )
         if total < prefill + sum(steps):
             raise InvalidArgument(
                 "CSV_VALUE_INVALID",
                 f"line {line}: total_ns {total} is less than prefill_ns + sum(decode_ns) "
-                f"= {prefill + sum(steps)}", field="total_ns")
+                f"= {prefill + sum(steps)}",
+                field="total_ns",
+            )
         heldout = (row.get("heldout") or "0").strip().lower() in ("1", "true", "yes")
         batch = _int(row, "batch_size", line, 1) if (row.get("batch_size") or "").strip() else 1
-        out.append(Sample(prompt_tokens=p, output_tokens=o, prefill_ns=prefill, decode_ns=steps,
-                          total_ns=total, batch_size=batch, heldout=heldout))
+        out.append(
+            Sample(
+                prompt_tokens=p,
+                output_tokens=o,
+                prefill_ns=prefill,
+                decode_ns=steps,
+                total_ns=total,
+                batch_size=batch,
+                heldout=heldout,
+            )
+        )
     if not out:
         raise InvalidArgument("CSV_EMPTY", "the CSV file has no rows", field="file")
     return out

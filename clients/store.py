@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
@@ -27,8 +28,13 @@ class StoreClient:
             self._channel.close()
 
     def create_profile(self, profile: Profile) -> tuple[Profile, bool]:
-        r = call(self._stub.CreateProfile, pb.CreateProfileRequest(
-            request_id=profile.request_id, profile=cv.profile_to_pb(profile)), self.timeout)
+        r = call(
+            self._stub.CreateProfile,
+            pb.CreateProfileRequest(
+                request_id=profile.request_id, profile=cv.profile_to_pb(profile)
+            ),
+            self.timeout,
+        )
         return cv.profile_from_pb(r.profile), r.created
 
     def get_profile(self, id: str) -> Profile:
@@ -36,8 +42,11 @@ class StoreClient:
         return cv.profile_from_pb(r.profile)
 
     def update_profile(self, profile: Profile) -> Profile:
-        r = call(self._stub.UpdateProfile,
-                 pb.UpdateProfileRequest(profile=cv.profile_to_pb(profile)), self.timeout)
+        r = call(
+            self._stub.UpdateProfile,
+            pb.UpdateProfileRequest(profile=cv.profile_to_pb(profile)),
+            self.timeout,
+        )
         return cv.profile_from_pb(r.profile)
 
     def list_profiles(
@@ -61,16 +70,27 @@ class StoreClient:
         return out
 
     def append_samples(self, profile_id: str, batch_id: str, samples: Sequence[Sample]) -> int:
-        r = call(self._stub.AppendSamples, pb.AppendSamplesRequest(
-            profile_id=profile_id, batch_id=batch_id,
-            samples=[cv.sample_to_pb(s) for s in samples]), self.timeout)
+        r = call(
+            self._stub.AppendSamples,
+            pb.AppendSamplesRequest(
+                profile_id=profile_id,
+                batch_id=batch_id,
+                samples=[cv.sample_to_pb(s) for s in samples],
+            ),
+            self.timeout,
+        )
         return int(r.appended)
 
     def list_samples(
         self, profile_id: str, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[Sample], str]:
-        r = call(self._stub.ListSamples, pb.ListSamplesRequest(
-            profile_id=profile_id, page_size=page_size, page_token=page_token), self.timeout)
+        r = call(
+            self._stub.ListSamples,
+            pb.ListSamplesRequest(
+                profile_id=profile_id, page_size=page_size, page_token=page_token
+            ),
+            self.timeout,
+        )
         return [cv.sample_from_pb(s) for s in r.samples], r.next_page_token
 
     def all_samples(self, profile_id: str) -> list[Sample]:
@@ -86,8 +106,11 @@ class StoreClient:
         return len(self.all_samples(profile_id))
 
     def create_cost_model(self, cm: CostModel) -> tuple[CostModel, bool]:
-        r = call(self._stub.CreateCostModel, pb.CreateCostModelRequest(
-            request_id=cm.request_id, cost_model=cv.cost_model_to_pb(cm)), self.timeout)
+        r = call(
+            self._stub.CreateCostModel,
+            pb.CreateCostModelRequest(request_id=cm.request_id, cost_model=cv.cost_model_to_pb(cm)),
+            self.timeout,
+        )
         return cv.cost_model_from_pb(r.cost_model), r.created
 
     def get_cost_model(self, id: str) -> CostModel:
@@ -97,6 +120,11 @@ class StoreClient:
     def list_cost_models(
         self, page_size: int = 0, page_token: str = "", profile_id: str = ""
     ) -> tuple[list[CostModel], str]:
-        r = call(self._stub.ListCostModels, pb.ListCostModelsRequest(
-            page_size=page_size, page_token=page_token, profile_id=profile_id), self.timeout)
+        r = call(
+            self._stub.ListCostModels,
+            pb.ListCostModelsRequest(
+                page_size=page_size, page_token=page_token, profile_id=profile_id
+            ),
+            self.timeout,
+        )
         return [cv.cost_model_from_pb(c) for c in r.cost_models], r.next_page_token

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
+
 from idealrt.common.v1 import common_pb2 as cpb
 from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
@@ -46,9 +47,7 @@ __all__ = [
 E = TypeVar("E", bound=Enum)
 
 
-def _enum_maps(
-    domain: type[E], pb_enum: Any, prefix: str
-) -> tuple[dict[E, int], dict[int, E]]:
+def _enum_maps(domain: type[E], pb_enum: Any, prefix: str) -> tuple[dict[E, int], dict[int, E]]:
     to_pb = {m: pb_enum.Value(f"{prefix}{m.name}") for m in domain}
     return to_pb, {v: k for k, v in to_pb.items()}
 
@@ -69,10 +68,11 @@ def _from(maps: tuple[dict[E, int], dict[int, E]], value: int, field: str, pb_en
     try:
         return maps[1][value]
     except KeyError:
-        allowed = ", ".join(n for n in pb_enum.keys() if not n.endswith("UNSPECIFIED"))
+        allowed = ", ".join(n for n in pb_enum.keys() if not n.endswith("UNSPECIFIED"))  # noqa: SIM118
+        got = pb_enum.Name(value) if value in pb_enum.values() else value
         raise InvalidArgument(
             "ENUM_UNSPECIFIED" if value == 0 else "ENUM_INVALID",
-            f"{field} must be one of {allowed}; got {pb_enum.Name(value) if value in pb_enum.values() else value}",
+            f"{field} must be one of {allowed}; got {got}",
             field=field,
         ) from None
 
@@ -97,13 +97,28 @@ def ts_from_pb(msg: Any, field: str) -> datetime | None:
 
 def spec_to_pb(s: ModelSpec) -> cpb.ModelSpec:
     return cpb.ModelSpec(
-        name=s.name, layers=s.layers, d_model=s.d_model, heads=s.heads, kv_heads=s.kv_heads,
-        d_ff=s.d_ff, vocab=s.vocab, max_positions=s.max_positions, norm=_NORM[0][s.norm],
-        activation=_ACT[0][s.activation], positional=_POS[0][s.positional],
-        tied_embeddings=s.tied_embeddings, parallel_attention=s.parallel_attention,
-        rotary_pct=s.rotary_pct, rotary_base=s.rotary_base, bias=s.bias, norm_eps=s.norm_eps,
-        family=s.family, attn_bias=s.attn_bias, lm_head_bias=s.lm_head_bias,
-        embedding_norm=s.embedding_norm, shared_norm=s.shared_norm,
+        name=s.name,
+        layers=s.layers,
+        d_model=s.d_model,
+        heads=s.heads,
+        kv_heads=s.kv_heads,
+        d_ff=s.d_ff,
+        vocab=s.vocab,
+        max_positions=s.max_positions,
+        norm=_NORM[0][s.norm],
+        activation=_ACT[0][s.activation],
+        positional=_POS[0][s.positional],
+        tied_embeddings=s.tied_embeddings,
+        parallel_attention=s.parallel_attention,
+        rotary_pct=s.rotary_pct,
+        rotary_base=s.rotary_base,
+        bias=s.bias,
+        norm_eps=s.norm_eps,
+        family=s.family,
+        attn_bias=s.attn_bias,
+        lm_head_bias=s.lm_head_bias,
+        embedding_norm=s.embedding_norm,
+        shared_norm=s.shared_norm,
         sliding_window=s.sliding_window,
     )
 
@@ -114,16 +129,28 @@ def _opt(m: cpb.ModelSpec, name: str) -> bool | None:
 
 def spec_from_pb(m: cpb.ModelSpec, field: str = "model.spec") -> ModelSpec:
     return ModelSpec(
-        name=m.name, layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads,
-        d_ff=m.d_ff, vocab=m.vocab, max_positions=m.max_positions,
+        name=m.name,
+        layers=m.layers,
+        d_model=m.d_model,
+        heads=m.heads,
+        kv_heads=m.kv_heads,
+        d_ff=m.d_ff,
+        vocab=m.vocab,
+        max_positions=m.max_positions,
         norm=_from(_NORM, m.norm, f"{field}.norm", cpb.Norm),
         activation=_from(_ACT, m.activation, f"{field}.activation", cpb.Activation),
         positional=_from(_POS, m.positional, f"{field}.positional", cpb.Positional),
-        tied_embeddings=m.tied_embeddings, parallel_attention=m.parallel_attention,
-        rotary_pct=m.rotary_pct or 1.0, rotary_base=m.rotary_base or 10000.0, bias=m.bias,
-        norm_eps=m.norm_eps or 1e-5, family=m.family or "gpt2",
-        attn_bias=_opt(m, "attn_bias"), lm_head_bias=_opt(m, "lm_head_bias"),
-        embedding_norm=_opt(m, "embedding_norm"), shared_norm=_opt(m, "shared_norm"),
+        tied_embeddings=m.tied_embeddings,
+        parallel_attention=m.parallel_attention,
+        rotary_pct=m.rotary_pct or 1.0,
+        rotary_base=m.rotary_base or 10000.0,
+        bias=m.bias,
+        norm_eps=m.norm_eps or 1e-5,
+        family=m.family or "gpt2",
+        attn_bias=_opt(m, "attn_bias"),
+        lm_head_bias=_opt(m, "lm_head_bias"),
+        embedding_norm=_opt(m, "embedding_norm"),
+        shared_norm=_opt(m, "shared_norm"),
         sliding_window=m.sliding_window,
     )
 
@@ -139,7 +166,8 @@ def model_ref_from_pb(m: cpb.ModelRef, field: str = "model") -> d.ModelRef:
     spec = spec_from_pb(m.spec, f"{field}.spec") if m.HasField("spec") else None
     if spec is None and not m.name and not m.weights_path:
         raise InvalidArgument(
-            "MODEL_REQUIRED", f"{field}: give a catalog name, a spec or a weights_path",
+            "MODEL_REQUIRED",
+            f"{field}: give a catalog name, a spec or a weights_path",
             field=f"{field}.name",
         )
     return d.ModelRef(name=m.name, spec=spec, seed=m.seed, weights_path=m.weights_path)
@@ -162,7 +190,9 @@ def dtype_from_pb(value: int, field: str = "stack.dtype") -> str:
 
 def stack_to_pb(s: d.StackSpec) -> cpb.StackSpec:
     return cpb.StackSpec(
-        backend=_BACKEND[0][s.backend], device=s.device, dtype=dtype_to_pb(s.dtype),
+        backend=_BACKEND[0][s.backend],
+        device=s.device,
+        dtype=dtype_to_pb(s.dtype),
         options=dict(s.options),
     )
 
@@ -181,40 +211,61 @@ def stack_from_pb(m: cpb.StackSpec, field: str = "stack") -> d.StackSpec:
 
 def _contention_to_pb(c: d.ContentionObservation) -> cpb.ContentionObservation:
     return cpb.ContentionObservation(
-        foreign_cpu_seconds=c.foreign_cpu_s, gpu_foreign_processes=c.gpu_foreign_processes,
-        sm_clock_mhz=c.sm_clock_mhz, temperature_c=c.temperature_c,
-        throttle_reasons=c.throttle_reasons, energy_joules=c.energy_j,
+        foreign_cpu_seconds=c.foreign_cpu_s,
+        gpu_foreign_processes=c.gpu_foreign_processes,
+        sm_clock_mhz=c.sm_clock_mhz,
+        temperature_c=c.temperature_c,
+        throttle_reasons=c.throttle_reasons,
+        energy_joules=c.energy_j,
         energy_source=c.energy_source,
     )
 
 
 def _contention_from_pb(m: cpb.ContentionObservation) -> d.ContentionObservation:
     return d.ContentionObservation(
-        foreign_cpu_s=m.foreign_cpu_seconds, gpu_foreign_processes=m.gpu_foreign_processes,
-        sm_clock_mhz=m.sm_clock_mhz, temperature_c=m.temperature_c,
-        throttle_reasons=m.throttle_reasons, energy_j=m.energy_joules,
+        foreign_cpu_s=m.foreign_cpu_seconds,
+        gpu_foreign_processes=m.gpu_foreign_processes,
+        sm_clock_mhz=m.sm_clock_mhz,
+        temperature_c=m.temperature_c,
+        throttle_reasons=m.throttle_reasons,
+        energy_j=m.energy_joules,
         energy_source=m.energy_source,
     )
 
 
 def sample_to_pb(s: d.Sample) -> cpb.Sample:
     return cpb.Sample(
-        prompt_tokens=s.prompt_tokens, output_tokens=s.output_tokens, batch_size=s.batch_size,
-        prefill_ns=s.prefill_ns, decode_ns=list(s.decode_ns), total_ns=s.total_ns,
-        rpc_ns=s.rpc_ns, start_time=ts_to_pb(s.start_time), heldout=s.heldout,
-        repeat=s.repeat, flag=_FLAG[0][s.flag], contention=_contention_to_pb(s.contention),
+        prompt_tokens=s.prompt_tokens,
+        output_tokens=s.output_tokens,
+        batch_size=s.batch_size,
+        prefill_ns=s.prefill_ns,
+        decode_ns=list(s.decode_ns),
+        total_ns=s.total_ns,
+        rpc_ns=s.rpc_ns,
+        start_time=ts_to_pb(s.start_time),
+        heldout=s.heldout,
+        repeat=s.repeat,
+        flag=_FLAG[0][s.flag],
+        contention=_contention_to_pb(s.contention),
         seq=s.seq,
     )
 
 
 def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
     return d.Sample(
-        prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens,
-        prefill_ns=m.prefill_ns, decode_ns=tuple(m.decode_ns), total_ns=m.total_ns,
-        batch_size=m.batch_size or 1, start_time=ts_from_pb(m, "start_time"),
-        rpc_ns=m.rpc_ns, heldout=m.heldout, repeat=m.repeat,
+        prompt_tokens=m.prompt_tokens,
+        output_tokens=m.output_tokens,
+        prefill_ns=m.prefill_ns,
+        decode_ns=tuple(m.decode_ns),
+        total_ns=m.total_ns,
+        batch_size=m.batch_size or 1,
+        start_time=ts_from_pb(m, "start_time"),
+        rpc_ns=m.rpc_ns,
+        heldout=m.heldout,
+        repeat=m.repeat,
         flag=_from(_FLAG, m.flag, f"{field}.flag", cpb.SampleFlag),
-        contention=_contention_from_pb(m.contention), seq=m.seq,
+        contention=_contention_from_pb(m.contention),
+        seq=m.seq,
     )
 
 
@@ -223,26 +274,38 @@ def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
 
 def plan_to_pb(p: d.ProfilePlan) -> rpb.ProfilePlan:
     msg = rpb.ProfilePlan(
-        prompt_tokens=list(p.prompt_tokens), output_tokens=list(p.output_tokens),
-        repeats=p.repeats, warmups=p.warmups,
+        prompt_tokens=list(p.prompt_tokens),
+        output_tokens=list(p.output_tokens),
+        repeats=p.repeats,
+        warmups=p.warmups,
         holdout_prompt_tokens=list(p.holdout_prompt_tokens),
-        holdout_output_tokens=list(p.holdout_output_tokens), seed=p.seed,
-        randomize=p.randomize, until_ci_rel=p.until_ci_rel, max_repeats=p.max_repeats,
-        lease=_LEASE[0][p.lease], batch_size=p.batch_size,
+        holdout_output_tokens=list(p.holdout_output_tokens),
+        seed=p.seed,
+        randomize=p.randomize,
+        until_ci_rel=p.until_ci_rel,
+        max_repeats=p.max_repeats,
+        lease=_LEASE[0][p.lease],
+        batch_size=p.batch_size,
     )
     if p.budget_s > 0:
-        msg.budget.CopyFrom(duration_pb2.Duration(seconds=int(p.budget_s),
-                                                  nanos=int((p.budget_s % 1) * 1e9)))
+        msg.budget.CopyFrom(
+            duration_pb2.Duration(seconds=int(p.budget_s), nanos=int((p.budget_s % 1) * 1e9))
+        )
     return msg
 
 
 def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePlan:
     return d.ProfilePlan(
-        prompt_tokens=tuple(m.prompt_tokens), output_tokens=tuple(m.output_tokens),
-        repeats=m.repeats, warmups=m.warmups,
+        prompt_tokens=tuple(m.prompt_tokens),
+        output_tokens=tuple(m.output_tokens),
+        repeats=m.repeats,
+        warmups=m.warmups,
         holdout_prompt_tokens=tuple(m.holdout_prompt_tokens),
-        holdout_output_tokens=tuple(m.holdout_output_tokens), seed=m.seed,
-        randomize=m.randomize, until_ci_rel=m.until_ci_rel, max_repeats=m.max_repeats,
+        holdout_output_tokens=tuple(m.holdout_output_tokens),
+        seed=m.seed,
+        randomize=m.randomize,
+        until_ci_rel=m.until_ci_rel,
+        max_repeats=m.max_repeats,
         budget_s=m.budget.seconds + m.budget.nanos / 1e9 if m.HasField("budget") else 0.0,
         lease=_from(_LEASE, m.lease, f"{field}.lease", rpb.LeasePolicy),
         batch_size=m.batch_size or 1,
@@ -251,15 +314,22 @@ def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePl
 
 def target_to_pb(t: d.Target) -> rpb.Target:
     return rpb.Target(
-        kind=_TARGET[0][t.kind], address=t.address, base_url=t.base_url,
-        api_model=t.api_model, api_key_env=t.api_key_env, tokenizer=t.tokenizer,
+        kind=_TARGET[0][t.kind],
+        address=t.address,
+        base_url=t.base_url,
+        api_model=t.api_model,
+        api_key_env=t.api_key_env,
+        tokenizer=t.tokenizer,
     )
 
 
 def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
     return d.Target(
-        kind=_from(_TARGET, m.kind, f"{field}.kind", rpb.TargetKind), address=m.address,
-        base_url=m.base_url, api_model=m.api_model, api_key_env=m.api_key_env,
+        kind=_from(_TARGET, m.kind, f"{field}.kind", rpb.TargetKind),
+        address=m.address,
+        base_url=m.base_url,
+        api_model=m.api_model,
+        api_key_env=m.api_key_env,
         tokenizer=m.tokenizer,
     )
 
@@ -274,12 +344,20 @@ def profile_state_from_pb(v: int, field: str = "state") -> d.ProfileState:
 
 def profile_to_pb(p: d.Profile) -> rpb.Profile:
     msg = rpb.Profile(
-        id=p.id, model=model_ref_to_pb(p.model), stack=stack_to_pb(p.stack),
-        plan=plan_to_pb(p.plan), target=target_to_pb(p.target),
-        state=_STATE[0][p.state], request_id=p.request_id,
-        create_time=ts_to_pb(p.create_time), start_time=ts_to_pb(p.start_time),
-        end_time=ts_to_pb(p.end_time), completed_samples=p.completed_samples,
-        total_samples=p.total_samples, error=p.error, provenance=dict(p.provenance.entries),
+        id=p.id,
+        model=model_ref_to_pb(p.model),
+        stack=stack_to_pb(p.stack),
+        plan=plan_to_pb(p.plan),
+        target=target_to_pb(p.target),
+        state=_STATE[0][p.state],
+        request_id=p.request_id,
+        create_time=ts_to_pb(p.create_time),
+        start_time=ts_to_pb(p.start_time),
+        end_time=ts_to_pb(p.end_time),
+        completed_samples=p.completed_samples,
+        total_samples=p.total_samples,
+        error=p.error,
+        provenance=dict(p.provenance.entries),
     )
     if p.model_spec is not None:
         msg.model_spec.CopyFrom(spec_to_pb(p.model_spec))
@@ -293,8 +371,7 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
         model=model_ref_from_pb(m.model, f"{field}.model"),
         stack=stack_from_pb(m.stack, f"{field}.stack"),
         plan=plan_from_pb(m.plan, f"{field}.plan"),
-        target=target_from_pb(m.target, f"{field}.target") if m.HasField("target")
-        else d.Target(),
+        target=target_from_pb(m.target, f"{field}.target") if m.HasField("target") else d.Target(),
         state=d.ProfileState.QUEUED if new else profile_state_from_pb(m.state, f"{field}.state"),
         request_id=m.request_id,
         create_time=None if new else ts_from_pb(m, "create_time"),
@@ -305,7 +382,8 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
         error="" if new else m.error,
         provenance=d.Provenance(dict(m.provenance)) if not new else d.Provenance(),
         model_spec=spec_from_pb(m.model_spec, f"{field}.model_spec")
-        if m.HasField("model_spec") and not new else None,
+        if m.HasField("model_spec") and not new
+        else None,
     )
 
 
@@ -315,17 +393,29 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
 def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
     q = cm.quality
     msg = rpb.CostModel(
-        id=cm.id, profile_id=cm.profile_id, alpha_knots_p=list(cm.alpha_knots_p),
-        alpha_knots_seconds=list(cm.alpha_knots_s), beta0_seconds=cm.beta0_s,
-        beta1_seconds=cm.beta1_s, overhead_seconds=cm.overhead_s, request_id=cm.request_id,
-        name=cm.name, kind=cm.kind,
-        quality=rpb.FitQuality(method=q.method, points=q.points, mean_rel=q.mean_rel,
-                               p95_rel=q.p95_rel, max_rel=q.max_rel),
+        id=cm.id,
+        profile_id=cm.profile_id,
+        alpha_knots_p=list(cm.alpha_knots_p),
+        alpha_knots_seconds=list(cm.alpha_knots_s),
+        beta0_seconds=cm.beta0_s,
+        beta1_seconds=cm.beta1_s,
+        overhead_seconds=cm.overhead_s,
+        request_id=cm.request_id,
+        name=cm.name,
+        kind=cm.kind,
+        quality=rpb.FitQuality(
+            method=q.method,
+            points=q.points,
+            mean_rel=q.mean_rel,
+            p95_rel=q.p95_rel,
+            max_rel=q.max_rel,
+        ),
         valid_prompt_tokens_min=cm.valid_prompt_tokens[0],
         valid_prompt_tokens_max=cm.valid_prompt_tokens[1],
         valid_output_tokens_min=cm.valid_output_tokens[0],
         valid_output_tokens_max=cm.valid_output_tokens[1],
-        create_time=ts_to_pb(cm.create_time), model_name=cm.model_name,
+        create_time=ts_to_pb(cm.create_time),
+        model_name=cm.model_name,
     )
     for k, (lo, hi) in cm.intervals.items():
         msg.intervals[k].low = lo
@@ -337,17 +427,28 @@ def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
 
 def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
     return d.CostModel(
-        id=m.id, profile_id=m.profile_id, alpha_knots_p=tuple(m.alpha_knots_p),
-        alpha_knots_s=tuple(m.alpha_knots_seconds), beta0_s=m.beta0_seconds,
-        beta1_s=m.beta1_seconds, overhead_s=m.overhead_seconds, request_id=m.request_id,
-        name=m.name, kind=m.kind or "idealized",
-        quality=d.FitQuality(method=m.quality.method or "none", points=m.quality.points,
-                             mean_rel=m.quality.mean_rel, p95_rel=m.quality.p95_rel,
-                             max_rel=m.quality.max_rel),
+        id=m.id,
+        profile_id=m.profile_id,
+        alpha_knots_p=tuple(m.alpha_knots_p),
+        alpha_knots_s=tuple(m.alpha_knots_seconds),
+        beta0_s=m.beta0_seconds,
+        beta1_s=m.beta1_seconds,
+        overhead_s=m.overhead_seconds,
+        request_id=m.request_id,
+        name=m.name,
+        kind=m.kind or "idealized",
+        quality=d.FitQuality(
+            method=m.quality.method or "none",
+            points=m.quality.points,
+            mean_rel=m.quality.mean_rel,
+            p95_rel=m.quality.p95_rel,
+            max_rel=m.quality.max_rel,
+        ),
         intervals={k: (v.low, v.high) for k, v in m.intervals.items()},
         valid_prompt_tokens=(m.valid_prompt_tokens_min, m.valid_prompt_tokens_max),
         valid_output_tokens=(m.valid_output_tokens_min, m.valid_output_tokens_max),
-        create_time=ts_from_pb(m, "create_time"), model_name=m.model_name,
+        create_time=ts_from_pb(m, "create_time"),
+        model_name=m.model_name,
         stack=stack_from_pb(m.stack) if m.HasField("stack") else None,
     )
 

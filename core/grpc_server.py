@@ -72,7 +72,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 request_id=request_id,
             )
 
-        def handle(exc: BaseException, context: grpc.ServicerContext, start: float, rid: str) -> None:
+        def handle(
+            exc: BaseException, context: grpc.ServicerContext, start: float, rid: str
+        ) -> None:
             if isinstance(exc, IdealrtError):
                 finish(start, exc.code.name, rid)
                 context.abort_with_status(abort_status(exc))
@@ -145,8 +147,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 class GrpcServer:
     """A started gRPC server with health and reflection; `stop()` drains gracefully."""
 
-    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 service_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        service_names: Sequence[str],
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -167,7 +174,9 @@ class GrpcServer:
     def wait(self) -> None:
         self.server.wait_for_termination()
 
-    def install_sigterm(self, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None) -> None:
+    def install_sigterm(
+        self, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None
+    ) -> None:
         """Graceful shutdown on SIGTERM/SIGINT (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             return

@@ -9,9 +9,14 @@ __all__ = ["DEFAULT_PORTS", "serve_service"]
 DEFAULT_PORTS = {"store": 50051, "serving": 50052, "profiler": 50053, "metrics": 50054}
 
 
-def serve_service(service: str, address: str = "", store_target: str = "",
-                  serving_target: str = "", store_url: str = "",
-                  data_dir: str = "") -> int:
+def serve_service(
+    service: str,
+    address: str = "",
+    store_target: str = "",
+    serving_target: str = "",
+    store_url: str = "",
+    data_dir: str = "",
+) -> int:
     """Run one service in the foreground until SIGTERM (used by `idealrt serve` and by each
     service's `python -m idealrt.services.<name>`)."""
     from idealrt.core import config as c

@@ -29,8 +29,12 @@ class Suite:
     data_dir: Path
 
     def addresses(self) -> dict[str, str]:
-        return {"store": self.store, "serving": self.serving, "profiler": self.profiler,
-                "metrics": self.metrics}
+        return {
+            "store": self.store,
+            "serving": self.serving,
+            "profiler": self.profiler,
+            "metrics": self.metrics,
+        }
 
     def stop(self, grace_s: float = 5.0) -> None:
         # reverse order: profiler stops measuring before serving and store go away
@@ -67,23 +71,36 @@ def start_suite(
         return f"{host}:{ports.get(name, 0)}"
 
     try:
-        store, store_port = build_store(StoreConfig(address=addr("store"), store_url=store_url,
-                                                    data_dir=data_dir))
+        store, store_port = build_store(
+            StoreConfig(address=addr("store"), store_url=store_url, data_dir=data_dir)
+        )
         servers.append(store)
         store_target = f"{host}:{store_port}"
         serving, serving_port = build_serving(ServingConfig(address=addr("serving")))
         servers.append(serving)
         serving_addr = f"{host}:{serving_port}"
-        metrics, metrics_port = build_metrics(MetricsConfig(address=addr("metrics"),
-                                                            store_target=store_target))
+        metrics, metrics_port = build_metrics(
+            MetricsConfig(address=addr("metrics"), store_target=store_target)
+        )
         servers.append(metrics)
-        profiler, profiler_port = build_profiler(ProfilerConfig(
-            address=addr("profiler"), store_target=store_target,
-            serving_target=serving_target or serving_addr, data_dir=data_dir))
+        profiler, profiler_port = build_profiler(
+            ProfilerConfig(
+                address=addr("profiler"),
+                store_target=store_target,
+                serving_target=serving_target or serving_addr,
+                data_dir=data_dir,
+            )
+        )
         servers.append(profiler)
     except BaseException:
         for s in reversed(servers):
             s.stop(0)
         raise
-    return Suite(store=store_target, serving=serving_addr, profiler=f"{host}:{profiler_port}",
-                 metrics=f"{host}:{metrics_port}", servers=servers, data_dir=data_dir)
+    return Suite(
+        store=store_target,
+        serving=serving_addr,
+        profiler=f"{host}:{profiler_port}",
+        metrics=f"{host}:{metrics_port}",
+        servers=servers,
+        data_dir=data_dir,
+    )

@@ -23,10 +23,18 @@ Command = Callable[[argparse.Namespace, Session], int]
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--data-dir", type=Path, default=Path(".idealrt"),
-                   help="embedded suite data directory (default .idealrt)")
-    p.add_argument("--store-url", default="", help="embedded store URL (default SQLite in "
-                   "--data-dir; postgresql://... for a shared store)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".idealrt"),
+        help="embedded suite data directory (default .idealrt)",
+    )
+    p.add_argument(
+        "--store-url",
+        default="",
+        help="embedded store URL (default SQLite in "
+        "--data-dir; postgresql://... for a shared store)",
+    )
     p.add_argument("--profiler", default="", help="profiler host:port of a deployed suite")
     p.add_argument("--metrics", default="", help="metrics host:port of a deployed suite")
     p.add_argument("--store", default="", help="store host:port of a deployed suite")
@@ -45,15 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="idealrt", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Command | Callable[[argparse.Namespace], int], help: str,
-            session: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        fn: Command | Callable[[argparse.Namespace], int],
+        help: str,
+        session: bool = True,
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _common(p)
         p.set_defaults(fn=fn, needs_session=session)
         return p
 
-    p = add("up", _service.cmd_up, "run all four services in one process; prints the ports",
-            session=False)
+    p = add(
+        "up",
+        _service.cmd_up,
+        "run all four services in one process; prints the ports",
+        session=False,
+    )
     p.add_argument("--host", default="127.0.0.1")
     for svc in ("store", "serving", "profiler", "metrics"):
         p.add_argument(f"--{svc}-port", type=int, default=0)
@@ -73,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="catalog name (see `idealrt models`)")
     p.add_argument("--config", default="", help="a Hugging Face config.json")
     p.add_argument("--weights", default="", help="local safetensors file or HF directory")
-    p.add_argument("--backend", default="pytorch",
-                   choices=["pytorch", "onnxruntime", "tensorrt", "transformers"])
+    p.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime", "tensorrt", "transformers"],
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--option", action="append", help="backend option KEY=VALUE (repeatable)")
@@ -106,13 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=50)
     p.add_argument("--page-token", default="")
 
-    p = add("import-samples", _profile.cmd_import_samples,
-            "import measurements from CSV (prompt_tokens, output_tokens, prefill_ns, "
-            "decode_ns ';'-joined or total_ns) as a profile")
+    p = add(
+        "import-samples",
+        _profile.cmd_import_samples,
+        "import measurements from CSV (prompt_tokens, output_tokens, prefill_ns, "
+        "decode_ns ';'-joined or total_ns) as a profile",
+    )
     p.add_argument("file")
     p.add_argument("--name", default="")
-    p.add_argument("--backend", default="pytorch",
-                   choices=["pytorch", "onnxruntime", "tensorrt", "transformers"])
+    p.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime", "tensorrt", "transformers"],
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--request-id", default="")
@@ -192,9 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.needs_session:
             return int(args.fn(args))
-        with open_session(data_dir=args.data_dir, store_url=args.store_url,
-                          profiler=args.profiler, metrics=args.metrics, store=args.store,
-                          serving_target=getattr(args, "target", "") or "") as session:
+        with open_session(
+            data_dir=args.data_dir,
+            store_url=args.store_url,
+            profiler=args.profiler,
+            metrics=args.metrics,
+            store=args.store,
+            serving_target=getattr(args, "target", "") or "",
+        ) as session:
             return int(args.fn(args, session))
     except IdealrtError as err:
         where = f" (field {err.field})" if err.field else ""

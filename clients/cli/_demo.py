@@ -12,6 +12,7 @@ import time
 import uuid
 
 import numpy as np
+
 from idealrt.clients.cli._profile import watch_with_progress
 from idealrt.clients.cli._render import console, emit_json, ms, print_table
 from idealrt.clients.cli._session import Session
@@ -49,13 +50,18 @@ def demo_workload(n: int = 1000, seed: int = 0) -> tuple[list[int], list[int]]:
 def cmd_demo(args: argparse.Namespace, s: Session) -> int:
     t0 = time.perf_counter()
     model = args.model
-    prof = Profile(id="", model=ModelRef(name=model, seed=0),
-                   stack=StackSpec(backend=Backend.PYTORCH, device="cpu", dtype="fp32"),
-                   plan=DEMO_PLAN, request_id=uuid.uuid4().hex)
+    prof = Profile(
+        id="",
+        model=ModelRef(name=model, seed=0),
+        stack=StackSpec(backend=Backend.PYTORCH, device="cpu", dtype="fp32"),
+        plan=DEMO_PLAN,
+        request_id=uuid.uuid4().hex,
+    )
     if not args.json:
-        console.print(f"[bold]idealrt demo[/bold]: {model} (random weights, seed 0) on "
-                      "pytorch/cpu/fp32; suite at " + ", ".join(
-                          f"{k} {v}" for k, v in s.addresses.items()))
+        console.print(
+            f"[bold]idealrt demo[/bold]: {model} (random weights, seed 0) on "
+            "pytorch/cpu/fp32; suite at " + ", ".join(f"{k} {v}" for k, v in s.addresses.items())
+        )
     created = s.profiler.create_profile(prof)
     final = watch_with_progress(s.profiler, created, quiet=args.json)
     if final.state != ProfileState.SUCCEEDED:
@@ -66,29 +72,52 @@ def cmd_demo(args: argparse.Namespace, s: Session) -> int:
     est = s.metrics.estimate(cm.id, ps, os_, per_query=False)
     elapsed = time.perf_counter() - t0
     if args.json:
-        emit_json({"profile": final, "cost_model": cm, "workload": est.summary,
-                   "elapsed_s": elapsed})
+        emit_json(
+            {"profile": final, "cost_model": cm, "workload": est.summary, "elapsed_s": elapsed}
+        )
         return 0
     rows: list[tuple[str, str]] = []
     for p, a in zip(cm.alpha_knots_p, cm.alpha_knots_s, strict=True):
         ci = cm.intervals.get(f"alpha@{p}")
         rows.append((f"alpha({p})", ms(a) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else "")))
     ci = cm.intervals.get("beta0")
-    rows.append(("beta0 (per output token)",
-                 ms(cm.beta0_s) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else "")))
+    rows.append(
+        (
+            "beta0 (per output token)",
+            ms(cm.beta0_s) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else ""),
+        )
+    )
     rows.append(("beta1 (per token of context)", f"{cm.beta1_s * 1e3:.6f}"))
-    rows.append(("beta(c) at c=128 / 768", f"{ms(cm.beta0_s + cm.beta1_s * 128)} / "
-                 f"{ms(cm.beta0_s + cm.beta1_s * 768)}"))
+    rows.append(
+        (
+            "beta(c) at c=128 / 768",
+            f"{ms(cm.beta0_s + cm.beta1_s * 128)} / {ms(cm.beta0_s + cm.beta1_s * 768)}",
+        )
+    )
     print_table(f"idealized-runtime cost model {cm.id} (ms)", ["quantity", "value"], rows)
     q = cm.quality
-    print_table(f"held-out error ({q.points} configurations never used in the fit)",
-                ["mean", "p95", "max"], [(f"{q.mean_rel:.2%}", f"{q.p95_rel:.2%}",
-                                          f"{q.max_rel:.2%}")])
+    print_table(
+        f"held-out error ({q.points} configurations never used in the fit)",
+        ["mean", "p95", "max"],
+        [(f"{q.mean_rel:.2%}", f"{q.p95_rel:.2%}", f"{q.max_rel:.2%}")],
+    )
     sm = est.summary
-    print_table("sample workload: 1,000 queries, p 16-768, o 1-64",
-                ["total s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "out of domain"],
-                [(f"{sm.sum_s:.2f}", ms(sm.mean_s), ms(sm.p50_s), ms(sm.p90_s), ms(sm.p99_s),
-                  str(sm.out_of_domain))])
-    console.print(f"profile {final.id}: {final.completed_samples} samples; "
-                  f"demo took {elapsed:.0f} s. Data in {args.data_dir}/")
+    print_table(
+        "sample workload: 1,000 queries, p 16-768, o 1-64",
+        ["total s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "out of domain"],
+        [
+            (
+                f"{sm.sum_s:.2f}",
+                ms(sm.mean_s),
+                ms(sm.p50_s),
+                ms(sm.p90_s),
+                ms(sm.p99_s),
+                str(sm.out_of_domain),
+            )
+        ],
+    )
+    console.print(
+        f"profile {final.id}: {final.completed_samples} samples; "
+        f"demo took {elapsed:.0f} s. Data in {args.data_dir}/"
+    )
     return 0

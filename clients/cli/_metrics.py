@@ -7,13 +7,22 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 from idealrt.clients.cli._render import console, cost_model_rows, emit_json, ms, print_table
 from idealrt.clients.cli._session import Session
 from idealrt.core.errors import InvalidArgument
 
-__all__ = ["cmd_compare", "cmd_cost", "cmd_denoise", "cmd_estimate", "cmd_export_helm",
-           "cmd_fit", "cmd_import_helm", "cmd_pareto", "cmd_roofline", "read_queries"]
+__all__ = [
+    "cmd_compare",
+    "cmd_cost",
+    "cmd_denoise",
+    "cmd_estimate",
+    "cmd_export_helm",
+    "cmd_fit",
+    "cmd_import_helm",
+    "cmd_pareto",
+    "cmd_roofline",
+    "read_queries",
+]
 
 
 def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -31,12 +40,16 @@ def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
                 raise InvalidArgument(
                     "QUERIES_INVALID",
                     f"{args.queries}:{n}: expected a JSON object with integer prompt_tokens and "
-                    "output_tokens", field="queries") from None
+                    "output_tokens",
+                    field="queries",
+                ) from None
         return ps, os_
     if args.prompt_tokens is None or args.output_tokens is None:
-        raise InvalidArgument("QUERIES_REQUIRED",
-                              "give --prompt-tokens P --output-tokens O, or --queries FILE.jsonl",
-                              field="queries")
+        raise InvalidArgument(
+            "QUERIES_REQUIRED",
+            "give --prompt-tokens P --output-tokens O, or --queries FILE.jsonl",
+            field="queries",
+        )
     ps, os_ = list(args.prompt_tokens), list(args.output_tokens)
     if len(ps) != len(os_):
         if len(ps) == 1:
@@ -44,16 +57,24 @@ def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
         elif len(os_) == 1:
             os_ = os_ * len(ps)
         else:
-            raise InvalidArgument("QUERIES_INVALID",
-                                  "--prompt-tokens and --output-tokens need equal lengths",
-                                  field="output_tokens")
+            raise InvalidArgument(
+                "QUERIES_INVALID",
+                "--prompt-tokens and --output-tokens need equal lengths",
+                field="output_tokens",
+            )
     return ps, os_
 
 
 def cmd_fit(args: argparse.Namespace, s: Session) -> int:
-    cm = s.metrics.fit(args.profile, request_id=args.request_id or "", name=args.name or "",
-                       fit_overhead=args.fit_overhead, bootstrap=args.bootstrap,
-                       constant_beta=args.constant_beta, seed=args.seed)
+    cm = s.metrics.fit(
+        args.profile,
+        request_id=args.request_id or "",
+        name=args.name or "",
+        fit_overhead=args.fit_overhead,
+        bootstrap=args.bootstrap,
+        constant_beta=args.constant_beta,
+        seed=args.seed,
+    )
     if args.json:
         emit_json(cm)
     else:
@@ -73,33 +94,73 @@ def cmd_estimate(args: argparse.Namespace, s: Session) -> int:
         est = s.metrics.estimate(args.cost_model, ps, os_, per_query=True)
         summary = est.summary
     if args.json and est is not None:
-        emit_json({"summary": summary, "queries": [
-            {"prompt_tokens": p, "output_tokens": o, "runtime_s": r, "low_s": lo, "high_s": hi,
-             "out_of_domain": bool(ood)}
-            for p, o, r, lo, hi, ood in zip(ps, os_, est.runtime_s.tolist(), est.low_s.tolist(),
-                                            est.high_s.tolist(), est.out_of_domain.tolist(),
-                                            strict=True)]})
+        emit_json(
+            {
+                "summary": summary,
+                "queries": [
+                    {
+                        "prompt_tokens": p,
+                        "output_tokens": o,
+                        "runtime_s": r,
+                        "low_s": lo,
+                        "high_s": hi,
+                        "out_of_domain": bool(ood),
+                    }
+                    for p, o, r, lo, hi, ood in zip(
+                        ps,
+                        os_,
+                        est.runtime_s.tolist(),
+                        est.low_s.tolist(),
+                        est.high_s.tolist(),
+                        est.out_of_domain.tolist(),
+                        strict=True,
+                    )
+                ],
+            }
+        )
         return 0
     if est is not None and len(ps) <= 20:
-        print_table("estimates", ["prompt", "output", "runtime ms", "95% interval ms", "domain"],
-                    [(p, o, ms(r), f"[{ms(lo)}, {ms(hi)}]" if hi > 0 else "",
-                      "extrapolated" if ood else "ok")
-                     for p, o, r, lo, hi, ood in zip(ps, os_, est.runtime_s, est.low_s,
-                                                     est.high_s, est.out_of_domain, strict=True)])
-    rows = [("queries", str(summary.count)), ("total s", f"{summary.sum_s:.4f}"),
-            ("mean ms", ms(summary.mean_s)), ("p50 ms", ms(summary.p50_s)),
-            ("p90 ms", ms(summary.p90_s)), ("p99 ms", ms(summary.p99_s)),
-            ("out of domain", str(summary.out_of_domain))]
+        print_table(
+            "estimates",
+            ["prompt", "output", "runtime ms", "95% interval ms", "domain"],
+            [
+                (
+                    p,
+                    o,
+                    ms(r),
+                    f"[{ms(lo)}, {ms(hi)}]" if hi > 0 else "",
+                    "extrapolated" if ood else "ok",
+                )
+                for p, o, r, lo, hi, ood in zip(
+                    ps, os_, est.runtime_s, est.low_s, est.high_s, est.out_of_domain, strict=True
+                )
+            ],
+        )
+    rows = [
+        ("queries", str(summary.count)),
+        ("total s", f"{summary.sum_s:.4f}"),
+        ("mean ms", ms(summary.mean_s)),
+        ("p50 ms", ms(summary.p50_s)),
+        ("p90 ms", ms(summary.p90_s)),
+        ("p99 ms", ms(summary.p99_s)),
+        ("out of domain", str(summary.out_of_domain)),
+    ]
     if summary.sum_high_s > 0:
-        rows.insert(2, ("total 95% interval s",
-                        f"[{summary.sum_low_s:.4f}, {summary.sum_high_s:.4f}]"))
+        rows.insert(
+            2, ("total 95% interval s", f"[{summary.sum_low_s:.4f}, {summary.sum_high_s:.4f}]")
+        )
     print_table("workload (idealized runtime)", ["quantity", "value"], rows)
     return 0
 
 
 def cmd_denoise(args: argparse.Namespace, s: Session) -> int:
-    cm = s.metrics.denoise(args.profile, method=args.method, quantile=args.quantile,
-                           request_id=args.request_id or "", name=args.name or "")
+    cm = s.metrics.denoise(
+        args.profile,
+        method=args.method,
+        quantile=args.quantile,
+        request_id=args.request_id or "",
+        name=args.name or "",
+    )
     if args.json:
         emit_json(cm)
     else:
@@ -116,37 +177,67 @@ def cmd_cost(args: argparse.Namespace, s: Session) -> int:
     for item in args.price or []:
         name, _, value = item.partition("=")
         prices[name] = float(value)
-    rep = s.metrics.cost(args.cost_model, ps, os_, accelerator=args.accelerator, spec=spec,
-                         dtype=args.dtype, max_context=args.max_context,
-                         reserve_fraction=args.reserve, power_of_two=not args.no_power_of_two,
-                         prices=prices, grid_g_co2_per_kwh=args.grid_intensity)
+    rep = s.metrics.cost(
+        args.cost_model,
+        ps,
+        os_,
+        accelerator=args.accelerator,
+        spec=spec,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        reserve_fraction=args.reserve,
+        power_of_two=not args.no_power_of_two,
+        prices=prices,
+        grid_g_co2_per_kwh=args.grid_intensity,
+    )
     if args.json:
         emit_json(rep)
     else:
-        print_table("cost", ["quantity", "value"], [
-            ("accelerators", rep.accelerators), ("runtime s", f"{rep.runtime_s:.4f}"),
-            ("accelerator-seconds", f"{rep.accelerator_s:.4f}"), ("dollars", f"{rep.dollars:.6f}"),
-            (f"energy J ({rep.energy_source})", f"{rep.energy_j:.2f}"),
-            ("CO2 g", f"{rep.co2_g:.3f}")])
+        print_table(
+            "cost",
+            ["quantity", "value"],
+            [
+                ("accelerators", rep.accelerators),
+                ("runtime s", f"{rep.runtime_s:.4f}"),
+                ("accelerator-seconds", f"{rep.accelerator_s:.4f}"),
+                ("dollars", f"{rep.dollars:.6f}"),
+                (f"energy J ({rep.energy_source})", f"{rep.energy_j:.2f}"),
+                ("CO2 g", f"{rep.co2_g:.3f}"),
+            ],
+        )
     return 0
 
 
 def cmd_roofline(args: argparse.Namespace, s: Session) -> int:
     from idealrt.core.catalog import resolve
 
-    res = s.metrics.roofline(resolve(args.model), dtype=args.dtype, accelerator=args.accelerator,
-                             peak_flops=args.peak_flops, bandwidth=args.bandwidth,
-                             prompt_tokens=args.prompt_tokens, contexts=args.contexts,
-                             cost_model_id=args.cost_model or "")
+    res = s.metrics.roofline(
+        resolve(args.model),
+        dtype=args.dtype,
+        accelerator=args.accelerator,
+        peak_flops=args.peak_flops,
+        bandwidth=args.bandwidth,
+        prompt_tokens=args.prompt_tokens,
+        contexts=args.contexts,
+        cost_model_id=args.cost_model or "",
+    )
     if args.json:
         emit_json(res)
         return 0
     for phase in ("prefill", "decode"):
-        print_table(f"roofline: {phase}", ["tokens", "bound ms", "fitted ms", "fraction"],
-                    [(x["tokens"], ms(x["lower_bound_s"]),
-                      ms(x["fitted_s"]) if x["fitted_s"] else "",
-                      f"{x['fraction_of_bound']:.1%}" if x["fitted_s"] else "")
-                     for x in res[phase]])
+        print_table(
+            f"roofline: {phase}",
+            ["tokens", "bound ms", "fitted ms", "fraction"],
+            [
+                (
+                    x["tokens"],
+                    ms(x["lower_bound_s"]),
+                    ms(x["fitted_s"]) if x["fitted_s"] else "",
+                    f"{x['fraction_of_bound']:.1%}" if x["fitted_s"] else "",
+                )
+                for x in res[phase]
+            ],
+        )
     return 0
 
 
@@ -156,10 +247,17 @@ def cmd_compare(args: argparse.Namespace, s: Session) -> int:
     if args.json:
         emit_json(c)
     else:
-        print_table("comparison (A / B)", ["quantity", "value"], [
-            ("A total s", f"{c.a_total_s:.4f}"), ("B total s", f"{c.b_total_s:.4f}"),
-            ("ratio A/B", f"{c.ratio:.4f}"), ("95% interval", f"[{c.low:.4f}, {c.high:.4f}]"),
-            ("significant", "yes" if c.significant else "no")])
+        print_table(
+            "comparison (A / B)",
+            ["quantity", "value"],
+            [
+                ("A total s", f"{c.a_total_s:.4f}"),
+                ("B total s", f"{c.b_total_s:.4f}"),
+                ("ratio A/B", f"{c.ratio:.4f}"),
+                ("95% interval", f"[{c.low:.4f}, {c.high:.4f}]"),
+                ("significant", "yes" if c.significant else "no"),
+            ],
+        )
     return 0
 
 
@@ -185,9 +283,11 @@ def cmd_import_helm(args: argparse.Namespace, s: Session) -> int:
     if args.json:
         emit_json(cms)
     else:
-        print_table("imported cost models", ["id", "name", "beta0 ms", "knots", "overhead ms"],
-                    [(c.id, c.name, ms(c.beta0_s), len(c.alpha_knots_p), ms(c.overhead_s))
-                     for c in cms])
+        print_table(
+            "imported cost models",
+            ["id", "name", "beta0 ms", "knots", "overhead ms"],
+            [(c.id, c.name, ms(c.beta0_s), len(c.alpha_knots_p), ms(c.overhead_s)) for c in cms],
+        )
     return 0
 
 
@@ -199,20 +299,33 @@ def cmd_pareto(args: argparse.Namespace, s: Session) -> int:
     for item in args.cost_model:
         name, sep, cid = item.partition("=")
         if not sep:
-            raise InvalidArgument("COST_MODEL_INVALID", f"--cost-model takes MODEL=ID, got {item!r}",
-                                  field="cost_model")
+            raise InvalidArgument(
+                "COST_MODEL_INVALID",
+                f"--cost-model takes MODEL=ID, got {item!r}",
+                field="cost_model",
+            )
         runtimes[name] = s.metrics.estimate(cid, ps, os_, per_query=False).summary.sum_s
     result = pareto_frontier(Path(args.accuracies).read_text(), runtimes)
     if args.plot:
-        plot_pareto(result, Path(args.plot), cost_label="idealized runtime of the workload (s)",
-                    accuracy_label="accuracy", title="efficiency-capability frontier",
-                    log_cost=True)
+        plot_pareto(
+            result,
+            Path(args.plot),
+            cost_label="idealized runtime of the workload (s)",
+            accuracy_label="accuracy",
+            title="efficiency-capability frontier",
+            log_cost=True,
+        )
     if args.json:
         emit_json(result)
         return 0
-    print_table("efficiency-capability frontier", ["model", "accuracy", "runtime s", "frontier"],
-                [(r.model, f"{r.accuracy:.4f}", f"{r.cost:.4f}", "*" if r.on_frontier else "")
-                 for r in result.rows])
+    print_table(
+        "efficiency-capability frontier",
+        ["model", "accuracy", "runtime s", "frontier"],
+        [
+            (r.model, f"{r.accuracy:.4f}", f"{r.cost:.4f}", "*" if r.on_frontier else "")
+            for r in result.rows
+        ],
+    )
     if args.plot:
         console.print(f"plot: {args.plot}")
     return 0

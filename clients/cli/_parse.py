@@ -12,7 +12,9 @@ def int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -33,7 +35,11 @@ def percent(text: str) -> float:
     try:
         value = float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage like 1% or 0.01; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage like 1% or 0.01; got {text!r}"
+        ) from None
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or (0%, 100%); got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1) or (0%, 100%); got {text!r}"
+        )
     return value

@@ -6,6 +6,8 @@ import argparse
 import uuid
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from idealrt.clients.cli._render import console, emit_json, err_console, print_table
 from idealrt.clients.cli._session import Session
 from idealrt.clients.profiler import ProfilerClient
@@ -22,10 +24,16 @@ from idealrt.core.domain import (
     TargetKind,
 )
 from idealrt.core.errors import InvalidArgument
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["build_profile", "cmd_cancel", "cmd_import_samples", "cmd_profile", "cmd_profiles",
-           "cmd_watch", "watch_with_progress"]
+__all__ = [
+    "build_profile",
+    "cmd_cancel",
+    "cmd_import_samples",
+    "cmd_profile",
+    "cmd_profiles",
+    "cmd_watch",
+    "watch_with_progress",
+]
 
 
 def _options(items: list[str] | None) -> dict[str, str]:
@@ -33,8 +41,9 @@ def _options(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidArgument("OPTION_INVALID", f"--option takes KEY=VALUE, got {item!r}",
-                                  field="stack.options")
+            raise InvalidArgument(
+                "OPTION_INVALID", f"--option takes KEY=VALUE, got {item!r}", field="stack.options"
+            )
         out[key] = value
     return out
 
@@ -46,46 +55,72 @@ def build_profile(args: argparse.Namespace) -> Profile:
         from idealrt.core.hf_config import spec_from_hf_config
 
         spec = spec_from_hf_config(Path(args.config))
-        model = ModelRef(name=spec.name, spec=spec, seed=args.seed,
-                         weights_path=args.weights or "")
+        model = ModelRef(name=spec.name, spec=spec, seed=args.seed, weights_path=args.weights or "")
     elif args.model:
         model = ModelRef(name=args.model, seed=args.seed, weights_path=args.weights or "")
     else:
-        raise InvalidArgument("MODEL_REQUIRED", "give --model NAME or --config PATH",
-                              field="model")
-    stack = StackSpec(backend=Backend(args.backend), device=args.device, dtype=args.dtype,
-                      options=_options(args.option))
+        raise InvalidArgument("MODEL_REQUIRED", "give --model NAME or --config PATH", field="model")
+    stack = StackSpec(
+        backend=Backend(args.backend),
+        device=args.device,
+        dtype=args.dtype,
+        options=_options(args.option),
+    )
     plan = ProfilePlan(
-        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
-        repeats=args.repeats, warmups=args.warmups,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        repeats=args.repeats,
+        warmups=args.warmups,
         holdout_prompt_tokens=args.holdout_prompt_tokens or (),
         holdout_output_tokens=args.holdout_output_tokens or (),
-        seed=args.seed, randomize=not args.no_randomize,
-        until_ci_rel=args.until_ci or 0.0, budget_s=args.budget or 0.0,
-        lease=LeasePolicy(args.lease))
+        seed=args.seed,
+        randomize=not args.no_randomize,
+        until_ci_rel=args.until_ci or 0.0,
+        budget_s=args.budget or 0.0,
+        lease=LeasePolicy(args.lease),
+    )
     if args.target_kind == "http":
-        target = Target(kind=TargetKind.HTTP, base_url=args.base_url or "",
-                        api_model=args.api_model or "", api_key_env=args.api_key_env or "",
-                        tokenizer=args.tokenizer or "")
+        target = Target(
+            kind=TargetKind.HTTP,
+            base_url=args.base_url or "",
+            api_model=args.api_model or "",
+            api_key_env=args.api_key_env or "",
+            tokenizer=args.tokenizer or "",
+        )
     else:
         target = Target(kind=TargetKind.SERVING, address=args.target or "")
-    return Profile(id="", model=model, stack=stack, plan=plan, target=target,
-                   request_id=args.request_id or uuid.uuid4().hex)
+    return Profile(
+        id="",
+        model=model,
+        stack=stack,
+        plan=plan,
+        target=target,
+        request_id=args.request_id or uuid.uuid4().hex,
+    )
 
 
 def watch_with_progress(client: ProfilerClient, profile: Profile, quiet: bool = False) -> Profile:
     """Follow a profile to its end with a progress bar on stderr (server-streamed, no polling)."""
     last = profile
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, disable=quiet,
-                  transient=False) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    ) as bar:
         task = bar.add_task(f"profiling {profile.id}", total=profile.total_samples or None)
         try:
             for update in client.watch(profile.id):
                 last = update
-                bar.update(task, total=update.total_samples or None,
-                           completed=update.completed_samples,
-                           description=f"{update.id} {update.state.value}")
+                bar.update(
+                    task,
+                    total=update.total_samples or None,
+                    completed=update.completed_samples,
+                    description=f"{update.id} {update.state.value}",
+                )
         except KeyboardInterrupt:
             err_console.print(f"cancelling {profile.id} (measured samples are kept)")
             last = client.cancel(profile.id)
@@ -93,9 +128,13 @@ def watch_with_progress(client: ProfilerClient, profile: Profile, quiet: bool = 
 
 
 def _print_profile(p: Profile) -> None:
-    rows = [("id", p.id), ("state", p.state.value), ("model", p.model.name),
-            ("stack", f"{p.stack.backend.value} {p.stack.device} {p.stack.dtype}"),
-            ("samples", f"{p.completed_samples}/{p.total_samples}")]
+    rows = [
+        ("id", p.id),
+        ("state", p.state.value),
+        ("model", p.model.name),
+        ("stack", f"{p.stack.backend.value} {p.stack.device} {p.stack.dtype}"),
+        ("samples", f"{p.completed_samples}/{p.total_samples}"),
+    ]
     if p.error:
         rows.append(("error", p.error))
     print_table("profile", ["field", "value"], rows)
@@ -111,8 +150,11 @@ def cmd_profile(args: argparse.Namespace, s: Session) -> int:
         emit_json(final)
     else:
         _print_profile(final)
-    return 0 if final.state in (ProfileState.SUCCEEDED, ProfileState.QUEUED,
-                                ProfileState.RUNNING) else 1
+    return (
+        0
+        if final.state in (ProfileState.SUCCEEDED, ProfileState.QUEUED, ProfileState.RUNNING)
+        else 1
+    )
 
 
 def cmd_watch(args: argparse.Namespace, s: Session) -> int:
@@ -138,12 +180,21 @@ def cmd_profiles(args: argparse.Namespace, s: Session) -> int:
     if args.json:
         emit_json({"profiles": items, "next_page_token": token})
         return 0
-    print_table("profiles", ["id", "state", "model", "stack", "samples", "created"],
-                [(p.id, p.state.value, p.model.name,
-                  f"{p.stack.backend.value}/{p.stack.device}/{p.stack.dtype}",
-                  f"{p.completed_samples}/{p.total_samples}",
-                  p.create_time.isoformat(timespec="seconds") if p.create_time else "")
-                 for p in items])
+    print_table(
+        "profiles",
+        ["id", "state", "model", "stack", "samples", "created"],
+        [
+            (
+                p.id,
+                p.state.value,
+                p.model.name,
+                f"{p.stack.backend.value}/{p.stack.device}/{p.stack.dtype}",
+                f"{p.completed_samples}/{p.total_samples}",
+                p.create_time.isoformat(timespec="seconds") if p.create_time else "",
+            )
+            for p in items
+        ],
+    )
     if token:
         console.print(f"next page: --page-token {token}")
     return 0
@@ -154,12 +205,16 @@ def cmd_import_samples(args: argparse.Namespace, s: Session) -> int:
     ps = sorted({x.prompt_tokens for x in samples if not x.heldout})
     os_ = sorted({x.output_tokens for x in samples if not x.heldout})
     prof = Profile(
-        id="", model=ModelRef(name=args.name or Path(args.file).stem),
+        id="",
+        model=ModelRef(name=args.name or Path(args.file).stem),
         stack=StackSpec(backend=Backend(args.backend), device=args.device, dtype=args.dtype),
-        plan=ProfilePlan(prompt_tokens=tuple(ps) or (1,), output_tokens=tuple(os_) or (1,),
-                         repeats=1, warmups=0),
-        state=ProfileState.QUEUED, request_id=args.request_id or uuid.uuid4().hex,
-        total_samples=len(samples))
+        plan=ProfilePlan(
+            prompt_tokens=tuple(ps) or (1,), output_tokens=tuple(os_) or (1,), repeats=1, warmups=0
+        ),
+        state=ProfileState.QUEUED,
+        request_id=args.request_id or uuid.uuid4().hex,
+        total_samples=len(samples),
+    )
     stored, _ = s.store.create_profile(prof)
     s.store.append_samples(stored.id, f"{stored.id}-import", samples)
     stored.state = ProfileState.SUCCEEDED

@@ -10,9 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from idealrt.core.domain import CostModel, Profile
 from rich.console import Console
 from rich.table import Table
+
+from idealrt.core.domain import CostModel, Profile
 
 __all__ = ["console", "cost_model_rows", "emit_json", "jsonable", "print_table", "profile_dict"]
 
@@ -65,15 +66,30 @@ def cost_model_rows(cm: CostModel) -> list[tuple[str, str]]:
         ci = cm.intervals.get(f"alpha@{p}")
         rows.append((f"alpha({p}) ms", ms(s) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else "")))
     ci = cm.intervals.get("beta0")
-    rows.append(("beta0 ms/token", ms(cm.beta0_s) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else "")))
+    rows.append(
+        ("beta0 ms/token", ms(cm.beta0_s) + (f"  [{ms(ci[0])}, {ms(ci[1])}]" if ci else ""))
+    )
     ci = cm.intervals.get("beta1")
-    rows.append(("beta1 us/token/ctx",
-                 f"{cm.beta1_s * 1e6:.4f}" + (f"  [{ci[0] * 1e6:.4f}, {ci[1] * 1e6:.4f}]" if ci else "")))
+    rows.append(
+        (
+            "beta1 us/token/ctx",
+            f"{cm.beta1_s * 1e6:.4f}" + (f"  [{ci[0] * 1e6:.4f}, {ci[1] * 1e6:.4f}]" if ci else ""),
+        )
+    )
     if cm.overhead_s:
         rows.append(("overhead ms", ms(cm.overhead_s)))
     q = cm.quality
-    rows.append((f"{q.method} error (n={q.points})",
-                 f"mean {q.mean_rel:.2%}  p95 {q.p95_rel:.2%}  max {q.max_rel:.2%}"))
-    rows.append(("valid p / o", f"{cm.valid_prompt_tokens[0]}-{cm.valid_prompt_tokens[1]} / "
-                 f"{cm.valid_output_tokens[0]}-{cm.valid_output_tokens[1]}"))
+    rows.append(
+        (
+            f"{q.method} error (n={q.points})",
+            f"mean {q.mean_rel:.2%}  p95 {q.p95_rel:.2%}  max {q.max_rel:.2%}",
+        )
+    )
+    rows.append(
+        (
+            "valid p / o",
+            f"{cm.valid_prompt_tokens[0]}-{cm.valid_prompt_tokens[1]} / "
+            f"{cm.valid_output_tokens[0]}-{cm.valid_output_tokens[1]}",
+        )
+    )
     return rows

@@ -22,15 +22,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     from idealrt.services.suite import start_suite
 
     ports = {k: getattr(args, f"{k}_port") for k in ("store", "serving", "profiler", "metrics")}
-    with start_suite(data_dir=args.data_dir, store_url=args.store_url, host=args.host,
-                     ports=ports) as suite:
+    with start_suite(
+        data_dir=args.data_dir, store_url=args.store_url, host=args.host, ports=ports
+    ) as suite:
         if args.json:
             emit_json(suite.addresses())
         else:
-            print_table("idealrt suite (Ctrl-C to stop)", ["service", "address"],
-                        sorted(suite.addresses().items()))
-            console.print("use: idealrt <command> --profiler {profiler} --metrics {metrics} "
-                          "--store {store}".format(**suite.addresses()))
+            print_table(
+                "idealrt suite (Ctrl-C to stop)",
+                ["service", "address"],
+                sorted(suite.addresses().items()),
+            )
+            console.print(
+                "use: idealrt <command> --profiler {profiler} --metrics {metrics} "
+                "--store {store}".format(**suite.addresses())
+            )
         _wait_for_signal()
     return 0
 
@@ -38,8 +44,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from idealrt.services.serve import serve_service
 
-    return serve_service(args.service, args.address, args.store_target, args.serving_target,
-                         args.store_url, str(args.data_dir))
+    return serve_service(
+        args.service,
+        args.address,
+        args.store_target,
+        args.serving_target,
+        args.store_url,
+        str(args.data_dir),
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -47,14 +59,38 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = []
     for name, s in CATALOG.items():
-        rows.append({"name": name, "family": s.family, "layers": s.layers,
-                     "d_model": s.d_model, "heads": s.heads, "kv_heads": s.kv_heads_effective,
-                     "d_ff": s.d_ff, "vocab": s.vocab, "max_positions": s.max_positions,
-                     "params": s.param_count(), "fp16_bytes": s.weight_bytes("fp16")})
+        rows.append(
+            {
+                "name": name,
+                "family": s.family,
+                "layers": s.layers,
+                "d_model": s.d_model,
+                "heads": s.heads,
+                "kv_heads": s.kv_heads_effective,
+                "d_ff": s.d_ff,
+                "vocab": s.vocab,
+                "max_positions": s.max_positions,
+                "params": s.param_count(),
+                "fp16_bytes": s.weight_bytes("fp16"),
+            }
+        )
     if args.json:
         emit_json(rows)
         return 0
-    print_table("catalog", ["name", "family", "layers", "d_model", "heads", "kv", "params"],
-                [(r["name"], r["family"], r["layers"], r["d_model"], r["heads"], r["kv_heads"],
-                  f"{r['params'] / 1e9:.3f}B") for r in rows])
+    print_table(
+        "catalog",
+        ["name", "family", "layers", "d_model", "heads", "kv", "params"],
+        [
+            (
+                r["name"],
+                r["family"],
+                r["layers"],
+                r["d_model"],
+                r["heads"],
+                r["kv_heads"],
+                f"{r['params'] / 1e9:.3f}B",
+            )
+            for r in rows
+        ],
+    )
     return 0

@@ -43,8 +43,12 @@ def open_session(
     if profiler and metrics and store:
         clients = (ProfilerClient(profiler), MetricsClient(metrics), StoreClient(store))
         try:
-            yield Session(*clients, serving=None, embedded=False,
-                          addresses={"profiler": profiler, "metrics": metrics, "store": store})
+            yield Session(
+                *clients,
+                serving=None,
+                embedded=False,
+                addresses={"profiler": profiler, "metrics": metrics, "store": store},
+            )
         finally:
             for c in clients:
                 c.close()
@@ -53,10 +57,14 @@ def open_session(
         raise SystemExit("give all of --profiler, --metrics and --store (or none: embedded)")
     from idealrt.services.suite import start_suite
 
-    with start_suite(data_dir=data_dir, store_url=store_url,
-                     serving_target=serving_target) as suite:
-        pc, mc, sc = ProfilerClient(suite.profiler), MetricsClient(suite.metrics), StoreClient(
-            suite.store)
+    with start_suite(
+        data_dir=data_dir, store_url=store_url, serving_target=serving_target
+    ) as suite:
+        pc, mc, sc = (
+            ProfilerClient(suite.profiler),
+            MetricsClient(suite.metrics),
+            StoreClient(suite.store),
+        )
         sv = ServingClient(suite.serving)
         try:
             yield Session(pc, mc, sc, sv, addresses=suite.addresses(), embedded=True)

@@ -2,8 +2,8 @@
 
 import sys
 
-from idealrt.services.serve import serve_service
 from idealrt.core.logging import configure_logging
+from idealrt.services.serve import serve_service
 
 configure_logging("info", service="metrics")
 sys.exit(serve_service("metrics"))

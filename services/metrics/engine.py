@@ -34,8 +34,9 @@ class MetricsStore(Protocol):
     def all_samples(self, profile_id: str) -> list[Sample]: ...
     def create_cost_model(self, cm: CostModel) -> tuple[CostModel, bool]: ...
     def get_cost_model(self, id: str) -> CostModel: ...
-    def list_cost_models(self, page_size: int = 0, page_token: str = "",
-                         profile_id: str = "") -> tuple[list[CostModel], str]: ...
+    def list_cost_models(
+        self, page_size: int = 0, page_token: str = "", profile_id: str = ""
+    ) -> tuple[list[CostModel], str]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,9 @@ class EstimateResult:
     sum_interval: tuple[float, float] | None
 
 
-def _ood(cm: CostModel, p: npt.NDArray[np.int64], o: npt.NDArray[np.int64]
-         ) -> npt.NDArray[np.bool_]:
+def _ood(
+    cm: CostModel, p: npt.NDArray[np.int64], o: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
     (p0, p1), (o0, o1) = cm.valid_prompt_tokens, cm.valid_output_tokens
     if p1 <= 0:
         return np.zeros(p.shape, dtype=np.bool_)
@@ -68,26 +70,34 @@ class MetricsEngine:
 
     # ---- fitting ----
 
-    def _fit_samples(self, profile_id: str, *, allow_invalid: bool = False) -> tuple[Profile, list[Sample]]:
+    def _fit_samples(
+        self, profile_id: str, *, allow_invalid: bool = False
+    ) -> tuple[Profile, list[Sample]]:
         if not profile_id:
-            raise InvalidArgument("PROFILE_ID_REQUIRED", "profile_id is required",
-                                  field="profile_id")
+            raise InvalidArgument(
+                "PROFILE_ID_REQUIRED", "profile_id is required", field="profile_id"
+            )
         prof = self.store.get_profile(profile_id)
         if prof.state == ProfileState.INVALID and not allow_invalid:
             raise FailedPrecondition(
                 "PROFILE_INVALID",
                 f"profile {profile_id} ended INVALID (measured under contention: {prof.error}); "
-                "an idealized cost model is never fitted to it", field="profile_id")
-        if prof.state != ProfileState.SUCCEEDED and not (allow_invalid and prof.state ==
-                                                         ProfileState.INVALID):
+                "an idealized cost model is never fitted to it",
+                field="profile_id",
+            )
+        if prof.state != ProfileState.SUCCEEDED and not (
+            allow_invalid and prof.state == ProfileState.INVALID
+        ):
             raise FailedPrecondition(
                 "PROFILE_NOT_SUCCEEDED",
                 f"profile {profile_id} is {prof.state.value}; fit a SUCCEEDED profile",
-                field="profile_id")
+                field="profile_id",
+            )
         return prof, self.store.all_samples(profile_id)
 
-    def fit(self, profile_id: str, options: FitOptions, *, request_id: str = "",
-            name: str = "") -> CostModel:
+    def fit(
+        self, profile_id: str, options: FitOptions, *, request_id: str = "", name: str = ""
+    ) -> CostModel:
         options.validate()
         prof, samples = self._fit_samples(profile_id)
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
@@ -123,22 +133,26 @@ class MetricsEngine:
 
     def get(self, id: str) -> CostModel:
         if not id:
-            raise InvalidArgument("COST_MODEL_ID_REQUIRED", "cost_model_id is required",
-                                  field="cost_model_id")
+            raise InvalidArgument(
+                "COST_MODEL_ID_REQUIRED", "cost_model_id is required", field="cost_model_id"
+            )
         return self.store.get_cost_model(id)
 
-    def list(self, page_size: int, page_token: str, profile_id: str = ""
-             ) -> tuple[list[CostModel], str]:
+    def list(
+        self, page_size: int, page_token: str, profile_id: str = ""
+    ) -> tuple[list[CostModel], str]:
         return self.store.list_cost_models(page_size, page_token, profile_id)
 
     # ---- estimating ----
 
-    def estimate(self, cm_id: str, p: Sequence[int], o: Sequence[int], *, per_query: bool
-                 ) -> EstimateResult:
+    def estimate(
+        self, cm_id: str, p: Sequence[int], o: Sequence[int], *, per_query: bool
+    ) -> EstimateResult:
         cm = self.get(cm_id)
         if len(p) == 0:
-            raise InvalidArgument("QUERIES_REQUIRED", "queries: give at least one query",
-                                  field="queries")
+            raise InvalidArgument(
+                "QUERIES_REQUIRED", "queries: give at least one query", field="queries"
+            )
         wl = estimate_workload(cm, p, o, keep_runtimes=True)
         pa = np.asarray(p, dtype=np.int64)
         oa = np.asarray(o, dtype=np.int64)
@@ -155,10 +169,12 @@ class MetricsEngine:
             low_s=low if per_query else None,
             high_s=high if per_query else None,
             out_of_domain=_ood(cm, pa, oa) if per_query else None,
-            sum_interval=sum_iv)
+            sum_interval=sum_iv,
+        )
 
-    def stream_estimate(self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]
-                        ) -> WorkloadEstimate:
+    def stream_estimate(
+        self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]
+    ) -> WorkloadEstimate:
         acc: WorkloadAccumulator | None = None
         first_id = ""
         for cm_id, p, o in chunks:
@@ -166,25 +182,31 @@ class MetricsEngine:
                 first_id = cm_id
                 acc = WorkloadAccumulator(self.get(cm_id))
             elif cm_id and cm_id != first_id:
-                raise InvalidArgument("COST_MODEL_CHANGED",
-                                      "cost_model_id must be the same in every chunk",
-                                      field="cost_model_id")
+                raise InvalidArgument(
+                    "COST_MODEL_CHANGED",
+                    "cost_model_id must be the same in every chunk",
+                    field="cost_model_id",
+                )
             acc.add(p, o)
         if acc is None:
-            raise InvalidArgument("QUERIES_REQUIRED", "the stream carried no chunk",
-                                  field="cost_model_id")
+            raise InvalidArgument(
+                "QUERIES_REQUIRED", "the stream carried no chunk", field="cost_model_id"
+            )
         return acc.result()
 
     # ---- the rest of issue 4 ----
 
-    def denoise(self, profile_id: str, method: str, quantile: float, *, request_id: str = "",
-                name: str = "") -> CostModel:
+    def denoise(
+        self, profile_id: str, method: str, quantile: float, *, request_id: str = "", name: str = ""
+    ) -> CostModel:
         from idealrt.services.metrics.denoise import denoise
 
         if not 0.0 < quantile < 0.5:
-            raise InvalidArgument("QUANTILE_INVALID",
-                                  f"quantile must be in (0, 0.5), got {quantile}",
-                                  field="quantile")
+            raise InvalidArgument(
+                "QUANTILE_INVALID",
+                f"quantile must be in (0, 0.5), got {quantile}",
+                field="quantile",
+            )
         # black-box API measurements are contended by nature: INVALID profiles are accepted
         prof, samples = self._fit_samples(profile_id, allow_invalid=True)
         cm = denoise(samples, method, quantile, profile_id=profile_id)  # type: ignore[arg-type]
@@ -197,13 +219,13 @@ class MetricsEngine:
     def samples_of(self, profile_id: str) -> list[Sample]:
         return self._fit_samples(profile_id)[1]
 
-    def import_helm(self, doc: Mapping[str, object], kind: str, request_id: str
-                    ) -> list[CostModel]:
+    def import_helm(self, doc: Mapping[str, object], kind: str, request_id: str) -> list[CostModel]:
         from idealrt.services.metrics.helm import import_helm
 
         if kind not in ("idealized", "denoised", ""):
-            raise InvalidArgument("KIND_INVALID", "kind must be idealized or denoised",
-                                  field="kind")
+            raise InvalidArgument(
+                "KIND_INVALID", "kind must be idealized or denoised", field="kind"
+            )
         out = []
         for name, cm in import_helm(doc).items():
             cm.name = name
@@ -213,13 +235,15 @@ class MetricsEngine:
             out.append(self.store.create_cost_model(cm)[0])
         return out
 
-    def export_helm(self, ids: Mapping[str, str], prompt_sizes: Sequence[int]
-                    ) -> dict[str, dict[str, object]]:
+    def export_helm(
+        self, ids: Mapping[str, str], prompt_sizes: Sequence[int]
+    ) -> dict[str, dict[str, object]]:
         from idealrt.services.metrics.helm import export_helm
 
         if not ids:
-            raise InvalidArgument("COST_MODEL_IDS_REQUIRED", "name at least one cost model",
-                                  field="cost_model_ids")
+            raise InvalidArgument(
+                "COST_MODEL_IDS_REQUIRED", "name at least one cost model", field="cost_model_ids"
+            )
         models = {name: self.get(cid) for name, cid in ids.items()}
         return export_helm(models, list(prompt_sizes) or None)
 

@@ -20,8 +20,10 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         raise ValueError("MetricsConfig.store_target is required")
     store = StoreClient(cfg.store_target)
     servicer = MetricsServicer(MetricsEngine(store))
-    server = start_server(cfg.address,
-                          [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],
-                          [SERVICE_NAME])
+    server = start_server(
+        cfg.address,
+        [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+    )
     server.on_stop.append(store.close)
     return server, server.port

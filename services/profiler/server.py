@@ -29,9 +29,11 @@ def make_target_factory(cfg: ProfilerConfig):  # type: ignore[no-untyped-def]
             return HttpTarget.from_profile(profile)
         address = profile.target.address or cfg.serving_target
         if not address:
-            raise InvalidArgument("SERVING_TARGET_REQUIRED",
-                                  "profile.target.address is empty and the profiler has no "
-                                  "default serving endpoint", field="profile.target.address")
+            raise InvalidArgument(
+                "SERVING_TARGET_REQUIRED",
+                "profile.target.address is empty and the profiler has no default serving endpoint",
+                field="profile.target.address",
+            )
         from idealrt.services.profiler.serving_target import ServingTarget
 
         return ServingTarget(ServingClient(address), profile)

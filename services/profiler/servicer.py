@@ -19,29 +19,35 @@ class ProfilerServicer(pbg.ProfilerServiceServicer):
     def __init__(self, manager: ProfileManager) -> None:
         self.manager = manager
 
-    def CreateProfile(self, request: pb.CreateProfileRequest, context: grpc.ServicerContext
-                      ) -> pb.CreateProfileResponse:
+    def CreateProfile(
+        self, request: pb.CreateProfileRequest, context: grpc.ServicerContext
+    ) -> pb.CreateProfileResponse:
         if not request.HasField("profile"):
             raise InvalidArgument("PROFILE_REQUIRED", "profile is required", field="profile")
         prof = cv.profile_from_pb(request.profile, new=True)
         prof.request_id = request.request_id or request.profile.request_id
         return pb.CreateProfileResponse(profile=cv.profile_to_pb(self.manager.create(prof)))
 
-    def GetProfile(self, request: pb.GetProfileRequest, context: grpc.ServicerContext
-                   ) -> pb.GetProfileResponse:
+    def GetProfile(
+        self, request: pb.GetProfileRequest, context: grpc.ServicerContext
+    ) -> pb.GetProfileResponse:
         return pb.GetProfileResponse(profile=cv.profile_to_pb(self.manager.get(request.id)))
 
-    def ListProfiles(self, request: pb.ListProfilesRequest, context: grpc.ServicerContext
-                     ) -> pb.ListProfilesResponse:
+    def ListProfiles(
+        self, request: pb.ListProfilesRequest, context: grpc.ServicerContext
+    ) -> pb.ListProfilesResponse:
         items, token = self.manager.list(request.page_size, request.page_token)
-        return pb.ListProfilesResponse(profiles=[cv.profile_to_pb(p) for p in items],
-                                       next_page_token=token)
+        return pb.ListProfilesResponse(
+            profiles=[cv.profile_to_pb(p) for p in items], next_page_token=token
+        )
 
-    def WatchProfile(self, request: pb.WatchProfileRequest, context: grpc.ServicerContext
-                     ) -> Iterator[pb.WatchProfileResponse]:
+    def WatchProfile(
+        self, request: pb.WatchProfileRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchProfileResponse]:
         for prof in self.manager.watch(request.id, is_active=context.is_active):
             yield pb.WatchProfileResponse(profile=cv.profile_to_pb(prof))
 
-    def CancelProfile(self, request: pb.CancelProfileRequest, context: grpc.ServicerContext
-                      ) -> pb.CancelProfileResponse:
+    def CancelProfile(
+        self, request: pb.CancelProfileRequest, context: grpc.ServicerContext
+    ) -> pb.CancelProfileResponse:
         return pb.CancelProfileResponse(profile=cv.profile_to_pb(self.manager.cancel(request.id)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from idealrt.core.config import ServingConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
-from idealrt.serving.v1 import serving_service_pb2 as pb
-from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 from idealrt.services.serving.registry import ModelRegistry
 from idealrt.services.serving.servicer import ServingServicer
+from idealrt.serving.v1 import serving_service_pb2 as pb
+from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
 __all__ = ["SERVICE_NAME", "build_server"]
 

@@ -6,9 +6,9 @@ import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.serving.registry import LoadedModel, ModelRegistry
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
-from idealrt.services.serving.registry import LoadedModel, ModelRegistry
 
 __all__ = ["ServingServicer", "loaded_model_to_pb"]
 
@@ -18,16 +18,25 @@ def loaded_model_to_pb(m: LoadedModel) -> pb.LoadedModel:
 
     spec = m.spec
     return pb.LoadedModel(
-        model_id=m.model_id, name=m.name, spec=cv.spec_to_pb(spec), stack=cv.stack_to_pb(m.stack),
+        model_id=m.model_id,
+        name=m.name,
+        spec=cv.spec_to_pb(spec),
+        stack=cv.stack_to_pb(m.stack),
         memory=pb.MemoryReport(
-            weights_bytes=m.memory.weights_bytes, kv_cache_bytes=m.memory.kv_cache_bytes,
+            weights_bytes=m.memory.weights_bytes,
+            kv_cache_bytes=m.memory.kv_cache_bytes,
             device_total_bytes=m.memory.device_total_bytes,
-            device_free_bytes=m.memory.device_free_bytes),
-        load_ns=m.load_ns, max_context=m.max_context, create_time=cv.ts_to_pb(m.create_time),
+            device_free_bytes=m.memory.device_free_bytes,
+        ),
+        load_ns=m.load_ns,
+        max_context=m.max_context,
+        create_time=cv.ts_to_pb(m.create_time),
         facts=cpb.ModelFacts(
-            param_count=spec.param_count(), weight_bytes=spec.weight_bytes(m.stack.dtype),
+            param_count=spec.param_count(),
+            weight_bytes=spec.weight_bytes(m.stack.dtype),
             kv_cache_bytes_per_token=spec.kv_cache_bytes_per_token(m.stack.dtype),
-            spec_hash=spec.spec_hash()),
+            spec_hash=spec.spec_hash(),
+        ),
     )
 
 
@@ -35,50 +44,72 @@ class ServingServicer(pbg.ServingServiceServicer):
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
-    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext
-                  ) -> pb.LoadModelResponse:
+    def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.ServicerContext
+    ) -> pb.LoadModelResponse:
         if not request.HasField("stack"):
-            raise InvalidArgument("STACK_REQUIRED", "stack is required (backend, device, dtype)",
-                                  field="stack")
+            raise InvalidArgument(
+                "STACK_REQUIRED", "stack is required (backend, device, dtype)", field="stack"
+            )
         if request.max_context < 0:
-            raise InvalidArgument("MAX_CONTEXT_INVALID", "max_context must be >= 0 (0 = model max)",
-                                  field="max_context")
+            raise InvalidArgument(
+                "MAX_CONTEXT_INVALID",
+                "max_context must be >= 0 (0 = model max)",
+                field="max_context",
+            )
         loaded = self.registry.load(
-            cv.model_ref_from_pb(request.model), cv.stack_from_pb(request.stack),
-            max_context=request.max_context, request_id=request.request_id)
+            cv.model_ref_from_pb(request.model),
+            cv.stack_from_pb(request.stack),
+            max_context=request.max_context,
+            request_id=request.request_id,
+        )
         return pb.LoadModelResponse(model=loaded_model_to_pb(loaded))
 
-    def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
-                    ) -> pb.UnloadModelResponse:
+    def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> pb.UnloadModelResponse:
         self.registry.unload(request.model_id)
         return pb.UnloadModelResponse()
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-                   ) -> pb.ListModelsResponse:
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
         items, token = self.registry.list(request.page_size, request.page_token)
-        return pb.ListModelsResponse(models=[loaded_model_to_pb(m) for m in items],
-                                     next_page_token=token)
+        return pb.ListModelsResponse(
+            models=[loaded_model_to_pb(m) for m in items], next_page_token=token
+        )
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext
-                 ) -> pb.GenerateResponse:
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> pb.GenerateResponse:
         which = request.WhichOneof("prompt")
         if which is None:
-            raise InvalidArgument("PROMPT_REQUIRED", "prompt: give token_ids or synthetic",
-                                  field="prompt")
+            raise InvalidArgument(
+                "PROMPT_REQUIRED", "prompt: give token_ids or synthetic", field="prompt"
+            )
         ids = list(request.token_ids.ids) if which == "token_ids" else None
         res = self.registry.generate(
-            request.model_id, prompt_ids=ids,
+            request.model_id,
+            prompt_ids=ids,
             prompt_length=request.synthetic.length if which == "synthetic" else len(ids or ()),
-            prompt_seed=request.synthetic.seed, output_tokens=request.output_tokens,
-            batch_size=request.batch_size or 1)
+            prompt_seed=request.synthetic.seed,
+            output_tokens=request.output_tokens,
+            batch_size=request.batch_size or 1,
+        )
         return pb.GenerateResponse(
-            prompt_tokens=res.prompt_tokens, output_tokens=res.output_tokens,
-            batch_size=res.batch_size, prefill_ns=res.prefill_ns, decode_ns=list(res.decode_ns),
-            total_ns=res.total_ns, start_time=cv.ts_to_pb(res.start_time),
-            output_token_ids=list(res.output_ids) if request.return_token_ids else [])
+            prompt_tokens=res.prompt_tokens,
+            output_tokens=res.output_tokens,
+            batch_size=res.batch_size,
+            prefill_ns=res.prefill_ns,
+            decode_ns=list(res.decode_ns),
+            total_ns=res.total_ns,
+            start_time=cv.ts_to_pb(res.start_time),
+            output_token_ids=list(res.output_ids) if request.return_token_ids else [],
+        )
 
-    def GetEnvironment(self, request: pb.GetEnvironmentRequest, context: grpc.ServicerContext
-                       ) -> pb.GetEnvironmentResponse:
+    def GetEnvironment(
+        self, request: pb.GetEnvironmentRequest, context: grpc.ServicerContext
+    ) -> pb.GetEnvironmentResponse:
         from idealrt.core.fingerprint import environment
 
         return pb.GetEnvironmentResponse(entries=environment())
