@@ -142,10 +142,7 @@ def _print_profile(p: Profile) -> None:
 
 def cmd_profile(args: argparse.Namespace, s: Session) -> int:
     created = s.profiler.create_profile(build_profile(args))
-    if args.no_wait:
-        final = created
-    else:
-        final = watch_with_progress(s.profiler, created, quiet=args.json)
+    final = created if args.no_wait else watch_with_progress(s.profiler, created, args.json)
     if args.json:
         emit_json(final)
     else:
