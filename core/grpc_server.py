@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from idealrt.core.errors import DOMAIN, IdealrtError
+from idealrt.core.observability import rpc_metrics, serve_metrics
 
 __all__ = ["ErrorInterceptor", "GrpcServer", "abort_status", "start_server"]
 
@@ -63,12 +64,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return None
         method: str = handler_call_details.method
 
+        metrics = rpc_metrics()
+
         def finish(start: float, code: str, request_id: str) -> None:
+            seconds = time.perf_counter() - start
+            metrics.observe(method, code, seconds)
             log.info(
                 "rpc_finished",
                 method=method,
                 code=code,
-                duration_ms=round((time.perf_counter() - start) * 1e3, 3),
+                duration_ms=round(seconds * 1e3, 3),
                 request_id=request_id,
             )
 
@@ -200,8 +205,11 @@ def start_server(
     service_names: Sequence[str],
     *,
     max_workers: int = 16,
+    metrics_port: int = 0,
 ) -> GrpcServer:
-    """Build and start a server on `address` ("127.0.0.1:0" picks a free port)."""
+    """Build and start a server on `address` ("127.0.0.1:0" picks a free port); Prometheus
+    metrics on `metrics_port` when > 0."""
+    serve_metrics(metrics_port)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorInterceptor()],

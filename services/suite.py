@@ -55,6 +55,7 @@ def start_suite(
     host: str = "127.0.0.1",
     ports: dict[str, int] | None = None,
     serving_target: str = "",
+    resume: bool = True,
 ) -> Suite:
     """Start store, serving, metrics and profiler; `serving_target` replaces the local
     serving as the profiler's default endpoint when given."""

@@ -24,6 +24,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         cfg.address,
         [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        metrics_port=cfg.metrics_port,
     )
     server.on_stop.append(store.close)
     return server, server.port

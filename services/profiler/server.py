@@ -51,6 +51,7 @@ def build_server(cfg: ProfilerConfig) -> tuple[GrpcServer, int]:
         cfg.address,
         [lambda s: pbg.add_ProfilerServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        metrics_port=cfg.metrics_port,
     )
     server.on_stop.append(manager.shutdown)
     server.on_stop.append(store.close)

@@ -23,6 +23,7 @@ def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
         cfg.address,
         [lambda s: pbg.add_ServingServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        metrics_port=cfg.metrics_port,
         max_workers=4,
     )
     server.on_stop.append(registry.close)

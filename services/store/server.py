@@ -22,6 +22,7 @@ def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServ
         cfg.address,
         [lambda s: pbg.add_StoreServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        metrics_port=cfg.metrics_port,
     )
     if store is None:
         server.on_stop.append(st.close)
