@@ -11,6 +11,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_logs() -> None:
+    from idealrt.core.logging import configure_logging
+
+    configure_logging("warning", json=True)
+
+
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """All four services, each its own gRPC server on a free loopback port."""

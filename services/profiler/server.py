@@ -36,7 +36,7 @@ def make_target_factory(cfg: ProfilerConfig):  # type: ignore[no-untyped-def]
             )
         from idealrt.services.profiler.serving_target import ServingTarget
 
-        return ServingTarget(ServingClient(address), profile)
+        return ServingTarget(ServingClient(address), profile, owns_serving=True)
 
     return factory
 

@@ -110,6 +110,6 @@ class ServingServicer(pbg.ServingServiceServicer):
     def GetEnvironment(
         self, request: pb.GetEnvironmentRequest, context: grpc.ServicerContext
     ) -> pb.GetEnvironmentResponse:
-        from idealrt.core.fingerprint import environment
+        from idealrt.core.fingerprint import machine_environment
 
-        return pb.GetEnvironmentResponse(entries=environment())
+        return pb.GetEnvironmentResponse(entries=machine_environment())

@@ -23,6 +23,7 @@ from idealrt.core.domain import (
     StackSpec,
 )
 from idealrt.core.errors import IdealrtError
+from idealrt.services.metrics.predict import alpha_at
 from idealrt.services.suite import Suite
 
 PLAN = ProfilePlan(prompt_tokens=(1, 16, 48), output_tokens=(1, 4, 8), repeats=2, warmups=1,
@@ -74,11 +75,12 @@ def test_fit_and_estimate_over_grpc(suite: Suite,
     assert cm.alpha_knots_p[0] == 1 and cm.alpha_knots_p[-1] == 48
     assert cm.beta0_s > 0
     assert cm.quality.method == "heldout" and cm.quality.points == 2
-    assert metrics.fit(final.id, request_id=rid).id == cm.id  # idempotent
+    assert metrics.fit(final.id, request_id=rid, bootstrap=50).id == cm.id  # idempotent retry
     est = metrics.estimate(cm.id, [1, 16, 100], [1, 4, 8])
     assert est.runtime_s.shape == (3,)
+    alpha16 = float(alpha_at(cm, 16))
     assert est.runtime_s[1] == pytest.approx(
-        cm.alpha_knots_s[1] + 3 * cm.beta0_s + cm.beta1_s * (3 * 16 + 6), rel=1e-9)
+        alpha16 + 3 * cm.beta0_s + cm.beta1_s * (3 * 16 + 6), rel=1e-9)
     assert list(est.out_of_domain) == [False, False, True]
     assert est.summary.count == 3
     assert est.summary.sum_s == pytest.approx(float(est.runtime_s.sum()))

@@ -1,0 +1,213 @@
+"""A profile plan: validation, expansion into configurations, and the order of measurement.
+
+Configurations. The fit grid is `prompt_tokens x output_tokens`. The held-out grid is
+`holdout_prompt_tokens x holdout_output_tokens`, where an empty axis defaults to the fit
+grid's values on that same axis; when both held-out axes are empty there is no held-out grid.
+A (p, o) point in both grids is measured once, as a *fit* configuration (never held out:
+a point the fit has seen cannot measure held-out error).
+
+Warm-ups. `plan.warmups` generations per configuration run before the measured rounds (and
+again when a run is resumed: the process that serves the model may be cold). They are
+*stored*, flagged `SampleFlag.WARMUP`, so the cost of a cold start stays visible; every
+consumer of samples keeps only `SampleFlag.OK` samples for fitting (the same rule that drops
+CONTENDED and NONCONFORMING samples).
+
+Order. Measurement proceeds in rounds: round r measures repeat r of every configuration that
+still needs one. With `plan.randomize` each round is an independent shuffle seeded by
+(plan.seed, r), so slow drift (thermal, frequency, a neighbour) hits all configurations
+alike instead of biasing the ones measured last. The shuffle permutes the *full*
+configuration list and is then filtered, so a resumed run (or a round in which some
+configurations have converged) keeps the relative order of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterable, Sequence
+
+from idealrt.core import catalog
+from idealrt.core.domain import ModelRef, ProfilePlan, TargetKind
+from idealrt.core.errors import InvalidArgument
+from idealrt.core.model_spec import ModelSpec
+
+__all__ = [
+    "MAX_REPEATS",
+    "MAX_WARMUPS",
+    "Config",
+    "configurations",
+    "effective_max_repeats",
+    "known_spec",
+    "round_order",
+    "sample_seed",
+    "total_samples",
+    "validate_plan",
+    "warmup_order",
+]
+
+MAX_REPEATS = 1000
+MAX_WARMUPS = 100
+MAX_BATCH = 4096
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Config:
+    """One measured point: p prompt tokens, o output tokens, fit or held-out."""
+
+    prompt_tokens: int
+    output_tokens: int
+    heldout: bool = False
+
+
+def _check_sizes(values: Sequence[int], field: str, *, required: bool) -> None:
+    if required and not values:
+        raise InvalidArgument(
+            "PLAN_GRID_EMPTY", f"{field} must list at least one size (each >= 1)", field=field
+        )
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidArgument(
+                "PLAN_SIZE_OUT_OF_RANGE",
+                f"{field}[{i}] = {v!r}: every token count must be an integer >= 1",
+                field=field,
+            )
+
+
+def _check_range(value: float, field: str, low: float, high: float, reason: str) -> None:
+    if not (low <= value <= high):
+        raise InvalidArgument(
+            reason, f"{field} = {value!r} is outside the allowed range [{low}, {high}]", field=field
+        )
+
+
+def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
+    """Raise InvalidArgument (with `field` = "plan.<name>") unless the plan can be run.
+
+    With a resolved spec, every p + o of both grids must fit in `spec.max_positions`.
+    """
+    _check_sizes(plan.prompt_tokens, "plan.prompt_tokens", required=True)
+    _check_sizes(plan.output_tokens, "plan.output_tokens", required=True)
+    _check_sizes(plan.holdout_prompt_tokens, "plan.holdout_prompt_tokens", required=False)
+    _check_sizes(plan.holdout_output_tokens, "plan.holdout_output_tokens", required=False)
+    _check_range(plan.repeats, "plan.repeats", 1, MAX_REPEATS, "PLAN_REPEATS_OUT_OF_RANGE")
+    _check_range(plan.warmups, "plan.warmups", 0, MAX_WARMUPS, "PLAN_WARMUPS_OUT_OF_RANGE")
+    _check_range(plan.batch_size, "plan.batch_size", 1, MAX_BATCH, "PLAN_BATCH_OUT_OF_RANGE")
+    if not (0.0 <= plan.until_ci_rel < 1.0):
+        raise InvalidArgument(
+            "PLAN_CI_OUT_OF_RANGE",
+            f"plan.until_ci_rel = {plan.until_ci_rel!r} must be in [0, 1) "
+            "(0 disables; 0.01 means a CI half-width of 1% of the mean)",
+            field="plan.until_ci_rel",
+        )
+    if plan.max_repeats != 0:
+        _check_range(
+            plan.max_repeats,
+            "plan.max_repeats",
+            plan.repeats,
+            MAX_REPEATS,
+            "PLAN_MAX_REPEATS_OUT_OF_RANGE",
+        )
+    if plan.budget_s < 0:
+        raise InvalidArgument(
+            "PLAN_BUDGET_OUT_OF_RANGE",
+            f"plan.budget_s = {plan.budget_s!r} must be >= 0 (0 means unlimited)",
+            field="plan.budget_s",
+        )
+    if spec is not None and spec.max_positions > 0:
+        worst = max(configurations(plan), key=lambda c: c.prompt_tokens + c.output_tokens)
+        if worst.prompt_tokens + worst.output_tokens > spec.max_positions:
+            field = "plan.holdout_prompt_tokens" if worst.heldout else "plan.prompt_tokens"
+            raise InvalidArgument(
+                "PLAN_EXCEEDS_CONTEXT",
+                f"p + o = {worst.prompt_tokens} + {worst.output_tokens} exceeds the model's "
+                f"max_positions {spec.max_positions} ({spec.name}); every prompt + output "
+                f"must be in [2, {spec.max_positions}]",
+                field=field,
+            )
+
+
+def _dedup_sorted(values: Iterable[int]) -> list[int]:
+    return sorted(set(values))
+
+
+def configurations(plan: ProfilePlan) -> list[Config]:
+    """Fit configurations then held-out ones, each sorted by (p, o); no duplicates."""
+    fit = [
+        Config(p, o)
+        for p in _dedup_sorted(plan.prompt_tokens)
+        for o in _dedup_sorted(plan.output_tokens)
+    ]
+    if not plan.holdout_prompt_tokens and not plan.holdout_output_tokens:
+        return fit
+    hp = _dedup_sorted(plan.holdout_prompt_tokens or plan.prompt_tokens)
+    ho = _dedup_sorted(plan.holdout_output_tokens or plan.output_tokens)
+    in_fit = {(c.prompt_tokens, c.output_tokens) for c in fit}
+    held = [Config(p, o, True) for p in hp for o in ho if (p, o) not in in_fit]
+    return fit + held
+
+
+def effective_max_repeats(plan: ProfilePlan) -> int:
+    """Repeats per configuration at most: `repeats` unless a CI target asks for more."""
+    if plan.until_ci_rel <= 0:
+        return plan.repeats
+    return plan.max_repeats or min(MAX_REPEATS, 10 * plan.repeats)
+
+
+def total_samples(plan: ProfilePlan) -> int:
+    """Measured (non-warm-up) samples the plan asks for: configs x repeats, or with a CI
+    target the upper bound configs x max repeats (the runner lowers it when it stops
+    early). Re-measurements of contended samples are not counted."""
+    return len(configurations(plan)) * effective_max_repeats(plan)
+
+
+def _round_rng(seed: int, round_index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across processes and runs.
+    return random.Random(f"idealrt-round:{seed}:{round_index}")
+
+
+def round_order(
+    configs: Sequence[Config],
+    plan: ProfilePlan,
+    round_index: int,
+    include: Iterable[Config] | None = None,
+) -> list[Config]:
+    """The order of round `round_index`: the full list shuffled (when plan.randomize),
+    then restricted to `include` (default: all)."""
+    order = list(configs)
+    if plan.randomize:
+        _round_rng(plan.seed, round_index).shuffle(order)
+    if include is None:
+        return order
+    wanted = set(include)
+    return [c for c in order if c in wanted]
+
+
+def warmup_order(configs: Sequence[Config], plan: ProfilePlan) -> list[tuple[Config, int]]:
+    """(config, warm-up index) pairs: `plan.warmups` rounds, each shuffled like a measured
+    round (negative round indices keep them independent of the measured rounds)."""
+    out: list[tuple[Config, int]] = []
+    for w in range(plan.warmups):
+        out.extend((c, w) for c in round_order(configs, plan, -1 - w))
+    return out
+
+
+def sample_seed(plan: ProfilePlan, config: Config, repeat: int, attempt: int = 0) -> int:
+    """Seed of the synthetic prompt of one generation: deterministic, distinct per
+    (config, repeat, attempt), so a re-measurement uses a fresh prompt."""
+    rng = random.Random(
+        f"idealrt-prompt:{plan.seed}:{config.prompt_tokens}:{config.output_tokens}:"
+        f"{int(config.heldout)}:{repeat}:{attempt}"
+    )
+    return rng.randrange(2**31)
+
+
+def known_spec(model: ModelRef, kind: TargetKind = TargetKind.SERVING) -> ModelSpec | None:
+    """The model's spec when it is known before anything is loaded (an explicit spec, or a
+    catalog name of a serving target; InvalidArgument UNKNOWN_MODEL for a name the catalog
+    lacks), else None (a black-box API's model name, or a weights directory: the runner
+    checks the plan again once the target reports the spec)."""
+    if model.spec is not None:
+        return model.spec
+    if kind == TargetKind.SERVING and model.name and not model.weights_path:
+        return catalog.resolve(model.name)
+    return None
