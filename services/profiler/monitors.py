@@ -31,16 +31,14 @@ Linux affinity is per thread), `current_affinity`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from idealrt.core.affinity import parse_cores, pin_to_cores
 from idealrt.core.domain import ContentionObservation
-from idealrt.core.errors import InvalidArgument
 from idealrt.core.fingerprint import current_affinity, format_cores
 from idealrt.services.profiler._device_monitors import (
     NVML_ENERGY_PERIOD_S,
@@ -77,45 +75,6 @@ _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system [idle iowait] irq softirq 
 
 
 # ---------------------------------------------------------------- pinning helpers
-
-
-def parse_cores(text: str) -> frozenset[int]:
-    """'0-3,6' -> {0, 1, 2, 3, 6} (the kernel's cpulist syntax)."""
-    cores: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise InvalidArgument(
-                "CPU_CORES_INVALID",
-                f"cpu core list {text!r} is not like '0-3,6' (ascending ranges of core ids)",
-                field="cpu_cores",
-            )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        cores.update(range(lo, hi + 1))
-    if not cores:
-        raise InvalidArgument(
-            "CPU_CORES_INVALID", f"cpu core list {text!r} names no core", field="cpu_cores"
-        )
-    return frozenset(cores)
-
-
-def pin_to_cores(cores: Iterable[int], pid: int = 0) -> frozenset[int]:
-    """Pin every thread of a process (0: this one) to `cores`, and so the threads they
-    create later; returns the previous affinity (of its main thread) to restore later."""
-    pid = pid or os.getpid()
-    wanted = set(cores)
-    previous = current_affinity(pid)
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError):  # a thread that just exited
-            os.sched_setaffinity(tid, wanted)
-    return previous
 
 
 # ---------------------------------------------------------------- CPU

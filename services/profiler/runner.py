@@ -45,7 +45,7 @@ from idealrt.core.model_spec import ModelSpec
 from idealrt.services.profiler.contention import ContentionDetector, ContentionPolicy
 from idealrt.services.profiler.fingerprint import collect_fingerprint
 from idealrt.services.profiler.lease import LeaseWaitCancelled, acquire_lease, device_key
-from idealrt.services.profiler.monitors import MonitorSet
+from idealrt.services.profiler.monitors import MonitorSet, parse_cores
 from idealrt.services.profiler.plan import (
     Config,
     configurations,
@@ -82,6 +82,8 @@ def default_monitors(
     """CPU monitor on `cores` (default: this process's affinity; bind other cores with
     functools.partial), counting the serving process as ours when the target reports it on
     this host; NVML for GPUs; RAPL."""
+    if cores is None and profile.stack.options.get("cores", "").strip():
+        cores = parse_cores(profile.stack.options["cores"])
     own: list[int] = []
     pid = target_env.get("serving.pid", "")
     if pid.isdigit() and target_env.get("serving.host") == socket.gethostname():

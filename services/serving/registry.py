@@ -19,6 +19,7 @@ import builtins
 import contextlib
 import dataclasses
 import importlib
+import os
 import random
 import threading
 import time
@@ -248,6 +249,7 @@ class ModelRegistry:
                     "max_context",
                 )
             backend = self._backends.factory(backend_kind)()
+            _pin_if_asked(stack)
             t0 = time.perf_counter_ns()
             try:
                 memory = backend.load(spec, stack, model.weights_path, model.seed, max_context)
@@ -403,3 +405,27 @@ class ModelRegistry:
         page = entries[:size]
         token = _encode_token(page[-1].seq) if len(entries) > size else ""
         return [e.model for e in page], token
+
+
+def _pin_if_asked(stack: StackSpec) -> None:
+    """Stack option `cores` ("0-3,6"): pin this serving process (all threads) to those cores
+    before the backend creates its thread pools. Cores outside the process's allowed set are
+    refused with INVALID_ARGUMENT."""
+    raw = stack.options.get("cores", "").strip()
+    if not raw:
+        return
+    from idealrt.core.affinity import parse_cores, pin_to_cores
+    from idealrt.core.fingerprint import current_affinity
+
+    try:
+        cores = parse_cores(raw)
+    except InvalidArgument as err:
+        raise InvalidArgument(err.reason, err.message, field="stack.options.cores") from None
+    allowed = current_affinity() | frozenset(range(os.cpu_count() or 1))
+    if not cores <= allowed:
+        raise InvalidArgument(
+            "CPU_CORES_INVALID",
+            f"stack.options.cores {raw!r} names cores outside 0-{(os.cpu_count() or 1) - 1}",
+            field="stack.options.cores",
+        )
+    pin_to_cores(cores)

@@ -104,9 +104,13 @@ BackendFactory = Callable[[], Backend]
 """Makes a fresh, unloaded backend."""
 
 
+# Options every backend accepts; the registry acts on them (cores: pin the process).
+COMMON_OPTIONS = ("cores",)
+
+
 def check_options(stack: StackSpec, known: Sequence[str]) -> None:
     """InvalidArgument(OPTION_UNKNOWN, field stack.options) for options a backend lacks."""
-    unknown = sorted(set(stack.options) - set(known))
+    unknown = sorted(set(stack.options) - set(known) - set(COMMON_OPTIONS))
     if unknown:
         raise InvalidArgument(
             "OPTION_UNKNOWN",
