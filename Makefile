@@ -49,7 +49,7 @@ test: $(STAMP) lint protos-check
 	bash scripts/test.sh
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .idealrt .cache build *.egg-info

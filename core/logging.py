@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ def configure_logging(level: str = "info", *, service: str = "", json: bool | No
     lvl = getattr(logging, level.upper(), logging.INFO)
     use_json = (not sys.stderr.isatty()) if json is None else json
 
-    def add_service(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def add_service(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         if service:
             event.setdefault("service", service)
         return event

@@ -88,7 +88,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 r["d_model"],
                 r["heads"],
                 r["kv_heads"],
-                f"{r['params'] / 1e9:.3f}B",
+                f"{int(str(r['params'])) / 1e9:.3f}B",
             )
             for r in rows
         ],

@@ -69,5 +69,5 @@ def open_session(
         try:
             yield Session(pc, mc, sc, sv, addresses=suite.addresses(), embedded=True)
         finally:
-            for c in (pc, mc, sc, sv):
-                c.close()
+            for closer in (pc.close, mc.close, sc.close, sv.close):
+                closer()

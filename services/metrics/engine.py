@@ -138,7 +138,7 @@ class MetricsEngine:
             )
         return self.store.get_cost_model(id)
 
-    def list(
+    def list_models(
         self, page_size: int, page_token: str, profile_id: str = ""
     ) -> tuple[list[CostModel], str]:
         return self.store.list_cost_models(page_size, page_token, profile_id)

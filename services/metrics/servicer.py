@@ -91,7 +91,9 @@ class MetricsServicer(pbg.MetricsServiceServicer):
     def ListCostModels(
         self, request: pb.ListCostModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListCostModelsResponse:
-        items, token = self.engine.list(request.page_size, request.page_token, request.profile_id)
+        items, token = self.engine.list_models(
+            request.page_size, request.page_token, request.profile_id
+        )
         return pb.ListCostModelsResponse(
             cost_models=[cv.cost_model_to_pb(c) for c in items], next_page_token=token
         )

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -160,7 +160,7 @@ class _Run:
         except Exception:  # a broken observer must not break a measurement
             self.log.exception("progress_callback_failed")
 
-    def _update(self, **changes: object) -> None:
+    def _update(self, **changes: Any) -> None:
         self.profile = dataclasses.replace(self.profile, **changes)
         self._emit()
 

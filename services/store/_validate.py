@@ -128,7 +128,7 @@ def _roundtrip(tp: Any, value: object, field: str) -> Any:
 
 def check_state(value: object, field: str = "state") -> ProfileState:
     try:
-        return ProfileState(value)
+        return ProfileState(str(value))
     except ValueError:
         raise _bad(
             "VALUE_INVALID",
