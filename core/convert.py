@@ -286,12 +286,18 @@ def plan_to_pb(p: d.ProfilePlan) -> rpb.ProfilePlan:
         max_repeats=p.max_repeats,
         lease=_LEASE[0][p.lease],
         batch_size=p.batch_size,
+        adaptive_target_rel=p.adaptive_target_rel,
+        adaptive_max_prompt_sizes=p.adaptive_max_prompt_sizes,
     )
+    if p.spread_s > 0:
+        msg.spread.CopyFrom(_duration(p.spread_s))
     if p.budget_s > 0:
-        msg.budget.CopyFrom(
-            duration_pb2.Duration(seconds=int(p.budget_s), nanos=int((p.budget_s % 1) * 1e9))
-        )
+        msg.budget.CopyFrom(_duration(p.budget_s))
     return msg
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
 
 
 def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePlan:
@@ -309,6 +315,9 @@ def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePl
         budget_s=m.budget.seconds + m.budget.nanos / 1e9 if m.HasField("budget") else 0.0,
         lease=_from(_LEASE, m.lease, f"{field}.lease", rpb.LeasePolicy),
         batch_size=m.batch_size or 1,
+        adaptive_target_rel=m.adaptive_target_rel,
+        adaptive_max_prompt_sizes=m.adaptive_max_prompt_sizes,
+        spread_s=m.spread.seconds + m.spread.nanos / 1e9 if m.HasField("spread") else 0.0,
     )
 
 

@@ -84,6 +84,12 @@ class ProfilePlan:
     budget_s: float = 0.0  # 0: unlimited
     lease: LeasePolicy = LeasePolicy.WAIT
     batch_size: int = 1
+    # Adaptive planning: > 0 adds prompt sizes between the grid's where the fitted alpha is
+    # most uncertain until every candidate's 95% CI half-width / value is below this.
+    adaptive_target_rel: float = 0.0
+    adaptive_max_prompt_sizes: int = 0  # cap on added sizes (0: 8)
+    # Spread each round's start over this many seconds (black-box APIs: contention varies).
+    spread_s: float = 0.0
 
 
 class TargetKind(enum.StrEnum):

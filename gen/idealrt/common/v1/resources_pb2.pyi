@@ -48,7 +48,7 @@ PROFILE_STATE_CANCELLED: ProfileState
 PROFILE_STATE_INVALID: ProfileState
 
 class ProfilePlan(_message.Message):
-    __slots__ = ("prompt_tokens", "output_tokens", "repeats", "warmups", "holdout_prompt_tokens", "holdout_output_tokens", "seed", "randomize", "until_ci_rel", "max_repeats", "budget", "lease", "batch_size")
+    __slots__ = ("prompt_tokens", "output_tokens", "repeats", "warmups", "holdout_prompt_tokens", "holdout_output_tokens", "seed", "randomize", "until_ci_rel", "max_repeats", "budget", "lease", "batch_size", "adaptive_target_rel", "adaptive_max_prompt_sizes", "spread")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,9 @@ class ProfilePlan(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_TARGET_REL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_MAX_PROMPT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     output_tokens: _containers.RepeatedScalarFieldContainer[int]
     repeats: int
@@ -75,7 +78,10 @@ class ProfilePlan(_message.Message):
     budget: _duration_pb2.Duration
     lease: LeasePolicy
     batch_size: int
-    def __init__(self, prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., warmups: _Optional[int] = ..., holdout_prompt_tokens: _Optional[_Iterable[int]] = ..., holdout_output_tokens: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., randomize: _Optional[bool] = ..., until_ci_rel: _Optional[float] = ..., max_repeats: _Optional[int] = ..., budget: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[LeasePolicy, str]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    adaptive_target_rel: float
+    adaptive_max_prompt_sizes: int
+    spread: _duration_pb2.Duration
+    def __init__(self, prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., warmups: _Optional[int] = ..., holdout_prompt_tokens: _Optional[_Iterable[int]] = ..., holdout_output_tokens: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., randomize: _Optional[bool] = ..., until_ci_rel: _Optional[float] = ..., max_repeats: _Optional[int] = ..., budget: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[LeasePolicy, str]] = ..., batch_size: _Optional[int] = ..., adaptive_target_rel: _Optional[float] = ..., adaptive_max_prompt_sizes: _Optional[int] = ..., spread: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("kind", "address", "base_url", "api_model", "api_key_env", "tokenizer")
