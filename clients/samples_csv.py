@@ -75,7 +75,7 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
                 )
         raw_total = (row.get("total_ns") or "").strip()
         total = _int(row, "total_ns", line, 1) if raw_total else prefill + sum(steps)
-        if not raw_steps and not raw_total:
+        if not raw_steps and not raw_total and not (o == 1 and "decode_ns" in cols):
             raise InvalidArgument(
                 "CSV_VALUE_INVALID", f"line {line}: give decode_ns or total_ns", field="total_ns"
             )
