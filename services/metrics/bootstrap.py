@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, IdealrtError
 from idealrt.services.metrics import _robust as rb

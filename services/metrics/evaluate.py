@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+
 from idealrt.core.domain import CostModel, FitQuality, Sample
 from idealrt.core.errors import FailedPrecondition, IdealrtError
 from idealrt.services.metrics import _robust as rb

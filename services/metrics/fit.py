@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import _robust as rb

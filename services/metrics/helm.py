@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
 from idealrt.services.metrics.predict import alpha_at

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+
 from idealrt.core.domain import CostModel
 
 __all__ = ["alpha_at", "beta_at", "decode_sum", "out_of_domain", "predict_runtime"]

@@ -40,10 +40,9 @@ def _profile(plan: ProfilePlan = PLAN, model: str = "tiny-gpt2") -> Profile:
 def profiled(suite: Suite) -> tuple[Profile, ProfilerClient]:
     client = ProfilerClient(suite.profiler)
     created = client.create_profile(_profile())
-    final = None
-    for final in client.watch(created.id):
-        pass
-    assert final is not None
+    updates = list(client.watch(created.id))
+    assert updates, "watch yielded nothing"
+    final = updates[-1]
     return final, client
 
 

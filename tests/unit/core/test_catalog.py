@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from idealrt.core import catalog
 from idealrt.core.catalog import CATALOG, names, resolve
 from idealrt.core.errors import InvalidArgument

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from idealrt.core import hardware
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.hardware import ACCELERATORS, accelerator, match_device_name

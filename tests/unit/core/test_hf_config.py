@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from idealrt.core.catalog import resolve
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.hf_config import SUPPORTED_MODEL_TYPES, spec_from_hf_config

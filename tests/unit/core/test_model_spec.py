@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional, dtype_bytes
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import bootstrap, fit

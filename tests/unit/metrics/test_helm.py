@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
 from idealrt.services.metrics import helm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from idealrt.core.domain import CostModel
 from idealrt.services.metrics import predict
 from idealrt.services.metrics.predict import (
