@@ -43,7 +43,7 @@ buf-lint: $(BUF)
 
 lint: $(STAMP) buf-lint
 	$(BIN)/ruff check .
-	$(BIN)/mypy core services clients bench
+	bash scripts/typecheck.sh
 
 test: $(STAMP) lint protos-check
 	bash scripts/test.sh

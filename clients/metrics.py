@@ -219,7 +219,7 @@ class MetricsClient:
             cost_model_id=cost_model_id,
             queries=_queries(prompt_tokens, output_tokens),
             accelerator=accelerator,
-            dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
+            dtype=cv.dtype_to_pb(dtype),
             max_context=max_context,
             reserve_fraction=reserve_fraction,
             power_of_two=power_of_two,
@@ -255,7 +255,7 @@ class MetricsClient:
             self._stub.ComputeRoofline,
             pb.ComputeRooflineRequest(
                 model_spec=cv.spec_to_pb(spec),
-                dtype=cv.dtype_to_pb(dtype),  # type: ignore[arg-type]
+                dtype=cv.dtype_to_pb(dtype),
                 accelerator=accelerator,
                 peak_flops=peak_flops,
                 bandwidth_bytes_per_second=bandwidth,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import grpc
 
@@ -31,7 +32,7 @@ def _loaded_from_pb(m: pb.LoadedModel) -> LoadedModel:
         ),
         load_ns=m.load_ns,
         max_context=m.max_context,
-        create_time=cv.ts_from_pb(m, "create_time"),
+        create_time=cv.ts_from_pb(m, "create_time") or datetime.now(UTC),
     )
 
 

@@ -54,7 +54,7 @@ class StoreClient:
     ) -> tuple[list[Profile], str]:
         req = pb.ListProfilesRequest(page_size=page_size, page_token=page_token)
         if state is not None:
-            req.states.append(cv.profile_state_to_pb(state))  # type: ignore[arg-type]
+            req.states.append(cv.profile_state_to_pb(state))
         r = call(self._stub.ListProfiles, req, self.timeout)
         return [cv.profile_from_pb(p) for p in r.profiles], r.next_page_token
 

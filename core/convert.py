@@ -47,7 +47,7 @@ __all__ = [
 E = TypeVar("E", bound=Enum)
 
 
-def _enum_maps(domain: type[E], pb_enum: Any, prefix: str) -> tuple[dict[E, int], dict[int, E]]:
+def _enum_maps(domain: type[E], pb_enum: Any, prefix: str) -> tuple[dict[E, Any], dict[int, E]]:
     to_pb = {m: pb_enum.Value(f"{prefix}{m.name}") for m in domain}
     return to_pb, {v: k for k, v in to_pb.items()}
 
@@ -61,10 +61,10 @@ _STATE = _enum_maps(d.ProfileState, rpb.ProfileState, "PROFILE_STATE_")
 _LEASE = _enum_maps(d.LeasePolicy, rpb.LeasePolicy, "LEASE_POLICY_")
 _TARGET = _enum_maps(d.TargetKind, rpb.TargetKind, "TARGET_KIND_")
 _DTYPE_TO_PB = {"fp32": cpb.D_TYPE_FP32, "fp16": cpb.D_TYPE_FP16, "bf16": cpb.D_TYPE_BF16}
-_DTYPE_FROM_PB = {v: k for k, v in _DTYPE_TO_PB.items()}
+_DTYPE_FROM_PB: dict[int, str] = {int(v): k for k, v in _DTYPE_TO_PB.items()}
 
 
-def _from(maps: tuple[dict[E, int], dict[int, E]], value: int, field: str, pb_enum: Any) -> E:
+def _from(maps: tuple[dict[E, Any], dict[int, E]], value: int, field: str, pb_enum: Any) -> Any:
     try:
         return maps[1][value]
     except KeyError:
@@ -173,7 +173,7 @@ def model_ref_from_pb(m: cpb.ModelRef, field: str = "model") -> d.ModelRef:
     return d.ModelRef(name=m.name, spec=spec, seed=m.seed, weights_path=m.weights_path)
 
 
-def dtype_to_pb(dtype: str) -> int:
+def dtype_to_pb(dtype: str) -> Any:
     return _DTYPE_TO_PB[dtype]
 
 
@@ -343,7 +343,7 @@ def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
     )
 
 
-def profile_state_to_pb(s: d.ProfileState) -> int:
+def profile_state_to_pb(s: d.ProfileState) -> Any:
     return _STATE[0][s]
 
 

@@ -53,7 +53,7 @@ def _request_id(request: Any) -> str:
     return rid if isinstance(rid, str) else ""
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to rich statuses and logs one `rpc_finished` line per RPC."""
 
     def intercept_service(

@@ -234,7 +234,7 @@ class MetricsServicer(pbg.MetricsServiceServicer):
                 self.engine.get(request.cost_model_id),
                 spec,
                 hw,
-                dtype,  # type: ignore[arg-type]
+                dtype,
                 ps,
                 cs,
             )
@@ -256,12 +256,12 @@ class MetricsServicer(pbg.MetricsServiceServicer):
         for p in ps:
             resp.prefill.add(
                 tokens=p,
-                lower_bound_seconds=roofline(spec, hw, dtype, p, p).prefill_s_lower,  # type: ignore[arg-type]
+                lower_bound_seconds=roofline(spec, hw, dtype, p, p).prefill_s_lower,
             )
         for c in cs:
             resp.decode.add(
                 tokens=c,
-                lower_bound_seconds=roofline(spec, hw, dtype, 1, c).decode_s_lower,  # type: ignore[arg-type]
+                lower_bound_seconds=roofline(spec, hw, dtype, 1, c).decode_s_lower,
             )
         return resp
 

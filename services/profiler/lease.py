@@ -98,7 +98,7 @@ def device_key(device: str) -> str:
     if index is not None:
         nvml = load_nvml()
         handle = nvml_handle(nvml, name) if nvml is not None else None
-        if handle is not None:
+        if handle is not None and nvml is not None:
             with contextlib.suppress(Exception):
                 uuid = nvml.nvmlDeviceGetUUID(handle)
                 return "gpu-" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(uuid))

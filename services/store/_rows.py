@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.engine import RowMapping
+
 from idealrt.core.domain import (
     ContentionObservation,
     CostModel,
@@ -68,7 +70,7 @@ def profile_row(p: Profile, *, update_time: datetime) -> dict[str, Any]:
     }
 
 
-def profile_from_row(row: Mapping[str, Any]) -> Profile:
+def profile_from_row(row: Mapping[str, Any] | RowMapping) -> Profile:
     payload = json.loads(row["payload"])
     parts = {
         name: _serde.from_jsonable(tp, payload[name])
@@ -112,7 +114,7 @@ def sample_row(s: Sample, *, profile_id: str, batch_id: str, seq: int) -> dict[s
     }
 
 
-def sample_from_row(row: Mapping[str, Any]) -> Sample:
+def sample_from_row(row: Mapping[str, Any] | RowMapping) -> Sample:
     return Sample(
         prompt_tokens=row["prompt_tokens"],
         output_tokens=row["output_tokens"],
@@ -143,7 +145,7 @@ def cost_model_row(cm: CostModel) -> dict[str, Any]:
     }
 
 
-def cost_model_from_row(row: Mapping[str, Any]) -> CostModel:
+def cost_model_from_row(row: Mapping[str, Any] | RowMapping) -> CostModel:
     payload = json.loads(row["payload"])
     payload.update(
         id=row["id"],
