@@ -107,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-randomize", action="store_true")
     p.add_argument("--until-ci", type=percent, help="repeat until CI half-width < this, e.g. 1%%")
     p.add_argument("--budget", type=duration_s, help="wall-clock budget, e.g. 10m")
+    p.add_argument(
+        "--adaptive-target",
+        type=percent,
+        help="add prompt sizes where alpha(p) is least certain until its 95%% CI half-width "
+        "is within this everywhere, e.g. 2%% (below 50%%)",
+    )
+    p.add_argument(
+        "--adaptive-max-sizes",
+        type=int,
+        help="at most this many added prompt sizes (0-64; default 8)",
+    )
+    p.add_argument(
+        "--spread",
+        type=duration_s,
+        help="spread the rounds over this long, e.g. 30m (holds the device lease meanwhile; "
+        "meant for HTTP targets)",
+    )
     p.add_argument("--lease", choices=["wait", "fail"], default="wait")
     p.add_argument("--target", default="", help="serving host:port to measure")
     p.add_argument("--target-kind", choices=["serving", "http"], default="serving")

@@ -78,6 +78,9 @@ def build_profile(args: argparse.Namespace) -> Profile:
         until_ci_rel=args.until_ci or 0.0,
         budget_s=args.budget or 0.0,
         lease=LeasePolicy(args.lease),
+        adaptive_target_rel=args.adaptive_target or 0.0,
+        adaptive_max_prompt_sizes=args.adaptive_max_sizes or 0,
+        spread_s=args.spread or 0.0,
     )
     if args.target_kind == "http":
         target = Target(

@@ -18,6 +18,15 @@ still needs one. With `plan.randomize` each round is an independent shuffle seed
 alike instead of biasing the ones measured last. The shuffle permutes the *full*
 configuration list and is then filtered, so a resumed run (or a round in which some
 configurations have converged) keeps the relative order of an uninterrupted run.
+
+Adaptive planning (`plan.adaptive_target_rel > 0`, see adaptive.py) adds prompt sizes to the
+fit grid while the run proceeds: each added size p contributes the fit configurations
+(p, o) for every o of `plan.output_tokens`, appended after the plan's own configurations in
+the order the sizes were added. The plan itself is never changed; `configurations(plan,
+added)` and `total_samples(plan, len(added))` take the added sizes as an argument.
+
+Spread (`plan.spread_s > 0`, see schedule.py): round r of the plan's grid starts at its offset
+of a stratified schedule over `spread_s` seconds; `spread_s` is bounded by `MAX_SPREAD_S`.
 """
 
 from __future__ import annotations
@@ -32,10 +41,15 @@ from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
 
 __all__ = [
+    "DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES",
+    "MAX_ADAPTIVE_PROMPT_SIZES",
+    "MAX_ADAPTIVE_TARGET_REL",
     "MAX_REPEATS",
+    "MAX_SPREAD_S",
     "MAX_WARMUPS",
     "Config",
     "configurations",
+    "effective_max_prompt_sizes",
     "effective_max_repeats",
     "known_spec",
     "round_order",
@@ -48,6 +62,10 @@ __all__ = [
 MAX_REPEATS = 1000
 MAX_WARMUPS = 100
 MAX_BATCH = 4096
+MAX_ADAPTIVE_TARGET_REL = 0.5  # exclusive: a 50% half-width is no accuracy target
+MAX_ADAPTIVE_PROMPT_SIZES = 64
+DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES = 8  # plan.adaptive_max_prompt_sizes == 0
+MAX_SPREAD_S = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -113,6 +131,7 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
             f"plan.budget_s = {plan.budget_s!r} must be >= 0 (0 means unlimited)",
             field="plan.budget_s",
         )
+    _validate_adaptive_and_spread(plan)
     if spec is not None and spec.max_positions > 0:
         worst = max(configurations(plan), key=lambda c: c.prompt_tokens + c.output_tokens)
         if worst.prompt_tokens + worst.output_tokens > spec.max_positions:
@@ -126,24 +145,81 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
             )
 
 
+def _validate_adaptive_and_spread(plan: ProfilePlan) -> None:
+    target = plan.adaptive_target_rel
+    if not (0.0 <= target < MAX_ADAPTIVE_TARGET_REL):  # also rejects NaN
+        raise InvalidArgument(
+            "PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE",
+            f"plan.adaptive_target_rel = {target!r} must be in [0, {MAX_ADAPTIVE_TARGET_REL}) "
+            "(0 disables adaptive planning; 0.02 asks for a 95% CI half-width of alpha(p) "
+            "within 2% everywhere between the profiled prompt sizes)",
+            field="plan.adaptive_target_rel",
+        )
+    _check_range(
+        plan.adaptive_max_prompt_sizes,
+        "plan.adaptive_max_prompt_sizes",
+        0,
+        MAX_ADAPTIVE_PROMPT_SIZES,
+        "PLAN_ADAPTIVE_MAX_SIZES_OUT_OF_RANGE",
+    )
+    if target > 0 and len(set(plan.prompt_tokens)) < 2:
+        raise InvalidArgument(
+            "PLAN_ADAPTIVE_GRID_TOO_SMALL",
+            "adaptive planning adds prompt sizes between profiled ones: plan.prompt_tokens "
+            "must list at least two different sizes when plan.adaptive_target_rel > 0",
+            field="plan.prompt_tokens",
+        )
+    spread = plan.spread_s
+    if not (0.0 <= spread <= MAX_SPREAD_S):  # also rejects NaN
+        raise InvalidArgument(
+            "PLAN_SPREAD_OUT_OF_RANGE",
+            f"plan.spread_s = {spread!r} is outside the allowed range [0, {MAX_SPREAD_S:g}] "
+            "seconds (0 measures rounds back to back; at most 7 days)",
+            field="plan.spread_s",
+        )
+    if spread > 0 and plan.budget_s > 0 and spread >= plan.budget_s:
+        raise InvalidArgument(
+            "PLAN_SPREAD_EXCEEDS_BUDGET",
+            f"plan.spread_s = {spread!r} must be below plan.budget_s = {plan.budget_s!r}: "
+            "the budget would end the run before its last rounds are due",
+            field="plan.spread_s",
+        )
+
+
 def _dedup_sorted(values: Iterable[int]) -> list[int]:
     return sorted(set(values))
 
 
-def configurations(plan: ProfilePlan) -> list[Config]:
-    """Fit configurations then held-out ones, each sorted by (p, o); no duplicates."""
+def configurations(plan: ProfilePlan, added_prompt_tokens: Sequence[int] = ()) -> list[Config]:
+    """Fit configurations then held-out ones, each sorted by (p, o); then the fit
+    configurations of `added_prompt_tokens` (adaptively added sizes, in the order added;
+    sizes already in plan.prompt_tokens and repeats are skipped); no duplicates."""
     fit = [
         Config(p, o)
         for p in _dedup_sorted(plan.prompt_tokens)
         for o in _dedup_sorted(plan.output_tokens)
     ]
-    if not plan.holdout_prompt_tokens and not plan.holdout_output_tokens:
-        return fit
-    hp = _dedup_sorted(plan.holdout_prompt_tokens or plan.prompt_tokens)
-    ho = _dedup_sorted(plan.holdout_output_tokens or plan.output_tokens)
-    in_fit = {(c.prompt_tokens, c.output_tokens) for c in fit}
-    held = [Config(p, o, True) for p in hp for o in ho if (p, o) not in in_fit]
-    return fit + held
+    held: list[Config] = []
+    if plan.holdout_prompt_tokens or plan.holdout_output_tokens:
+        hp = _dedup_sorted(plan.holdout_prompt_tokens or plan.prompt_tokens)
+        ho = _dedup_sorted(plan.holdout_output_tokens or plan.output_tokens)
+        in_fit = {(c.prompt_tokens, c.output_tokens) for c in fit}
+        held = [Config(p, o, True) for p in hp for o in ho if (p, o) not in in_fit]
+    grid = set(plan.prompt_tokens)
+    extra = [
+        Config(p, o)
+        for p in dict.fromkeys(added_prompt_tokens)
+        if p not in grid
+        for o in _dedup_sorted(plan.output_tokens)
+    ]
+    return fit + held + extra
+
+
+def effective_max_prompt_sizes(plan: ProfilePlan) -> int:
+    """How many prompt sizes adaptive planning may add (0 when it is off)."""
+    if plan.adaptive_target_rel <= 0:
+        return 0
+    return plan.adaptive_max_prompt_sizes or DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES
 
 
 def effective_max_repeats(plan: ProfilePlan) -> int:
@@ -153,11 +229,13 @@ def effective_max_repeats(plan: ProfilePlan) -> int:
     return plan.max_repeats or min(MAX_REPEATS, 10 * plan.repeats)
 
 
-def total_samples(plan: ProfilePlan) -> int:
+def total_samples(plan: ProfilePlan, added_prompt_sizes: int = 0) -> int:
     """Measured (non-warm-up) samples the plan asks for: configs x repeats, or with a CI
     target the upper bound configs x max repeats (the runner lowers it when it stops
-    early). Re-measurements of contended samples are not counted."""
-    return len(configurations(plan)) * effective_max_repeats(plan)
+    early). Re-measurements of contended samples are not counted. An adaptive run grows
+    it as it adds sizes: each added size brings one configuration per output length."""
+    configs = len(configurations(plan)) + added_prompt_sizes * len(set(plan.output_tokens))
+    return configs * effective_max_repeats(plan)
 
 
 def _round_rng(seed: int, round_index: int) -> random.Random:

@@ -23,6 +23,22 @@ Order of work:
     resumed run starts numbering at what the sink holds, so it never re-uses an id.
  7. Cancel (the event) is checked between samples: what was measured is stored, the
     profile ends CANCELLED. Persistent contention ends it INVALID with the evidence.
+ 8. Spread (plan.spread_s > 0, schedule.py): round r of the plan's grid starts at its
+    offset of a SpreadSchedule anchored after the warm-ups, waiting on the cancel event
+    (cancellable at once, no polling; spread_s < budget_s, see plan.py). The lease is
+    held for the whole profile, waits included: a profile spread over hours holds the
+    device for hours, which suits HTTP targets (an API's device is not ours to free).
+    Provenance records the schedule and how late rounds started ("spread.*").
+ 9. Adaptive planning (plan.adaptive_target_rel > 0, adaptive.py): once the plan's grid is
+    measured, fit, add the prompt size where alpha(p) is least certain (one configuration
+    per output length, measured in rounds like the grid, not spread), refit, until the
+    target is met, the size cap is reached or the budget is spent; Profile.total_samples
+    grows with each size, "adaptive.*" provenance records the sizes and the stop reason.
+    Added configurations the budget left unmeasured are dropped, not failed.
+10. Resume of either: sizes added before the restart are recognised from the stored samples
+    (a fit sample whose prompt size is not in plan.prompt_tokens), their configurations
+    rebuilt in the order added, so nothing is measured twice; a spread schedule restarts
+    with the first unfinished round due at once and the later ones keeping their spacing.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ import structlog
 from idealrt.core.domain import Profile, ProfileState, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, IdealrtError, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.profiler.adaptive import AdaptiveOptions, AdaptivePlanner, added_prompt_sizes
 from idealrt.services.profiler.contention import ContentionDetector, ContentionPolicy
 from idealrt.services.profiler.fingerprint import collect_fingerprint
 from idealrt.services.profiler.lease import LeaseWaitCancelled, acquire_lease, device_key
@@ -49,12 +66,14 @@ from idealrt.services.profiler.monitors import MonitorSet, parse_cores
 from idealrt.services.profiler.plan import (
     Config,
     configurations,
+    effective_max_repeats,
     round_order,
     sample_seed,
     total_samples,
     validate_plan,
     warmup_order,
 )
+from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until
 from idealrt.services.profiler.stopping import StoppingRule, StopReason
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -93,6 +112,9 @@ def default_monitors(
 
 @dataclasses.dataclass(frozen=True)
 class RunnerOptions:
+    """clock: the monotonic clock of the budget and the spread schedule (waits block on the
+    cancel event with timeouts measured on it; tests substitute both)."""
+
     lease_dir: Path = Path(".idealrt/leases")
     lease_timeout_s: float | None = None  # WAIT policy: give up (DEVICE_BUSY) after this
     contention: ContentionPolicy = dataclasses.field(default_factory=ContentionPolicy)
@@ -101,6 +123,8 @@ class RunnerOptions:
     max_nonconforming: int = 3
     append_retries: int = 3
     monitors: MonitorFactory = default_monitors
+    adaptive: AdaptiveOptions = dataclasses.field(default_factory=AdaptiveOptions)
+    clock: Callable[[], float] = time.monotonic
 
 
 class _Cancelled(Exception):
@@ -151,6 +175,10 @@ class _Run:
         self.nonconforming = 0
         self.abandoned = 0
         self.monitors = MonitorSet()
+        self.added: list[int] = []  # adaptively added prompt sizes, in the order added
+        self.rule = StoppingRule(profile.plan, clock=options.clock)
+        self.spread_lag_s = 0.0
+        self.spread_started = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -236,10 +264,12 @@ class _Run:
         validate_plan(self.profile.plan, spec)
         env = self.target.environment()
         self.monitors = self.opts.monitors(self.profile, env)
-        configs = configurations(self.profile.plan)
+        plan = self.profile.plan
+        existing = self.sink.all_samples(self.profile.id)
+        self.added = added_prompt_sizes(plan, existing)
+        configs = configurations(plan, self.added)
         by_key = {(c.prompt_tokens, c.output_tokens, c.heldout): c for c in configs}
         totals: dict[Config, list[int]] = {c: [] for c in configs}
-        existing = self.sink.all_samples(self.profile.id)
         self.stored = len(existing)
         for s in existing:
             c = by_key.get((s.prompt_tokens, s.output_tokens, s.heldout))
@@ -253,13 +283,15 @@ class _Run:
         extra = dict(self.monitors.describe())
         extra["lease.device_key"] = device_key(self.profile.stack.device)
         extra["profile.resumed_samples"] = str(len(existing))
+        if self.added:
+            extra["profile.resumed_adaptive_sizes"] = ",".join(map(str, self.added))
         if self.monitors.gpu is not None:
             extra["gpu.foreign_processes_at_start"] = str(len(self.monitors.gpu.foreign_pids()))
         provenance = collect_fingerprint(self.profile, spec=spec, target_env=env, extra=extra)
         self._update(
             model_spec=spec or self.profile.model_spec,
             provenance=provenance,
-            total_samples=total_samples(self.profile.plan),
+            total_samples=total_samples(plan, len(self.added)),
             completed_samples=sum(len(v) for v in totals.values()),
         )
         self.log.info("profile_prepared", configs=len(configs), resumed=len(existing))
@@ -276,15 +308,56 @@ class _Run:
                 self.buffer.append(dataclasses.replace(sample, flag=SampleFlag.WARMUP))
             self._flush()
 
-    def _rounds(self, configs: list[Config], totals: dict[Config, list[int]]) -> StopReason:
-        plan, policy = self.profile.plan, self.opts.contention
-        rule = StoppingRule(plan)
+    def _spread_schedule(self, totals: dict[Config, list[int]]) -> SpreadSchedule | None:
+        """The schedule of the plan's grid rounds (None without spread, or when the grid is
+        done: a resumed adaptive run), anchored now (see schedule.py)."""
+        plan = self.profile.plan
+        if plan.spread_s <= 0:
+            return None
+        rounds = effective_max_repeats(plan)
+        first = min(len(totals[c]) for c in configurations(plan))
+        if first >= rounds:
+            return None
+        schedule = SpreadSchedule(rounds, plan.spread_s, seed=plan.seed, clock=self.opts.clock)
+        if first:
+            schedule.begin_at_round(first)
+        else:
+            schedule.begin()
+        entries = dict(self.profile.provenance.entries)
+        entries["spread.schedule"] = (
+            f"{rounds} rounds over {plan.spread_s:g} s, stratified jitter, seed {plan.seed}"
+            + (f"; resumed at round {first}" if first else "")
+        )
+        self._update(provenance=dataclasses.replace(self.profile.provenance, entries=entries))
+        self.log.info("spread_schedule", rounds=rounds, spread_s=plan.spread_s, first=first)
+        return schedule
+
+    def _wait_for_round(self, schedule: SpreadSchedule, r: int) -> None:
+        """Block until round r is due, on the cancel event (a set event ends the wait at
+        once). validate_plan keeps spread_s below budget_s, so no wait outlasts the budget."""
+        due = schedule.due(r)
+        if not sleep_until(due, self.cancel, clock=self.opts.clock):
+            raise _Cancelled
+        lag = max(0.0, self.opts.clock() - due)
+        self.spread_lag_s = max(self.spread_lag_s, lag)
+        self.spread_started += 1
+        self.log.info("spread_round_started", round=r, offset_s=schedule.offsets[r], lag_s=lag)
+
+    def _rounds(
+        self,
+        configs: list[Config],
+        totals: dict[Config, list[int]],
+        schedule: SpreadSchedule | None = None,
+    ) -> StopReason:
+        plan, policy, rule = self.profile.plan, self.opts.contention, self.rule
         slots = {c: len(v) for c, v in totals.items()}
         while True:
             pending = rule.pending(totals, slots)
             if not pending:
                 return rule.reason(totals)
             r = min(slots[c] for c in pending)
+            if schedule is not None and r < schedule.rounds:
+                self._wait_for_round(schedule, r)
             queue = collections.deque(
                 (c, 0) for c in round_order(configs, plan, r, [c for c in pending if slots[c] == r])
             )
@@ -330,10 +403,58 @@ class _Run:
                 )
                 self._emit()
 
+    def _adaptive(
+        self, configs: list[Config], totals: dict[Config, list[int]], reason: StopReason
+    ) -> StopReason:
+        """Add prompt sizes until adaptive.py says stop; returns the last rounds' reason."""
+        plan = self.profile.plan
+        planner = AdaptivePlanner(plan, added=self.added, options=self.opts.adaptive)
+        while reason != StopReason.BUDGET:
+            self._check_cancel()
+            self._flush(force=True)
+            samples = self.sink.all_samples(self.profile.id)
+            size = planner.next_size(samples, budget_spent=self.rule.budget_spent())
+            if size is None:
+                break
+            assert len(configs) == len(configurations(plan, self.added))
+            new = configurations(plan, [*self.added, size])[len(configs) :]
+            self.added.append(size)
+            configs.extend(new)
+            totals.update((c, []) for c in new)
+            self._record(planner.provenance(), total_samples=total_samples(plan, len(self.added)))
+            self.log.info(
+                "adaptive_size_added", p=size, rel_halfwidth=planner.added_rel[-1], added=self.added
+            )
+            reason = self._rounds(configs, totals)
+        changes: dict[str, Any] = {}
+        if reason == StopReason.BUDGET:
+            planner.halt_budget()
+            # configurations of added sizes that the budget left without a sample were
+            # optional: dropped (and a size with none left is no longer "added")
+            for c in [c for c in configs if c.prompt_tokens in self.added and not totals[c]]:
+                configs.remove(c)
+                del totals[c]
+            kept = {c.prompt_tokens for c in totals}
+            planner.drop_unmeasured([p for p in self.added if p not in kept])
+            self.added = [p for p in self.added if p in kept]
+            changes["total_samples"] = total_samples(plan, len(self.added))
+        self._record(planner.provenance(), **changes)
+        self.log.info("adaptive_finished", stop=planner.stop, added=self.added)
+        return reason
+
+    def _record(self, entries: Mapping[str, str], **changes: Any) -> None:
+        merged = {**self.profile.provenance.entries, **entries}
+        self._update(
+            provenance=dataclasses.replace(self.profile.provenance, entries=merged), **changes
+        )
+
     def _conclude(self, reason: StopReason, totals: dict[Config, list[int]]) -> None:
-        rule = StoppingRule(self.profile.plan)
+        rule = self.rule
         entries = dict(self.profile.provenance.entries)
         entries["stopping.reason"] = reason.value
+        if self.profile.plan.spread_s > 0:
+            entries["spread.rounds_started"] = str(self.spread_started)
+            entries["spread.max_lag_s"] = f"{self.spread_lag_s:.6g}"
         worst = rule.worst_ci_rel(totals)
         entries["stopping.worst_ci_rel"] = f"{worst:.6g}"
         entries["contention.measured"] = str(self.detector.measured)
@@ -392,8 +513,11 @@ class _Run:
             state, error = ProfileState.SUCCEEDED, ""
             try:
                 configs, totals = self._prepare()
-                self._warmups(configs)
-                reason = self._rounds(configs, totals)
+                self._warmups(configurations(plan))  # the plan's grid (on resume too)
+                self.rule = StoppingRule(plan, clock=self.opts.clock)  # budget starts here
+                reason = self._rounds(configs, totals, self._spread_schedule(totals))
+                if plan.adaptive_target_rel > 0:
+                    reason = self._adaptive(configs, totals, reason)
                 self._conclude(reason, totals)
             except _Cancelled:
                 state, error = ProfileState.CANCELLED, ""

@@ -12,8 +12,15 @@ evenly spaced offsets 0, w, 2w, ...
 `SpreadSchedule` anchors the offsets to a monotonic clock and waits for each round with
 `threading.Event.wait` (blocking, cancellable from another thread, no polling).
 
-Wiring (left to the profiler): the plan has no spread field yet; the intended use is one
-round = one pass over the grid, round r starting at `start + offsets[r]`.
+Wiring (runner.py, `plan.spread_s > 0`): one round = one pass over the plan's grid; the
+schedule has `effective_max_repeats(plan)` rounds, seeded by `plan.seed`, anchored when the
+measured rounds begin (after the warm-ups, which are not scheduled), and round r starts at
+`start + offsets[r]`. A resumed run anchors the schedule so that its first unfinished round
+is due at once and the later ones keep their spacing (`begin_at_round`). The device lease is
+held for the whole profile, waits included: spreading a profile over hours keeps the device
+from other profiles for hours, which suits black-box HTTP targets (whose device is not
+ours) far better than a local accelerator. Prompt sizes added by adaptive planning are
+measured after the grid's last round, back to back (not spread).
 """
 
 from __future__ import annotations
@@ -90,6 +97,12 @@ class SpreadSchedule:
     def begin(self, at: float | None = None) -> None:
         """Anchor the schedule (default: now)."""
         self.start = self.clock() if at is None else at
+
+    def begin_at_round(self, r: int, at: float | None = None) -> None:
+        """Anchor the schedule so that round r is due at `at` (default: now): a resumed run
+        starts its first unfinished round at once, the later rounds keep their spacing."""
+        now = self.clock() if at is None else at
+        self.start = now - self.offsets[r]
 
     def due(self, r: int) -> float:
         """The clock reading at which round r starts."""

@@ -5,7 +5,9 @@ configuration. Precision mode (`until_ci_rel > 0`): at least `plan.repeats`, the
 the 95% confidence interval of the mean of the configuration's `total_ns` (Student t,
 n - 1 degrees of freedom) has a half-width below `until_ci_rel` x mean, capped at
 `effective_max_repeats(plan)`. Both modes stop when the wall-clock budget `plan.budget_s`
-(> 0) is spent; the runner checks it between samples, never inside one.
+(> 0) is spent; the runner checks it between samples, never inside one. The budget covers
+everything after the warm-ups: the rounds, the waits of a spread schedule (plan validation
+keeps spread_s below budget_s) and adaptive planning (its fits and added sizes).
 """
 
 from __future__ import annotations
