@@ -1,0 +1,422 @@
+"""The `onnxruntime` backend: the reference decoder's step exported once to ONNX
+(`decoder/export.py`: one graph for the prefill, with an empty past, and for decode) and run
+by ONNX Runtime on the CPU or CUDA execution provider.
+
+Weights: the graph is exported from the decoder `build_decoder` makes from the same seed (on
+the same device type) or weights path, so its outputs are the pytorch backend's. Exports
+are cached on disk (`_onnx_cache`; $IDEALRT_CACHE_DIR or ~/.cache/idealrt): a second load
+of the same model, dtype and weights only creates a session.
+
+Options (StackSpec.options):
+- threads: "N" -> intra_op_num_threads (default: ONNX Runtime's, one per physical core).
+- kv_bucket: KV buffer growth in slots (default 32; see `_onnx_cache.KVBuffers`); a value
+  >= max_context attends the whole max_context window at every step (flat cost).
+- spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
+  default: spinning threads compete with everything else on the machine (the harness
+  included), and on the 2-core reference CPU it did not make decode reliably faster.
+Session: graph optimizations ORT_ENABLE_ALL, sequential execution, memory patterns on.
+
+Devices and dtypes: the CPU runs fp32 only (fp16 is refused: ONNX Runtime's CPU provider
+runs most fp16 nodes through casts it inserts, so the number would measure the casts, not
+an fp16 stack; bf16 has no CPU kernels). CUDA runs fp32 and fp16 (bf16 refused: partial
+kernel coverage would put nodes on the CPU). A CUDA load fails with FailedPrecondition
+PROVIDER_UNAVAILABLE unless the session really runs on CUDAExecutionProvider:
+onnxruntime-gpu falls back to the CPU silently when the CUDA libraries are missing, and a
+CPU number must never be labelled GPU. CUDA also needs a CUDA build of torch: the device
+buffers are torch tensors.
+
+Step I/O goes through IO binding with preallocated buffers: numpy arrays on the CPU, torch
+tensors on CUDA (ONNX Runtime runs on this backend's own torch stream via
+`user_compute_stream`, so the token argmax and KV writes are ordered with it). Inputs are
+rebound only when a shape changes; no step uploads or copies the whole cache.
+
+Timing is the pytorch backend's: prefill_ns from request start to the first token's argmax,
+one mark per decode step; on CUDA each mark follows `io_binding.synchronize_outputs()` and a
+device synchronize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from idealrt.core.domain import StackSpec
+from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving.backends._onnx_cache import (
+    DEFAULT_BUCKET,
+    CachedExport,
+    KVBuffers,
+    cache_root,
+    export_decoder,
+    int_option,
+)
+from idealrt.services.serving.backends.base import (
+    GenerationResult,
+    MemoryReport,
+    check_memory,
+    check_options,
+    device_memory,
+    resolve_device,
+)
+from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
+from idealrt.services.serving.decoder import planned_bytes, torch_dtype
+from idealrt.services.serving.timing import StepClock, Timer, timer_for
+
+__all__ = [
+    "DTYPES",
+    "OPTIONS",
+    "PROVIDERS",
+    "OnnxRuntimeBackend",
+    "OrtOptions",
+    "create_backend",
+    "make_session",
+]
+
+OPTIONS = ("threads", "kv_bucket", "spinning")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
+_NP = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtOptions:
+    threads: int = 0
+    kv_bucket: int = DEFAULT_BUCKET
+    spinning: bool = False
+
+    @classmethod
+    def parse(cls, stack: StackSpec) -> OrtOptions:
+        check_options(stack, OPTIONS)
+        spin = stack.options.get("spinning", "0").strip().lower()
+        if spin not in ("", "0", "1", "true", "false", "on", "off"):
+            raise InvalidArgument(
+                "OPTION_INVALID",
+                f"option spinning must be 0 or 1, got {spin!r}",
+                field="stack.options",
+            )
+        return cls(
+            int_option(stack, "threads", 0, 1),
+            int_option(stack, "kv_bucket", DEFAULT_BUCKET, 1),
+            spin in ("1", "true", "on"),
+        )
+
+
+def _unavailable(provider: str, detail: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "PROVIDER_UNAVAILABLE",
+        f"onnxruntime {ort.__version__}: {provider} {detail}. For CUDA install onnxruntime-gpu "
+        "(in place of onnxruntime) with CUDA and cuDNN libraries it can load",
+    )
+
+
+def make_session(
+    path: Path, device: torch.device, opts: OrtOptions, stream: int = 0
+) -> ort.InferenceSession:
+    """A session on the provider of `device`; FailedPrecondition PROVIDER_UNAVAILABLE unless
+    the session really runs on it."""
+    provider = PROVIDERS[device.type]
+    if provider not in ort.get_available_providers():
+        raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_mem_pattern = True
+    so.log_severity_level = 3  # errors only
+    if opts.threads:
+        so.intra_op_num_threads = opts.threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.spinning else "0")
+    providers: list[Any] = [provider]
+    if device.type == "cuda":
+        cuda: dict[str, str] = {"device_id": str(device.index or 0)}
+        if stream:  # ONNX Runtime ignores a null handle (torch's legacy default stream)
+            cuda["user_compute_stream"] = str(stream)
+        providers = [(provider, cuda), "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    if provider not in session.get_providers():
+        runs = session.get_providers()
+        raise _unavailable(provider, f"was requested but the session runs on {runs}")
+    return session
+
+
+class _CpuIo:
+    """Step buffers as numpy arrays in host memory."""
+
+    device_type, device_id = "cpu", 0
+
+    def __init__(self, dtype: Any) -> None:
+        self.dtype = dtype
+
+    def zeros(self, shape: int | tuple[int, ...], dtype: Any = None) -> Any:
+        return np.zeros(shape, dtype or self.dtype)
+
+    @staticmethod
+    def ptr(a: Any) -> int:
+        return int(a.ctypes.data)
+
+    def prompt(self, ids: Sequence[int], batch: int) -> Any:
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(ids, np.int64), (batch, len(ids))))
+
+    def upload(self, a: Any) -> Any:
+        return a
+
+    @staticmethod
+    def set_position(pos_buf: Any, pos: int) -> None:
+        pos_buf[()] = pos
+
+    @staticmethod
+    def argmax(logits: Any, ids: Any) -> None:
+        ids[:, 0] = logits[:, 0].argmax(-1)
+
+    @staticmethod
+    def tolist(a: Any) -> list[int]:
+        return [int(x) for x in a]
+
+
+class _CudaIo(_CpuIo):
+    """Step buffers as torch tensors on one CUDA device (torch ops on the current stream)."""
+
+    device_type = "cuda"
+
+    def __init__(self, dtype: Any, device: torch.device, torch_dt: torch.dtype) -> None:
+        super().__init__(dtype)
+        self.device, self.device_id, self.torch_dtype = device, device.index or 0, torch_dt
+
+    def zeros(self, shape: int | tuple[int, ...], dtype: Any = None) -> Any:
+        dt = torch.int64 if dtype is np.int64 else self.torch_dtype
+        return torch.zeros(shape, dtype=dt, device=self.device)
+
+    @staticmethod
+    def ptr(a: Any) -> int:
+        return int(a.data_ptr())
+
+    def prompt(self, ids: Sequence[int], batch: int) -> Any:
+        return torch.tensor(list(ids), dtype=torch.int64).view(1, -1).expand(batch, -1)
+
+    def upload(self, a: Any) -> Any:
+        return a.to(self.device).contiguous()
+
+    @staticmethod
+    def set_position(pos_buf: Any, pos: int) -> None:
+        pos_buf.fill_(pos)
+
+    @staticmethod
+    def argmax(logits: Any, ids: Any) -> None:
+        ids.copy_(logits[:, 0].argmax(-1, keepdim=True))
+
+    @staticmethod
+    def tolist(a: Any) -> list[int]:
+        return [int(x) for x in a.tolist()]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self._cache_dir = cache_dir
+        self._session: ort.InferenceSession | None = None
+        self._spec: ModelSpec | None = None
+        self._io: _CpuIo = _CpuIo(np.float32)
+        self._opts = OrtOptions()
+        self._device = torch.device("cpu")
+        self._timer: Timer = timer_for("cpu")
+        self._stream: Any = None
+        self._max_context = 0
+        self._dtype = "fp32"
+        self._batch = 0
+        self._kv: KVBuffers | None = None
+        self._step: dict[str, Any] = {}
+        self.export: CachedExport | None = None  # the last load's export (hit or not)
+
+    # ---- load / unload ----
+    def load(
+        self, spec: ModelSpec, stack: StackSpec, weights_path: str, seed: int, max_context: int
+    ) -> MemoryReport:
+        if self._session is not None:
+            raise FailedPrecondition(
+                "ALREADY_LOADED", "this backend instance already holds a model"
+            )
+        opts = OrtOptions.parse(stack)
+        device = resolve_device(stack.device)
+        allowed = DTYPES[device.type]
+        if stack.dtype not in allowed:
+            why = (
+                "ONNX Runtime's CPU provider runs fp16 graphs through inserted fp32 casts"
+                if device.type == "cpu" and stack.dtype == "fp16"
+                else "not every node of the graph has a kernel in that dtype"
+            )
+            raise InvalidArgument(
+                "DTYPE_UNSUPPORTED",
+                f"the onnxruntime backend runs {', '.join(allowed)} on {device.type}, "
+                f"not {stack.dtype!r} ({why})",
+                field="stack.dtype",
+            )
+        max_context = max_context or spec.max_positions
+        if not 1 <= max_context <= spec.max_positions:
+            raise InvalidArgument(
+                "MAX_CONTEXT_INVALID",
+                f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
+                field="max_context",
+            )
+        provider = PROVIDERS[device.type]
+        if provider not in ort.get_available_providers():  # before any heavy work
+            raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")
+        weights, kv = planned_bytes(spec, torch_dtype(stack.dtype), max_context, 1)
+        check_memory(device, weights, 2 * kv, f"model {spec.name!r} in {stack.dtype}")
+        self._opts, self._device, self._spec, self._max_context = opts, device, spec, max_context
+        self._dtype = stack.dtype
+        self._timer = timer_for(device)
+        try:
+            self.export = export_decoder(
+                spec,
+                stack.dtype,
+                seed=seed,
+                weights_path=weights_path,
+                init_device=device,
+                root=self._cache_dir or cache_root(),
+            )
+            if device.type == "cuda":
+                self._stream = torch.cuda.Stream(device)
+                self._io = _CudaIo(_NP[stack.dtype], device, torch_dtype(stack.dtype))
+            else:
+                self._io = _CpuIo(_NP[stack.dtype])
+            stream = int(self._stream.cuda_stream) if self._stream is not None else 0
+            self._session = make_session(self.export.path, device, opts, stream)
+            self._prepare_batch(1)
+            warm_up(self, max_context)
+        except BaseException:
+            self.unload()
+            raise
+        total, free = device_memory(device)
+        return MemoryReport(weights, 2 * kv, total, free)
+
+    def unload(self) -> None:
+        self._session = self._kv = None
+        self._step = {}
+        self._batch = 0
+        self._stream = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _prepare_batch(self, batch: int) -> None:
+        spec = self._spec
+        assert spec is not None
+        if batch == self._batch:
+            return
+        self._kv, self._step, self._batch = None, {}, 0
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        layers, kvh, hd = spec.layers, spec.kv_heads_effective, spec.head_dim
+        _, kv_bytes = planned_bytes(spec, torch_dtype(self._dtype), self._max_context, batch)
+        check_memory(self._device, 0, 2 * kv_bytes, f"KV cache for batch {batch}")
+        io = self._io
+        self._kv = KVBuffers(
+            layers, batch, kvh, hd, self._max_context, self._opts.kv_bucket, io.zeros
+        )
+        self._step = {
+            "ids": io.zeros((batch, 1), np.int64),
+            "position": io.zeros((), np.int64),
+            "logits": io.zeros((batch, 1, spec.vocab)),
+            "new_k": io.zeros((layers, batch, kvh, 1, hd)),
+            "new_v": io.zeros((layers, batch, kvh, 1, hd)),
+        }
+        self._batch = batch
+
+    def last_logits(self) -> np.ndarray:
+        """A host copy of the logits [batch, vocab] of the last step run (for parity checks;
+        never read inside a timed region)."""
+        logits = self._step.get("logits")
+        if logits is None:
+            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+        host = logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
+        return np.array(host[:, 0], dtype=np.float32)
+
+    # ---- generation ----
+    def _bind(self, binding: Any, name: str, a: Any, output: bool = False) -> None:
+        io = self._io
+        dtype = np.int64 if name in ("input_ids", "position") else io.dtype
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, io.device_type, io.device_id, dtype, list(a.shape), io.ptr(a))
+
+    def _bind_past(self, binding: Any, past: tuple[Any, Any]) -> None:
+        self._bind(binding, "past_k", past[0])
+        self._bind(binding, "past_v", past[1])
+
+    def generate(
+        self, prompt_ids: Sequence[int], output_tokens: int, batch_size: int = 1
+    ) -> GenerationResult:
+        session, spec = self._session, self._spec
+        if session is None or spec is None:
+            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+        check_generation(prompt_ids, output_tokens, batch_size, spec.vocab, self._max_context)
+        self._prepare_batch(batch_size)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                return self._generate(session, prompt_ids, output_tokens, batch_size)
+        return self._generate(session, prompt_ids, output_tokens, batch_size)
+
+    def _generate(
+        self, session: ort.InferenceSession, prompt_ids: Sequence[int], o: int, batch: int
+    ) -> GenerationResult:
+        io, kv, buf = self._io, self._kv, self._step
+        assert kv is not None
+        p = len(prompt_ids)
+        prompt = io.prompt(prompt_ids, batch)
+        out = io.zeros((batch, o), np.int64)
+        binding = session.io_binding()
+        clock = StepClock(self._timer)
+        start_time = datetime.now(UTC)
+        clock.start()
+        # prefill: the prompt with an empty past; its K/V land in the KV buffers
+        ids = io.upload(prompt)  # kept referenced: the binding holds only its address
+        self._bind(binding, "input_ids", ids)
+        self._bind_past(binding, kv.view(0, 0))
+        io.set_position(buf["position"], 0)
+        self._bind(binding, "position", buf["position"])
+        self._bind(binding, "logits", buf["logits"], output=True)
+        new_k, new_v = kv.prefill_outputs(p)
+        self._bind(binding, "new_k", new_k, output=True)
+        self._bind(binding, "new_v", new_v, output=True)
+        session.run_with_iobinding(binding)
+        io.argmax(buf["logits"], buf["ids"])
+        out[:, 0] = buf["ids"][:, 0]
+        kv.after_prefill(p)
+        binding.synchronize_outputs()
+        clock.mark()
+        # decode: one token per step against the dense past
+        self._bind(binding, "input_ids", buf["ids"])
+        self._bind(binding, "new_k", buf["new_k"], output=True)
+        self._bind(binding, "new_v", buf["new_v"], output=True)
+        self._bind_past(binding, kv.past())
+        for i in range(1, o):
+            pos = p + i - 1
+            io.set_position(buf["position"], pos)
+            session.run_with_iobinding(binding)
+            io.argmax(buf["logits"], buf["ids"])
+            out[:, i] = buf["ids"][:, 0]
+            if kv.store(pos, buf["new_k"], buf["new_v"]):
+                self._bind_past(binding, kv.past())
+            binding.synchronize_outputs()
+            clock.mark()
+        prefill, decode, total = clock.intervals()
+        return GenerationResult(
+            prompt_tokens=p,
+            output_tokens=clock.tokens,
+            output_ids=tuple(io.tolist(out[0])),
+            prefill_ns=prefill,
+            decode_ns=decode,
+            total_ns=total,
+            start_time=start_time,
+            batch_size=batch,
+        )
+
+
+def create_backend() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend()
