@@ -329,6 +329,7 @@ def target_to_pb(t: d.Target) -> rpb.Target:
         api_model=t.api_model,
         api_key_env=t.api_key_env,
         tokenizer=t.tokenizer,
+        options=dict(t.options),
     )
 
 
@@ -340,6 +341,7 @@ def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
         api_model=m.api_model,
         api_key_env=m.api_key_env,
         tokenizer=m.tokenizer,
+        options=dict(m.options),
     )
 
 

@@ -105,6 +105,9 @@ class Target:
     api_model: str = ""  # http: model name sent to the API
     api_key_env: str = ""  # http: NAME of the env var holding the key (never the key)
     tokenizer: str = ""  # http: local tokenizer path used to build exact-length prompts
+    # http: stream ("1"/"0"), prompt_format ("text"/"token_ids"), eos_dialects ("vllm,none"),
+    # connect_timeout_s, read_timeout_s
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ProfileState(enum.StrEnum):

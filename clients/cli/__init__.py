@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-model", default="", help="http: model name for the API")
     p.add_argument("--api-key-env", default="", help="http: env var holding the API key")
     p.add_argument("--tokenizer", default="", help="http: local tokenizer directory")
+    p.add_argument(
+        "--target-option",
+        action="append",
+        help="http: KEY=VALUE (stream=0, prompt_format=token_ids, ...)",
+    )
     p.add_argument("--request-id", default="")
     p.add_argument("--no-wait", action="store_true", help="return once created")
 

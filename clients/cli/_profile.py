@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-def _options(items: list[str] | None) -> dict[str, str]:
+def _options(items: list[str] | None, field: str = "stack.options") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -89,6 +89,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
             api_model=args.api_model or "",
             api_key_env=args.api_key_env or "",
             tokenizer=args.tokenizer or "",
+            options=_options(getattr(args, "target_option", None), "profile.target.options"),
         )
     else:
         target = Target(kind=TargetKind.SERVING, address=args.target or "")

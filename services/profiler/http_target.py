@@ -50,7 +50,7 @@ import ipaddress
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -75,7 +75,7 @@ from idealrt.services.profiler._openai_stream import (
 )
 from idealrt.services.profiler.prompts import PromptBuilder, PromptTokenizer, load_tokenizer
 
-__all__ = ["EOS_DIALECTS", "HttpOptions", "HttpTarget", "RequestShape"]
+__all__ = ["EOS_DIALECTS", "HttpOptions", "HttpTarget", "RequestShape", "http_options"]
 
 EOS_DIALECTS: dict[str, Callable[[int], dict[str, Any]]] = {
     "vllm": lambda o: {"ignore_eos": True, "min_tokens": o},
@@ -114,6 +114,49 @@ class HttpOptions:
                 f"{sorted(EOS_DIALECTS)}, at least one",
                 field="eos_dialects",
             )
+
+
+_OPTION_KEYS = ("stream", "prompt_format", "eos_dialects", "connect_timeout_s", "read_timeout_s")
+
+
+def http_options(raw: Mapping[str, str]) -> HttpOptions:
+    """HttpOptions from a profile's `target.options` (strings); unknown keys or bad values
+    are INVALID_ARGUMENT naming `profile.target.options.<key>`."""
+    unknown = sorted(set(raw) - set(_OPTION_KEYS))
+    if unknown:
+        raise InvalidArgument(
+            "TARGET_OPTION_UNKNOWN",
+            f"unknown target option(s) {unknown}; known: {', '.join(_OPTION_KEYS)}",
+            field="profile.target.options",
+        )
+    kw: dict[str, Any] = {}
+    try:
+        if "stream" in raw:
+            if raw["stream"] not in ("0", "1", "true", "false"):
+                raise ValueError("stream must be 0 or 1")
+            kw["stream"] = raw["stream"] in ("1", "true")
+        if "prompt_format" in raw:
+            kw["prompt_format"] = raw["prompt_format"]
+        if "eos_dialects" in raw:
+            kw["eos_dialects"] = tuple(x for x in raw["eos_dialects"].split(",") if x)
+        for key in ("connect_timeout_s", "read_timeout_s"):
+            if key in raw:
+                value = float(raw[key])
+                if not 0 < value <= 3600:
+                    raise ValueError(f"{key} must be in (0, 3600]")
+                kw[key] = value
+    except ValueError as exc:
+        raise InvalidArgument(
+            "TARGET_OPTION_INVALID",
+            f"profile.target.options: {exc}",
+            field="profile.target.options",
+        ) from None
+    try:
+        return HttpOptions(**kw)
+    except InvalidArgument as err:
+        raise InvalidArgument(
+            err.reason, err.message, field=f"profile.target.options.{err.field}"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +250,13 @@ class HttpTarget:
             )
         if not t.tokenizer:
             load_tokenizer("")  # raises TOKENIZER_REQUIRED
-        return cls(t.base_url, t.api_model, t.tokenizer, api_key_env=t.api_key_env)
+        return cls(
+            t.base_url,
+            t.api_model,
+            t.tokenizer,
+            api_key_env=t.api_key_env,
+            options=http_options(t.options),
+        )
 
     # ------------------------------------------------------------------ protocol
 
