@@ -42,7 +42,7 @@ def _options(items: list[str] | None, field: str = "stack.options") -> dict[str,
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidArgument(
-                "OPTION_INVALID", f"--option takes KEY=VALUE, got {item!r}", field="stack.options"
+                "OPTION_INVALID", f"options take KEY=VALUE, got {item!r}", field=field
             )
         out[key] = value
     return out
