@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         queries_for_target=TARGET_CHEAPER * profile_dev / (direct_dev / n),
     )
     note = "" if n == REFERENCE_QUERIES else f" (measured {n}, extrapolated linearly to 1000)"
+    if args.direct_from is not None:
+        note += (
+            f" (direct measurements reused from {args.direct_from.name}, measured in an earlier"
+            " run: not side by side, so machine drift between the runs is in the error)"
+        )
     lines = [
         f"- {args.backend}: sparse-grid profile {profile_dev:.0f} device-s ({run.wall_s:.0f} s "
         f"wall, {len(run.samples)} samples, flags {c.flag_counts(run.samples)}); direct "
