@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -10,6 +11,23 @@ from typing import Any
 import structlog
 
 __all__ = ["configure_logging", "get_logger"]
+
+
+class _StderrLogger:
+    """Writes each line to whatever sys.stderr is *now* (not the stream at configure time:
+    a replaced or closed stream, e.g. under test capture, must not break a worker thread)."""
+
+    def msg(self, message: str) -> None:
+        # a closed stream (interpreter or capture teardown) drops the line
+        with contextlib.suppress(ValueError):
+            print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+class _StderrLoggerFactory:
+    def __call__(self, *args: Any) -> _StderrLogger:
+        return _StderrLogger()
 
 
 def configure_logging(level: str = "info", *, service: str = "", json: bool | None = None) -> None:
@@ -38,7 +56,7 @@ def configure_logging(level: str = "info", *, service: str = "", json: bool | No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLoggerFactory(),
         cache_logger_on_first_use=False,
     )
 

@@ -85,7 +85,7 @@ class FitOptions:
     seed: int = 0
     confidence: float = 0.95
     kfold: int = 5
-    knot_z: float = 1.5
+    knot_z: float = 2.5
     knot_rel_tol: float = 0.002
     outlier_sigma: float = 3.5
 
