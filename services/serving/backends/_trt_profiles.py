@@ -3,8 +3,8 @@ the exported decoder step, the tensor dtypes the engine must have, shape checks,
 engine cache key.
 
 One profile covers both phases of a generation:
-    input_ids [B, T]                    T in 1..max_prompt (prefill) and 1 (decode)
-    past_k/v  [layers, B, kv, S, hd]    S in 1..max_context
+    input_ids            [B, T]                 T in 1..max_prompt (prefill) and 1 (decode)
+    past_k_i, past_v_i   [B, kv, S, hd]         one per layer i; S in 1..max_context
     B in 1..batch; the optimum is the decode shape (B=batch, T=1, S=max_context/2), where
     a generation spends its time.
 S starts at 1, not 0: the prefill binds one masked past slot (position 0 masks every past
@@ -20,11 +20,12 @@ from collections.abc import Mapping
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving.decoder.export import OUTPUT_NAMES, past_names
 
 __all__ = [
-    "DYNAMIC_INPUTS",
     "Dims",
     "Profile",
+    "dynamic_inputs",
     "engine_key",
     "expected_dtypes",
     "profile_shapes",
@@ -33,8 +34,13 @@ __all__ = [
 
 Dims = tuple[int, ...]
 Profile = dict[str, tuple[Dims, Dims, Dims]]
-DYNAMIC_INPUTS = ("input_ids", "past_k", "past_v")
 _FLOAT = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16"}
+
+
+def dynamic_inputs(layers: int) -> tuple[str, ...]:
+    """The step's inputs with dynamic axes (all but the 0-d `position`)."""
+    keys, values = past_names(layers)
+    return ("input_ids", *keys, *values)
 
 
 def profile_shapes(spec: ModelSpec, *, max_prompt: int, max_context: int, batch: int) -> Profile:
@@ -57,16 +63,11 @@ def profile_shapes(spec: ModelSpec, *, max_prompt: int, max_context: int, batch:
         )
     layers, kv, hd = spec.layers, spec.kv_heads_effective, spec.head_dim
     s_opt = max(1, max_context // 2)
-    past = (
-        (layers, 1, kv, 1, hd),
-        (layers, batch, kv, s_opt, hd),
-        (layers, batch, kv, max_context, hd),
-    )
-    return {
-        "input_ids": ((1, 1), (batch, 1), (batch, max_prompt)),
-        "past_k": past,
-        "past_v": past,
-    }
+    past = ((1, kv, 1, hd), (batch, kv, s_opt, hd), (batch, kv, max_context, hd))
+    profile: Profile = {"input_ids": ((1, 1), (batch, 1), (batch, max_prompt))}
+    for name in dynamic_inputs(layers)[1:]:
+        profile[name] = past
+    return profile
 
 
 def shape_problem(profile: Mapping[str, tuple[Dims, Dims, Dims]], name: str, shape: Dims) -> str:
@@ -80,19 +81,12 @@ def shape_problem(profile: Mapping[str, tuple[Dims, Dims, Dims]], name: str, sha
     return ""
 
 
-def expected_dtypes(dtype: str) -> dict[str, str]:
+def expected_dtypes(dtype: str, layers: int) -> dict[str, str]:
     """`trt.DataType` member names every IO tensor of a strongly typed engine of the graph
-    exported in `dtype` must have."""
+    of a `layers`-layer decoder exported in `dtype` must have (its keys: every IO name)."""
     f = _FLOAT[dtype]
-    return {
-        "input_ids": "INT64",
-        "position": "INT64",
-        "past_k": f,
-        "past_v": f,
-        "logits": f,
-        "new_k": f,
-        "new_v": f,
-    }
+    floats = (*dynamic_inputs(layers)[1:], *OUTPUT_NAMES)
+    return {"input_ids": "INT64", "position": "INT64", **dict.fromkeys(floats, f)}
 
 
 def engine_key(

@@ -14,7 +14,12 @@ Options (StackSpec.options):
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.
-Session: graph optimizations ORT_ENABLE_ALL, sequential execution, memory patterns on.
+Session: graph optimizations ORT_ENABLE_ALL, sequential execution, memory patterns on. On
+the CPU, ONNX Runtime's MatMulScaleFusion is disabled (`DISABLED_OPTIMIZERS`): it folds the
+attention scale (q * 1/sqrt(hd)) into the q @ K^T product as alpha, and MLAS runs a
+one-row product with alpha != 1 as a general GEMM that packs K first, instead of its
+one-row kernel: measured 12.7 vs 21.6 GB/s over the past keys (GPT-2-small shapes, one
+thread), ~0.65 ms of a decode step at context 512.
 
 Devices and dtypes: the CPU runs fp32 only (fp16 is refused: ONNX Runtime's CPU provider
 runs most fp16 nodes through casts it inserts, so the number would measure the casts, not
@@ -27,8 +32,11 @@ buffers are torch tensors.
 
 Step I/O goes through IO binding with preallocated buffers: numpy arrays on the CPU, torch
 tensors on CUDA (ONNX Runtime runs on this backend's own torch stream via
-`user_compute_stream`, so the token argmax and KV writes are ordered with it). Inputs are
-rebound only when a shape changes; no step uploads or copies the whole cache.
+`user_compute_stream`, so the token argmax and KV writes are ordered with it). The past is
+one input per layer and tensor (`past_k_0`.., `past_v_0`..), each bound to that layer's
+region of the KV buffers, so neither the step nor the graph copies the cache (a single
+stacked past input cost a per-layer gather, i.e. a full cache copy, every step). Inputs
+are rebound only when a shape changes.
 
 Timing is the pytorch backend's: prefill_ns from request start to the first token's argmax,
 one mark per decode step; on CUDA each mark follows `io_binding.synchronize_outputs()` and a
@@ -68,9 +76,11 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
+from idealrt.services.serving.decoder.export import past_names
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
+    "DISABLED_OPTIMIZERS",
     "DTYPES",
     "OPTIONS",
     "PROVIDERS",
@@ -84,6 +94,8 @@ OPTIONS = ("threads", "kv_bucket", "spinning")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
 _NP = {"fp32": np.float32, "fp16": np.float16}
+# ONNX Runtime graph transformers turned off, per device type (see the module doc).
+DISABLED_OPTIMIZERS: dict[str, tuple[str, ...]] = {"cpu": ("MatMulScaleFusion",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +130,16 @@ def _unavailable(provider: str, detail: str) -> FailedPrecondition:
 
 
 def make_session(
-    path: Path, device: torch.device, opts: OrtOptions, stream: int = 0
+    path: Path,
+    device: torch.device,
+    opts: OrtOptions,
+    stream: int = 0,
+    *,
+    optimized_path: Path | None = None,
 ) -> ort.InferenceSession:
     """A session on the provider of `device`; FailedPrecondition PROVIDER_UNAVAILABLE unless
-    the session really runs on it."""
+    the session really runs on it. `optimized_path`: also write the graph as optimized for
+    this session there (to inspect what ONNX Runtime runs)."""
     provider = PROVIDERS[device.type]
     if provider not in ort.get_available_providers():
         raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")
@@ -133,13 +151,24 @@ def make_session(
     if opts.threads:
         so.intra_op_num_threads = opts.threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.spinning else "0")
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            optimized_path.name + ".data",
+        )
     providers: list[Any] = [provider]
     if device.type == "cuda":
         cuda: dict[str, str] = {"device_id": str(device.index or 0)}
         if stream:  # ONNX Runtime ignores a null handle (torch's legacy default stream)
             cuda["user_compute_stream"] = str(stream)
         providers = [(provider, cuda), "CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), so, providers=providers)
+    session = ort.InferenceSession(
+        str(path),
+        so,
+        providers=providers,
+        disabled_optimizers=list(DISABLED_OPTIMIZERS.get(device.type, ())),
+    )
     if provider not in session.get_providers():
         runs = session.get_providers()
         raise _unavailable(provider, f"was requested but the session runs on {runs}")
@@ -233,6 +262,7 @@ class OnnxRuntimeBackend:
         self._batch = 0
         self._kv: KVBuffers | None = None
         self._step: dict[str, Any] = {}
+        self._past_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
         self.export: CachedExport | None = None  # the last load's export (hit or not)
 
     # ---- load / unload ----
@@ -271,6 +301,7 @@ class OnnxRuntimeBackend:
         weights, kv = planned_bytes(spec, torch_dtype(stack.dtype), max_context, 1)
         check_memory(device, weights, 2 * kv, f"model {spec.name!r} in {stack.dtype}")
         self._opts, self._device, self._spec, self._max_context = opts, device, spec, max_context
+        self._past_names = past_names(spec.layers)
         self._dtype = stack.dtype
         self._timer = timer_for(device)
         try:
@@ -345,9 +376,11 @@ class OnnxRuntimeBackend:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, io.device_type, io.device_id, dtype, list(a.shape), io.ptr(a))
 
-    def _bind_past(self, binding: Any, past: tuple[Any, Any]) -> None:
-        self._bind(binding, "past_k", past[0])
-        self._bind(binding, "past_v", past[1])
+    def _bind_past(self, binding: Any, past: tuple[list[Any], list[Any]]) -> None:
+        """Each layer's past K and V: views of the KV buffers, bound in place."""
+        for names, views in zip(self._past_names, past, strict=True):
+            for name, a in zip(names, views, strict=True):
+                self._bind(binding, name, a)
 
     def generate(
         self, prompt_ids: Sequence[int], output_tokens: int, batch_size: int = 1

@@ -22,9 +22,11 @@ Options (StackSpec.options):
 - workspace_mib: builder workspace pool limit (default: TensorRT's, the device memory).
 - kv_bucket: KV buffer growth in slots, as in the onnxruntime backend (default 32).
 
-Per step: `set_input_shape` for input_ids/past_k/past_v when they change,
-`set_tensor_address` for every IO tensor, `execute_async_v3` on the stream; the argmax and
-KV writes are torch ops on the same stream; each timing mark synchronizes the device.
+Per step: `set_input_shape` for input_ids and each layer's past_k_i/past_v_i when they
+change, `set_tensor_address` for the IO tensors whose address changed (each layer's past is
+bound in place in the KV buffers: no copy of the cache, in the step or in the graph),
+`execute_async_v3` on the stream; the argmax and KV writes are torch ops on the same
+stream; each timing mark synchronizes the device.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
-from idealrt.services.serving.decoder.export import INPUT_NAMES, OUTPUT_NAMES
+from idealrt.services.serving.decoder.export import input_names, past_names
 from idealrt.services.serving.timing import StepClock, timer_for
 
 __all__ = ["OPTIONS", "TensorRTBackend", "TrtOptions", "create_backend", "import_tensorrt"]
@@ -129,6 +131,7 @@ class TensorRTBackend:
         self._kv: KVBuffers | None = None
         self._buf: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._addresses: dict[str, int] = {}
         self.export: CachedExport | None = None
         self.engine_hit = False
 
@@ -243,13 +246,14 @@ class TensorRTBackend:
             )
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
-        want = prof.expected_dtypes(dtype_name)
+        assert self._spec is not None
+        want = prof.expected_dtypes(dtype_name, self._spec.layers)
         wrong = sorted(
             n
             for n in names
             if engine.get_tensor_dtype(n) != getattr(trt.DataType, want.get(n, ""), None)
         )
-        if inputs != set(INPUT_NAMES) or names != set(INPUT_NAMES) | set(OUTPUT_NAMES) or wrong:
+        if inputs != set(input_names(self._spec.layers)) or names != set(want) or wrong:
             raise FailedPrecondition(
                 "ENGINE_MISMATCH",
                 f"engine IO {sorted(names)} (inputs {sorted(inputs)}, wrong dtypes {wrong}) "
@@ -257,10 +261,11 @@ class TensorRTBackend:
             )
         self._runtime, self._engine = runtime, engine
         self._context = engine.create_execution_context()
+        self._shapes, self._addresses = {}, {}
 
     def unload(self) -> None:
         self._context = self._engine = self._runtime = self._kv = None
-        self._buf, self._shapes, self._batch = {}, {}, 0
+        self._buf, self._shapes, self._addresses, self._batch = {}, {}, {}, 0
         self._stream = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -293,7 +298,7 @@ class TensorRTBackend:
     # ---- generation ----
     def _run(self, tensors: dict[str, torch.Tensor]) -> None:
         ctx = self._context
-        for name in prof.DYNAMIC_INPUTS:
+        for name in self._profile:
             shape = tuple(tensors[name].shape)
             if self._shapes.get(name) != shape:
                 problem = prof.shape_problem(self._profile, name, shape)
@@ -301,7 +306,10 @@ class TensorRTBackend:
                     raise InvalidArgument("SHAPE_OUT_OF_PROFILE", problem or f"{name} {shape}")
                 self._shapes[name] = shape
         for name, t in tensors.items():
-            ctx.set_tensor_address(name, t.data_ptr())
+            address = t.data_ptr()
+            if self._addresses.get(name) != address:
+                ctx.set_tensor_address(name, address)
+                self._addresses[name] = address
         if not ctx.execute_async_v3(self._stream.cuda_stream):
             raise Internal("ENGINE_EXECUTION_FAILED", "TensorRT execute_async_v3 failed")
 
@@ -330,6 +338,16 @@ class TensorRTBackend:
         with torch.cuda.stream(self._stream):
             return self._generate(prompt_ids, output_tokens, batch_size)
 
+    def _past(
+        self, views: tuple[list[torch.Tensor], list[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """name -> tensor of each layer's past K and V (views of the KV buffers)."""
+        assert self._spec is not None
+        out: dict[str, torch.Tensor] = {}
+        for names, tensors in zip(past_names(self._spec.layers), views, strict=True):
+            out.update(zip(names, tensors, strict=True))
+        return out
+
     def _generate(self, prompt_ids: Sequence[int], o: int, batch: int) -> GenerationResult:
         kv, buf = self._kv, self._buf
         assert kv is not None
@@ -340,25 +358,23 @@ class TensorRTBackend:
         start_time = datetime.now(UTC)
         clock.start()
         # prefill: one masked past slot (position 0 masks it), K/V into the KV buffers
-        past_k, past_v = kv.view(0, 1)
         new_k, new_v = kv.prefill_outputs(p)
         buf["position"].fill_(0)
         ids = prompt.to(self._device).contiguous()
-        io = {"input_ids": ids, "past_k": past_k, "past_v": past_v, "position": buf["position"]}
+        io = {"input_ids": ids, **self._past(kv.view(0, 1)), "position": buf["position"]}
         self._run({**io, "logits": buf["logits"], "new_k": new_k, "new_v": new_v})
         buf["ids"].copy_(buf["logits"][:, 0].argmax(-1, keepdim=True))
         out[:, 0] = buf["ids"][:, 0]
         kv.after_prefill(p)
         clock.mark()
-        past_k, past_v = kv.past()
+        past = self._past(kv.past())
         for i in range(1, o):
             pos = p + i - 1
             buf["position"].fill_(pos)
             self._run(
                 {
                     "input_ids": buf["ids"],
-                    "past_k": past_k,
-                    "past_v": past_v,
+                    **past,
                     "position": buf["position"],
                     "logits": buf["logits"],
                     "new_k": buf["new_k"],
@@ -368,7 +384,7 @@ class TensorRTBackend:
             buf["ids"].copy_(buf["logits"][:, 0].argmax(-1, keepdim=True))
             out[:, i] = buf["ids"][:, 0]
             if kv.store(pos, buf["new_k"], buf["new_v"]):
-                past_k, past_v = kv.past()
+                past = self._past(kv.past())
             clock.mark()
         prefill, decode, total = clock.intervals()
         return GenerationResult(

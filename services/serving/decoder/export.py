@@ -4,22 +4,32 @@ backends).
     DecoderStep(decoder)(input_ids, past_k, past_v, position) -> (logits, new_k, new_v)
 
     input_ids  int64 [B, T]                        prompt (T = p, position 0) or one token
-    past_k/v   dtype [layers, B, kv_heads, S, hd]  read only; slots j < position are valid
+    past_k/v   L tensors dtype [B, kv_heads, S, hd]  one per layer, read only; slots
+                                                   j < position are valid
     position   int64 0-d                           number of valid past slots (= past_len)
     logits     dtype [B, 1, vocab]                 last position only (last_only=True)
     new_k/v    dtype [layers, B, kv_heads, T, hd]  the caller stores them at
                                                    slots position..position+T-1
 
+In the ONNX graph the past is 2L inputs, `past_k_0..past_k_{L-1}` then
+`past_v_0..past_v_{L-1}` (`input_names`), so each layer's attention reads its own bound
+buffer: no node slices, gathers, concatenates or copies the past (a stacked
+[layers, ..] past input made the exporter emit one Gather per layer and tensor, which ONNX
+Runtime materialises: the whole cache copied every step). Attention is split into the past
+block and the new block with one softmax over both (`_attend`): the past is consumed in
+place by two matmuls (q @ K^T, which ONNX Runtime fuses into one MatMul with transposed B,
+and probs @ V), and only the T new keys/values are concatenated, logically, through the
+softmax. The new K/V come out stacked (T slots per layer: one small concatenation).
+
 The graph is pure (no in-place cache writes, no data-dependent control flow); its math is
-`Decoder.forward_with_cache`. S can be a static buffer (S = max_context: keys past
-`position` are masked, so decode cost is flat in the context) or the exact past (S =
-position, marked dynamic, an empty [.., 0, hd] past for the prefill): one graph serves both
-when the T and S axes are exported as dynamic. Positions, rotary tables and the ALiBi bias
-are computed from `position` inside the graph.
+`Decoder.forward_with_cache`'s (same helpers, per-layer past). S can be a static buffer
+(S = max_context: keys past `position` are masked, so decode cost is flat in the context)
+or the exact past (S = position, marked dynamic, an empty [.., 0, hd] past for the
+prefill): one graph serves both when the T and S axes are exported as dynamic. Positions,
+rotary tables and the ALiBi bias are computed from `position` inside the graph.
 
 `export_onnx` wraps `torch.onnx.export` (dynamo exporter) with those names and dynamic
-axes; the cache layout [layers, 2, B, kv_heads, S, hd] of `Decoder.new_cache` gives
-past_k = cache[:, 0] and past_v = cache[:, 1].
+axes (B, T and one S shared by every layer's past).
 """
 
 from __future__ import annotations
@@ -31,14 +41,58 @@ from torch import nn
 
 from idealrt.services.serving.decoder.model import Decoder
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "DecoderStep", "example_inputs", "export_onnx"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "DecoderStep",
+    "example_inputs",
+    "export_onnx",
+    "input_names",
+    "past_names",
+]
 
-INPUT_NAMES = ("input_ids", "past_k", "past_v", "position")
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 
 
+def past_names(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The graph's per-layer past inputs: (past_k_0.., past_v_0..)."""
+    return (
+        tuple(f"past_k_{i}" for i in range(layers)),
+        tuple(f"past_v_{i}" for i in range(layers)),
+    )
+
+
+def input_names(layers: int) -> tuple[str, ...]:
+    """Every input of the step graph of a `layers`-layer decoder, in graph order."""
+    keys, values = past_names(layers)
+    return ("input_ids", *keys, *values, "position")
+
+
+def _attend(
+    q: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_bias: torch.Tensor,
+    new_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of q (scaled, grouped [B, kv, G*T, hd]) over the past block (read in
+    place) and the new block, with one softmax in fp32 over both."""
+    s = past_k.shape[2]
+    scores = torch.cat(
+        (
+            torch.matmul(q, past_k.transpose(-1, -2)).float() + past_bias,
+            torch.matmul(q, k.transpose(-1, -2)).float() + new_bias,
+        ),
+        dim=-1,
+    )
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs[..., :s], past_v) + torch.matmul(probs[..., s:], v)
+
+
 class DecoderStep(nn.Module):
-    """`forward` = `decoder.forward_with_cache` (an nn.Module, as exporters want)."""
+    """One functional step of `decoder` with a per-layer past (an nn.Module, as exporters
+    want); the math of `decoder.forward_with_cache`."""
 
     def __init__(self, decoder: Decoder, *, last_only: bool = True) -> None:
         super().__init__()
@@ -48,24 +102,45 @@ class DecoderStep(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        past_k: torch.Tensor,
-        past_v: torch.Tensor,
+        past_k: list[torch.Tensor],
+        past_v: list[torch.Tensor],
         position: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.decoder.forward_with_cache(
-            input_ids, past_k, past_v, position, last_only=self.last_only
-        )
+        dec = self.decoder
+        t = input_ids.shape[1]
+        s = past_k[0].shape[2]
+        q_pos = position + torch.arange(t, device=input_ids.device)
+        k_pos = torch.arange(s, device=input_ids.device)
+        x = dec._embed(input_ids, q_pos)
+        rope = (dec.rope_cos[q_pos], dec.rope_sin[q_pos]) if dec._rotary else None
+        past_bias = dec._grouped(dec._bias(q_pos, k_pos, (position - 1).expand(t)))
+        new_bias = dec._grouped(dec._bias(q_pos, q_pos, q_pos))
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        for blk, pk, pv in zip(dec._blocks, past_k, past_v, strict=True):
+            h = dec._norm(x, blk.attn_norm_w, blk.attn_norm_b)
+            q, k, v = dec._qkv(blk, h, rope)
+            o = _attend(dec._group_q(q) * dec.scale, pk, pv, k, v, past_bias, new_bias)
+            x = dec._residual(blk, x, h, dec._attn_out(blk, o.reshape(q.shape)))
+            new_k.append(k)
+            new_v.append(v)
+        return dec._logits(x, self.last_only), torch.stack(new_k), torch.stack(new_v)
 
 
 def example_inputs(
     decoder: Decoder, *, batch: int = 2, tokens: int = 2, past: int = 3
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Inputs of the right dtypes/shapes on the decoder's device (past slots zero)."""
     dev = decoder.head_w.device
-    shape = (decoder.spec.layers, batch, decoder.kv_heads, past, decoder.head_dim)
+    shape = (batch, decoder.kv_heads, past, decoder.head_dim)
     ids = torch.zeros(batch, tokens, dtype=torch.int64, device=dev)
-    pk = torch.zeros(shape, dtype=decoder.dtype, device=dev)
-    return ids, pk, pk.clone(), torch.tensor(past, dtype=torch.int64, device=dev)
+
+    def zeros() -> list[torch.Tensor]:
+        return [
+            torch.zeros(shape, dtype=decoder.dtype, device=dev) for _ in range(decoder.spec.layers)
+        ]
+
+    return ids, zeros(), zeros(), torch.tensor(past, dtype=torch.int64, device=dev)
 
 
 def export_onnx(decoder: Decoder, path: str | os.PathLike[str], *, last_only: bool = True) -> None:
@@ -76,10 +151,12 @@ def export_onnx(decoder: Decoder, path: str | os.PathLike[str], *, last_only: bo
         torch.export.Dim("tokens"),
         torch.export.Dim("past"),
     )
+    layers = decoder.spec.layers
+    per_layer = [{0: batch, 2: past} for _ in range(layers)]
     shapes = {
         "input_ids": {0: batch, 1: tokens},
-        "past_k": {1: batch, 3: past},
-        "past_v": {1: batch, 3: past},
+        "past_k": per_layer,
+        "past_v": list(per_layer),
         "position": None,
     }
     with torch.inference_mode(False), torch.no_grad():
@@ -87,7 +164,7 @@ def export_onnx(decoder: Decoder, path: str | os.PathLike[str], *, last_only: bo
             step,
             example_inputs(decoder),
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(input_names(layers)),
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes=shapes,
             dynamo=True,

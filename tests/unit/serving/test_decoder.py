@@ -20,6 +20,7 @@ from idealrt.services.serving.decoder import (
     planned_bytes,
     torch_dtype,
 )
+from idealrt.services.serving.decoder.export import input_names, past_names
 from idealrt.services.serving.decoder.hf_convert import hf_config, hf_config_dict
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "bloom")
@@ -138,6 +139,8 @@ def test_onnx_export_runs_in_onnxruntime(
     dec = build_decoder(tiny[family], max_context=16, seed=2)
     export_onnx(dec, tmp_path / "step.onnx")
     sess = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    layers = tiny[family].layers
+    assert [i.name for i in sess.get_inputs()] == list(input_names(layers))
     cache = dec.new_cache(2)
     ids = torch.randint(0, tiny[family].vocab, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -146,20 +149,41 @@ def test_onnx_export_runs_in_onnxruntime(
     # static buffer of max_context slots, the caller storing the new K/V between calls
     k = torch.zeros_like(cache[:, 0]).numpy()
     v = k.copy()
-    feeds = {
-        "input_ids": ids.numpy(),
-        "past_k": k,
-        "past_v": v,
-        "position": torch.tensor(0).numpy(),
-    }
+    keys, values = past_names(layers)
+    past = {**dict(zip(keys, k, strict=True)), **dict(zip(values, v, strict=True))}
+    feeds = {"input_ids": ids.numpy(), **past, "position": torch.tensor(0).numpy()}
     logits, nk, nv = sess.run(None, feeds)
     assert float(abs(logits - ref_prefill.numpy()).max()) < 1e-4
-    k[:, :, :, :5], v[:, :, :, :5] = nk, nv
-    feeds = {
-        "input_ids": ids[:, :1].numpy(),
-        "past_k": k,
-        "past_v": v,
-        "position": torch.tensor(5).numpy(),
-    }
+    k[:, :, :, :5], v[:, :, :, :5] = nk, nv  # the per-layer feeds are views of k and v
+    feeds = {"input_ids": ids[:, :1].numpy(), **past, "position": torch.tensor(5).numpy()}
     logits, _, _ = sess.run(None, feeds)
     assert float(abs(logits - ref_step.numpy()).max()) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_onnx_step_reads_the_past_in_place(
+    family: str, tmp_path: Path, tiny: dict[str, ModelSpec]
+) -> None:
+    """Each layer's past K/V is its own input, consumed only by the attention products (K
+    through a transpose the product absorbs): nothing gathers, slices or concatenates the
+    cache (see test_onnxruntime_backend for the graph ONNX Runtime actually runs)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from idealrt.services.serving.decoder import export_onnx
+
+    export_onnx(build_decoder(tiny[family], max_context=16, seed=2), tmp_path / "step.onnx")
+    graph = onnx.load(str(tmp_path / "step.onnx"), load_external_data=False).graph
+    keys, values = past_names(tiny[family].layers)
+    assert [o.name for o in graph.output] == ["logits", "new_k", "new_v"]
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    for name in (*keys, *values):
+        ops = [op for op in consumers[name] if op != "Shape"]
+        assert ops == (["Transpose"] if name in keys else ["MatMul"]), (name, ops)
+    transposed = {
+        n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in keys
+    }
+    assert all(consumers[t] == ["MatMul"] for t in transposed)

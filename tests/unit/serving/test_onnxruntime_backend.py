@@ -22,6 +22,7 @@ from idealrt.services.serving import decoder as decoder_pkg
 from idealrt.services.serving.backends import _onnx_cache as oc
 from idealrt.services.serving.backends import base
 from idealrt.services.serving.backends import onnxruntime_backend as ob
+from idealrt.services.serving.decoder.export import past_names
 from idealrt.services.serving.registry import BackendTable, ModelRegistry
 
 ort = pytest.importorskip("onnxruntime")
@@ -316,11 +317,50 @@ def test_loads_and_generates_through_the_registry(
     reg.close()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_session_reads_each_layers_past_in_place(
+    family: str, cache_dir: Path, tmp_path: Path, tiny: dict[str, ModelSpec]
+) -> None:
+    """In the graph the backend's session runs (after ONNX Runtime's optimizations), every
+    per-layer past input feeds only matrix products (no Gather/Slice/Concat/Transpose copies
+    the cache), and q @ K^T keeps alpha 1 (MLAS's one-row kernel, not a packing GEMM)."""
+    onnx = pytest.importorskip("onnx")
+    spec = tiny[family]
+    export = oc.export_decoder(
+        spec, "fp32", seed=0, weights_path="", init_device=torch.device("cpu"), root=cache_dir
+    )
+    optimized = tmp_path / "optimized.onnx"
+    ob.make_session(
+        export.path, torch.device("cpu"), ob.OrtOptions(threads=1), optimized_path=optimized
+    )
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    keys, values = past_names(spec.layers)
+    uses: dict[str, list[Any]] = {name: [] for name in (*keys, *values)}
+    for node in graph.node:
+        for name in node.input:
+            if name in uses:
+                uses[name].append(node)
+    for name, nodes in uses.items():
+        products = [n for n in nodes if n.op_type != "Shape"]
+        assert len(products) == 1, (name, [n.op_type for n in nodes])
+        node = products[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if name in values:
+            assert node.op_type == "MatMul" and list(node.input).index(name) == 1
+        else:  # q @ K^T: the transpose fused into the product, no scale folded in
+            assert node.op_type in ("MatMul", "FusedMatMul"), node.op_type
+            assert attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0, attrs
+
+
 # ---- KV buffers ----
 def _zeros(lib: str) -> Any:
     if lib == "numpy":
         return lambda n: np.zeros(n, np.float32)
     return lambda n: torch.zeros(n)
+
+
+def _stacked(views: list[Any]) -> np.ndarray:
+    return np.stack([np.asarray(v) for v in views])
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
@@ -330,9 +370,11 @@ def _zeros(lib: str) -> Any:
 def test_kv_buffers_hold_every_token_and_grow_in_buckets(
     lib: str, bucket: int, max_context: int, p: int
 ) -> None:
-    layers, batch, kv, hd = 2, 2, 3, 4
-    bufs = oc.KVBuffers(layers, batch, kv, hd, max_context, bucket, _zeros(lib))
-    assert bufs.nbytes == 4 * layers * batch * kv * max_context * hd * 4
+    layers, batch, kv, hd = 3, 2, 3, 4
+    bufs = oc.KVBuffers(layers, batch, kv, hd, max_context, bucket, _zeros(lib), align=16)
+    per_layer = batch * kv * max_context * hd
+    assert bufs.stride == -(-per_layer // 16) * 16
+    assert bufs.nbytes == 4 * layers * bufs.stride * 4
     rng = np.random.default_rng(0)
     ref = np.zeros((2, layers, batch, kv, max_context, hd), np.float32)
 
@@ -348,31 +390,49 @@ def test_kv_buffers_hold_every_token_and_grow_in_buckets(
     caps = []
     for pos in range(p, max_context):
         past_k, past_v = bufs.past()
-        cap = past_k.shape[3]
+        assert len(past_k) == len(past_v) == layers
+        cap = past_k[0].shape[2]
+        assert all(tuple(t.shape) == (batch, kv, cap, hd) for t in (*past_k, *past_v))
         caps.append(cap)
         assert pos <= cap <= max_context
         if bucket < max_context:
             assert cap - pos < 2 * bucket
         else:
             assert cap == max_context  # static window
-        np.testing.assert_array_equal(np.asarray(past_k)[..., :pos, :], ref[0, ..., :pos, :])
-        np.testing.assert_array_equal(np.asarray(past_v)[..., :pos, :], ref[1, ..., :pos, :])
+        np.testing.assert_array_equal(_stacked(past_k)[..., :pos, :], ref[0, ..., :pos, :])
+        np.testing.assert_array_equal(_stacked(past_v)[..., :pos, :], ref[1, ..., :pos, :])
         new = rng.standard_normal((2, layers, batch, kv, 1, hd), dtype=np.float32)
         ref[:, :, :, :, pos : pos + 1] = new
         changed = bufs.store(pos, as_lib(new[0]), as_lib(new[1]))
-        assert changed == (bufs.past()[0].shape[3] != cap)
+        assert changed == (bufs.past()[0][0].shape[2] != cap)
     assert caps == sorted(caps) and caps[-1] >= max_context - 1
     assert all(c % bucket == 0 or c == max_context for c in caps)
 
 
-def test_kv_buffer_views_start_at_their_allocation() -> None:
-    """Every view begins at one of four allocations (TensorRT wants aligned addresses)."""
-    bufs = oc.KVBuffers(2, 1, 2, 8, 16, 4, lambda n: np.zeros(n, np.float32))
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_kv_buffer_layer_views_are_aligned_and_do_not_move(lib: str) -> None:
+    """Each layer's view is dense, starts at a multiple of `align` elements from one of four
+    allocations (TensorRT wants 256-byte aligned addresses) and keeps its address whatever
+    the capacity; the strided all-layer view used by `store` is a view of the same memory."""
+    bufs = oc.KVBuffers(3, 1, 2, 8, 13, 4, _zeros(lib), align=64)
+
+    def address(a: Any) -> int:
+        return int(a.ctypes.data) if lib == "numpy" else int(a.data_ptr())
+
     bases = set()
     for slot in (0, 1):
-        for k, v in (bufs.view(slot, 3), bufs.view(slot, 16)):
-            assert k.flags.c_contiguous and v.flags.c_contiguous
-            bases |= {k.ctypes.data, v.ctypes.data}
+        ks, vs = bufs.view(slot, 13)
+        k0, v0 = ks[0], vs[0]
+        bases |= {address(k0), address(v0)}
+        for cap in (1, 3, 13):
+            for layer, (k, v) in enumerate(zip(*bufs.view(slot, cap), strict=True)):
+                for a, first in ((k, k0), (v, v0)):
+                    assert a.flags.c_contiguous if lib == "numpy" else a.is_contiguous()
+                    assert address(a) - address(first) == layer * bufs.stride * 4
+                    assert bufs.stride % 64 == 0
+        grid_k, _ = bufs._grid(slot, 5)
+        grid_k[2, 1, 4] = 7.0
+        assert float(bufs.view(slot, 5)[0][2][0, 1, 4, 0]) == 7.0
     assert len(bases) == 4
 
 

@@ -24,6 +24,7 @@ from idealrt.services.serving.backends import _onnx_cache as oc
 from idealrt.services.serving.backends import _trt_profiles as prof
 from idealrt.services.serving.backends import tensorrt_backend as tb
 from idealrt.services.serving.decoder import build_decoder
+from idealrt.services.serving.decoder.export import input_names
 from idealrt.services.serving.registry import ModelRegistry
 
 TRT_CUDA = StackSpec(Backend.TENSORRT, "cuda")
@@ -38,14 +39,21 @@ def test_all_is_what_it_claims() -> None:
 def test_profile_covers_prefill_and_decode(tiny: dict[str, ModelSpec]) -> None:
     spec = tiny["llama"]  # 2 layers, 2 kv heads, head_dim 8
     p = prof.profile_shapes(spec, max_prompt=20, max_context=48, batch=4)
-    assert set(p) == set(prof.DYNAMIC_INPUTS)
+    assert prof.dynamic_inputs(2) == (
+        "input_ids",
+        "past_k_0",
+        "past_k_1",
+        "past_v_0",
+        "past_v_1",
+    )
+    assert set(p) == set(prof.dynamic_inputs(spec.layers))
     assert p["input_ids"] == ((1, 1), (4, 1), (4, 20))
-    assert p["past_k"] == ((2, 1, 2, 1, 8), (2, 4, 2, 24, 8), (2, 4, 2, 48, 8))
-    assert p["past_v"] == p["past_k"]
+    assert p["past_k_0"] == ((1, 2, 1, 8), (4, 2, 24, 8), (4, 2, 48, 8))
+    assert p["past_k_1"] == p["past_v_0"] == p["past_v_1"] == p["past_k_0"]
     for name, (lo, opt, hi) in p.items():
         assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), name
     one = prof.profile_shapes(spec, max_prompt=1, max_context=1, batch=1)
-    assert one["past_k"][1][3] == 1 and one["input_ids"][2] == (1, 1)
+    assert one["past_k_0"][1][2] == 1 and one["input_ids"][2] == (1, 1)
 
 
 @pytest.mark.parametrize(
@@ -68,18 +76,19 @@ def test_profile_refuses_impossible_ranges(
 def test_shape_problem_names_the_axis(tiny: dict[str, ModelSpec]) -> None:
     p = prof.profile_shapes(tiny["gpt2"], max_prompt=10, max_context=32, batch=2)
     assert prof.shape_problem(p, "input_ids", (2, 10)) == ""
-    assert prof.shape_problem(p, "past_k", (2, 1, 4, 32, 8)) == ""
+    assert prof.shape_problem(p, "past_k_0", (1, 4, 32, 8)) == ""
     assert "axis 1" in prof.shape_problem(p, "input_ids", (1, 11))
-    assert "axis 3" in prof.shape_problem(p, "past_v", (2, 1, 4, 33, 8))
+    assert "axis 2" in prof.shape_problem(p, "past_v_1", (1, 4, 33, 8))
     assert "rank" in prof.shape_problem(p, "input_ids", (1,))
 
 
 def test_expected_dtypes_follow_the_stack_dtype() -> None:
-    assert prof.expected_dtypes("fp16")["past_k"] == "HALF"
-    assert prof.expected_dtypes("bf16")["logits"] == "BF16"
-    fp32 = prof.expected_dtypes("fp32")
+    assert prof.expected_dtypes("fp16", 2)["past_k_1"] == "HALF"
+    assert prof.expected_dtypes("bf16", 2)["logits"] == "BF16"
+    fp32 = prof.expected_dtypes("fp32", 2)
     assert fp32["input_ids"] == fp32["position"] == "INT64"
-    assert set(fp32) == {"input_ids", "past_k", "past_v", "position", "logits", "new_k", "new_v"}
+    assert set(fp32) == {*input_names(2), "logits", "new_k", "new_v"}
+    assert {fp32[n] for n in fp32 if n not in ("input_ids", "position")} == {"FLOAT"}
 
 
 def test_engine_key_changes_with_everything_it_depends_on(tiny: dict[str, ModelSpec]) -> None:
@@ -319,16 +328,26 @@ class FakeTrt:
 
 
 class FakeEngine:
+    """IO of the parsed ONNX graph (a 2-layer step when none was parsed)."""
+
     def __init__(self, trt: FakeTrt) -> None:
         self.trt = trt
-        self.names = ["input_ids", "past_k", "past_v", "position", "logits", "new_k", "new_v"]
+        if trt.onnx_path.is_file():
+            import onnx
+
+            graph = onnx.load(str(trt.onnx_path), load_external_data=False).graph
+            self.inputs = [i.name for i in graph.input]
+            outputs = [o.name for o in graph.output]
+        else:
+            self.inputs, outputs = list(input_names(2)), ["logits", "new_k", "new_v"]
+        self.names = self.inputs + outputs
         self.num_io_tensors = len(self.names)
 
     def get_tensor_name(self, i: int) -> str:
         return self.names[i]
 
     def get_tensor_mode(self, name: str) -> str:
-        return "input" if name in ("input_ids", "past_k", "past_v", "position") else "output"
+        return "input" if name in self.inputs else "output"
 
     def get_tensor_dtype(self, name: str) -> str:
         return "int64" if name in ("input_ids", "position") else self.trt.io_dtype
@@ -369,12 +388,11 @@ class FakeContext:
     def execute_async_v3(self, stream: int) -> bool:
         import numpy as np
 
-        feeds = {
-            "input_ids": self._array("input_ids", self.shapes["input_ids"], np.int64).copy(),
-            "past_k": self._array("past_k", self.shapes["past_k"], np.float32).copy(),
-            "past_v": self._array("past_v", self.shapes["past_v"], np.float32).copy(),
-            "position": self._array("position", (), np.int64).copy(),
-        }
+        feeds = {"position": self._array("position", (), np.int64).copy()}
+        for i in self.session.get_inputs():
+            if i.name != "position":
+                dtype = np.int64 if i.name == "input_ids" else np.float32
+                feeds[i.name] = self._array(i.name, self.shapes[i.name], dtype).copy()
         for name, value in zip(
             ("logits", "new_k", "new_v"), self.session.run(None, feeds), strict=True
         ):
@@ -421,13 +439,14 @@ def test_generation_loop_matches_pytorch_on_a_stand_in_engine(
     build = [c for c in backend._trt.calls if c[0] != "parse"]
     assert build[0] == ("network", 1 << 1)  # strongly typed
     assert ("pool", "workspace", 1 << 20) in build and ("add_profile",) in build
-    assert {c[1] for c in build if c[0] == "set_shape"} == set(prof.DYNAMIC_INPUTS)
+    dynamic = prof.dynamic_inputs(tiny[family].layers)
+    assert {c[1] for c in build if c[0] == "set_shape"} == set(dynamic)
     prompt = [5, 17, 3, 88, 41, 9, 60]
     calls = backend._context.shape_calls
     got = backend.generate(prompt, 12, 2)
     # shapes are set only when they change (prefill, first decode, each KV growth): with
-    # 2-slot buckets that is ~half the 11 decode steps, 3 inputs each, not all of them
-    assert backend._context.shape_calls - calls <= 3 * (2 + 11 // 2)
+    # 2-slot buckets that is ~half the 11 decode steps, 1 + 2*layers inputs each
+    assert backend._context.shape_calls - calls <= len(dynamic) * (2 + 11 // 2)
     assert (got.prompt_tokens, got.output_tokens, got.batch_size, len(got.decode_ns)) == (
         7,
         12,
@@ -463,6 +482,7 @@ def test_generation_loop_matches_pytorch_on_a_stand_in_engine(
 def test_an_engine_with_other_dtypes_is_refused(tmp_path: Path) -> None:
     backend = tb.TensorRTBackend(tmp_path)
     backend._trt = FakeTrt(tmp_path / "unused.onnx", io_dtype="float16")
+    backend._spec = catalog.resolve("tiny-gpt2")  # 2 layers, as the stand-in engine
     with pytest.raises(FailedPrecondition) as e:
         backend._open(b"engine", "fp32")
     assert e.value.reason == "ENGINE_MISMATCH"
