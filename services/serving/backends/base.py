@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import Internal, InvalidArgument, ResourceExhausted, Unavailable
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving.timing import StepClock
 
 __all__ = [
     "Backend",
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryReport",
     "check_memory",
     "check_options",
+    "clock_result",
     "device_memory",
     "resolve_device",
 ]
@@ -192,3 +194,25 @@ def check_memory(
             f"KV cache) but {device} has {free / gib:.2f} GiB free of {total / gib:.2f} GiB",
         )
     return total, free
+
+
+def clock_result(
+    clock: StepClock,
+    prompt_tokens: int,
+    output_ids: Sequence[int],
+    start_time: datetime,
+    batch_size: int,
+) -> GenerationResult:
+    """The GenerationResult of a finished generation timed by `clock` (one shape for every
+    backend; GenerationResult itself refuses counts that differ)."""
+    prefill, decode, total = clock.intervals()
+    return GenerationResult(
+        prompt_tokens=prompt_tokens,
+        output_tokens=clock.tokens,
+        output_ids=tuple(output_ids),
+        prefill_ns=prefill,
+        decode_ns=decode,
+        total_ns=total,
+        start_time=start_time,
+        batch_size=batch_size,
+    )

@@ -71,6 +71,7 @@ from idealrt.services.serving.backends.base import (
     MemoryReport,
     check_memory,
     check_options,
+    clock_result,
     device_memory,
     resolve_device,
 )
@@ -438,17 +439,7 @@ class OnnxRuntimeBackend:
                 self._bind_past(binding, kv.past())
             binding.synchronize_outputs()
             clock.mark()
-        prefill, decode, total = clock.intervals()
-        return GenerationResult(
-            prompt_tokens=p,
-            output_tokens=clock.tokens,
-            output_ids=tuple(io.tolist(out[0])),
-            prefill_ns=prefill,
-            decode_ns=decode,
-            total_ns=total,
-            start_time=start_time,
-            batch_size=batch,
-        )
+        return clock_result(clock, p, io.tolist(out[0]), start_time, batch)
 
 
 def create_backend() -> OnnxRuntimeBackend:

@@ -33,6 +33,7 @@ from idealrt.services.serving.backends.base import (
     MemoryReport,
     check_memory,
     check_options,
+    clock_result,
     device_memory,
     resolve_device,
 )
@@ -299,17 +300,7 @@ class PytorchBackend:
                 tok = step(tok, p + i - 1)
                 out[:, i] = tok
                 clock.mark()
-        prefill, decode, total = clock.intervals()
-        return GenerationResult(
-            prompt_tokens=p,
-            output_tokens=clock.tokens,
-            output_ids=tuple(out[0].tolist()),
-            prefill_ns=prefill,
-            decode_ns=decode,
-            total_ns=total,
-            start_time=start_time,
-            batch_size=batch_size,
-        )
+        return clock_result(clock, p, out[0].tolist(), start_time, batch_size)
 
 
 def create_backend() -> PytorchBackend:

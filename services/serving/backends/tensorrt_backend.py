@@ -62,6 +62,7 @@ from idealrt.services.serving.backends.base import (
     MemoryReport,
     check_memory,
     check_options,
+    clock_result,
     device_memory,
     resolve_device,
 )
@@ -386,17 +387,7 @@ class TensorRTBackend:
             if kv.store(pos, buf["new_k"], buf["new_v"]):
                 past = self._past(kv.past())
             clock.mark()
-        prefill, decode, total = clock.intervals()
-        return GenerationResult(
-            prompt_tokens=p,
-            output_tokens=clock.tokens,
-            output_ids=tuple(int(t) for t in out[0].tolist()),
-            prefill_ns=prefill,
-            decode_ns=decode,
-            total_ns=total,
-            start_time=start_time,
-            batch_size=batch,
-        )
+        return clock_result(clock, p, [int(t) for t in out[0].tolist()], start_time, batch)
 
 
 def create_backend() -> TensorRTBackend:

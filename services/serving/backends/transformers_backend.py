@@ -28,6 +28,7 @@ from idealrt.services.serving.backends.base import (
     GenerationResult,
     MemoryReport,
     check_memory,
+    clock_result,
     device_memory,
     resolve_device,
 )
@@ -168,17 +169,7 @@ class TransformersBackend:
                 out[:, i] = tok
                 clock.mark()
             del res
-        prefill, decode, total = clock.intervals()
-        return GenerationResult(
-            prompt_tokens=p,
-            output_tokens=clock.tokens,
-            output_ids=tuple(out[0].tolist()),
-            prefill_ns=prefill,
-            decode_ns=decode,
-            total_ns=total,
-            start_time=start_time,
-            batch_size=batch_size,
-        )
+        return clock_result(clock, p, out[0].tolist(), start_time, batch_size)
 
 
 def create_backend() -> TransformersBackend:
