@@ -261,7 +261,9 @@ class ModelRegistry:
                 model_id=self._new_id(),
                 name=name,
                 spec=spec,
-                stack=stack,
+                stack=dataclasses.replace(
+                    stack, options={**stack.options, **memory.resolved_options}
+                ),
                 memory=memory,
                 load_ns=load_ns,
                 max_context=max_context,

@@ -45,6 +45,9 @@ class MemoryReport:
     kv_cache_bytes: int
     device_total_bytes: int
     device_free_bytes: int
+    # Options the backend settled where the stack left the choice to it (e.g. pytorch's
+    # gemv=auto -> native or aten); the registry records them in the loaded model's stack.
+    resolved_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

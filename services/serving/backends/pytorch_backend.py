@@ -9,7 +9,14 @@ Options (StackSpec.options, all off by default; recorded with every measurement)
 - torch_compile: "1" -> the decode step (`forward_static`) goes through torch.compile
   (static shapes; compiled while loading and at the first use of each batch size, outside
   any timed region). Needs a C++ compiler on the CPU.
-The prefill is always eager `Decoder.forward`.
+- kernels: "auto" (default) | "native" | "aten" -> what runs the eager CPU fp32 decode step
+  at batch 1: `native` is idealrt's streaming GEMV and single-token attention
+  (`idealrt.services.serving.decoder.native`, compiled at first use), `aten` is torch.mm
+  (MKL) and scaled_dot_product_attention. auto takes native when it builds and passes its
+  check on this machine, else aten; the choice is recorded in the loaded model's stack
+  options. native on another device or dtype is OPTION_INVALID; native that cannot be
+  built is FAILED_PRECONDITION (NATIVE_KERNELS_UNAVAILABLE).
+The prefill is always eager `Decoder.forward` (ATen).
 
 Without options the decode step is eager `Decoder.forward` over the cache prefix: one
 prefix-length attention, K/V written in place into the preallocated cache, logits only for
@@ -27,7 +34,9 @@ import torch
 
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.serving.backends._onnx_cache import cache_root
 from idealrt.services.serving.backends.base import (
     GenerationResult,
     MemoryReport,
@@ -39,6 +48,7 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.decoder import Decoder, build_decoder, planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.build import cache_bytes
+from idealrt.services.serving.decoder.native import NativeUnavailable, load_kernels
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
@@ -50,8 +60,10 @@ __all__ = [
     "warm_up",
 ]
 
-OPTIONS = ("threads", "cuda_graphs", "torch_compile")
+OPTIONS = ("threads", "cuda_graphs", "torch_compile", "kernels")
+KERNEL_CHOICES = ("auto", "native", "aten")
 Step = Callable[[torch.Tensor, int], torch.Tensor]
+_log = get_logger(__name__)
 
 
 def _flag(options: dict[str, str], key: str) -> bool:
@@ -70,6 +82,7 @@ class TorchOptions:
     threads: int = 0
     cuda_graphs: bool = False
     torch_compile: bool = False
+    kernels: str = "auto"
 
     @classmethod
     def parse(cls, stack: StackSpec, known: Sequence[str] = OPTIONS) -> TorchOptions:
@@ -85,8 +98,18 @@ class TorchOptions:
                 f"option threads must be an integer >= 1, got {raw!r}",
                 field="stack.options",
             )
+        kernels = stack.options.get("kernels", "auto").strip().lower() or "auto"
+        if kernels not in KERNEL_CHOICES:
+            raise InvalidArgument(
+                "OPTION_INVALID",
+                f"option kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}",
+                field="stack.options",
+            )
         return cls(
-            threads, _flag(stack.options, "cuda_graphs"), _flag(stack.options, "torch_compile")
+            threads,
+            _flag(stack.options, "cuda_graphs"),
+            _flag(stack.options, "torch_compile"),
+            kernels,
         )
 
 
@@ -161,6 +184,13 @@ class PytorchBackend:
             raise InvalidArgument(
                 "OPTION_INVALID", "option cuda_graphs=1 needs a CUDA device", field="stack.options"
             )
+        native_ok = device.type == "cpu" and dtype == torch.float32 and not opts.torch_compile
+        if opts.kernels == "native" and not native_ok:
+            raise InvalidArgument(
+                "OPTION_INVALID",
+                "option kernels=native needs device cpu, dtype fp32 and no torch_compile",
+                field="stack.options",
+            )
         max_context = max_context or spec.max_positions
         if not 1 <= max_context <= spec.max_positions:
             raise InvalidArgument(
@@ -182,14 +212,31 @@ class PytorchBackend:
             seed=seed,
             weights_path=weights_path,
         )
+        resolved: dict[str, str] = {}
         try:
+            if native_ok and opts.kernels != "aten":
+                resolved["kernels"] = self._use_native(opts.kernels)
             self._prepare_batch(1)
             warm_up(self, max_context)
         except BaseException:
             self.unload()
             raise
         total, free = device_memory(device)
-        return MemoryReport(weights, kv, total, free)
+        return MemoryReport(weights, kv, total, free, resolved)
+
+    def _use_native(self, choice: str) -> str:
+        """Attach the native kernel to the decoder; "native" or, for auto when it cannot be
+        built here, "aten" (logged with the reason)."""
+        assert self._decoder is not None
+        try:
+            kernel = load_kernels(cache_root())
+        except NativeUnavailable as e:
+            if choice == "native":
+                raise FailedPrecondition("NATIVE_KERNELS_UNAVAILABLE", str(e)) from e
+            _log.warning("native_kernels_unavailable", reason=str(e), using="aten")
+            return "aten"
+        self._decoder.use_native(kernel)
+        return "native"
 
     def unload(self) -> None:
         self._decoder = self._cache = self._graph = None

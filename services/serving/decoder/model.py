@@ -26,6 +26,7 @@ Three entry points share the weights:
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,23 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x [.., in] @ w [in, out] (+ b), as one addmm/mm over the flattened rows."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-    return y.view(*x.shape[:-1], w.shape[1])
+class NativeOps(Protocol):
+    """CPU kernels the eager batch-1 decode step can use instead of ATen (see
+    `idealrt.services.serving.decoder.native`)."""
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x [1, in] @ w [in, out] (+ b) -> [1, out]."""
+        ...
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, end: int, scale: float
+    ) -> torch.Tensor:
+        """Single-token attention of q [1, heads, 1, D] over cache rows lo..end-1."""
+        ...
+
+
+def _aten_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
 
 
 class Block(nn.Module):
@@ -136,7 +149,28 @@ class Decoder(nn.Module):
         self.final_norm_w = _param(d, **opt)
         self.final_norm_b = _param(d, **opt) if self._layernorm else None
         self.head_b = _param(spec.vocab, **opt) if spec.lm_head_bias_effective else None
+        self._native: NativeOps | None = None
         self.reset_buffers()
+
+    def use_native(self, ops: NativeOps | None) -> None:
+        """Route the batch-1, single-token work of the eager `forward` (a decode step) to
+        `ops`: its products x [1, in] @ W, and (fp32, no ALiBi) its attention over the
+        cache prefix. None restores ATen. Never used while tracing, compiling or exporting
+        (those see ATen ops only), nor by `forward_static` / `forward_with_cache`."""
+        self._native = ops
+
+    def _native_now(self, rows: int) -> NativeOps | None:
+        ops = self._native
+        if ops is None or rows != 1 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        return ops
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x [.., in] @ w [in, out] (+ b), as one product over the flattened rows."""
+        x2 = x.reshape(-1, x.shape[-1])
+        ops = self._native_now(x2.shape[0])
+        y = _aten_linear(x2, w, b) if ops is None else ops(x2, w, b)
+        return y.view(*x.shape[:-1], w.shape[1])
 
     # ---- buffers (derived, never saved) ----
     def reset_buffers(self) -> None:
@@ -201,7 +235,8 @@ class Decoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, heads, T, hd], k and v [B, kv_heads, T, hd], rotary applied."""
         b, t, _ = h.shape
-        qkv = _linear(h, blk.qkv_w, blk.qkv_b).view(b, t, -1, self.head_dim).transpose(1, 2)
+        qkv = self._linear(h, blk.qkv_w, blk.qkv_b)
+        qkv = qkv.view(b, t, -1, self.head_dim).transpose(1, 2)
         q = qkv[:, : self.heads]
         k = qkv[:, self.heads : self.heads + self.kv_heads]
         v = qkv[:, self.heads + self.kv_heads :]
@@ -211,7 +246,7 @@ class Decoder(nn.Module):
 
     def _attn_out(self, blk: Block, o: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = o.shape
-        return _linear(o.transpose(1, 2).reshape(b, t, -1), blk.o_w, blk.o_b)
+        return self._linear(o.transpose(1, 2).reshape(b, t, -1), blk.o_w, blk.o_b)
 
     def _residual(
         self, blk: Block, x: torch.Tensor, h: torch.Tensor, attn: torch.Tensor
@@ -225,14 +260,14 @@ class Decoder(nn.Module):
         return x + attn + self._mlp(blk, mlp_in)
 
     def _mlp(self, blk: Block, h: torch.Tensor) -> torch.Tensor:
-        up = _ops.activation(self.spec.activation, _linear(h, blk.up_w, blk.up_b))
-        return _linear(up, blk.down_w, blk.down_b)
+        up = _ops.activation(self.spec.activation, self._linear(h, blk.up_w, blk.up_b))
+        return self._linear(up, blk.down_w, blk.down_b)
 
     def _logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:
             x = x[:, -1:]
         x = self._norm(x, self.final_norm_w, self.final_norm_b)
-        return _linear(x, self.head_w, self.head_b)
+        return self._linear(x, self.head_w, self.head_b)
 
     def _grouped(self, bias: torch.Tensor) -> torch.Tensor:
         """A [1 or heads, T, K] additive bias in the grouped-query layout [.., G*T, K] that
@@ -284,19 +319,25 @@ class Decoder(nn.Module):
             mask = self._grouped(self._bias(q_pos, k_pos, q_pos)).to(self.dtype)
         elif t > 1:
             causal = True
+        native = None
+        if mask is None and self.dtype == torch.float32:
+            native = self._native_now(input_ids.numel())
         for i, blk in enumerate(self._blocks):
             kc, vc = cache[i, 0], cache[i, 1]
             h = self._norm(x, blk.attn_norm_w, blk.attn_norm_b)
             q, k, v = self._qkv(blk, h, rope)
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            o = F.scaled_dot_product_attention(
-                self._group_q(q),
-                kc[:, :, lo:end],
-                vc[:, :, lo:end],
-                attn_mask=mask,
-                is_causal=causal,
-            )
+            if native is not None:
+                o = native.attend(q, kc, vc, lo, end, self.scale)
+            else:
+                o = F.scaled_dot_product_attention(
+                    self._group_q(q),
+                    kc[:, :, lo:end],
+                    vc[:, :, lo:end],
+                    attn_mask=mask,
+                    is_causal=causal,
+                )
             x = self._residual(blk, x, h, self._attn_out(blk, o.reshape(q.shape)))
         return self._logits(x, last_only)
 
