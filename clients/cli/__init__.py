@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", help="backend option KEY=VALUE (repeatable)")
     p.add_argument("--prompt-tokens", type=int_list, default=(1, 64, 256, 512))
     p.add_argument("--output-tokens", type=int_list, default=(1, 8, 32))
+    p.add_argument(
+        "--economical",
+        action="store_true",
+        help="the economical plan up to the largest --prompt-tokens and --output-tokens: six "
+        "prompt sizes where alpha bends, outputs {1, max}, 1 repeat, no warm-ups",
+    )
     p.add_argument("--holdout-prompt-tokens", type=int_list)
     p.add_argument("--holdout-output-tokens", type=int_list)
     p.add_argument("--repeats", type=int, default=3)

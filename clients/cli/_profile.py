@@ -24,6 +24,7 @@ from idealrt.core.domain import (
     TargetKind,
 )
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.plans import economical_plan
 
 __all__ = [
     "build_profile",
@@ -66,11 +67,14 @@ def build_profile(args: argparse.Namespace) -> Profile:
         dtype=args.dtype,
         options=_options(args.option),
     )
+    grid = ProfilePlan(args.prompt_tokens, args.output_tokens, args.repeats, args.warmups)
+    if args.economical:
+        grid = economical_plan(max(args.prompt_tokens), max(args.output_tokens))
     plan = ProfilePlan(
-        prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens,
-        repeats=args.repeats,
-        warmups=args.warmups,
+        prompt_tokens=grid.prompt_tokens,
+        output_tokens=grid.output_tokens,
+        repeats=grid.repeats,
+        warmups=grid.warmups,
         holdout_prompt_tokens=args.holdout_prompt_tokens or (),
         holdout_output_tokens=args.holdout_output_tokens or (),
         seed=args.seed,

@@ -25,6 +25,8 @@ fit grid while the run proceeds: each added size p contributes the fit configura
 the order the sizes were added. The plan itself is never changed; `configurations(plan,
 added)` and `total_samples(plan, len(added))` take the added sizes as an argument.
 
+Economical plan: `idealrt.core.plans.economical_plan` (the CLI's `profile --economical`).
+
 Spread (`plan.spread_s > 0`, see schedule.py): round r of the plan's grid starts at its offset
 of a stratified schedule over `spread_s` seconds; `spread_s` is bounded by `MAX_SPREAD_S`.
 """

@@ -82,6 +82,19 @@ def test_profile_fit_estimate_watch_and_list(cli: Cli, tmp_path: Path) -> None:
     assert "FAILED_PRECONDITION" in cancelled.err
 
 
+def test_economical_profile_fits_with_kfold_error(cli: Cli) -> None:
+    prof = cli.run("profile", "--model", "tiny-gpt2", "--economical",
+                   "--prompt-tokens", "1,48", "--output-tokens", "1,6")
+    assert prof["state"] == "succeeded"
+    plan = prof["plan"]
+    assert plan["prompt_tokens"] == [1, 6, 16, 19, 34, 48]
+    assert plan["output_tokens"] == [1, 6]
+    assert (plan["repeats"], plan["warmups"]) == (1, 0)
+    cm = cli.run("fit", "--profile", prof["id"], "--bootstrap", "20")
+    assert cm["quality"]["method"] == "kfold"
+    assert cm["valid_output_tokens"] == [1, 6]
+
+
 def test_import_samples_recovers_a_known_curve(cli: Cli, tmp_path: Path) -> None:
     csv = tmp_path / "known.csv"
     alpha = {1: 0.02, 64: 0.02, 256: 0.06, 512: 0.11, 128: 0.02 + 0.04 / 3}  # piecewise linear
