@@ -52,10 +52,22 @@ class NativeOps(Protocol):
         """x [1, in] @ w [in, out] (+ b) -> [1, out]."""
         ...
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, end: int, scale: float
+    def attend_step(
+        self,
+        qkv: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: int,
+        lo: int,
+        scale: float,
+        *,
+        heads: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        interleaved: bool = False,
+        alibi: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Single-token attention of q [1, heads, 1, D] over cache rows lo..end-1."""
+        """One layer's single-token attention from its qkv row, cache write included:
+        [1, 1, heads * head_dim]."""
         ...
 
 
@@ -154,9 +166,10 @@ class Decoder(nn.Module):
 
     def use_native(self, ops: NativeOps | None) -> None:
         """Route the batch-1, single-token work of the eager `forward` (a decode step) to
-        `ops`: its products x [1, in] @ W, and (fp32, no ALiBi) its attention over the
-        cache prefix. None restores ATen. Never used while tracing, compiling or exporting
-        (those see ATen ops only), nor by `forward_static` / `forward_with_cache`."""
+        `ops`: its products x [1, in] @ W, and (fp32) each layer's attention from the qkv
+        row: rotary, cache write, ALiBi, sliding window, grouped heads. None restores ATen.
+        Never used while tracing, compiling or exporting (those see ATen ops only), nor by
+        `forward_static` / `forward_with_cache`."""
         self._native = ops
 
     def _native_now(self, rows: int) -> NativeOps | None:
@@ -319,25 +332,36 @@ class Decoder(nn.Module):
             mask = self._grouped(self._bias(q_pos, k_pos, q_pos)).to(self.dtype)
         elif t > 1:
             causal = True
-        native = None
-        if mask is None and self.dtype == torch.float32:
-            native = self._native_now(input_ids.numel())
+        native = self._native_now(input_ids.numel()) if self.dtype == torch.float32 else None
+        rope_row = (self.rope_cos[start], self.rope_sin[start]) if rope and native else None
         for i, blk in enumerate(self._blocks):
             kc, vc = cache[i, 0], cache[i, 1]
             h = self._norm(x, blk.attn_norm_w, blk.attn_norm_b)
+            if native is not None:  # batch 1, one token: qkv -> cache + attention in one call
+                o = native.attend_step(
+                    self._linear(h, blk.qkv_w, blk.qkv_b),
+                    kc,
+                    vc,
+                    start,
+                    lo,
+                    self.scale,
+                    heads=self.heads,
+                    rope=rope_row,
+                    interleaved=self._interleaved,
+                    alibi=self.alibi_slopes if self._alibi else None,
+                )
+                x = self._residual(blk, x, h, self._linear(o, blk.o_w, blk.o_b))
+                continue
             q, k, v = self._qkv(blk, h, rope)
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            if native is not None:
-                o = native.attend(q, kc, vc, lo, end, self.scale)
-            else:
-                o = F.scaled_dot_product_attention(
-                    self._group_q(q),
-                    kc[:, :, lo:end],
-                    vc[:, :, lo:end],
-                    attn_mask=mask,
-                    is_causal=causal,
-                )
+            o = F.scaled_dot_product_attention(
+                self._group_q(q),
+                kc[:, :, lo:end],
+                vc[:, :, lo:end],
+                attn_mask=mask,
+                is_causal=causal,
+            )
             x = self._residual(blk, x, h, self._attn_out(blk, o.reshape(q.shape)))
         return self._logits(x, last_only)
 

@@ -61,7 +61,8 @@ class NativeUnavailable(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class NativeKernels:
     """The loaded kernels: `self(x, w, b)` is y [1, N] = x [1, K] @ w [K, N] (+ b [N]);
-    `attend` is single-token attention over the cache. fp32, CPU, contiguous weights."""
+    `attend_step` is one layer's single-token attention (cache write included). fp32, CPU,
+    contiguous weights."""
 
     path: Path
     _fn: Callable[..., None]
@@ -84,29 +85,50 @@ class NativeKernels:
         )
         return y
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, end: int, scale: float
+    def attend_step(
+        self,
+        qkv: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: int,
+        lo: int,
+        scale: float,
+        *,
+        heads: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        interleaved: bool = False,
+        alibi: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One query token per head, q [1, heads, 1, D], over keys lo..end-1 of the cache
-        layers k, v [1, kv_heads, max_context, D] (rows contiguous per head): the output
-        [1, heads, 1, D] of softmax(scale q.K) V, in fp32."""
-        heads, d = q.shape[1], q.shape[3]
-        q = q.contiguous()
-        out = torch.empty((1, heads, 1, d), dtype=torch.float32)
-        scratch = torch.empty(heads * (end - lo), dtype=torch.float32)
+        """One layer's attention for one new token (batch 1), from its qkv projection
+        [1, 1, (heads + 2 kv_heads) D]: rotary (rope = this position's cos, sin rows) on q
+        and k, k and v written into the cache layers k, v [1, kv_heads, max_context, D] at
+        row `pos`, then softmax(scale q.K + ALiBi) V over rows lo..pos. Returns
+        [1, 1, heads D], the row the output projection reads. fp32 throughout."""
+        kv_heads, d = k.shape[1], k.shape[3]
+        qkv = qkv.contiguous()
+        out = torch.empty((1, 1, heads * d), dtype=torch.float32)
+        work = torch.empty(heads * d + heads * (pos + 1 - lo), dtype=torch.float32)
+        base = work.data_ptr()
+        cos, sin = rope if rope is not None else (None, None)
         self._attend(
-            q.data_ptr(),
+            qkv.data_ptr(),
             k.data_ptr(),
             v.data_ptr(),
             out.data_ptr(),
-            scratch.data_ptr(),
+            base,
+            base + heads * d * 4,
             heads,
-            heads // k.shape[1],
+            kv_heads,
             k.stride(1),
+            pos,
             lo,
-            end,
             d,
             scale,
+            None if cos is None else cos.data_ptr(),
+            None if sin is None else sin.data_ptr(),
+            0 if cos is None else cos.shape[-1],
+            int(interleaved),
+            None if alibi is None else alibi.data_ptr(),
             torch.get_num_threads(),
         )
         return out
@@ -196,16 +218,21 @@ def _check(kernel: NativeKernels) -> None:
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
                 err = (got - want).abs().max().item()
                 raise NativeUnavailable(f"native GEMV disagrees with ATen on {k}x{n}: {err:g}")
-    for heads, kv_heads, d, lo, end in ((4, 4, 64, 0, 37), (8, 2, 128, 5, 70), (3, 1, 24, 0, 9)):
+    for heads, kv_heads, d, lo, pos in ((4, 4, 64, 0, 36), (8, 2, 128, 5, 69), (3, 1, 24, 0, 8)):
         cache = torch.randn(2, 1, kv_heads, 80, d, generator=gen)
-        q = torch.randn(1, heads, 1, d, generator=gen)
+        qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * d, generator=gen)
+        q, kn, vn = qkv.view(heads + 2 * kv_heads, d).split((heads, kv_heads, kv_heads))
+        want_cache = cache.clone()
+        want_cache[0, 0, :, pos], want_cache[1, 0, :, pos] = kn, vn
         qg = q.reshape(1, kv_heads, heads // kv_heads, d)
-        want = F.scaled_dot_product_attention(
-            qg, cache[0, :, :, lo:end], cache[1, :, :, lo:end], scale=0.3
-        ).reshape(q.shape)
-        got = kernel.attend(q, cache[0], cache[1], lo, end, 0.3)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-            err = (got - want).abs().max().item()
+        keys = want_cache[:, :, :, lo : pos + 1]
+        want = F.scaled_dot_product_attention(qg, keys[0], keys[1], scale=0.3)
+        got = kernel.attend_step(qkv, cache[0], cache[1], pos, lo, 0.3, heads=heads)
+        if not (
+            torch.allclose(got.view(-1), want.reshape(-1), rtol=1e-4, atol=1e-5)
+            and torch.equal(cache, want_cache)
+        ):
+            err = (got.view(-1) - want.reshape(-1)).abs().max().item()
             raise NativeUnavailable(f"native attention disagrees with ATen (D={d}): {err:g}")
 
 
@@ -225,9 +252,16 @@ def load_kernels(cache_root: Path) -> NativeKernels:
         fn = lib.idealrt_gemv_f32
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
         fn.restype = None
-        attend = lib.idealrt_attend_f32
-        attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [
+        attend = lib.idealrt_attend_step_f32
+        attend.argtypes = [
+            *[ctypes.c_void_p] * 6,
+            *[ctypes.c_long] * 6,
             ctypes.c_float,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_int,
+            ctypes.c_void_p,
             ctypes.c_int,
         ]
         attend.restype = None

@@ -62,21 +62,72 @@ def test_gemv_matches_aten(kernels: native_mod.NativeKernels, k: int, n: int, th
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "d", "lo", "end"),
-    [(12, 12, 64, 0, 512), (32, 8, 128, 0, 300), (8, 1, 64, 100, 229), (6, 3, 80, 0, 1)],
+    ("heads", "kv_heads", "d", "lo", "pos", "rot", "interleaved", "alibi"),
+    [
+        (12, 12, 64, 0, 511, 0, False, False),  # GPT-2 small at context 512
+        (32, 8, 128, 0, 299, 128, False, False),  # Llama-style GQA, full rotary
+        (8, 1, 64, 100, 228, 32, True, False),  # MQA, sliding window, partial GPT-J rotary
+        (6, 3, 80, 0, 0, 0, False, True),  # first token, ALiBi, odd head size
+        (5, 5, 64, 0, 40, 0, False, True),  # ALiBi
+    ],
 )
-def test_attention_matches_sdpa(
-    kernels: native_mod.NativeKernels, heads: int, kv_heads: int, d: int, lo: int, end: int
+def test_attend_step_matches_aten(
+    kernels: native_mod.NativeKernels,
+    heads: int,
+    kv_heads: int,
+    d: int,
+    lo: int,
+    pos: int,
+    rot: int,
+    interleaved: bool,
+    alibi: bool,
 ) -> None:
-    gen = torch.Generator().manual_seed(heads + end)
+    from idealrt.services.serving.decoder import _ops
+
+    gen = torch.Generator().manual_seed(heads + pos)
     cache = torch.randn(2, 1, kv_heads, 600, d, generator=gen) * 3  # peaky softmax too
-    q = torch.randn(1, heads, 1, d, generator=gen)
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * d, generator=gen)
+    q, k, v = qkv.view(1, heads + 2 * kv_heads, 1, d).split((heads, kv_heads, kv_heads), dim=1)
+    rope = None
+    if rot:
+        cos, sin = _ops.rotary_tables(pos + 1, rot, 10000.0, interleaved=interleaved, device=None)
+        rope = (cos[pos], sin[pos])
+        turn = _ops.rotate_interleaved if interleaved else _ops.rotate_half
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            r, rest = x[..., :rot], x[..., rot:]
+            return torch.cat((r * rope[0] + turn(r) * rope[1], rest), dim=-1)
+
+        q, k = rotate(q), rotate(k)
+    want_cache = cache.clone()
+    want_cache[0, :, :, pos : pos + 1], want_cache[1, :, :, pos : pos + 1] = k, v
+    bias = None
+    slopes = _ops.alibi_slopes(heads).view(heads, 1, 1) if alibi else None
+    if slopes is not None:
+        bias = (slopes * torch.arange(lo, pos + 1).float()).view(1, kv_heads, -1, pos + 1 - lo)
+        bias = bias.reshape(1, kv_heads, heads // kv_heads, pos + 1 - lo)
     qg = q.reshape(1, kv_heads, heads // kv_heads, d)
     want = F.scaled_dot_product_attention(
-        qg, cache[0, :, :, lo:end], cache[1, :, :, lo:end], scale=d**-0.5
-    ).reshape(q.shape)
-    got = kernels.attend(q, cache[0], cache[1], lo, end, d**-0.5)
+        qg,
+        want_cache[0, :, :, lo : pos + 1],
+        want_cache[1, :, :, lo : pos + 1],
+        attn_mask=bias,
+        scale=d**-0.5,
+    ).reshape(1, 1, heads * d)
+    got = kernels.attend_step(
+        qkv,
+        cache[0],
+        cache[1],
+        pos,
+        lo,
+        d**-0.5,
+        heads=heads,
+        rope=rope,
+        interleaved=interleaved,
+        alibi=slopes,
+    )
     assert rel_err(got, want) <= 1e-5
+    assert torch.allclose(cache, want_cache, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +135,7 @@ def test_native_decode_matches_transformers(
     family: str, hf_dir: Any, tiny: dict[str, ModelSpec], kernels: native_mod.NativeKernels
 ) -> None:
     """Batch 1, prefill then 8 greedy steps through the eager path with the native kernels
-    (every family: GQA, sliding window; BLOOM's ALiBi keeps ATen attention, native GEMV)."""
+    (every family: rotary halves and interleaved, GQA, sliding window, ALiBi)."""
     model, path = hf_dir(family)
     dec = build_decoder(tiny[family], weights_path=str(path), max_context=32)
     dec.use_native(kernels)
@@ -118,9 +169,9 @@ def test_native_is_not_used_while_compiling_or_for_batches(
             calls.append("gemv")
             return kernels(x, w, b)
 
-        def attend(self, *args: Any) -> torch.Tensor:
+        def attend_step(self, *args: Any, **kw: Any) -> torch.Tensor:
             calls.append("attend")
-            return kernels.attend(*args)
+            return kernels.attend_step(*args, **kw)
 
     dec = build_decoder(tiny["gpt2"], max_context=16)
     dec.use_native(Spy())
