@@ -16,7 +16,9 @@ Options (StackSpec.options, all off by default; recorded with every measurement)
   check on this machine, else aten; the choice is recorded in the loaded model's stack
   options. native on another device or dtype is OPTION_INVALID; native that cannot be
   built is FAILED_PRECONDITION (NATIVE_KERNELS_UNAVAILABLE).
-The prefill is always eager `Decoder.forward` (ATen).
+The prefill is always eager `Decoder.forward` on ATen, at every prompt size: a 1-token
+prompt through the native kernels would cost a decode step while 2 tokens cost an ATen
+GEMM, a step in alpha(p) that no interpolation between profiled sizes could follow.
 
 Without options the decode step is eager `Decoder.forward` over the cache prefix: one
 prefix-length attention, K/V written in place into the preallocated cache, logits only for
@@ -48,7 +50,11 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.decoder import Decoder, build_decoder, planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.build import cache_bytes
-from idealrt.services.serving.decoder.native import NativeUnavailable, load_kernels
+from idealrt.services.serving.decoder.native import (
+    NativeKernels,
+    NativeUnavailable,
+    load_kernels,
+)
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
@@ -168,6 +174,7 @@ class PytorchBackend:
         self._step: Step | None = None
         self._static_step: Callable[..., torch.Tensor] | None = None
         self._graph: Any = None
+        self._native: NativeKernels | None = None
 
     # ---- load / unload ----
     def load(
@@ -235,11 +242,11 @@ class PytorchBackend:
                 raise FailedPrecondition("NATIVE_KERNELS_UNAVAILABLE", str(e)) from e
             _log.warning("native_kernels_unavailable", reason=str(e), using="aten")
             return "aten"
-        self._decoder.use_native(kernel)
+        self._native = kernel
         return "native"
 
     def unload(self) -> None:
-        self._decoder = self._cache = self._graph = None
+        self._decoder = self._cache = self._graph = self._native = None
         self._step = self._static_step = None
         self._batch = 0
         if self._device.type == "cuda":
@@ -339,7 +346,9 @@ class PytorchBackend:
         with torch.inference_mode():
             start_time = datetime.now(UTC)
             clock.start()
+            dec.use_native(None)  # the prefill is ATen at every p, p = 1 included
             logits = dec(prompt.to(self._device), cache, 0, last_only=True)
+            dec.use_native(self._native)
             tok = logits[:, -1].argmax(-1)
             out[:, 0] = tok
             clock.mark()

@@ -214,6 +214,36 @@ def test_backend_resolves_auto_to_native_and_records_it(
     aten.unload()
 
 
+def test_backend_prefill_is_aten_and_decode_is_native(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A 1-token prompt is prefilled on ATen like any other (alpha(p) has no step between
+    p = 1 and 2); only the decode steps call the kernels."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    backend = pt.create_backend()
+    backend.load(catalog.resolve("tiny-gpt2"), StackSpec(Backend.PYTORCH), "", 0, 32)
+    kernels = backend._native
+    assert kernels is not None
+    calls: list[int] = []
+
+    class Counting:
+        def __call__(self, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:
+            calls.append(1)
+            return kernels(x, w, b)
+
+        def attend_step(self, *args: Any, **kw: Any) -> torch.Tensor:
+            return kernels.attend_step(*args, **kw)
+
+    backend._native = Counting()
+    for p in (1, 2):
+        backend.generate(list(range(p)), 1)
+        assert calls == [], p
+    backend.generate([1], 3)
+    layers = catalog.resolve("tiny-gpt2").layers
+    assert len(calls) == 2 * (4 * layers + 1)  # 2 steps x (qkv, out, up, down per layer + head)
+    backend.unload()
+
+
 def test_backend_without_a_compiler_falls_back_or_refuses(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
