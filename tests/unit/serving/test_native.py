@@ -5,6 +5,8 @@ machine, and the backend's `kernels` option resolves, falls back and refuses as 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ from idealrt.services.serving.decoder import build_decoder
 from idealrt.services.serving.decoder import native as native_mod
 from idealrt.services.serving.decoder.native import NativeUnavailable, load_kernels
 from idealrt.services.serving.registry import ModelRegistry
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC") or "cc") is None,
+    reason="no C compiler here: the native kernels cannot be built (the backend falls back "
+    "to ATen, which every other serving test exercises)",
+)
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "bloom")
 TOL = 1e-4
