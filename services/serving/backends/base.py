@@ -34,6 +34,7 @@ __all__ = [
     "clock_result",
     "device_memory",
     "resolve_device",
+    "resolve_max_context",
 ]
 
 
@@ -123,6 +124,19 @@ def check_options(stack: StackSpec, known: Sequence[str]) -> None:
             f"known: {', '.join(known) or 'none'}",
             field="stack.options",
         )
+
+
+def resolve_max_context(spec: ModelSpec, max_context: int) -> int:
+    """The context a backend allocates for: `max_context`, 0 meaning the model's positions;
+    InvalidArgument(MAX_CONTEXT_INVALID, field max_context) outside 1..positions."""
+    max_context = max_context or spec.max_positions
+    if not 1 <= max_context <= spec.max_positions:
+        raise InvalidArgument(
+            "MAX_CONTEXT_INVALID",
+            f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
+            field="max_context",
+        )
+    return max_context
 
 
 def resolve_device(device: str) -> Any:

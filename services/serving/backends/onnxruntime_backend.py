@@ -74,6 +74,7 @@ from idealrt.services.serving.backends.base import (
     clock_result,
     device_memory,
     resolve_device,
+    resolve_max_context,
 )
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
@@ -289,13 +290,7 @@ class OnnxRuntimeBackend:
                 f"not {stack.dtype!r} ({why})",
                 field="stack.dtype",
             )
-        max_context = max_context or spec.max_positions
-        if not 1 <= max_context <= spec.max_positions:
-            raise InvalidArgument(
-                "MAX_CONTEXT_INVALID",
-                f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
-                field="max_context",
-            )
+        max_context = resolve_max_context(spec, max_context)
         provider = PROVIDERS[device.type]
         if provider not in ort.get_available_providers():  # before any heavy work
             raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")

@@ -47,6 +47,7 @@ from idealrt.services.serving.backends.base import (
     clock_result,
     device_memory,
     resolve_device,
+    resolve_max_context,
 )
 from idealrt.services.serving.decoder import Decoder, build_decoder, planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.build import cache_bytes
@@ -198,13 +199,7 @@ class PytorchBackend:
                 "option kernels=native needs device cpu, dtype fp32 and no torch_compile",
                 field="stack.options",
             )
-        max_context = max_context or spec.max_positions
-        if not 1 <= max_context <= spec.max_positions:
-            raise InvalidArgument(
-                "MAX_CONTEXT_INVALID",
-                f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
-                field="max_context",
-            )
+        max_context = resolve_max_context(spec, max_context)
         weights, kv = planned_bytes(spec, dtype, max_context, 1)
         check_memory(device, weights, kv, f"model {spec.name!r} in {stack.dtype}")
         if opts.threads:

@@ -31,6 +31,7 @@ from idealrt.services.serving.backends.base import (
     clock_result,
     device_memory,
     resolve_device,
+    resolve_max_context,
 )
 from idealrt.services.serving.backends.pytorch_backend import (
     TorchOptions,
@@ -82,13 +83,7 @@ class TransformersBackend:
             )
         dtype = torch_dtype(stack.dtype)
         device = resolve_device(stack.device)
-        max_context = max_context or spec.max_positions
-        if not 1 <= max_context <= spec.max_positions:
-            raise InvalidArgument(
-                "MAX_CONTEXT_INVALID",
-                f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
-                field="max_context",
-            )
+        max_context = resolve_max_context(spec, max_context)
         if weights_path and not Path(weights_path, "config.json").is_file():
             raise InvalidArgument(
                 "WEIGHTS_NOT_FOUND",
