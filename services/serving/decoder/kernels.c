@@ -28,7 +28,11 @@ static void span(const float* restrict x, const float* restrict W, const float* 
 }
 void idealrt_gemv_f32(const float* x, const float* W, const float* b, float* y, long K, long N,
                       int threads) {
-  if (threads <= 1) { span(x, W, b, y, K, N, 0, N); return; }
+  /* below ~1 MB of weights a second thread costs more than it saves (as ATen's grain) */
+  if (threads <= 1 || K * N < (1L << 18)) {
+    span(x, W, b, y, K, N, 0, N);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -193,7 +197,8 @@ void idealrt_attend_step_f32(const float* qkv, float* K, float* V, float* out, f
     for (long h = 0; h < heads; h++) rotate(q + h * D, cs, sn, rot, interleaved);
   const long end = pos + 1;
   const long L = end - lo;
-#pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) \
+    if (heads * L * D >= (1L << 16))
   for (long h = 0; h < heads; h++) {
     if (D == 64) ATTEND_HEAD(64)
     else if (D == 128) ATTEND_HEAD(128)

@@ -54,6 +54,16 @@ _lock = threading.Lock()
 _loaded: dict[Path, NativeKernels] = {}
 
 
+def _threads() -> int:
+    """torch's intra-op thread count, but never more threads than the cores this process
+    may run on (a process pinned to one core with two threads would time-share it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores))
+
+
 class NativeUnavailable(RuntimeError):
     """The native kernel cannot be built or failed its check; the message says why."""
 
@@ -81,7 +91,7 @@ class NativeKernels:
             y.data_ptr(),
             k,
             n,
-            torch.get_num_threads(),
+            _threads(),
         )
         return y
 
@@ -129,7 +139,7 @@ class NativeKernels:
             0 if cos is None else cos.shape[-1],
             int(interleaved),
             None if alibi is None else alibi.data_ptr(),
-            torch.get_num_threads(),
+            _threads(),
         )
         return out
 
