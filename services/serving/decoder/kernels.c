@@ -61,11 +61,6 @@ static inline float exp_nonpos(float x) {
   return p * scale.f;
 }
 
-/* One query token attending keys lo..end-1 of a [heads_kv, stride/D, D] cache (K and V
-   rows contiguous per head): out[h] = softmax(scale * q[h] . K[kv(h)]) . V[kv(h)], with
-   kv(h) = h / groups (grouped-query heads as in the reference decoder). scratch holds
-   heads * (end - lo) floats. Head sizes 64 and 128 get loops with a compile-time width
-   (accumulators stay in registers); others take the generic loop. Threads split heads. */
 /* Software prefetch of the row `ahead` floats past each of four streams (D floats a row). */
 static inline void prefetch4(const float* a, const float* b, const float* c, const float* d,
                              long ahead, long D) {
@@ -81,7 +76,8 @@ static inline void prefetch4(const float* a, const float* b, const float* c, con
    stream of the step evicted it), so each pass reads its rows as four sequential streams
    (quarters of the range) with software prefetch four rows ahead in each: measured ~13%
    faster than one stream without prefetch over a 512-token cache (tests/bench: decode
-   growth 128 -> 512). */
+   growth 128 -> 512). Grouped heads: query head h reads kv head h / groups. The kernel is
+   instantiated for head sizes 64 and 128 (accumulators stay in registers) and generically. */
 #define ATTEND_HEAD(DIM)                                                                   \
   {                                                                                        \
     const float* restrict Kh = K + (h / groups) * head_stride + lo * DIM;                  \

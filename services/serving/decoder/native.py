@@ -143,15 +143,6 @@ class NativeKernels:
         )
         return out
 
-    def supports(self, w: torch.Tensor) -> bool:
-        """Whether `w` is a weight this kernel can read in place."""
-        return (
-            w.dtype == torch.float32
-            and w.device.type == "cpu"
-            and w.dim() == 2
-            and w.is_contiguous()
-        )
-
 
 def _cpu_identity() -> str:
     """CPU model and feature flags: a kernel built with -march=native is only valid there."""
