@@ -9,13 +9,19 @@ GPT-2-small (catalog "gpt2", random weights), CPU fp32, on each stack (pytorch w
 default kernels=auto, i.e. idealrt's native decode kernels; pytorch-aten, the same decoder
 on ATen/MKL only; onnxruntime when it loads; transformers) in two configurations
 (threads=1 pinned to one core; threads=2 on cores 0-1):
-  - decode step time at context c (c in 32,128,256,512,896; targets at 128 and 512): the
-    median of >= 20 steps per generation over `repeats` generations after a warm-up; a
+  - decode step time at context c (c in 32,128,256,512,896; targets at 128 and 512): every
+    stack is loaded side by side and measured in `rounds` interleaved rounds (default 7);
+    each round measures the read bandwidth again, then runs every stack at every context
+    (stack order rotated, context order reversed every other round), so the machine's slow
+    drift (this is a shared 2-vCPU host) lands on all stacks and contexts alike. A
     generation with p = c - 10 and o = 21 has its 20 steps at contexts c-9 .. c+10, centred
-    on c;
-  - prefill time at p = 128 and 512 (median of `repeats` generations with o = 1).
+    on c; a stack's time at c is the median of all its steps there, over all rounds;
+  - prefill time at p = 128 and 512 (median over the rounds, o = 1);
+  - onnxruntime's own ceiling: a graph of only GPT-2's one-row weight MatMuls (prepacked,
+    as in the decoder's session), in rounds beside the read bandwidth.
 Roofline (idealrt.services.metrics.roofline with the *measured* limits of the same thread
-configuration): decode fraction = decode_bytes(c, fp32) / bandwidth / measured step (weights
+configuration; the best bandwidth of all rounds, i.e. the most demanding roof): decode
+fraction = decode_bytes(c, fp32) / bandwidth / measured step (weights
 plus the KV cache at c, as spec.decode_bytes); prefill fraction = FLOP bound / measured, with
 prefill_flops(p, last_logits_only=True) (the stacks compute logits for the last position
 only), and the full-logits FLOP count reported beside it. A fraction above 1 means the
@@ -25,7 +31,7 @@ Targets: decode at 128 and 512 >= 80% of the roofline for onnxruntime, >= 75% fo
 pytorch decode no slower than transformers; decode growth 128 -> 512 no more than the extra
 KV bytes explain (measured ratio <= decode_bytes(512)/decode_bytes(128)).
 
-    .venv/bin/python bench/bench_backends.py [--quick] [--repeats 5]
+    .venv/bin/python bench/bench_backends.py [--quick] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +71,76 @@ def measure_limits(cores: list[int], threads: int, quick: bool) -> dict[str, Any
     reps = 3 if quick else 7
     bw = c.measure_bandwidth(cores, threads, mib=256 if quick else 1024, repeats=reps)
     mm = c.measure_matmul(cores, threads, n=1024 if quick else 2048, repeats=reps)
-    return {"cores": cores, "threads": threads, "bandwidth": bw, "matmul": mm}
+    out: dict[str, Any] = {"cores": cores, "threads": threads, "bandwidth": bw, "matmul": mm}
+    if not quick and c.backend_available("onnxruntime")[0]:
+        out["onnxruntime_weight_stream"] = ort_weight_stream(cores, threads)
+    return out
 
 
-def measure_stack(
-    name: str, cores: list[int], threads: int, contexts: tuple[int, ...], repeats: int, steps: int
-) -> dict[str, Any]:
+def ort_weight_stream(cores: list[int], threads: int, rounds: int = 5) -> dict[str, Any]:
+    """ONNX Runtime's own ceiling for a decode step: one graph of nothing but the one-row
+    MatMuls of GPT-2-small's weights (per layer qkv, out, up, down; then the LM head; B
+    prepacked as in the decoder's session), timed in rounds alternating with the read
+    bandwidth measurement. What a step can reach at best on this stack, before attention,
+    norms, activations and node dispatch."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = catalog.resolve("gpt2")
+    d, ff, qkv = spec.d_model, spec.d_ff, (spec.heads + 2 * spec.kv_heads_effective) * spec.head_dim
+    shapes = [(d, qkv), (spec.heads * spec.head_dim, d), (d, ff), (ff, d)] * spec.layers
+    shapes.append((d, spec.vocab))
+    rng = np.random.default_rng(0)
+    nodes, inits, outputs = [], [], []
+    for i, (k, n) in enumerate(shapes):
+        w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    nbytes = float(sum(k * n * 4 for k, n in shapes))
+    widths = sorted({k for k, _ in shapes})
+    graph = helper.make_graph(
+        nodes,
+        "weight_stream",
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rates, fracs = [], []
+    with tempfile.TemporaryDirectory() as tmp, c.pinned(cores, threads):
+        path = Path(tmp) / "weights.onnx"
+        onnx.save(model, str(path), save_as_external_data=True)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        x = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
+        sess.run(None, x)
+        for _ in range(rounds):
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                sess.run(None, x)
+                ts.append(time.perf_counter() - t0)
+            bw = c.measure_bandwidth(cores, threads, mib=512, repeats=3)["torch_best_bytes_s"]
+            rates.append(nbytes / min(ts))
+            fracs.append(rates[-1] / bw)
+        del sess
+    return {
+        "bytes": nbytes,
+        "median_bytes_s": statistics.median(rates),
+        "fraction_of_bandwidth": statistics.median(fracs),
+        "round_fractions": fracs,
+    }
+
+
+def open_stack(name: str, cores: list[int], threads: int) -> tuple[Any, Any, dict[str, str]]:
+    """Load one stack's GPT-2 (max_context 1024) and warm it up: (registry, model, options)."""
     from idealrt.services.serving.registry import ModelRegistry
 
     backend, extra = STACKS[name]
@@ -78,40 +149,126 @@ def measure_stack(
     reg = ModelRegistry()
     try:
         m = reg.load(ModelRef(name="gpt2", seed=0), stack, max_context=1024)
-        half = steps // 2
-        gen = reg.generate
-        gen(m.model_id, prompt_length=64, prompt_seed=99, output_tokens=8)  # warm-up
-        decode: dict[str, Any] = {}
+        reg.generate(m.model_id, prompt_length=64, prompt_seed=99, output_tokens=8)
+    except BaseException:
+        reg.close()
+        raise
+    return reg, m, opts
+
+
+def measure_round(
+    reg: Any, model_id: str, contexts: list[int], steps: int, seed: int
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """One generation per context (p = c - steps/2, o = steps + 1: its steps sit at contexts
+    c - steps/2 + 1 .. c + steps/2, centred on c) and one prefill per PREFILL_P: step ns by
+    context, prefill ns by p."""
+    half = steps // 2
+    decode: dict[str, list[int]] = {}
+    for ctx in contexts:
+        res = reg.generate(
+            model_id, prompt_length=max(1, ctx - half), prompt_seed=seed, output_tokens=steps + 1
+        )
+        decode[str(ctx)] = list(res.decode_ns)
+    prefill = {
+        str(p): reg.generate(
+            model_id, prompt_length=p, prompt_seed=seed, output_tokens=1
+        ).prefill_ns
+        for p in PREFILL_P
+    }
+    return decode, prefill
+
+
+def measure_config(
+    names: list[str],
+    cores: list[int],
+    threads: int,
+    contexts: tuple[int, ...],
+    rounds: int,
+    steps: int,
+    quick: bool,
+) -> dict[str, Any]:
+    """Every stack of `names` loaded side by side, then `rounds` rounds; each round measures
+    the read bandwidth, then every stack at every context (stack and context order rotated
+    from round to round), so slow drift of this shared machine lands on every stack and
+    context alike instead of on whichever ran last. A stack's decode time at c is the median
+    of all its steps at c over all rounds; the roof uses the best bandwidth of all rounds
+    (the most demanding), and each round's own fraction is kept to show the spread."""
+    limits = measure_limits(cores, threads, quick)
+    stacks: dict[str, Any] = {}
+    opened: dict[str, tuple[Any, Any]] = {}
+    try:
+        for name in names:
+            ok, why = c.backend_available(STACKS[name][0])
+            if not ok:
+                stacks[name] = {"available": False, "reason": why}
+                continue
+            try:
+                reg, m, opts = open_stack(name, cores, threads)
+            except Exception as e:
+                stacks[name] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+                continue
+            opened[name] = (reg, m)
+            stacks[name] = {
+                "available": True,
+                "options": opts,
+                "resolved_options": dict(m.stack.options),
+                "rounds": [],
+            }
+            # the first generation at each context is a warm-up (buffers, buckets)
+            measure_round(reg, m.model_id, list(contexts), 2, seed=1000)
+        bandwidths = [limits["bandwidth"]]
+        for r in range(rounds):
+            print(f"[backends]   round {r + 1}/{rounds}", flush=True)
+            bw = c.measure_bandwidth(cores, threads, mib=256 if quick else 1024, repeats=3)
+            bandwidths.append(bw)
+            order = list(opened)
+            order = order[r % len(order) :] + order[: r % len(order)]
+            ctx_order = list(contexts) if r % 2 == 0 else list(reversed(contexts))
+            for name in order:
+                reg, m = opened[name]
+                decode, prefill = measure_round(reg, m.model_id, ctx_order, steps, seed=r)
+                stacks[name]["rounds"].append(
+                    {
+                        "bandwidth_bytes_s": bw["torch_best_bytes_s"],
+                        "decode_ns": decode,
+                        "prefill_ns": prefill,
+                    }
+                )
+    finally:
+        for reg, _ in opened.values():
+            reg.close()
+    best = max(bandwidths, key=lambda b: b["torch_best_bytes_s"])
+    limits["bandwidth"] = {
+        **best,
+        "rounds_bytes_s": [b["torch_best_bytes_s"] for b in bandwidths],
+        "note": "best of the start measurement and one per round (the most demanding roof)",
+    }
+    for res in stacks.values():
+        if not res.get("available"):
+            continue
+        rs = res["rounds"]
+        res["decode"] = {}
         for ctx in contexts:
-            p = max(1, ctx - half)
-            gen(m.model_id, prompt_length=p, prompt_seed=1000, output_tokens=3)  # warm-up
-            all_steps: list[int] = []
-            for r in range(repeats):
-                res = gen(m.model_id, prompt_length=p, prompt_seed=r, output_tokens=steps + 1)
-                all_steps += list(res.decode_ns)
-            decode[str(ctx)] = {
-                "prompt_tokens": p,
+            all_steps = [t for rd in rs for t in rd["decode_ns"][str(ctx)]]
+            res["decode"][str(ctx)] = {
+                "prompt_tokens": max(1, ctx - steps // 2),
                 "steps": len(all_steps),
                 "median_s": statistics.median(all_steps) * 1e-9,
                 "min_s": min(all_steps) * 1e-9,
+                "round_medians_s": [
+                    statistics.median(rd["decode_ns"][str(ctx)]) * 1e-9 for rd in rs
+                ],
             }
-        prefill: dict[str, Any] = {}
-        for p in PREFILL_P:
-            gen(m.model_id, prompt_length=p, prompt_seed=1000, output_tokens=1)  # warm-up
-            ts = [
-                gen(m.model_id, prompt_length=p, prompt_seed=r, output_tokens=1).prefill_ns
-                for r in range(repeats)
-            ]
-            prefill[str(p)] = {"runs": len(ts), "median_s": statistics.median(ts) * 1e-9}
-        return {
-            "available": True,
-            "options": opts,
-            "resolved_options": dict(m.stack.options),
-            "decode": decode,
-            "prefill": prefill,
+        res["prefill"] = {
+            str(p): {
+                "runs": len(rs),
+                "median_s": statistics.median(rd["prefill_ns"][str(p)] for rd in rs) * 1e-9,
+            }
+            for p in PREFILL_P
         }
-    finally:
-        reg.close()
+        res["round_bandwidth_bytes_s"] = [rd["bandwidth_bytes_s"] for rd in rs]
+        del res["rounds"]
+    return {"limits": limits, "stacks": stacks}
 
 
 def fractions(res: dict[str, Any], limits: dict[str, Any]) -> None:
@@ -127,6 +284,11 @@ def fractions(res: dict[str, Any], limits: dict[str, Any]) -> None:
         d["bound_s"] = b.decode_s_lower
         d["bound_by"] = b.decode_bound_by
         d["fraction_of_roofline"] = b.decode_s_lower / d["median_s"]
+        # each round against the bandwidth measured in that round: the spread of the answer
+        d["round_fractions"] = [
+            b.decode_bytes / bw / t
+            for bw, t in zip(res["round_bandwidth_bytes_s"], d["round_medians_s"], strict=True)
+        ]
     for p, d in res["prefill"].items():
         b = roofline(spec, hw, "fp32", int(p), 1)
         d["flops_last_logits"] = b.prefill_flops
@@ -201,6 +363,13 @@ def checks(name: str, cfg_name: str, cfg: dict[str, Any]) -> list[dict[str, Any]
             # at the measured bandwidth (a stack below its roofline cannot meet this one)
             "extra_s": dec["512"]["median_s"] - dec["128"]["median_s"],
             "extra_kv_bytes_at_bandwidth_s": extra_kv / bw,
+            # the ratio within each round (128 and 512 measured minutes apart at most)
+            "round_ratios": [
+                b / a
+                for a, b in zip(
+                    dec["128"]["round_medians_s"], dec["512"]["round_medians_s"], strict=True
+                )
+            ],
         }
     if "growth_128_to_512" in res and name in TARGET_DECODE:
         allowed, growth = (
@@ -231,13 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", default=",".join(BACKENDS))
-    ap.add_argument("--repeats", type=int, default=0, help="generations per point (default 5)")
+    ap.add_argument(
+        "--rounds", type=int, default=0, help="interleaved rounds (default 7; 1 with --quick)"
+    )
     ap.add_argument("--core", type=int, default=c.default_core())
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     c.quiet_logs()
     out = c.out_dir(args.quick, args.out_dir)
-    repeats = args.repeats or (1 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 7)
     steps = 8 if args.quick else STEPS
     contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
     all_cores = sorted(os.sched_getaffinity(0))
@@ -251,44 +422,51 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     for cname, (cores, threads) in configs_to_run.items():
-        print(f"[backends] {cname}: measuring the machine ...", flush=True)
-        limits = measure_limits(cores, threads, args.quick)
-        cfg: dict[str, Any] = {"limits": limits, "stacks": {}}
+        print(f"[backends] {cname}: measuring the machine, loading {names} ...", flush=True)
+        cfg = measure_config(names, cores, threads, contexts, rounds, steps, args.quick)
         doc["configs"][cname] = cfg
+        limits = cfg["limits"]
         bw, mm = limits["bandwidth"], limits["matmul"]
         lines.append(
             f"- {cname} (cores {cores}): read bandwidth {bw['torch_best_bytes_s'] / 1e9:.1f} GB/s "
-            f"(torch best; numpy 1-thread {bw['numpy_best_bytes_s'] / 1e9:.1f}), fp32 matmul "
+            f"(torch best of {len(bw['rounds_bytes_s'])} measurements, range "
+            f"{min(bw['rounds_bytes_s']) / 1e9:.1f}-{max(bw['rounds_bytes_s']) / 1e9:.1f}; "
+            f"numpy 1-thread {bw['numpy_best_bytes_s'] / 1e9:.1f}), fp32 matmul "
             f"{mm['best_flops_s'] / 1e9:.0f} GFLOP/s (fastest: {mm['best_library']}; "
-            f"torch.matmul {mm['torch_best_flops_s'] / 1e9:.0f})"
+            f"torch.matmul {mm['torch_best_flops_s'] / 1e9:.0f}); {rounds} rounds"
         )
-        for name in names:
-            ok, why = c.backend_available(STACKS[name][0])
-            if not ok:
-                cfg["stacks"][name] = {"available": False, "reason": why}
-                lines.append(f"  - {name}: not available ({why})")
-                continue
-            print(f"[backends] {cname}: {name} ...", flush=True)
-            try:
-                res = measure_stack(name, cores, threads, contexts, repeats, steps)
+        ceiling = limits.get("onnxruntime_weight_stream")
+        if ceiling:
+            lines.append(
+                f"  - onnxruntime's own MatMul over GPT-2's weights (no attention, no other "
+                f"node): {ceiling['median_bytes_s'] / 1e9:.1f} GB/s = "
+                f"{ceiling['fraction_of_bandwidth']:.0%} of the read bandwidth measured beside it"
+            )
+        for name, res in cfg["stacks"].items():
+            if not res.get("available"):
+                lines.append(f"  - {name}: not available ({res.get('reason')})")
+            else:
                 fractions(res, limits)
-            except Exception as e:
-                res = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-                lines.append(f"  - {name}: failed ({res['reason']})")
-            cfg["stacks"][name] = res
         for name in names:
             targets += checks(name, cname, cfg)
             res = cfg["stacks"].get(name, {})
             if res.get("available"):
                 dec, pre = res["decode"], res["prefill"]
                 parts = [
-                    f"decode@{k} {v['median_s'] * 1e3:.2f} ms ({v['fraction_of_roofline']:.0%})"
+                    f"decode@{k} {v['median_s'] * 1e3:.2f} ms ({v['fraction_of_roofline']:.0%}; "
+                    f"rounds {min(v['round_fractions']):.0%}-{max(v['round_fractions']):.0%})"
                     for k, v in dec.items()
                     if k in ("128", "512")
                 ] + [
                     f"prefill@{k} {v['median_s'] * 1e3:.0f} ms ({v['fraction_of_roofline']:.0%})"
                     for k, v in pre.items()
                 ]
+                g = res.get("growth_128_to_512")
+                if g:
+                    parts.append(
+                        f"growth 128->512 {g['measured']:.3f}x (bytes {g['bytes_ratio']:.3f}x; "
+                        f"rounds {min(g['round_ratios']):.3f}-{max(g['round_ratios']):.3f})"
+                    )
                 lines.append(f"  - {name}: " + ", ".join(parts))
     doc["plot"] = plot(out / "backends_decode.png", doc["configs"])
     doc["targets"] = targets

@@ -42,23 +42,59 @@ void idealrt_gemv_f32(const float* x, const float* W, const float* b, float* y, 
   }
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial after
-   range reduction x = n ln2 + r; plain arithmetic, so the compiler vectorises the loop that
-   calls it. Relative error ~2e-7; x below -87 flushes to exp(-87). */
-static inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+/* exp(x) for x <= 0 (softmax after subtracting the max) on 16 floats at once: Cephes' expf
+   polynomial after range reduction x = n ln2 + r, relative error ~7e-8 (x below -87 flushes
+   to exp(-87)). Written in GCC/Clang vector extensions, so the compiler emits the target's
+   widest SIMD (one AVX-512 register, two AVX2 ones, four NEON ones): a loop over a scalar
+   version did not vectorise (GCC 12 turns the clamp into a branch) and the softmax ran at
+   ~6 cycles a score, 12.8 us of a 12-head 513-key step; 2.1 us this way. floor is the
+   truncation corrected where it rounded up. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int vi16 __attribute__((vector_size(64)));
+static inline vf16 vexp_nonpos(vf16 x) {
+  const vi16 low = x < -87.0f;
+  x = (vf16)(((vi16)x & ~low) | ((vi16)(x * 0.0f - 87.0f) & low));
+  const vf16 y = x * 1.44269504088896341f + 0.5f;
+  vi16 k = __builtin_convertvector(y, vi16);
+  k += (vi16)(__builtin_convertvector(k, vf16) > y);
+  const vf16 n = __builtin_convertvector(k, vf16);
+  const vf16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf16 p = r * 0.0f + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  union { int i; float f; } scale;
-  scale.i = ((int)n + 127) << 23;
-  return p * scale.f;
+  return p * (vf16)((k + 127) << 23);
+}
+
+/* s[0..L) = exp(s - max s) in place; returns their sum. */
+static float softmax_exp(float* restrict s, long L) {
+  float m = -3.0e38f;
+#pragma omp simd reduction(max : m)
+  for (long j = 0; j < L; j++) m = s[j] > m ? s[j] : m;
+  vf16 acc = {0};
+  long j = 0;
+  for (; j + 16 <= L; j += 16) {
+    vf16 v;
+    __builtin_memcpy(&v, s + j, sizeof v);
+    v = vexp_nonpos(v - m);
+    __builtin_memcpy(s + j, &v, sizeof v);
+    acc += v;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < 16; i++) sum += acc[i];
+  if (j < L) { /* the last L - j < 16 scores, padded with m */
+    vf16 v;
+    for (int i = 0; i < 16; i++) v[i] = j + i < L ? s[j + i] : m;
+    v = vexp_nonpos(v - m);
+    for (long i = 0; j + i < L; i++) {
+      s[j + i] = v[i];
+      sum += v[i];
+    }
+  }
+  return sum;
 }
 
 /* Software prefetch of the row `ahead` floats past each of four streams (D floats a row). */
@@ -72,7 +108,7 @@ static inline void prefetch4(const float* a, const float* b, const float* c, con
   }
 }
 
-/* One head's softmax(scale q.K + ALiBi) V over L cache rows. The cache is cold (the weight
+/* One head's softmax(q.K + ALiBi) V over L cache rows (q already scaled). The cache is cold (the weight
    stream of the step evicted it), so each pass reads its rows as four sequential streams
    (quarters of the range) with software prefetch four rows ahead in each: measured ~13%
    faster than one stream without prefetch over a 512-token cache (tests/bench: decode
@@ -110,19 +146,11 @@ static inline void prefetch4(const float* a, const float* b, const float* c, con
           qh[d] * kj[d];                                                                   \
       s[j] = acc;                                                                          \
     }                                                                                      \
-    float m = -3.0e38f;                                                                    \
-    for (long j = 0; j < L; j++) {                                                         \
-      float acc = s[j] * scale;                                                            \
-      if (alibi) acc += alibi[h] * (float)(lo + j);                                        \
-      s[j] = acc;                                                                          \
-      m = acc > m ? acc : m;                                                               \
+    if (alibi) {                                                                           \
+      const float slope = alibi[h];                                                        \
+      _Pragma("omp simd") for (long j = 0; j < L; j++) s[j] += slope * (float)(lo + j);    \
     }                                                                                      \
-    float sum = 0.0f;                                                                      \
-    _Pragma("omp simd reduction(+ : sum)") for (long j = 0; j < L; j++) {                  \
-      float e = exp_nonpos(s[j] - m);                                                      \
-      s[j] = e;                                                                            \
-      sum += e;                                                                            \
-    }                                                                                      \
+    const float sum = softmax_exp(s, L);                                                   \
     const float inv = 1.0f / sum;                                                          \
     float o[DIM];                                                                          \
     for (long d = 0; d < DIM; d++) o[d] = 0.0f;                                            \
@@ -191,6 +219,7 @@ void idealrt_attend_step_f32(const float* qkv, float* K, float* V, float* out, f
   }
   if (rot > 0)
     for (long h = 0; h < heads; h++) rotate(q + h * D, cs, sn, rot, interleaved);
+  for (long i = 0; i < heads * D; i++) q[i] *= scale; /* once, not per score */
   const long end = pos + 1;
   const long L = end - lo;
 #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) \
