@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value

@@ -11,6 +11,10 @@ Options (StackSpec.options):
 - threads: "N" -> intra_op_num_threads (default: ONNX Runtime's, one per physical core).
 - kv_bucket: KV buffer growth in slots (default 32; see `_onnx_cache.KVBuffers`); a value
   >= max_context attends the whole max_context window at every step (flat cost).
+- hugepages: "auto" (default) | "1" | "0" -> transparent huge pages for the memory the
+  session and the KV buffers add to the process (ONNX Runtime's allocator does not ask for
+  them; `idealrt.services.serving.hugepages` merges the new anonymous mappings): measured 8%
+  faster decode at GPT-2 small on the CPU. As the pytorch backend's option.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.
@@ -57,6 +61,7 @@ import torch
 
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.serving.backends._onnx_cache import (
     DEFAULT_BUCKET,
@@ -79,6 +84,7 @@ from idealrt.services.serving.backends.base import (
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.export import past_names
+from idealrt.services.serving.hugepages import AnonymousRegions, HugePages, collapse
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
@@ -92,7 +98,8 @@ __all__ = [
     "make_session",
 ]
 
-OPTIONS = ("threads", "kv_bucket", "spinning")
+_log = get_logger(__name__)
+OPTIONS = ("threads", "kv_bucket", "spinning", "hugepages")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
 _NP = {"fp32": np.float32, "fp16": np.float16}
@@ -105,6 +112,7 @@ class OrtOptions:
     threads: int = 0
     kv_bucket: int = DEFAULT_BUCKET
     spinning: bool = False
+    hugepages: HugePages = dataclasses.field(default_factory=HugePages)
 
     @classmethod
     def parse(cls, stack: StackSpec) -> OrtOptions:
@@ -120,6 +128,7 @@ class OrtOptions:
             int_option(stack, "threads", 0, 1),
             int_option(stack, "kv_bucket", DEFAULT_BUCKET, 1),
             spin in ("1", "true", "on"),
+            HugePages.parse(stack),
         )
 
 
@@ -296,6 +305,7 @@ class OnnxRuntimeBackend:
             raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")
         weights, kv = planned_bytes(spec, torch_dtype(stack.dtype), max_context, 1)
         check_memory(device, weights, 2 * kv, f"model {spec.name!r} in {stack.dtype}")
+        huge = opts.hugepages.wanted(device)
         self._opts, self._device, self._spec, self._max_context = opts, device, spec, max_context
         self._past_names = past_names(spec.layers)
         self._dtype = stack.dtype
@@ -315,14 +325,20 @@ class OnnxRuntimeBackend:
             else:
                 self._io = _CpuIo(_NP[stack.dtype])
             stream = int(self._stream.cuda_stream) if self._stream is not None else 0
-            self._session = make_session(self.export.path, device, opts, stream)
-            self._prepare_batch(1)
-            warm_up(self, max_context)
+            # the session's weights (prepacked at creation), its arena, the KV buffers
+            with AnonymousRegions() as regions:
+                self._session = make_session(self.export.path, device, opts, stream)
+                self._prepare_batch(1)
+                warm_up(self, max_context)
+            advised = collapse(regions.added) if huge else None
+            if advised is not None:
+                _log.info("hugepages_advised", what="session and KV buffers", mib=advised >> 20)
         except BaseException:
             self.unload()
             raise
         total, free = device_memory(device)
-        return MemoryReport(weights, 2 * kv, total, free)
+        resolved = {"hugepages": HugePages.resolved(advised)}
+        return MemoryReport(weights, 2 * kv, total, free, resolved)
 
     def unload(self) -> None:
         self._session = self._kv = None

@@ -78,9 +78,7 @@ class NativeKernels:
     _fn: Callable[..., None]
     _attend: Callable[..., None]
 
-    def __call__(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         k, n = w.shape
         x = x.contiguous()
         y = torch.empty((1, n), dtype=torch.float32)

@@ -23,6 +23,7 @@ from idealrt.services.serving.backends._onnx_cache import CACHE_ENV
 from idealrt.services.serving.decoder import build_decoder
 from idealrt.services.serving.decoder import native as native_mod
 from idealrt.services.serving.decoder.native import NativeUnavailable, load_kernels
+from idealrt.services.serving.hugepages import available as hugepages_available
 from idealrt.services.serving.registry import ModelRegistry
 
 pytestmark = pytest.mark.skipif(
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "bloom")
 TOL = 1e-4
+HUGE = "on" if hugepages_available()[0] else "off"  # the backend's default, hugepages=auto
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,8 +207,8 @@ def test_backend_resolves_auto_to_native_and_records_it(
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     registry = ModelRegistry()
     loaded = registry.load(ModelRef(name="tiny-gpt2"), StackSpec(Backend.PYTORCH), 32)
-    assert loaded.stack.options == {"kernels": "native"}
-    assert loaded.memory.resolved_options == {"kernels": "native"}
+    assert loaded.stack.options == {"kernels": "native", "hugepages": HUGE}
+    assert loaded.memory.resolved_options == {"kernels": "native", "hugepages": HUGE}
     r = registry.generate(loaded.model_id, prompt_ids=list(range(5)), output_tokens=4)
     assert r.output_tokens == 4
     registry.unload(loaded.model_id)
@@ -218,7 +220,7 @@ def test_backend_resolves_auto_to_native_and_records_it(
         0,
         32,
     )
-    assert mem.resolved_options == {}
+    assert mem.resolved_options == {"hugepages": HUGE}
     aten.unload()
 
 
@@ -260,7 +262,7 @@ def test_backend_without_a_compiler_falls_back_or_refuses(
     spec = catalog.resolve("tiny-gpt2")
     backend = pt.create_backend()
     mem = backend.load(spec, StackSpec(Backend.PYTORCH), "", 0, 32)
-    assert mem.resolved_options == {"kernels": "aten"}
+    assert mem.resolved_options == {"kernels": "aten", "hugepages": HUGE}
     assert backend.generate([1, 2, 3], 3).output_tokens == 3
     backend.unload()
     with pytest.raises(FailedPrecondition) as err:
