@@ -80,15 +80,17 @@ def measure_limits(cores: list[int], threads: int, quick: bool) -> dict[str, Any
 def ort_weight_stream(cores: list[int], threads: int, rounds: int = 5) -> dict[str, Any]:
     """ONNX Runtime's own ceiling for a decode step: one graph of nothing but the one-row
     MatMuls of GPT-2-small's weights (per layer qkv, out, up, down; then the LM head; B
-    prepacked as in the decoder's session), timed in rounds alternating with the read
-    bandwidth measurement. What a step can reach at best on this stack, before attention,
-    norms, activations and node dispatch."""
+    prepacked, on huge pages, as in the decoder's session), timed in rounds alternating
+    with the read bandwidth measurement. What a step can reach at best on this stack,
+    before attention, norms, activations and node dispatch."""
     import tempfile
 
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from idealrt.services.serving import hugepages
 
     spec = catalog.resolve("gpt2")
     d, ff, qkv = spec.d_model, spec.d_ff, (spec.heads + 2 * spec.kv_heads_effective) * spec.head_dim
@@ -118,9 +120,12 @@ def ort_weight_stream(cores: list[int], threads: int, rounds: int = 5) -> dict[s
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         x = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
-        sess.run(None, x)
+        with hugepages.AnonymousRegions() as regions:  # as the backend's hugepages=auto
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            sess.run(None, x)
+        if hugepages.available()[0]:
+            hugepages.collapse(regions.added)
         for _ in range(rounds):
             ts = []
             for _ in range(3):
