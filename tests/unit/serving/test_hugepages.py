@@ -56,6 +56,8 @@ def test_bad_option_names_the_field(raw: str) -> None:
 
 
 def test_option_values_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing, devices, and a kernel with THP disabled: that kernel cannot be arranged on
+    this machine, so `available` is replaced by a stub for the last part (the one mock)."""
     parse = hp.HugePages.parse
     assert parse(StackSpec(Backend.PYTORCH)).choice == "auto"
     assert parse(StackSpec(Backend.PYTORCH, options={"hugepages": "on"})).choice == "1"
@@ -66,7 +68,6 @@ def test_option_values_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FailedPrecondition) as e:
         hp.HugePages("1").wanted(cuda)
     assert e.value.reason == "HUGEPAGES_UNAVAILABLE"
-    # a kernel with THP disabled cannot be arranged here: availability is replaced
     monkeypatch.setattr(hp, "available", lambda: (False, "disabled (never)"))
     assert not hp.HugePages("auto").wanted(torch.device("cpu"))
     with pytest.raises(FailedPrecondition) as e:
