@@ -1,35 +1,25 @@
 """Stacks against the machine's physical limits (issue 3).
 
-First measures this machine, in the same run: memory read bandwidth (sum of a 1 GiB fp32
-tensor, best of N) and fp32 matmul rate (2048x2048, best of N, through torch.matmul, numpy and
-ONNX Runtime's MatMul; the fastest is the FLOP roof, since torch's MKL reaches well under what
-ONNX Runtime's MLAS GEMM does on this AMD CPU), each with one thread pinned to the measurement
-core and with two threads on both cores. Then, for
-GPT-2-small (catalog "gpt2", random weights), CPU fp32, on each stack (pytorch with its
-default kernels=auto, i.e. idealrt's native decode kernels; pytorch-aten, the same decoder
-on ATen/MKL only; onnxruntime when it loads; transformers) in two configurations
-(threads=1 pinned to one core; threads=2 on cores 0-1):
-  - decode step time at context c (c in 32,128,256,512,896; targets at 128 and 512): every
-    stack is loaded side by side and measured in `rounds` interleaved rounds (default 7);
-    each round measures the read bandwidth again, then runs every stack at every context
-    (stack order rotated, context order reversed every other round), so the machine's slow
-    drift (this is a shared 2-vCPU host) lands on all stacks and contexts alike. A
-    generation with p = c - 10 and o = 21 has its 20 steps at contexts c-9 .. c+10, centred
-    on c; a stack's time at c is the median of all its steps there, over all rounds;
-  - prefill time at p = 128 and 512 (median over the rounds, o = 1);
-  - onnxruntime's own ceiling: a graph of only GPT-2's one-row weight MatMuls (prepacked,
-    as in the decoder's session), in rounds beside the read bandwidth.
-Roofline (idealrt.services.metrics.roofline with the *measured* limits of the same thread
-configuration; the best bandwidth of all rounds, i.e. the most demanding roof): decode
-fraction = decode_bytes(c, fp32) / bandwidth / measured step (weights
-plus the KV cache at c, as spec.decode_bytes); prefill fraction = FLOP bound / measured, with
-prefill_flops(p, last_logits_only=True) (the stacks compute logits for the last position
-only), and the full-logits FLOP count reported beside it. A fraction above 1 means the
-measured limit is below what the stack reached (e.g. weights partly cache-resident, or a
-read benchmark slower than the stack's access pattern); it is reported, never clipped.
-Targets: decode at 128 and 512 >= 80% of the roofline for onnxruntime, >= 75% for pytorch;
-pytorch decode no slower than transformers; decode growth 128 -> 512 no more than the extra
-KV bytes explain (measured ratio <= decode_bytes(512)/decode_bytes(128)).
+First measures this machine in the same run and thread configuration (`_limits`): read
+bandwidth (1 GiB fp32 sum, best of N), fp32 matmul rate (2048^2 via torch, numpy and ONNX
+Runtime; the fastest is the FLOP roof) and ONNX Runtime's own ceiling (a graph of only
+GPT-2's one-row weight MatMuls). Then GPT-2-small (catalog "gpt2", random weights, CPU fp32)
+on each stack (pytorch: default kernels=auto, idealrt's native decode kernels; pytorch-aten:
+the same decoder on ATen/MKL; onnxruntime; transformers), threads=1 pinned and threads=2:
+  - decode step at context c (32,128,256,512,896; targets at 128 and 512): all stacks loaded
+    side by side, measured in `rounds` interleaved rounds (default 7), each re-measuring the
+    read bandwidth, then every stack (order rotated) at every context (order reversed every
+    other round), so the shared host's drift lands on all alike. p = c - 10, o = 21: 20
+    steps centred on c; the time at c is the median of all its steps over all rounds;
+  - prefill at p = 128 and 512 (median over the rounds, o = 1).
+Roofline (idealrt.services.metrics.roofline with the measured limits; the best bandwidth of
+all rounds, the most demanding roof): decode fraction = decode_bytes(c, fp32) / bandwidth /
+measured step (weights plus the KV cache at c); prefill fraction = FLOP bound (logits for
+the last position only, as the stacks compute; the full-logits count beside it) / measured.
+A fraction above 1 means the measured limit is below what the stack reached; it is
+reported, never clipped. Targets: decode at 128 and 512 >= 80% of the roofline for
+onnxruntime, >= 75% for pytorch; pytorch no slower than transformers; decode growth 128 ->
+512 no more than the extra KV bytes explain (ratio <= decode_bytes(512)/decode_bytes(128)).
 
     .venv/bin/python bench/bench_backends.py [--quick] [--rounds 7]
 """
@@ -40,11 +30,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import _common as c
+from _limits import measure_limits
 
 from idealrt.core import catalog
 from idealrt.core.domain import Backend, ModelRef, StackSpec
@@ -65,83 +55,6 @@ QUICK_CONTEXTS = (128, 512)
 PREFILL_P = (128, 512)
 STEPS = 20
 TARGET_DECODE = {"onnxruntime": 0.80, "pytorch": 0.75}
-
-
-def measure_limits(cores: list[int], threads: int, quick: bool) -> dict[str, Any]:
-    reps = 3 if quick else 7
-    bw = c.measure_bandwidth(cores, threads, mib=256 if quick else 1024, repeats=reps)
-    mm = c.measure_matmul(cores, threads, n=1024 if quick else 2048, repeats=reps)
-    out: dict[str, Any] = {"cores": cores, "threads": threads, "bandwidth": bw, "matmul": mm}
-    if not quick and c.backend_available("onnxruntime")[0]:
-        out["onnxruntime_weight_stream"] = ort_weight_stream(cores, threads)
-    return out
-
-
-def ort_weight_stream(cores: list[int], threads: int, rounds: int = 5) -> dict[str, Any]:
-    """ONNX Runtime's own ceiling for a decode step: one graph of nothing but the one-row
-    MatMuls of GPT-2-small's weights (per layer qkv, out, up, down; then the LM head; B
-    prepacked, on huge pages, as in the decoder's session), timed in rounds alternating
-    with the read bandwidth measurement. What a step can reach at best on this stack,
-    before attention, norms, activations and node dispatch."""
-    import tempfile
-
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from idealrt.services.serving import hugepages
-
-    spec = catalog.resolve("gpt2")
-    d, ff, qkv = spec.d_model, spec.d_ff, (spec.heads + 2 * spec.kv_heads_effective) * spec.head_dim
-    shapes = [(d, qkv), (spec.heads * spec.head_dim, d), (d, ff), (ff, d)] * spec.layers
-    shapes.append((d, spec.vocab))
-    rng = np.random.default_rng(0)
-    nodes, inits, outputs = [], [], []
-    for i, (k, n) in enumerate(shapes):
-        w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
-    nbytes = float(sum(k * n * 4 for k, n in shapes))
-    widths = sorted({k for k, _ in shapes})
-    graph = helper.make_graph(
-        nodes,
-        "weight_stream",
-        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
-        outputs,
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    rates, fracs = [], []
-    with tempfile.TemporaryDirectory() as tmp, c.pinned(cores, threads):
-        path = Path(tmp) / "weights.onnx"
-        onnx.save(model, str(path), save_as_external_data=True)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        x = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
-        with hugepages.AnonymousRegions() as regions:  # as the backend's hugepages=auto
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            sess.run(None, x)
-        if hugepages.available()[0]:
-            hugepages.collapse(regions.added)
-        for _ in range(rounds):
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                sess.run(None, x)
-                ts.append(time.perf_counter() - t0)
-            bw = c.measure_bandwidth(cores, threads, mib=512, repeats=3)["torch_best_bytes_s"]
-            rates.append(nbytes / min(ts))
-            fracs.append(rates[-1] / bw)
-        del sess
-    return {
-        "bytes": nbytes,
-        "median_bytes_s": statistics.median(rates),
-        "fraction_of_bandwidth": statistics.median(fracs),
-        "round_fractions": fracs,
-    }
 
 
 def open_stack(name: str, cores: list[int], threads: int) -> tuple[Any, Any, dict[str, str]]:
