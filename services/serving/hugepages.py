@@ -3,8 +3,8 @@
 A CPU decode step streams every weight and the KV cache once; with 4 KiB pages that is one
 TLB entry per 4 KiB read (~120,000 page walks a GPT-2-small step), with 2 MiB pages one per
 2 MiB. Measured on the reference EPYC (1 thread, GPT-2 small, two copies of the same model in
-one process, interleaved rounds): the pytorch backend's decode step 3.9% faster, ONNX
-Runtime's 8% faster. Most distributions ship THP in `madvise` mode, where memory gets huge
+one process, interleaved rounds): the pytorch backend's decode step 2.4-5.2% faster, ONNX
+Runtime's 5-8% faster. Most distributions ship THP in `madvise` mode, where memory gets huge
 pages only when its owner asks, and neither torch's allocator nor ONNX Runtime's asks.
 
 `collapse(ranges)` asks for them: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of

@@ -13,8 +13,8 @@ Options (StackSpec.options):
   >= max_context attends the whole max_context window at every step (flat cost).
 - hugepages: "auto" (default) | "1" | "0" -> transparent huge pages for the memory the
   session and the KV buffers add to the process (ONNX Runtime's allocator does not ask for
-  them; `idealrt.services.serving.hugepages` merges the new anonymous mappings): measured 8%
-  faster decode at GPT-2 small on the CPU. As the pytorch backend's option.
+  them; `idealrt.services.serving.hugepages` merges the new anonymous mappings): measured
+  5-8% faster decode at GPT-2 small on the CPU. As the pytorch backend's option.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.

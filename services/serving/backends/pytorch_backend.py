@@ -1,6 +1,6 @@
 """The `pytorch` backend: the reference decoder in eager PyTorch (CPU or CUDA; fp32/fp16/bf16).
 
-Options (StackSpec.options, all off by default; recorded with every measurement):
+Options (StackSpec.options; recorded with every measurement):
 - threads: "N" -> torch.set_num_threads(N) (process-wide; set again before each generation).
 - cuda_graphs: "1" -> the decode step is captured in a CUDA graph (CUDA only; on the CPU
   InvalidArgument OPTION_INVALID). The captured step is `Decoder.forward_static`, which
@@ -18,7 +18,7 @@ Options (StackSpec.options, all off by default; recorded with every measurement)
   built is FAILED_PRECONDITION (NATIVE_KERNELS_UNAVAILABLE).
 - hugepages: "auto" (default) | "1" | "0" -> transparent huge pages for the weights and the
   KV cache on the CPU (`idealrt.services.serving.hugepages`: a decode step streams both, and
-  2 MiB pages cut its TLB misses; measured 3.9% faster at GPT-2 small). auto: where Linux
+  2 MiB pages cut its TLB misses; measured 2.4-5.2% faster at GPT-2 small). auto: where Linux
   allows it; "1" fails with FAILED_PRECONDITION HUGEPAGES_UNAVAILABLE elsewhere. Recorded
   as "on" or "off" in the loaded model's stack options.
 The prefill is always eager `Decoder.forward` on ATen, at every prompt size: a 1-token
