@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,6 +70,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache
 def _madvise() -> ctypes._NamedFuncPointer:
     fn = ctypes.CDLL(None, use_errno=True).madvise
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

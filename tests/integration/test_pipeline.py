@@ -26,14 +26,25 @@ from idealrt.core.errors import IdealrtError
 from idealrt.services.metrics.predict import alpha_at
 from idealrt.services.suite import Suite
 
-PLAN = ProfilePlan(prompt_tokens=(1, 16, 48), output_tokens=(1, 4, 8), repeats=2, warmups=1,
-                   holdout_prompt_tokens=(8, 32), holdout_output_tokens=(3,), seed=1)
+PLAN = ProfilePlan(
+    prompt_tokens=(1, 16, 48),
+    output_tokens=(1, 4, 8),
+    repeats=2,
+    warmups=1,
+    holdout_prompt_tokens=(8, 32),
+    holdout_output_tokens=(3,),
+    seed=1,
+)
 
 
 def _profile(plan: ProfilePlan = PLAN, model: str = "tiny-gpt2") -> Profile:
-    return Profile(id="", model=ModelRef(name=model, seed=0),
-                   stack=StackSpec(backend=Backend.PYTORCH, device="cpu", dtype="fp32"),
-                   plan=plan, request_id=uuid.uuid4().hex)
+    return Profile(
+        id="",
+        model=ModelRef(name=model, seed=0),
+        stack=StackSpec(backend=Backend.PYTORCH, device="cpu", dtype="fp32"),
+        plan=plan,
+        request_id=uuid.uuid4().hex,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +58,8 @@ def profiled(suite: Suite) -> tuple[Profile, ProfilerClient]:
 
 
 def test_profile_runs_to_success_and_stores_conforming_samples(
-        suite: Suite, profiled: tuple[Profile, ProfilerClient]) -> None:
+    suite: Suite, profiled: tuple[Profile, ProfilerClient]
+) -> None:
     final, _ = profiled
     assert final.state == ProfileState.SUCCEEDED, final.error
     store = StoreClient(suite.store)
@@ -67,8 +79,7 @@ def test_profile_runs_to_success_and_stores_conforming_samples(
     assert final.model_spec is not None and final.model_spec.layers == 2
 
 
-def test_fit_and_estimate_over_grpc(suite: Suite,
-                                    profiled: tuple[Profile, ProfilerClient]) -> None:
+def test_fit_and_estimate_over_grpc(suite: Suite, profiled: tuple[Profile, ProfilerClient]) -> None:
     final, _ = profiled
     metrics = MetricsClient(suite.metrics)
     rid = uuid.uuid4().hex
@@ -82,7 +93,8 @@ def test_fit_and_estimate_over_grpc(suite: Suite,
     assert est.runtime_s.shape == (3,)
     alpha16 = float(alpha_at(cm, 16))
     assert est.runtime_s[1] == pytest.approx(
-        alpha16 + 3 * cm.beta0_s + cm.beta1_s * (3 * 16 + 6), rel=1e-9)
+        alpha16 + 3 * cm.beta0_s + cm.beta1_s * (3 * 16 + 6), rel=1e-9
+    )
     assert list(est.out_of_domain) == [False, False, True]
     assert est.summary.count == 3
     assert est.summary.sum_s == pytest.approx(float(est.runtime_s.sum()))
@@ -96,13 +108,17 @@ def _reason(err: IdealrtError) -> tuple[grpc.StatusCode, str, str]:
     return err.code, err.reason, err.field
 
 
-@pytest.mark.parametrize(("plan_kw", "field"), [
-    ({"prompt_tokens": (0, 16)}, "plan.prompt_tokens"),
-    ({"output_tokens": (-1,)}, "plan.output_tokens"),
-    ({"prompt_tokens": (200,), "output_tokens": (100,)}, "plan"),
-])
-def test_bad_plans_are_invalid_argument(suite: Suite, plan_kw: dict[str, object],
-                                        field: str) -> None:
+@pytest.mark.parametrize(
+    ("plan_kw", "field"),
+    [
+        ({"prompt_tokens": (0, 16)}, "plan.prompt_tokens"),
+        ({"output_tokens": (-1,)}, "plan.output_tokens"),
+        ({"prompt_tokens": (200,), "output_tokens": (100,)}, "plan"),
+    ],
+)
+def test_bad_plans_are_invalid_argument(
+    suite: Suite, plan_kw: dict[str, object], field: str
+) -> None:
     kw: dict[str, object] = {"prompt_tokens": (1,), "output_tokens": (1,), "repeats": 1}
     kw.update(plan_kw)
     client = ProfilerClient(suite.profiler)
@@ -136,9 +152,11 @@ def test_generate_validation_names_fields(suite: Suite) -> None:
     serving = ServingClient(suite.serving)
     m = serving.load(ModelRef(name="tiny-gpt2"), StackSpec())
     try:
-        for kwargs, field in [({"prompt_length": 0, "output_tokens": 1}, "prompt"),
-                              ({"prompt_length": 4, "output_tokens": 0}, "output_tokens"),
-                              ({"prompt_length": 200, "output_tokens": 100}, "output_tokens")]:
+        for kwargs, field in [
+            ({"prompt_length": 0, "output_tokens": 1}, "prompt"),
+            ({"prompt_length": 4, "output_tokens": 0}, "output_tokens"),
+            ({"prompt_length": 200, "output_tokens": 100}, "output_tokens"),
+        ]:
             with pytest.raises(IdealrtError) as exc:
                 serving.generate(m.model_id, **kwargs)  # type: ignore[arg-type]
             assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -161,10 +179,13 @@ def test_unspecified_enum_is_invalid_argument_with_error_info(suite: Suite) -> N
     with grpc.insecure_channel(suite.serving) as ch:
         stub = pbg.ServingServiceStub(ch)
         with pytest.raises(grpc.RpcError) as exc:
-            stub.LoadModel(pb.LoadModelRequest(
-                model=common_pb2.ModelRef(name="tiny-gpt2"),
-                stack=common_pb2.StackSpec(device="cpu", dtype=common_pb2.D_TYPE_FP32)),
-                timeout=30)
+            stub.LoadModel(
+                pb.LoadModelRequest(
+                    model=common_pb2.ModelRef(name="tiny-gpt2"),
+                    stack=common_pb2.StackSpec(device="cpu", dtype=common_pb2.D_TYPE_FP32),
+                ),
+                timeout=30,
+            )
     err = exc.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
@@ -181,8 +202,7 @@ def test_health_and_reflection_are_served(suite: Suite) -> None:
 
     for address in suite.addresses().values():
         with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=10)
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 

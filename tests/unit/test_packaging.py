@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ROOTS = {"gen/idealrt": "idealrt", "core": "idealrt.core", "services": "idealrt.services",
-         "clients": "idealrt.clients"}
+ROOTS = {
+    "gen/idealrt": "idealrt",
+    "core": "idealrt.core",
+    "services": "idealrt.services",
+    "clients": "idealrt.clients",
+}
 
 
 def _package_dirs() -> set[str]:
@@ -50,8 +54,15 @@ def test_all_names_exist(module: str) -> None:
 
 def test_domain_modules_do_not_import_grpc() -> None:
     """pb2 types stay in servicers, servers, converters and clients (house style)."""
-    allowed = ("servicer.py", "server.py", "convert.py", "grpc_server.py", "grpc_client.py",
-               "errors.py", "suite.py")
+    allowed = (
+        "servicer.py",
+        "server.py",
+        "convert.py",
+        "grpc_server.py",
+        "grpc_client.py",
+        "errors.py",
+        "suite.py",
+    )
     for folder in ("core", "services"):
         for path in (ROOT / folder).rglob("*.py"):
             if path.name in allowed or path.name == "__main__.py":

@@ -29,8 +29,9 @@ def test_economical_plan_is_one_repeat_without_warmups() -> None:
     assert economical_plan(100, 1).output_tokens == (1,)
 
 
-@pytest.mark.parametrize(("p", "o", "field"), [(0, 8, "plan.prompt_tokens"),
-                                               (8, 0, "plan.output_tokens")])
+@pytest.mark.parametrize(
+    ("p", "o", "field"), [(0, 8, "plan.prompt_tokens"), (8, 0, "plan.output_tokens")]
+)
 def test_bad_ranges_name_the_field(p: int, o: int, field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         economical_plan(p, o)

@@ -49,12 +49,20 @@ class FakeApiException(Exception):
         self.body = json.dumps(body) if body is not None else None
 
 
-def job(rv: str, *conditions: tuple[str, str, str], active: int = 0, failed: int = 0,
-        succeeded: int = 0) -> dict[str, Any]:
-    return {"metadata": {"name": SPEC.name, "resourceVersion": rv},
-            "status": {"active": active, "failed": failed, "succeeded": succeeded,
-                       "conditions": [{"type": t, "status": "True", "reason": r, "message": m}
-                                      for t, r, m in conditions]}}
+def job(
+    rv: str, *conditions: tuple[str, str, str], active: int = 0, failed: int = 0, succeeded: int = 0
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": SPEC.name, "resourceVersion": rv},
+        "status": {
+            "active": active,
+            "failed": failed,
+            "succeeded": succeeded,
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions
+            ],
+        },
+    }
 
 
 def listing(rv: str, *items: dict[str, Any]) -> dict[str, Any]:
@@ -104,8 +112,9 @@ class FakeWatch:
         self.stopped = True
 
 
-def watches(*scripts: list[Any]) -> tuple[Callable[[], FakeWatch], list[dict[str, Any]],
-                                          list[FakeWatch]]:
+def watches(
+    *scripts: list[Any],
+) -> tuple[Callable[[], FakeWatch], list[dict[str, Any]], list[FakeWatch]]:
     log: list[dict[str, Any]] = []
     made: list[FakeWatch] = []
     queue = list(scripts)
@@ -148,24 +157,72 @@ def test_launch_validates_before_calling_the_api() -> None:
 
 
 ERRORS: list[tuple[BaseException, type[IdealrtError], str, str]] = [
-    (FakeApiException(409, "Conflict", {"reason": "AlreadyExists",
-                                        "message": 'jobs.batch "prof-gpt2" already exists'}),
-     AlreadyExists, "JOB_ALREADY_EXISTS", "name"),
-    (FakeApiException(404, "Not Found", {"message": 'namespaces "idealrt" not found'}),
-     NotFound, "K8S_NOT_FOUND", ""),
-    (FakeApiException(403, "Forbidden", {"message": 'jobs.batch is forbidden: User "x" '
-                                                    'cannot create resource "jobs"'}),
-     FailedPrecondition, "K8S_FORBIDDEN", ""),
-    (FakeApiException(403, "Forbidden", {"message": 'jobs "p" is forbidden: exceeded quota: '
-                                                    'gpu, requested: requests.nvidia.com/gpu=1'}),
-     ResourceExhausted, "K8S_QUOTA_EXCEEDED", ""),
+    (
+        FakeApiException(
+            409,
+            "Conflict",
+            {"reason": "AlreadyExists", "message": 'jobs.batch "prof-gpt2" already exists'},
+        ),
+        AlreadyExists,
+        "JOB_ALREADY_EXISTS",
+        "name",
+    ),
+    (
+        FakeApiException(404, "Not Found", {"message": 'namespaces "idealrt" not found'}),
+        NotFound,
+        "K8S_NOT_FOUND",
+        "",
+    ),
+    (
+        FakeApiException(
+            403,
+            "Forbidden",
+            {"message": 'jobs.batch is forbidden: User "x" cannot create resource "jobs"'},
+        ),
+        FailedPrecondition,
+        "K8S_FORBIDDEN",
+        "",
+    ),
+    (
+        FakeApiException(
+            403,
+            "Forbidden",
+            {
+                "message": 'jobs "p" is forbidden: exceeded quota: '
+                "gpu, requested: requests.nvidia.com/gpu=1"
+            },
+        ),
+        ResourceExhausted,
+        "K8S_QUOTA_EXCEEDED",
+        "",
+    ),
     (FakeApiException(401, "Unauthorized"), FailedPrecondition, "K8S_UNAUTHORIZED", ""),
-    (FakeApiException(422, "Unprocessable Entity", {
-        "message": "Job.batch is invalid", "details": {"causes": [
-            {"field": "spec.template.spec.containers[0].image", "reason": "FieldValueRequired"}]}}),
-     InvalidArgument, "K8S_INVALID", "spec.template.spec.containers[0].image"),
-    (FakeApiException(400, "Bad Request", {"message": 'strict decoding error: unknown field'}),
-     InvalidArgument, "K8S_INVALID", ""),
+    (
+        FakeApiException(
+            422,
+            "Unprocessable Entity",
+            {
+                "message": "Job.batch is invalid",
+                "details": {
+                    "causes": [
+                        {
+                            "field": "spec.template.spec.containers[0].image",
+                            "reason": "FieldValueRequired",
+                        }
+                    ]
+                },
+            },
+        ),
+        InvalidArgument,
+        "K8S_INVALID",
+        "spec.template.spec.containers[0].image",
+    ),
+    (
+        FakeApiException(400, "Bad Request", {"message": "strict decoding error: unknown field"}),
+        InvalidArgument,
+        "K8S_INVALID",
+        "",
+    ),
     (FakeApiException(429, "Too Many Requests"), Unavailable, "K8S_UNAVAILABLE", ""),
     (FakeApiException(500, "Internal Server Error"), Unavailable, "K8S_UNAVAILABLE", ""),
     (FakeApiException(503, "Service Unavailable"), Unavailable, "K8S_UNAVAILABLE", ""),
@@ -176,11 +233,14 @@ ERRORS: list[tuple[BaseException, type[IdealrtError], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("exc", "cls", "reason", "field"), ERRORS,
-                         ids=[f"{getattr(e, 'status', type(e).__name__)}-{r}"
-                              for e, _, r, _ in ERRORS])
-def test_launch_maps_api_errors(exc: BaseException, cls: type[IdealrtError], reason: str,
-                                field: str) -> None:
+@pytest.mark.parametrize(
+    ("exc", "cls", "reason", "field"),
+    ERRORS,
+    ids=[f"{getattr(e, 'status', type(e).__name__)}-{r}" for e, _, r, _ in ERRORS],
+)
+def test_launch_maps_api_errors(
+    exc: BaseException, cls: type[IdealrtError], reason: str, field: str
+) -> None:
     with pytest.raises(cls) as err:
         launch_profile_job(SPEC, api=FakeBatchApi(create=exc))
     assert type(err.value) is cls
@@ -222,8 +282,9 @@ def test_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
         watch_profile_job("prof-gpt2", "idealrt", 1.0, api=FakeBatchApi())
 
 
-def test_no_configuration_is_a_failed_precondition(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Any) -> None:
+def test_no_configuration_is_a_failed_precondition(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     kube_config = pytest.importorskip("kubernetes.config.kube_config")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
@@ -242,21 +303,36 @@ def test_watch_returns_at_once_when_already_finished() -> None:
     out = watch_profile_job("prof-gpt2", "idealrt", 60, api=api, watch=factory)
     assert out.state is JobState.SUCCEEDED and out.finished and out.succeeded == 1
     ((verb, (namespace,), kwargs),) = api.calls
-    assert (verb, namespace, kwargs["field_selector"]) == ("list", "idealrt",
-                                                           "metadata.name=prof-gpt2")
+    assert (verb, namespace, kwargs["field_selector"]) == (
+        "list",
+        "idealrt",
+        "metadata.name=prof-gpt2",
+    )
     assert log == []  # no watch opened
 
 
 def test_watch_follows_events_to_failure() -> None:
     api = FakeBatchApi(lists=[listing("100", job("99", active=1))])
-    factory, log, made = watches([
-        ev("ADDED", job("101", active=1)),
-        ev("MODIFIED", job("102", ("FailureTarget", "BackoffLimitExceeded", "..."), failed=3)),
-        ev("MODIFIED", job("103", ("FailureTarget", "BackoffLimitExceeded", "..."),
-                           ("Failed", "BackoffLimitExceeded", "Job has reached the specified "
-                                                              "backoff limit"), failed=3)),
-        ev("MODIFIED", job("104")),  # never read: the watch ends at the terminal state
-    ])
+    factory, log, made = watches(
+        [
+            ev("ADDED", job("101", active=1)),
+            ev("MODIFIED", job("102", ("FailureTarget", "BackoffLimitExceeded", "..."), failed=3)),
+            ev(
+                "MODIFIED",
+                job(
+                    "103",
+                    ("FailureTarget", "BackoffLimitExceeded", "..."),
+                    (
+                        "Failed",
+                        "BackoffLimitExceeded",
+                        "Job has reached the specified backoff limit",
+                    ),
+                    failed=3,
+                ),
+            ),
+            ev("MODIFIED", job("104")),  # never read: the watch ends at the terminal state
+        ]
+    )
     out = watch_profile_job("prof-gpt2", "idealrt", 600, api=api, watch=factory)
     assert out.state is JobState.FAILED and out.reason == "BackoffLimitExceeded"
     assert out.failed == 3 and "backoff limit" in out.message
@@ -281,13 +357,18 @@ def test_watch_resumes_from_bookmarks_after_a_server_timeout() -> None:
     assert [c[0] for c in api.calls] == ["list"]  # one list, then watches only
 
 
-@pytest.mark.parametrize("gone", [
-    FakeApiException(410, "Expired: too old resource version"),
-    ev("ERROR", {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}),
-], ids=["raised", "event"])
+@pytest.mark.parametrize(
+    "gone",
+    [
+        FakeApiException(410, "Expired: too old resource version"),
+        ev("ERROR", {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}),
+    ],
+    ids=["raised", "event"],
+)
 def test_watch_lists_again_after_410_gone(gone: Any) -> None:
-    api = FakeBatchApi(lists=[listing("5", job("5", active=1)),
-                              listing("900", job("899", active=1))])
+    api = FakeBatchApi(
+        lists=[listing("5", job("5", active=1)), listing("900", job("899", active=1))]
+    )
     factory, log, _ = watches([gone], [ev("MODIFIED", job("901", ("Complete", "", "")))])
     out = watch_profile_job("prof-gpt2", "idealrt", 600, api=api, watch=factory)
     assert out.state is JobState.SUCCEEDED
@@ -347,12 +428,16 @@ def test_watch_forbidden_list_is_a_failed_precondition() -> None:
     assert err.value.reason == "K8S_FORBIDDEN"
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("Prof", "idealrt", 10.0), "name"), (("prof", "ns_1", 10.0), "namespace"),
-    (("prof", "idealrt", 0.0), "timeout"), (("prof", "idealrt", -1.0), "timeout"),
-])
-def test_watch_validates_before_calling_the_api(args: tuple[str, str, float],
-                                                field: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("Prof", "idealrt", 10.0), "name"),
+        (("prof", "ns_1", 10.0), "namespace"),
+        (("prof", "idealrt", 0.0), "timeout"),
+        (("prof", "idealrt", -1.0), "timeout"),
+    ],
+)
+def test_watch_validates_before_calling_the_api(args: tuple[str, str, float], field: str) -> None:
     api = FakeBatchApi()
     with pytest.raises(InvalidArgument) as err:
         watch_profile_job(*args, api=api, watch=watches()[0])
@@ -373,7 +458,7 @@ class FakeHttpResponse:
         self.closed = False
 
     def stream(self, amt: Any = None, decode_content: Any = None) -> Iterator[bytes]:
-        yield from (self._body[i:i + 7] for i in range(0, len(self._body), 7))  # split lines
+        yield from (self._body[i : i + 7] for i in range(0, len(self._body), 7))  # split lines
 
     def close(self) -> None:
         self.closed = True
@@ -403,11 +488,21 @@ def test_with_the_clients_real_watch() -> None:
     api = HttpBatchApi(
         lists=[listing("5", job("5", active=1)), listing("50", job("50", active=1))],
         streams=[
-            [{"type": "MODIFIED", "object": job("6", active=1)},
-             {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired",
-                                          "message": "too old resource version"}}],
+            [
+                {"type": "MODIFIED", "object": job("6", active=1)},
+                {
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "code": 410,
+                        "reason": "Expired",
+                        "message": "too old resource version",
+                    },
+                },
+            ],
             [{"type": "MODIFIED", "object": job("51", ("Complete", "", ""), succeeded=1)}],
-        ])
+        ],
+    )
     out = watch_profile_job("prof-gpt2", "idealrt", 600, api=api)
     assert out.state is JobState.SUCCEEDED and out.succeeded == 1
     assert [c[0] for c in api.calls] == ["list", "watch", "list", "watch"]

@@ -40,21 +40,28 @@ def env_of(container: Doc) -> dict[str, str]:
 # ------------------------------------------------------------------ schema
 
 
-def test_every_resource_validates_strictly(resource: tuple[str, Doc], k8s_version: str,
-                                           validate: Callable[[Doc, str], str]) -> None:
+def test_every_resource_validates_strictly(
+    resource: tuple[str, Doc], k8s_version: str, validate: Callable[[Doc, str], str]
+) -> None:
     _, doc = resource
     assert validate(doc, k8s_version) == ".".join(k8s_version.split(".")[:2])
 
 
-@pytest.mark.parametrize("path", [
-    ("spec", "template", "spec", "initContainers", 0),
-    ("spec", "template", "spec", "initContainers", 0, "resources"),
-    ("spec", "template", "spec", "affinity", "podAntiAffinity"),
-    ("spec",),
-])
-def test_strict_validation_rejects_unknown_fields(job_template: Doc, k8s_version: str,
-                                                  validate: Callable[[Doc, str], str],
-                                                  path: tuple[str | int, ...]) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("spec", "template", "spec", "initContainers", 0),
+        ("spec", "template", "spec", "initContainers", 0, "resources"),
+        ("spec", "template", "spec", "affinity", "podAntiAffinity"),
+        ("spec",),
+    ],
+)
+def test_strict_validation_rejects_unknown_fields(
+    job_template: Doc,
+    k8s_version: str,
+    validate: Callable[[Doc, str], str],
+    path: tuple[str | int, ...],
+) -> None:
     """Guards the test above: a typo anywhere must fail, not be dropped."""
     doc = copy.deepcopy(job_template)
     node: Any = doc
@@ -65,8 +72,9 @@ def test_strict_validation_rejects_unknown_fields(job_template: Doc, k8s_version
         validate(doc, k8s_version)
 
 
-def test_kustomization_lists_every_base_manifest(k8s_dir: Path,
-                                                 load: Callable[[str], list[Doc]]) -> None:
+def test_kustomization_lists_every_base_manifest(
+    k8s_dir: Path, load: Callable[[str], list[Doc]]
+) -> None:
     (kust,) = load("base/kustomization.yaml")
     listed = set(kust["resources"])
     on_disk = {p.name for p in (k8s_dir / "base").glob("*.yaml")} - {"kustomization.yaml"}
@@ -76,14 +84,29 @@ def test_kustomization_lists_every_base_manifest(k8s_dir: Path,
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
-def test_kustomize_build_renders_valid_objects(k8s_dir: Path, k8s_version: str,
-                                               validate: Callable[[Doc, str], str]) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(k8s_dir / "base")], check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+def test_kustomize_build_renders_valid_objects(
+    k8s_dir: Path, k8s_version: str, validate: Callable[[Doc, str], str]
+) -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(k8s_dir / "base")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     kinds = sorted({d["kind"] for d in docs})
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy",
-                     "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Namespace",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
     for doc in docs:
         validate(doc, k8s_version)
         if doc["kind"] != "Namespace":
@@ -142,7 +165,8 @@ def test_dockerfile_user_is_the_pods_user(k8s_dir: Path, workloads: list[Doc]) -
     uid = int(m.group(1))
     assert re.search(rf"^USER {uid}:{uid}$", text, re.M)
     assert {w["spec"]["template"]["spec"]["securityContext"]["runAsUser"] for w in workloads} == {
-        uid}
+        uid
+    }
 
 
 def test_dockerfile_installs_the_torch_the_makefile_pins(k8s_dir: Path) -> None:
@@ -164,8 +188,7 @@ def _deployments(load: Callable[[str], list[Doc]]) -> dict[str, Doc]:
     return out
 
 
-def test_each_service_runs_its_module_on_its_default_port(
-        load: Callable[[str], list[Doc]]) -> None:
+def test_each_service_runs_its_module_on_its_default_port(load: Callable[[str], list[Doc]]) -> None:
     deployments = _deployments(load)
     assert set(deployments) == {"store", "metrics", "profiler"}
     for name, d in deployments.items():
@@ -177,8 +200,7 @@ def test_each_service_runs_its_module_on_its_default_port(
         assert c["envFrom"] == [{"configMapRef": {"name": "idealrt-config"}}]
 
 
-def test_services_select_their_pods_and_name_real_ports(
-        load: Callable[[str], list[Doc]]) -> None:
+def test_services_select_their_pods_and_name_real_ports(load: Callable[[str], list[Doc]]) -> None:
     deployments = _deployments(load)
     for name in deployments:
         (svc,) = [d for d in load(f"base/{name}.yaml") if d["kind"] == "Service"]
@@ -199,8 +221,11 @@ def test_configmap_configures_the_services(load: Callable[[str], list[Doc]]) -> 
     (cm,) = load("base/configmap.yaml")
     env = cm["data"]
     assert all(isinstance(v, str) for v in env.values())
-    store, profiler, metrics = (StoreConfig.from_env(env), ProfilerConfig.from_env(env),
-                                MetricsConfig.from_env(env))
+    store, profiler, metrics = (
+        StoreConfig.from_env(env),
+        ProfilerConfig.from_env(env),
+        MetricsConfig.from_env(env),
+    )
     assert store.address == f"0.0.0.0:{DEFAULT_PORTS['store']}"
     assert profiler.address == f"0.0.0.0:{DEFAULT_PORTS['profiler']}"
     assert metrics.address == f"0.0.0.0:{DEFAULT_PORTS['metrics']}"
@@ -238,7 +263,8 @@ def test_namespace_enforces_restricted_pod_security(load: Callable[[str], list[D
 
 
 def test_profiling_pods_get_no_evictions_and_no_ingress(
-        load: Callable[[str], list[Doc]], job_template: Doc) -> None:
+    load: Callable[[str], list[Doc]], job_template: Doc
+) -> None:
     docs = {d["kind"]: d for d in load("base/profiling.yaml")}
     pod_labels = job_template["spec"]["template"]["metadata"]["labels"]
     pdb, netpol = docs["PodDisruptionBudget"], docs["NetworkPolicy"]
@@ -264,7 +290,8 @@ def test_job_holds_whole_gpus_in_the_serving_container_only(job_template: Doc) -
 def test_job_repels_other_profiling_pods_per_node(job_template: Doc) -> None:
     tpl = job_template["spec"]["template"]
     terms = tpl["spec"]["affinity"]["podAntiAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
     (term,) = terms
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"] == {"matchLabels": {ROLE[0]: ROLE[1]}}
@@ -277,7 +304,8 @@ def test_job_targets_gpu_nodes(job_template: Doc) -> None:
     pod = job_template["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-        "tolerations"]
+        "tolerations"
+    ]
 
 
 def test_job_lifecycle_limits(job_template: Doc) -> None:
@@ -287,14 +315,16 @@ def test_job_lifecycle_limits(job_template: Doc) -> None:
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] > 0
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [
-        {"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     assert rules[1]["onExitCodes"]["containerName"] in by_name(
-        spec["template"]["spec"]["containers"])
+        spec["template"]["spec"]["containers"]
+    )
 
 
-def test_job_sidecars_start_in_order_and_are_not_probed_while_measuring(
-        job_template: Doc) -> None:
+def test_job_sidecars_start_in_order_and_are_not_probed_while_measuring(job_template: Doc) -> None:
     pod = job_template["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["initContainers"]] == ["serving", "profiler"]
     assert pod["shareProcessNamespace"] is True  # the profiler sees serving's pid
@@ -323,7 +353,11 @@ def test_job_main_container_is_a_valid_cli_call(job_template: Doc) -> None:
     assert args.target == f"127.0.0.1:{DEFAULT_PORTS['serving']}"
     assert args.store == f"idealrt-store:{DEFAULT_PORTS['store']}"
     assert args.metrics == f"idealrt-metrics:{DEFAULT_PORTS['metrics']}"
-    assert (args.model, args.backend, args.device, args.dtype) == ("gpt2", "pytorch", "cuda",
-                                                                  "fp16")
+    assert (args.model, args.backend, args.device, args.dtype) == (
+        "gpt2",
+        "pytorch",
+        "cuda",
+        "fp16",
+    )
     assert args.prompt_tokens == (1, 64, 256, 512, 1024)
     assert args.output_tokens == (1, 8, 32)

@@ -29,8 +29,18 @@ def test_all_is_what_the_module_exports() -> None:
     for name in k8s.__all__:
         assert getattr(k8s, name) is not None
     public = {n for n in vars(k8s) if not n.startswith("_")}
-    assert {"ProfileJobSpec", "render_profile_job", "launch_profile_job",
-            "watch_profile_job", "JobOutcome", "map_api_error"} <= set(k8s.__all__) <= public
+    assert (
+        {
+            "ProfileJobSpec",
+            "render_profile_job",
+            "launch_profile_job",
+            "watch_profile_job",
+            "JobOutcome",
+            "map_api_error",
+        }
+        <= set(k8s.__all__)
+        <= public
+    )
 
 
 def test_render_is_the_yaml_template(job_template: Doc) -> None:
@@ -41,22 +51,35 @@ def test_render_is_the_yaml_template(job_template: Doc) -> None:
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "four-gpus": {"gpus": 4, "device": "cuda:3", "cpu": "32", "memory": "256Gi"},
-    "amd": {"gpu_resource": "amd.com/gpu", "node_selector": {"amd.com/gpu.present": "true"},
-            "tolerations": ({"key": "amd.com/gpu", "operator": "Exists",
-                             "effect": "NoSchedule"},)},
-    "tensorrt-bf16": {"backend": "tensorrt", "dtype": "bf16", "model": "llama-2-7b",
-                      "prompt_tokens": (1, 2048), "output_tokens": (1, 128),
-                      "profile_args": ("--until-ci=1%", "--budget=30m")},
-    "elsewhere": {"namespace": "team-a", "image": "registry.example/idealrt:0.1.0-gpu",
-                  "store": "idealrt-store.idealrt.svc:50051",
-                  "metrics": "idealrt-metrics.idealrt.svc:50054", "backoff_limit": 0,
-                  "ttl_after_finished_s": 0, "image_pull_policy": "Always"},
+    "amd": {
+        "gpu_resource": "amd.com/gpu",
+        "node_selector": {"amd.com/gpu.present": "true"},
+        "tolerations": ({"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+    },
+    "tensorrt-bf16": {
+        "backend": "tensorrt",
+        "dtype": "bf16",
+        "model": "llama-2-7b",
+        "prompt_tokens": (1, 2048),
+        "output_tokens": (1, 128),
+        "profile_args": ("--until-ci=1%", "--budget=30m"),
+    },
+    "elsewhere": {
+        "namespace": "team-a",
+        "image": "registry.example/idealrt:0.1.0-gpu",
+        "store": "idealrt-store.idealrt.svc:50051",
+        "metrics": "idealrt-metrics.idealrt.svc:50054",
+        "backoff_limit": 0,
+        "ttl_after_finished_s": 0,
+        "image_pull_policy": "Always",
+    },
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_rendered_jobs_validate_strictly(variant: str, k8s_version: str,
-                                         validate: Callable[[Doc, str], str]) -> None:
+def test_rendered_jobs_validate_strictly(
+    variant: str, k8s_version: str, validate: Callable[[Doc, str], str]
+) -> None:
     validate(render_profile_job(spec(**VARIANTS[variant])), k8s_version)
 
 
@@ -72,8 +95,10 @@ def test_rendered_jobs_keep_the_scheduling_guarantees(variant: str) -> None:
     assert serving["resources"]["limits"][s.gpu_resource] == s.gpus
     assert serving["resources"]["limits"]["cpu"] == s.cpu
     (term,) = p["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert term["labelSelector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"][
-        "labels"].items()
+    assert (
+        term["labelSelector"]["matchLabels"].items()
+        <= job["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert p["restartPolicy"] == "Never"
     assert job["metadata"]["namespace"] == s.namespace
     args = p["containers"][0]["args"]
@@ -149,8 +174,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "field"), BAD,
-                         ids=[f"{f}={o[f]!r}"[:40] for o, f in BAD])
+@pytest.mark.parametrize(("overrides", "field"), BAD, ids=[f"{f}={o[f]!r}"[:40] for o, f in BAD])
 def test_bad_specs_name_the_field(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         render_profile_job(spec(**overrides))
@@ -158,11 +182,21 @@ def test_bad_specs_name_the_field(overrides: dict[str, Any], field: str) -> None
     assert err.value.reason == f"{field.upper()}_INVALID"
 
 
-@pytest.mark.parametrize("overrides", [
-    {"cpu": "1.5"}, {"cpu": "2500m"}, {"cpu": "1e1"}, {"memory": "0.5Gi"},
-    {"memory": "1e9"}, {"memory": "64M"}, {"gpus": 2, "device": "cuda:1"},
-    {"gpu_resource": "nvidia.com/mig-1g.10gb"}, {"name": "a" * 63}, {"warmups": 0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"cpu": "1.5"},
+        {"cpu": "2500m"},
+        {"cpu": "1e1"},
+        {"memory": "0.5Gi"},
+        {"memory": "1e9"},
+        {"memory": "64M"},
+        {"gpus": 2, "device": "cuda:1"},
+        {"gpu_resource": "nvidia.com/mig-1g.10gb"},
+        {"name": "a" * 63},
+        {"warmups": 0},
+    ],
+)
 def test_good_specs_render(overrides: dict[str, Any]) -> None:
     job = render_profile_job(spec(**overrides))
     assert job["kind"] == "Job"
@@ -173,18 +207,31 @@ def test_spec_is_immutable() -> None:
         spec().gpus = 2  # type: ignore[misc,unused-ignore]
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("4", Decimal(4)), ("500m", Decimal("0.5")), ("1.5", Decimal("1.5")), (".5", Decimal("0.5")),
-    ("16Gi", Decimal(16 * 2**30)), ("512Mi", Decimal(512 * 2**20)), ("2k", Decimal(2000)),
-    ("1e3", Decimal(1000)), ("1E-3", Decimal("0.001")), ("64M", Decimal(64 * 10**6)),
-    ("100u", Decimal("0.0001")), ("1Ei", Decimal(2**60)), ("1E", Decimal(10**18)),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4", Decimal(4)),
+        ("500m", Decimal("0.5")),
+        ("1.5", Decimal("1.5")),
+        (".5", Decimal("0.5")),
+        ("16Gi", Decimal(16 * 2**30)),
+        ("512Mi", Decimal(512 * 2**20)),
+        ("2k", Decimal(2000)),
+        ("1e3", Decimal(1000)),
+        ("1E-3", Decimal("0.001")),
+        ("64M", Decimal(64 * 10**6)),
+        ("100u", Decimal("0.0001")),
+        ("1Ei", Decimal(2**60)),
+        ("1E", Decimal(10**18)),
+    ],
+)
 def test_parse_quantity(text: str, value: Decimal) -> None:
     assert parse_quantity(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "Gi", "1.2.3", "-1", "+1", "1 Gi", "1gi", "1GB", "1e",
-                                  "0x10", "1Kii"])
+@pytest.mark.parametrize(
+    "text", ["", "Gi", "1.2.3", "-1", "+1", "1 Gi", "1gi", "1GB", "1e", "0x10", "1Kii"]
+)
 def test_parse_quantity_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_quantity(text)

@@ -682,14 +682,26 @@ def test_target_options_map_to_http_options() -> None:
     from idealrt.core.errors import InvalidArgument
     from idealrt.services.profiler.http_target import http_options
 
-    opts = http_options({"stream": "0", "prompt_format": "token_ids",
-                         "eos_dialects": "vllm,none", "read_timeout_s": "30"})
+    opts = http_options(
+        {
+            "stream": "0",
+            "prompt_format": "token_ids",
+            "eos_dialects": "vllm,none",
+            "read_timeout_s": "30",
+        }
+    )
     assert (opts.stream, opts.prompt_format, opts.eos_dialects, opts.read_timeout_s) == (
-        False, "token_ids", ("vllm", "none"), 30.0)
-    for bad, field in [({"nope": "1"}, "profile.target.options"),
-                       ({"stream": "maybe"}, "profile.target.options"),
-                       ({"read_timeout_s": "-1"}, "profile.target.options"),
-                       ({"prompt_format": "xml"}, "profile.target.options.prompt_format")]:
+        False,
+        "token_ids",
+        ("vllm", "none"),
+        30.0,
+    )
+    for bad, field in [
+        ({"nope": "1"}, "profile.target.options"),
+        ({"stream": "maybe"}, "profile.target.options"),
+        ({"read_timeout_s": "-1"}, "profile.target.options"),
+        ({"prompt_format": "xml"}, "profile.target.options.prompt_format"),
+    ]:
         with pytest.raises(InvalidArgument) as exc:
             http_options(bad)
         assert exc.value.field == field

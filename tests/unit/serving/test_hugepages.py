@@ -3,11 +3,12 @@ real madvise calls on this process's memory, checked in /proc/self/smaps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from idealrt.core import catalog
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.serving import hugepages as hp
@@ -79,7 +80,7 @@ def test_option_values_and_devices(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)`:FutureWarning")
 @pytest.mark.parametrize("backend", [Backend.PYTORCH, Backend.ONNXRUNTIME])
 def test_backends_record_the_choice(
-    backend: Backend, monkeypatch: pytest.MonkeyPatch, tmp_path: object
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """ONNX Runtime exports the tiny model once (export warnings are torch's, ignored as in
     test_onnxruntime_backend)."""
@@ -94,4 +95,3 @@ def test_backends_record_the_choice(
             reg.unload(m.model_id)
     finally:
         reg.close()
-    assert catalog.resolve("tiny-gpt2").layers >= 1
