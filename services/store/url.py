@@ -23,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
@@ -42,6 +44,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 SQLITE_BEGIN_OPTION = "idealrt_sqlite_begin"
 
 _FIELD = "store_url"
+_log = structlog.get_logger(__name__)
 _HELP = (
     "expected sqlite:///PATH (relative), sqlite:////ABSOLUTE/PATH, sqlite:// (in memory) "
     "or postgresql://USER@HOST:PORT/DBNAME"
@@ -135,17 +138,43 @@ def create_store_engine(parsed: StoreUrl) -> Engine:
     return engine
 
 
+def _enter_wal(cur: sqlite3.Cursor) -> None:
+    """Put the database in WAL mode (persistent: a no-op once any connection did it).
+
+    Switching the journal mode needs an exclusive lock, and SQLite answers SQLITE_BUSY at
+    once, without calling the busy handler, when another connection is reading or switching
+    it at the same moment (several processes or threads opening a fresh database). So retry,
+    with backoff, for as long as the busy timeout would have waited."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.001
+    while True:
+        try:
+            row = cur.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            continue
+        mode = str(row[0]).lower() if row is not None else "unknown"
+        if mode != "wal":  # e.g. a filesystem without shared memory: rollback journal
+            _log.warning("sqlite_wal_unavailable", journal_mode=mode)
+        return
+
+
 def _install_sqlite_hooks(engine: Engine, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
         cur = dbapi_conn.cursor()
         try:
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
             if wal:
-                cur.execute("PRAGMA journal_mode=WAL")
+                _enter_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         finally:
             cur.close()
 
