@@ -5,12 +5,14 @@ bandwidth (1 GiB fp32 sum, best of N), fp32 matmul rate (2048^2 via torch, numpy
 Runtime; the fastest is the FLOP roof) and ONNX Runtime's own ceiling (a graph of only
 GPT-2's one-row weight MatMuls). Then GPT-2-small (catalog "gpt2", random weights, CPU fp32)
 on each stack (pytorch: default kernels=auto, idealrt's native decode kernels; pytorch-aten:
-the same decoder on ATen/MKL; onnxruntime; transformers), threads=1 pinned and threads=2:
+the same decoder on ATen/MKL; onnxruntime; onnxruntime-fused: attention=fused, ONNX
+Runtime's GroupQueryAttention kernel; transformers), threads=1 pinned and threads=2:
   - decode step at context c (32,128,256,512,896; targets at 128 and 512): all stacks loaded
     side by side, measured in `rounds` interleaved rounds (default 7), each re-measuring the
     read bandwidth, then every stack (order rotated) at every context (order reversed every
-    other round), so the shared host's drift lands on all alike. p = c - 10, o = 21: 20
-    steps centred on c; the time at c is the median of all its steps over all rounds;
+    other round), so the shared host's drift lands on all alike. p = c - 26, o = 37: the
+    first 16 steps after the prefill settle (not counted: see SETTLE; their median is kept),
+    the last 20 are centred on c; the time at c is the median of those over all rounds;
   - prefill at p = 128 and 512 (median over the rounds, o = 1).
 Roofline (idealrt.services.metrics.roofline with the measured limits; the best bandwidth of
 all rounds, the most demanding roof): decode fraction = decode_bytes(c, fp32) / bandwidth /
@@ -40,20 +42,27 @@ from idealrt.core import catalog
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.services.metrics.roofline import MeasuredHardware, roofline
 
-BACKENDS = ("pytorch", "pytorch-aten", "onnxruntime", "transformers")
+BACKENDS = ("pytorch", "pytorch-aten", "onnxruntime", "onnxruntime-fused", "transformers")
 # Stack name -> (backend, extra options). "pytorch" is the backend's default (kernels=auto:
 # idealrt's native CPU decode kernels where they build); "pytorch-aten" is the same decoder
-# on ATen/MKL only, measured beside it so the kernels' share is visible (no targets).
+# on ATen/MKL only, measured beside it so the kernels' share is visible (no targets);
+# "onnxruntime-fused" is the onnxruntime backend with attention=fused (no targets either).
 STACKS: dict[str, tuple[str, dict[str, str]]] = {
     "pytorch": ("pytorch", {}),
     "pytorch-aten": ("pytorch", {"kernels": "aten"}),
     "onnxruntime": ("onnxruntime", {}),
+    "onnxruntime-fused": ("onnxruntime", {"attention": "fused"}),
     "transformers": ("transformers", {}),
 }
 CONTEXTS = (32, 128, 256, 512, 896)
 QUICK_CONTEXTS = (128, 512)
 PREFILL_P = (128, 512)
 STEPS = 20
+# Steps generated after each prefill but not counted: on the reference EPYC the first ~8
+# decode steps after a prefill run ~3% slower for the bandwidth-bound stacks (pytorch,
+# onnxruntime; not pytorch-aten, at half the bandwidth), a transient of the memory system
+# after a compute-bound phase, not a cost of the context. Their median is kept beside.
+SETTLE = 16
 TARGET_DECODE = {"onnxruntime": 0.80, "pytorch": 0.75}
 
 
@@ -75,25 +84,32 @@ def open_stack(name: str, cores: list[int], threads: int) -> tuple[Any, Any, dic
 
 
 def measure_round(
-    reg: Any, model_id: str, contexts: list[int], steps: int, seed: int
-) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """One generation per context (p = c - steps/2, o = steps + 1: its steps sit at contexts
-    c - steps/2 + 1 .. c + steps/2, centred on c) and one prefill per PREFILL_P: step ns by
-    context, prefill ns by p."""
+    reg: Any, model_id: str, contexts: list[int], steps: int, seed: int, settle: int = 0
+) -> tuple[dict[str, list[int]], dict[str, int], dict[str, list[int]]]:
+    """One generation per context (p = c - steps/2 - settle, o = settle + steps + 1: its
+    last `steps` steps sit at contexts c - steps/2 + 1 .. c + steps/2, centred on c; the
+    `settle` steps before them are returned apart) and one prefill per PREFILL_P: step ns by
+    context, prefill ns by p, settling steps' ns by context."""
     half = steps // 2
     decode: dict[str, list[int]] = {}
+    settling: dict[str, list[int]] = {}
     for ctx in contexts:
+        lead = min(settle, max(0, ctx - half - 1))
         res = reg.generate(
-            model_id, prompt_length=max(1, ctx - half), prompt_seed=seed, output_tokens=steps + 1
+            model_id,
+            prompt_length=max(1, ctx - half - lead),
+            prompt_seed=seed,
+            output_tokens=lead + steps + 1,
         )
-        decode[str(ctx)] = list(res.decode_ns)
+        settling[str(ctx)] = list(res.decode_ns[:lead])
+        decode[str(ctx)] = list(res.decode_ns[lead:])
     prefill = {
         str(p): reg.generate(
             model_id, prompt_length=p, prompt_seed=seed, output_tokens=1
         ).prefill_ns
         for p in PREFILL_P
     }
-    return decode, prefill
+    return decode, prefill, settling
 
 
 def measure_config(
@@ -104,6 +120,7 @@ def measure_config(
     rounds: int,
     steps: int,
     quick: bool,
+    settle: int = SETTLE,
 ) -> dict[str, Any]:
     """Every stack of `names` loaded side by side, then `rounds` rounds; each round measures
     the read bandwidth, then every stack at every context (stack and context order rotated
@@ -133,7 +150,7 @@ def measure_config(
                 "rounds": [],
             }
             # the first generation at each context is a warm-up (buffers, buckets)
-            measure_round(reg, m.model_id, list(contexts), 2, seed=1000)
+            measure_round(reg, m.model_id, list(contexts), 2, seed=1000, settle=2)
         bandwidths = [limits["bandwidth"]]
         for r in range(rounds):
             print(f"[backends]   round {r + 1}/{rounds}", flush=True)
@@ -144,12 +161,15 @@ def measure_config(
             ctx_order = list(contexts) if r % 2 == 0 else list(reversed(contexts))
             for name in order:
                 reg, m = opened[name]
-                decode, prefill = measure_round(reg, m.model_id, ctx_order, steps, seed=r)
+                decode, prefill, settling = measure_round(
+                    reg, m.model_id, ctx_order, steps, seed=r, settle=settle
+                )
                 stacks[name]["rounds"].append(
                     {
                         "bandwidth_bytes_s": bw["torch_best_bytes_s"],
                         "decode_ns": decode,
                         "prefill_ns": prefill,
+                        "settle_ns": settling,
                     }
                 )
     finally:
@@ -168,8 +188,11 @@ def measure_config(
         res["decode"] = {}
         for ctx in contexts:
             all_steps = [t for rd in rs for t in rd["decode_ns"][str(ctx)]]
+            settled = [t for rd in rs for t in rd["settle_ns"][str(ctx)]]
             res["decode"][str(ctx)] = {
-                "prompt_tokens": max(1, ctx - steps // 2),
+                "prompt_tokens": max(1, ctx - steps // 2 - settle),
+                "settle_steps_not_counted": len(settled) // max(1, len(rs)),
+                "settle_median_s": statistics.median(settled) * 1e-9 if settled else None,
                 "steps": len(all_steps),
                 "median_s": statistics.median(all_steps) * 1e-9,
                 "min_s": min(all_steps) * 1e-9,
@@ -341,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     for cname, (cores, threads) in configs_to_run.items():
         print(f"[backends] {cname}: measuring the machine, loading {names} ...", flush=True)
-        cfg = measure_config(names, cores, threads, contexts, rounds, steps, args.quick)
+        settle = 4 if args.quick else SETTLE
+        cfg = measure_config(names, cores, threads, contexts, rounds, steps, args.quick, settle)
         doc["configs"][cname] = cfg
         limits = cfg["limits"]
         bw, mm = limits["bandwidth"], limits["matmul"]

@@ -77,6 +77,7 @@ _SOURCES = (
     "idealrt.services.serving.decoder.model",
     "idealrt.services.serving.decoder._ops",
     "idealrt.services.serving.decoder.export",
+    "idealrt.services.serving.decoder.fused_attention",
     "idealrt.services.serving.decoder.build",
     "idealrt.services.serving.weights",
 )
@@ -98,6 +99,7 @@ class ExportKey:
     exporter: str
     opset: str
     code: str
+    graph: str = "plain"  # "fused-attention": the onnxruntime CPU flavour (`fused_attention`)
 
     def digest(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -134,13 +136,20 @@ def weights_identity(weights_path: str, seed: int, init_device: str) -> str:
     return f"files:{path}:{h.hexdigest()[:16]}"
 
 
-def export_key(spec: ModelSpec, dtype: str, weights: str) -> ExportKey:
+def export_key(spec: ModelSpec, dtype: str, weights: str, *, fused: bool = False) -> ExportKey:
     from torch.onnx import _constants  # the exporter's default opset
 
     exporter = f"onnxscript {_version('onnxscript')}, onnx {_version('onnx')}"
     opset = str(getattr(_constants, "ONNX_DEFAULT_OPSET", "default"))
     return ExportKey(
-        spec.spec_hash(), dtype, weights, torch.__version__, exporter, opset, _code_hash()
+        spec.spec_hash(),
+        dtype,
+        weights,
+        torch.__version__,
+        exporter,
+        opset,
+        _code_hash(),
+        "fused-attention" if fused else "plain",
     )
 
 
@@ -251,6 +260,7 @@ def export_decoder(
     weights_path: str,
     init_device: torch.device,
     root: Path,
+    fused: bool = False,
 ) -> CachedExport:
     """The cached ONNX step of the decoder that `build_decoder(spec, dtype, seed or
     weights_path)` makes on `init_device` (seeded weights are drawn there, as the pytorch
@@ -258,7 +268,7 @@ def export_decoder(
     from idealrt.services.serving.decoder import build_decoder, export_onnx, torch_dtype
 
     device = torch.device("cpu") if weights_path else init_device
-    key = export_key(spec, dtype, weights_identity(weights_path, seed, device.type))
+    key = export_key(spec, dtype, weights_identity(weights_path, seed, device.type), fused=fused)
 
     def export(path: Path) -> None:
         for module in ("onnx", "onnxscript"):
@@ -277,7 +287,7 @@ def export_decoder(
         ).cpu()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        export_onnx(decoder, path)
+        export_onnx(decoder, path, fused=fused)
 
     return cached_export(root, key, export)
 
@@ -333,6 +343,7 @@ class KVBuffers:
         zeros: Callable[[int], Array],
         *,
         align: int = ALIGN,
+        slots: int = 2,
     ) -> None:
         if bucket < 1 or max_context < 1 or align < 1:
             raise ValueError(
@@ -346,7 +357,8 @@ class KVBuffers:
         n = layers * self.stride
         # Four separate allocations: every layer's view starts at a multiple of `align`
         # elements from an allocation's base (TensorRT wants 256-byte aligned addresses).
-        self._store = [(zeros(n), zeros(n)), (zeros(n), zeros(n))]
+        # slots=1: one static buffer (cap = max_context, never grown; fused attention)
+        self._store = [(zeros(n), zeros(n)) for _ in range(slots)]
         self.current, self.cap = 0, 0
         self.next_cap, self._start, self._copied = 0, 0, 0
 

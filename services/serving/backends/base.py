@@ -31,6 +31,7 @@ __all__ = [
     "MemoryReport",
     "check_memory",
     "check_options",
+    "choice_option",
     "clock_result",
     "device_memory",
     "resolve_device",
@@ -124,6 +125,19 @@ def check_options(stack: StackSpec, known: Sequence[str]) -> None:
             f"known: {', '.join(known) or 'none'}",
             field="stack.options",
         )
+
+
+def choice_option(stack: StackSpec, key: str, choices: Sequence[str]) -> str:
+    """Option `key` of the stack, lower-cased (choices[0] when absent or blank);
+    InvalidArgument OPTION_INVALID naming the choices when it is none of them."""
+    value = stack.options.get(key, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise InvalidArgument(
+            "OPTION_INVALID",
+            f"option {key} must be one of {', '.join(choices)}, got {value!r}",
+            field="stack.options",
+        )
+    return value
 
 
 def resolve_max_context(spec: ModelSpec, max_context: int) -> int:

@@ -15,6 +15,15 @@ Options (StackSpec.options):
   session and the KV buffers add to the process (ONNX Runtime's allocator does not ask for
   them; `idealrt.services.serving.hugepages` merges the new anonymous mappings): measured
   5-8% faster decode at GPT-2 small on the CPU. As the pytorch backend's option.
+- attention: "onnx" (default) | "fused". onnx: the exported graph's own attention (MatMul,
+  Softmax, MatMul over the bucketed dense past). fused: each layer's attention, cache write
+  included, is ONNX Runtime's GroupQueryAttention kernel (`decoder/fused_attention.py`, a
+  separately cached export) over one static max_context cache bound as both past and
+  present, written in place (no KV copies, half the KV memory, no kv_bucket). CPU, fp32,
+  no ALiBi only (FAILED_PRECONDITION FUSED_ATTENTION_UNAVAILABLE otherwise). Measured on
+  the reference EPYC, GPT-2 small, 1 thread, side by side: fused is 3-6% slower at
+  context 128 and grows less with the context (its kernel has a higher fixed cost per
+  layer and reads the cache faster) - so it is an option to measure, not the default.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.
@@ -76,6 +85,7 @@ from idealrt.services.serving.backends.base import (
     MemoryReport,
     check_memory,
     check_options,
+    choice_option,
     clock_result,
     device_memory,
     resolve_device,
@@ -83,7 +93,8 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
-from idealrt.services.serving.decoder.export import past_names
+from idealrt.services.serving.decoder.export import output_names, past_names
+from idealrt.services.serving.decoder.fused_attention import unsupported
 from idealrt.services.serving.hugepages import AnonymousRegions, HugePages, collapse
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
@@ -99,7 +110,8 @@ __all__ = [
 ]
 
 _log = get_logger(__name__)
-OPTIONS = ("threads", "kv_bucket", "spinning", "hugepages")
+OPTIONS = ("threads", "kv_bucket", "spinning", "hugepages", "attention")
+ATTENTION = ("onnx", "fused")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
 _NP = {"fp32": np.float32, "fp16": np.float16}
@@ -113,6 +125,7 @@ class OrtOptions:
     kv_bucket: int = DEFAULT_BUCKET
     spinning: bool = False
     hugepages: HugePages = dataclasses.field(default_factory=HugePages)
+    attention: str = "onnx"
 
     @classmethod
     def parse(cls, stack: StackSpec) -> OrtOptions:
@@ -124,12 +137,35 @@ class OrtOptions:
                 f"option spinning must be 0 or 1, got {spin!r}",
                 field="stack.options",
             )
+        attention = choice_option(stack, "attention", ATTENTION)
+        if attention == "fused" and stack.options.get("kv_bucket", "").strip():
+            raise InvalidArgument(
+                "OPTION_INVALID",
+                "option kv_bucket applies to attention=onnx only (fused attention reads one "
+                "static max_context buffer in place)",
+                field="stack.options",
+            )
         return cls(
             int_option(stack, "threads", 0, 1),
             int_option(stack, "kv_bucket", DEFAULT_BUCKET, 1),
             spin in ("1", "true", "on"),
             HugePages.parse(stack),
+            attention,
         )
+
+    def fused(self, spec: ModelSpec, device: torch.device, dtype: str) -> bool:
+        """Whether the step graph uses fused attention (`attention=fused`); FailedPrecondition
+        FUSED_ATTENTION_UNAVAILABLE where it cannot run."""
+        if self.attention != "fused":
+            return False
+        why = unsupported(spec, device.type, dtype)
+        if why is not None:
+            raise FailedPrecondition(
+                "FUSED_ATTENTION_UNAVAILABLE",
+                f"attention=fused: {why}; use attention=onnx (the default)",
+                field="stack.options",
+            )
+        return True
 
 
 def _unavailable(provider: str, detail: str) -> FailedPrecondition:
@@ -271,6 +307,7 @@ class OnnxRuntimeBackend:
         self._max_context = 0
         self._dtype = "fp32"
         self._batch = 0
+        self._fused = False
         self._kv: KVBuffers | None = None
         self._step: dict[str, Any] = {}
         self._past_names: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
@@ -303,11 +340,14 @@ class OnnxRuntimeBackend:
         provider = PROVIDERS[device.type]
         if provider not in ort.get_available_providers():  # before any heavy work
             raise _unavailable(provider, f"is not available (have {ort.get_available_providers()})")
+        fused = opts.fused(spec, device, stack.dtype)
         weights, kv = planned_bytes(spec, torch_dtype(stack.dtype), max_context, 1)
-        check_memory(device, weights, 2 * kv, f"model {spec.name!r} in {stack.dtype}")
+        kv *= 1 if fused else 2  # the bucketed past is double-buffered (`KVBuffers`)
+        check_memory(device, weights, kv, f"model {spec.name!r} in {stack.dtype}")
         huge = opts.hugepages.wanted(device)
         self._opts, self._device, self._spec, self._max_context = opts, device, spec, max_context
         self._past_names = past_names(spec.layers)
+        self._fused = fused
         self._dtype = stack.dtype
         self._timer = timer_for(device)
         try:
@@ -318,6 +358,7 @@ class OnnxRuntimeBackend:
                 weights_path=weights_path,
                 init_device=device,
                 root=self._cache_dir or cache_root(),
+                fused=fused,
             )
             if device.type == "cuda":
                 self._stream = torch.cuda.Stream(device)
@@ -337,8 +378,11 @@ class OnnxRuntimeBackend:
             self.unload()
             raise
         total, free = device_memory(device)
-        resolved = {"hugepages": HugePages.resolved(advised)}
-        return MemoryReport(weights, 2 * kv, total, free, resolved)
+        resolved = {
+            "hugepages": HugePages.resolved(advised),
+            "attention": "fused" if fused else "onnx",
+        }
+        return MemoryReport(weights, kv, total, free, resolved)
 
     def unload(self) -> None:
         self._session = self._kv = None
@@ -358,10 +402,12 @@ class OnnxRuntimeBackend:
             torch.cuda.empty_cache()
         layers, kvh, hd = spec.layers, spec.kv_heads_effective, spec.head_dim
         _, kv_bytes = planned_bytes(spec, torch_dtype(self._dtype), self._max_context, batch)
-        check_memory(self._device, 0, 2 * kv_bytes, f"KV cache for batch {batch}")
+        slots = 1 if self._fused else 2
+        check_memory(self._device, 0, slots * kv_bytes, f"KV cache for batch {batch}")
         io = self._io
+        bucket = self._max_context if self._fused else self._opts.kv_bucket
         self._kv = KVBuffers(
-            layers, batch, kvh, hd, self._max_context, self._opts.kv_bucket, io.zeros
+            layers, batch, kvh, hd, self._max_context, bucket, io.zeros, slots=slots
         )
         self._step = {
             "ids": io.zeros((batch, 1), np.int64),
@@ -410,7 +456,7 @@ class OnnxRuntimeBackend:
     def _generate(
         self, session: ort.InferenceSession, prompt_ids: Sequence[int], o: int, batch: int
     ) -> GenerationResult:
-        io, kv, buf = self._io, self._kv, self._step
+        io, kv, buf, fused = self._io, self._kv, self._step, self._fused
         assert kv is not None
         p = len(prompt_ids)
         prompt = io.prompt(prompt_ids, batch)
@@ -419,34 +465,42 @@ class OnnxRuntimeBackend:
         clock = StepClock(self._timer)
         start_time = datetime.now(UTC)
         clock.start()
-        # prefill: the prompt with an empty past; its K/V land in the KV buffers
         ids = io.upload(prompt)  # kept referenced: the binding holds only its address
         self._bind(binding, "input_ids", ids)
-        self._bind_past(binding, kv.view(0, 0))
         io.set_position(buf["position"], 0)
         self._bind(binding, "position", buf["position"])
         self._bind(binding, "logits", buf["logits"], output=True)
-        new_k, new_v = kv.prefill_outputs(p)
-        self._bind(binding, "new_k", new_k, output=True)
-        self._bind(binding, "new_v", new_v, output=True)
+        if fused:  # one static buffer a layer, past and present: written in place, bound once
+            past = kv.view(0, self._max_context)
+            self._bind_past(binding, past)
+            present = output_names(len(past[0]), fused=True)[1:]
+            for name, a in zip(present, (*past[0], *past[1]), strict=True):
+                self._bind(binding, name, a, output=True)
+        else:  # prefill: the prompt with an empty past; its K/V land in the KV buffers
+            self._bind_past(binding, kv.view(0, 0))
+            new_k, new_v = kv.prefill_outputs(p)
+            self._bind(binding, "new_k", new_k, output=True)
+            self._bind(binding, "new_v", new_v, output=True)
         session.run_with_iobinding(binding)
         io.argmax(buf["logits"], buf["ids"])
         out[:, 0] = buf["ids"][:, 0]
-        kv.after_prefill(p)
+        if not fused:
+            kv.after_prefill(p)
         binding.synchronize_outputs()
         clock.mark()
         # decode: one token per step against the dense past
         self._bind(binding, "input_ids", buf["ids"])
-        self._bind(binding, "new_k", buf["new_k"], output=True)
-        self._bind(binding, "new_v", buf["new_v"], output=True)
-        self._bind_past(binding, kv.past())
+        if not fused:
+            self._bind(binding, "new_k", buf["new_k"], output=True)
+            self._bind(binding, "new_v", buf["new_v"], output=True)
+            self._bind_past(binding, kv.past())
         for i in range(1, o):
             pos = p + i - 1
             io.set_position(buf["position"], pos)
             session.run_with_iobinding(binding)
             io.argmax(buf["logits"], buf["ids"])
             out[:, i] = buf["ids"][:, 0]
-            if kv.store(pos, buf["new_k"], buf["new_v"]):
+            if not fused and kv.store(pos, buf["new_k"], buf["new_v"]):
                 self._bind_past(binding, kv.past())
             binding.synchronize_outputs()
             clock.mark()

@@ -49,6 +49,7 @@ from idealrt.services.serving.backends.base import (
     MemoryReport,
     check_memory,
     check_options,
+    choice_option,
     clock_result,
     device_memory,
     resolve_device,
@@ -112,13 +113,7 @@ class TorchOptions:
                 f"option threads must be an integer >= 1, got {raw!r}",
                 field="stack.options",
             )
-        kernels = stack.options.get("kernels", "auto").strip().lower() or "auto"
-        if kernels not in KERNEL_CHOICES:
-            raise InvalidArgument(
-                "OPTION_INVALID",
-                f"option kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}",
-                field="stack.options",
-            )
+        kernels = choice_option(stack, "kernels", KERNEL_CHOICES)
         return cls(
             threads,
             _flag(stack.options, "cuda_graphs"),

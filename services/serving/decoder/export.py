@@ -30,15 +30,29 @@ rotary tables and the ALiBi bias are computed from `position` inside the graph.
 
 `export_onnx` wraps `torch.onnx.export` (dynamo exporter) with those names and dynamic
 axes (B, T and one S shared by every layer's past).
+
+Fused flavour (`fused=True`, ONNX Runtime's CPU provider only; `fused_attention`): each
+layer's attention, cache write included, is one `com.microsoft.GroupQueryAttention` node,
+and the outputs are `logits` then `present_k_0..`, `present_v_0..` ([B, kv_heads, S, hd],
+the past with the T new slots written: bound to the past's own memory, ONNX Runtime writes
+them in place and attends only slots < position + T, so S is the static max_context
+buffer). The plain flavour stays the portable graph (TensorRT builds from it).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from idealrt.services.serving.decoder.fused_attention import (
+    gqa_step,
+    onnx_translation,
+    step_lengths,
+)
 from idealrt.services.serving.decoder.model import Decoder
 
 __all__ = [
@@ -47,10 +61,13 @@ __all__ = [
     "example_inputs",
     "export_onnx",
     "input_names",
+    "output_names",
     "past_names",
 ]
 
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
+Out = tuple[Tensor, Tensor, Tensor]  # projected attention output, K and V to return
+Attend = Callable[[Any, Tensor, Tensor, Tensor, Tensor, Tensor], Out]
 
 
 def past_names(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -59,6 +76,14 @@ def past_names(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         tuple(f"past_k_{i}" for i in range(layers)),
         tuple(f"past_v_{i}" for i in range(layers)),
     )
+
+
+def output_names(layers: int, *, fused: bool = False) -> tuple[str, ...]:
+    """The step graph's outputs: logits, new_k, new_v; fused: logits, present_k_*, present_v_*."""
+    if not fused:
+        return OUTPUT_NAMES
+    keys, values = past_names(layers)
+    return ("logits", *(f"present_{n[5:]}" for n in (*keys, *values)))
 
 
 def input_names(layers: int) -> tuple[str, ...]:
@@ -92,12 +117,14 @@ def _attend(
 
 class DecoderStep(nn.Module):
     """One functional step of `decoder` with a per-layer past (an nn.Module, as exporters
-    want); the math of `decoder.forward_with_cache`."""
+    want); the math of `decoder.forward_with_cache`. fused: attention through `gqa_step`
+    (outputs: logits, then every layer's present K, then every layer's present V)."""
 
-    def __init__(self, decoder: Decoder, *, last_only: bool = True) -> None:
+    def __init__(self, decoder: Decoder, *, last_only: bool = True, fused: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
         self.last_only = last_only
+        self.fused = fused
 
     def forward(
         self,
@@ -105,26 +132,62 @@ class DecoderStep(nn.Module):
         past_k: list[torch.Tensor],
         past_v: list[torch.Tensor],
         position: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         dec = self.decoder
-        t = input_ids.shape[1]
-        s = past_k[0].shape[2]
+        b, t = input_ids.shape
         q_pos = position + torch.arange(t, device=input_ids.device)
-        k_pos = torch.arange(s, device=input_ids.device)
         x = dec._embed(input_ids, q_pos)
         rope = (dec.rope_cos[q_pos], dec.rope_sin[q_pos]) if dec._rotary else None
-        past_bias = dec._grouped(dec._bias(q_pos, k_pos, (position - 1).expand(t)))
-        new_bias = dec._grouped(dec._bias(q_pos, q_pos, q_pos))
+        if self.fused:
+            attend = self._fused_attention(position, b, t)
+        else:
+            attend = self._split_attention(q_pos, position, past_k[0].shape[2])
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for blk, pk, pv in zip(dec._blocks, past_k, past_v, strict=True):
             h = dec._norm(x, blk.attn_norm_w, blk.attn_norm_b)
             q, k, v = dec._qkv(blk, h, rope)
+            attn, nk, nv = attend(blk, q, k, v, pk, pv)
+            x = dec._residual(blk, x, h, attn)
+            new_k.append(nk)
+            new_v.append(nv)
+        logits = dec._logits(x, self.last_only)
+        if self.fused:  # every layer's present K, then every layer's present V
+            return (logits, *new_k, *new_v)
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def _split_attention(self, q_pos: torch.Tensor, position: torch.Tensor, s: int) -> Attend:
+        """Attention over the read-only past and the new block (`_attend`): returns the
+        projected output and the new K, V themselves."""
+        dec = self.decoder
+        t = q_pos.shape[0]
+        k_pos = torch.arange(s, device=q_pos.device)
+        past_bias = dec._grouped(dec._bias(q_pos, k_pos, (position - 1).expand(t)))
+        new_bias = dec._grouped(dec._bias(q_pos, q_pos, q_pos))
+
+        def attend(blk: Any, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> Out:
             o = _attend(dec._group_q(q) * dec.scale, pk, pv, k, v, past_bias, new_bias)
-            x = dec._residual(blk, x, h, dec._attn_out(blk, o.reshape(q.shape)))
-            new_k.append(k)
-            new_v.append(v)
-        return dec._logits(x, self.last_only), torch.stack(new_k), torch.stack(new_v)
+            return dec._attn_out(blk, o.reshape(q.shape)), k, v
+
+        return attend
+
+    def _fused_attention(self, position: torch.Tensor, b: int, t: int) -> Attend:
+        """Attention as one `gqa_step` a layer: returns the projected output and the
+        presents (the past with the new slots written)."""
+        dec = self.decoder
+        seqlens, total = step_lengths(position, b, t)
+
+        def rows(a: Tensor) -> Tensor:  # [B, n, T, hd] -> [B, T, n*hd]
+            return a.transpose(1, 2).reshape(b, t, -1)
+
+        def attend(blk: Any, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> Out:
+            o, ck, cv = gqa_step(
+                rows(q), rows(k), rows(v), pk, pv, seqlens, total,
+                dec.heads, dec.kv_heads, dec.scale, dec.window or 0,
+            )  # fmt: skip
+            return dec._linear(o, blk.o_w, blk.o_b), ck, cv
+
+        return attend
 
 
 def example_inputs(
@@ -143,9 +206,16 @@ def example_inputs(
     return ids, zeros(), zeros(), torch.tensor(past, dtype=torch.int64, device=dev)
 
 
-def export_onnx(decoder: Decoder, path: str | os.PathLike[str], *, last_only: bool = True) -> None:
-    """Export `DecoderStep(decoder)` to an ONNX file with dynamic B, T and S axes."""
-    step = DecoderStep(decoder, last_only=last_only).eval()
+def export_onnx(
+    decoder: Decoder,
+    path: str | os.PathLike[str],
+    *,
+    last_only: bool = True,
+    fused: bool = False,
+) -> None:
+    """Export `DecoderStep(decoder, fused=fused)` to an ONNX file with dynamic B, T and S
+    axes."""
+    step = DecoderStep(decoder, last_only=last_only, fused=fused).eval()
     batch, tokens, past = (
         torch.export.Dim("batch"),
         torch.export.Dim("tokens"),
@@ -165,7 +235,8 @@ def export_onnx(decoder: Decoder, path: str | os.PathLike[str], *, last_only: bo
             example_inputs(decoder),
             str(path),
             input_names=list(input_names(layers)),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names(layers, fused=fused)),
             dynamic_shapes=shapes,
+            custom_translation_table=onnx_translation() if fused else None,
             dynamo=True,
         )

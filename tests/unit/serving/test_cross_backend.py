@@ -2,7 +2,10 @@
 onnxruntime from one seed, and pytorch, onnxruntime and transformers from one saved Hugging
 Face directory, agree on every greedy token and on the logits of every step to 1e-4
 relative (max|a-b| / max|b|). The onnxruntime runs use a 2-slot KV bucket, so its KV
-buffers grow (and switch) several times within the 8 steps compared."""
+buffers grow (and switch) several times within the 8 steps compared; with attention=fused
+(ONNX Runtime's GroupQueryAttention writing one static cache in place) they are checked on
+every family it runs: partial rotary, grouped and multi-query heads, a sliding window
+shorter than the sequence."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ TOL = 1e-4
 PROMPT = [5, 17, 3, 88, 41, 9, 60]
 STEPS, BATCH, MAX_CONTEXT = 8, 2, 32
 ORT = StackSpec(Backend.ONNXRUNTIME, options={"kv_bucket": "2"})
+FUSED = StackSpec(Backend.ONNXRUNTIME, options={"attention": "fused"})
+FUSED_FAMILIES = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral")  # all but ALiBi
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +48,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ort_run(
-    spec: ModelSpec, cache: Path, weights: str, seed: int
+    spec: ModelSpec, cache: Path, weights: str, seed: int, stack: StackSpec = ORT
 ) -> tuple[tuple[int, ...], list[np.ndarray]]:
     """ONNX Runtime's greedy tokens, and the logits [B, vocab] of each step (step k's from
     a generation of k+1 tokens: the backend keeps the last step's logits)."""
     backend = ob.OnnxRuntimeBackend(cache)
-    backend.load(spec, ORT, weights, seed, MAX_CONTEXT)
+    report = backend.load(spec, stack, weights, seed, MAX_CONTEXT)
+    fused = stack.options.get("attention") == "fused"
+    assert report.resolved_options["attention"] == ("fused" if fused else "onnx")
     tokens = backend.generate(PROMPT, STEPS, BATCH).output_ids
     logits = []
     for k in range(1, STEPS + 1):
@@ -80,12 +87,16 @@ def decoder_logits(decoder: Decoder, tokens: tuple[int, ...]) -> list[np.ndarray
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("family", "stack"),
+    [(f, ORT) for f in FAMILIES] + [(f, FUSED) for f in FUSED_FAMILIES],
+    ids=[f"{f}-onnx" for f in FAMILIES] + [f"{f}-fused" for f in FUSED_FAMILIES],
+)
 def test_pytorch_and_onnxruntime_agree_from_one_seed(
-    family: str, cache_dir: Path, tiny: dict[str, ModelSpec]
+    family: str, stack: StackSpec, cache_dir: Path, tiny: dict[str, ModelSpec]
 ) -> None:
     spec, seed = tiny[family], 11
-    tokens, logits = ort_run(spec, cache_dir, "", seed)
+    tokens, logits = ort_run(spec, cache_dir, "", seed, stack)
     assert stack_tokens(pt.create_backend, spec, StackSpec(), "", seed) == tokens
     ref = decoder_logits(build_decoder(spec, max_context=MAX_CONTEXT, seed=seed), tokens)
     errors = [rel_err(a, b) for a, b in zip(logits, ref, strict=True)]

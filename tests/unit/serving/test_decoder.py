@@ -187,3 +187,36 @@ def test_onnx_step_reads_the_past_in_place(
         n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in keys
     }
     assert all(consumers[t] == ["MatMul"] for t in transposed)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "llama", "mistral"])
+def test_fused_step_eager_is_the_plain_step(family: str, tiny: dict[str, ModelSpec]) -> None:
+    """`gqa_step`'s eager math (what the fused ONNX node stands for) gives the plain step's
+    logits and writes the plain step's new K/V into the present at their slots: a prompt of
+    7 (longer than mistral's window of 6), then 3 single-token steps, batch 2."""
+    from idealrt.services.serving.decoder.export import DecoderStep
+
+    spec = tiny[family]
+    dec = build_decoder(spec, max_context=32, seed=4)
+    plain, fused = DecoderStep(dec), DecoderStep(dec, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, dec.kv_heads, 32, dec.head_dim)
+    pk = [torch.zeros(shape) for _ in range(spec.layers)]
+    pv = [torch.zeros(shape) for _ in range(spec.layers)]
+    pos, ids = 0, torch.randint(0, spec.vocab, (2, 7), generator=gen)
+    with torch.inference_mode():
+        for _ in range(4):
+            t = ids.shape[1]
+            out = fused(ids, pk, pv, torch.tensor(pos))
+            ref, nk, nv = plain(
+                ids, [k[:, :, :pos] for k in pk], [v[:, :, :pos] for v in pv], torch.tensor(pos)
+            )
+            assert float((out[0] - ref).abs().max() / ref.abs().max()) < 1e-5
+            pk, pv = list(out[1 : 1 + spec.layers]), list(out[1 + spec.layers :])
+            for i in range(spec.layers):
+                # (rotary on another memory layout may round differently: 1 ulp-ish)
+                torch.testing.assert_close(pk[i][:, :, pos : pos + t], nk[i], rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(pv[i][:, :, pos : pos + t], nv[i], rtol=1e-6, atol=1e-7)
+                assert not pk[i][:, :, pos + t :].any()  # nothing written beyond
+            pos += t
+            ids = torch.randint(0, spec.vocab, (2, 1), generator=gen)

@@ -22,6 +22,7 @@ from idealrt.services.serving import decoder as decoder_pkg
 from idealrt.services.serving.backends import _onnx_cache as oc
 from idealrt.services.serving.backends import base
 from idealrt.services.serving.backends import onnxruntime_backend as ob
+from idealrt.services.serving.decoder import fused_attention as fa
 from idealrt.services.serving.decoder.export import past_names
 from idealrt.services.serving.registry import BackendTable, ModelRegistry
 
@@ -268,6 +269,11 @@ def test_cuda_on_cpu_only_onnxruntime_fails_through_the_registry(
         (StackSpec(Backend.ONNXRUNTIME, options={"kv_bucket": "0"}), "OPTION_INVALID"),
         (StackSpec(Backend.ONNXRUNTIME, options={"threads": "two"}), "OPTION_INVALID"),
         (StackSpec(Backend.ONNXRUNTIME, options={"spinning": "yes"}), "OPTION_INVALID"),
+        (StackSpec(Backend.ONNXRUNTIME, options={"attention": "flash"}), "OPTION_INVALID"),
+        (
+            StackSpec(Backend.ONNXRUNTIME, options={"attention": "fused", "kv_bucket": "8"}),
+            "OPTION_INVALID",
+        ),
     ],
 )
 def test_invalid_stacks_are_refused_before_export(
@@ -303,6 +309,67 @@ def test_options_parse() -> None:
     )
     assert opts == ob.OrtOptions(threads=2, kv_bucket=8, spinning=True)
     assert ob.OrtOptions.parse(ORT) == ob.OrtOptions(0, ob.DEFAULT_BUCKET, False)
+    fused = StackSpec(Backend.ONNXRUNTIME, options={"attention": " Fused "})
+    assert ob.OrtOptions.parse(fused).attention == "fused"
+    assert ob.OrtOptions.parse(ORT).attention == "onnx"
+
+
+def test_fused_attention_where_it_cannot_run(tmp_path: Path, tiny: dict[str, ModelSpec]) -> None:
+    """ALiBi (no such bias in GroupQueryAttention) is refused with the reason, before any
+    export; so would CUDA and non-fp32 be (the CUDA kernel is fp16/bf16 and unverified)."""
+    stack = StackSpec(Backend.ONNXRUNTIME, options={"attention": "fused"})
+    with pytest.raises(FailedPrecondition) as e:
+        ob.OnnxRuntimeBackend(tmp_path).load(tiny["bloom"], stack, "", 0, 32)
+    assert e.value.reason == "FUSED_ATTENTION_UNAVAILABLE" and "ALiBi" in e.value.message
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not (tmp_path / "onnx").exists()
+    assert "CPU provider" in (fa.unsupported(tiny["gpt2"], "cuda", "fp16") or "")
+    assert "fp32" in (fa.unsupported(tiny["gpt2"], "cpu", "fp16") or "")
+    assert fa.unsupported(tiny["mistral"], "cpu", "fp32") is None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_fused_graph_is_one_attention_node_a_layer_on_a_static_cache(
+    family: str, cache_dir: Path, tiny: dict[str, ModelSpec]
+) -> None:
+    """The fused export (its own cache entry) has one GroupQueryAttention per layer, fed
+    each layer's past directly and giving that layer's present; the backend binds past and
+    present to one static max_context buffer, so generation never copies or rebinds the
+    cache, and the bytes reported are one cache (the bucketed flavour holds two)."""
+    onnx = pytest.importorskip("onnx")
+    spec = tiny[family]
+    fused = oc.export_decoder(
+        spec,
+        "fp32",
+        seed=0,
+        weights_path="",
+        init_device=torch.device("cpu"),
+        root=cache_dir,
+        fused=True,
+    )
+    plain = oc.export_decoder(
+        spec, "fp32", seed=0, weights_path="", init_device=torch.device("cpu"), root=cache_dir
+    )
+    assert fused.path != plain.path
+    graph = onnx.load(str(fused.path), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == spec.layers and all(n.domain == "com.microsoft" for n in nodes)
+    keys, values = past_names(spec.layers)
+    for i, node in enumerate(nodes):
+        assert (node.input[3], node.input[4]) == (keys[i], values[i])
+        assert list(node.output[1:]) == [f"present_k_{i}", f"present_v_{i}"]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["local_window_size"] == (spec.sliding_window or -1)
+        assert attrs["kv_num_heads"] == spec.kv_heads_effective
+    stack = StackSpec(Backend.ONNXRUNTIME, options={"attention": "fused"})
+    backend = load(spec, cache_dir, stack)
+    bucketed = load(spec, cache_dir)
+    assert 2 * backend._kv.nbytes == bucketed._kv.nbytes
+    k0 = backend._kv.view(0, 32)[0][0]
+    before = k0.copy()
+    backend.generate([1, 2, 3], 5)
+    written = np.flatnonzero(np.any(k0 != before, axis=(0, 1, 3)))
+    assert list(written) == list(range(3 + 5 - 1))  # the prompt's slots and 4 decoded ones
 
 
 def test_loads_and_generates_through_the_registry(
