@@ -37,6 +37,7 @@ from typing import Any
 
 import _common as c
 from _limits import measure_limits
+from _stack_proc import StackProcess
 
 from idealrt.core import catalog
 from idealrt.core.domain import Backend, ModelRef, StackSpec
@@ -122,7 +123,8 @@ def measure_config(
     quick: bool,
     settle: int = SETTLE,
 ) -> dict[str, Any]:
-    """Every stack of `names` loaded side by side, then `rounds` rounds; each round measures
+    """Every stack of `names` loaded side by side, each in a process of its own
+    (`_stack_proc`), then `rounds` rounds; each round measures
     the read bandwidth, then every stack at every context (stack and context order rotated
     from round to round), so slow drift of this shared machine lands on every stack and
     context alike instead of on whichever ran last. A stack's decode time at c is the median
@@ -130,7 +132,7 @@ def measure_config(
     (the most demanding), and each round's own fraction is kept to show the spread."""
     limits = measure_limits(cores, threads, quick)
     stacks: dict[str, Any] = {}
-    opened: dict[str, tuple[Any, Any]] = {}
+    opened: dict[str, StackProcess] = {}
     try:
         for name in names:
             ok, why = c.backend_available(STACKS[name][0])
@@ -138,19 +140,14 @@ def measure_config(
                 stacks[name] = {"available": False, "reason": why}
                 continue
             try:
-                reg, m, opts = open_stack(name, cores, threads)
-            except Exception as e:
-                stacks[name] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+                proc = StackProcess(name, cores, threads)
+            except RuntimeError as e:
+                stacks[name] = {"available": False, "reason": str(e)}
                 continue
-            opened[name] = (reg, m)
-            stacks[name] = {
-                "available": True,
-                "options": opts,
-                "resolved_options": dict(m.stack.options),
-                "rounds": [],
-            }
+            opened[name] = proc
+            stacks[name] = {"available": True, **proc.info, "rounds": []}
             # the first generation at each context is a warm-up (buffers, buckets)
-            measure_round(reg, m.model_id, list(contexts), 2, seed=1000, settle=2)
+            proc.measure_round(list(contexts), 2, 1000, 2)
         bandwidths = [limits["bandwidth"]]
         for r in range(rounds):
             print(f"[backends]   round {r + 1}/{rounds}", flush=True)
@@ -160,10 +157,7 @@ def measure_config(
             order = order[r % len(order) :] + order[: r % len(order)]
             ctx_order = list(contexts) if r % 2 == 0 else list(reversed(contexts))
             for name in order:
-                reg, m = opened[name]
-                decode, prefill, settling = measure_round(
-                    reg, m.model_id, ctx_order, steps, seed=r, settle=settle
-                )
+                decode, prefill, settling = opened[name].measure_round(ctx_order, steps, r, settle)
                 stacks[name]["rounds"].append(
                     {
                         "bandwidth_bytes_s": bw["torch_best_bytes_s"],
@@ -173,8 +167,8 @@ def measure_config(
                     }
                 )
     finally:
-        for reg, _ in opened.values():
-            reg.close()
+        for proc in opened.values():
+            proc.close()
     best = max(bandwidths, key=lambda b: b["torch_best_bytes_s"])
     limits["bandwidth"] = {
         **best,
