@@ -5,8 +5,9 @@ bandwidth (1 GiB fp32 sum, best of N), fp32 matmul rate (2048^2 via torch, numpy
 Runtime; the fastest is the FLOP roof) and ONNX Runtime's own ceiling (a graph of only
 GPT-2's one-row weight MatMuls). Then GPT-2-small (catalog "gpt2", random weights, CPU fp32)
 on each stack (pytorch: default kernels=auto, idealrt's native decode kernels; pytorch-aten:
-the same decoder on ATen/MKL; onnxruntime; onnxruntime-fused: attention=fused, ONNX
-Runtime's GroupQueryAttention kernel; transformers), threads=1 pinned and threads=2:
+the same decoder on ATen/MKL; onnxruntime: default attention=auto, ONNX Runtime's fused
+GroupQueryAttention kernel; onnxruntime-unfused: attention=onnx, the graph's own attention
+ops; transformers), threads=1 pinned and threads=2:
   - decode step at context c (32,128,256,512,896; targets at 128 and 512): all stacks loaded
     side by side, measured in `rounds` interleaved rounds (default 7), each re-measuring the
     read bandwidth, then every stack (order rotated) at every context (order reversed every
@@ -43,16 +44,18 @@ from idealrt.core import catalog
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.services.metrics.roofline import MeasuredHardware, roofline
 
-BACKENDS = ("pytorch", "pytorch-aten", "onnxruntime", "onnxruntime-fused", "transformers")
+BACKENDS = ("pytorch", "pytorch-aten", "onnxruntime", "onnxruntime-unfused", "transformers")
 # Stack name -> (backend, extra options). "pytorch" is the backend's default (kernels=auto:
 # idealrt's native CPU decode kernels where they build); "pytorch-aten" is the same decoder
 # on ATen/MKL only, measured beside it so the kernels' share is visible (no targets);
-# "onnxruntime-fused" is the onnxruntime backend with attention=fused (no targets either).
+# "onnxruntime" is that backend's default (attention=auto: ONNX Runtime's fused
+# GroupQueryAttention on the CPU); "onnxruntime-unfused" is the same backend with
+# attention=onnx, the exported graph's own attention ops (no targets).
 STACKS: dict[str, tuple[str, dict[str, str]]] = {
     "pytorch": ("pytorch", {}),
     "pytorch-aten": ("pytorch", {"kernels": "aten"}),
     "onnxruntime": ("onnxruntime", {}),
-    "onnxruntime-fused": ("onnxruntime", {"attention": "fused"}),
+    "onnxruntime-unfused": ("onnxruntime", {"attention": "onnx"}),
     "transformers": ("transformers", {}),
 }
 CONTEXTS = (32, 128, 256, 512, 896)

@@ -9,21 +9,25 @@ of the same model, dtype and weights only creates a session.
 
 Options (StackSpec.options):
 - threads: "N" -> intra_op_num_threads (default: ONNX Runtime's, one per physical core).
-- kv_bucket: KV buffer growth in slots (default 32; see `_onnx_cache.KVBuffers`); a value
-  >= max_context attends the whole max_context window at every step (flat cost).
+- kv_bucket (attention=onnx): KV buffer growth in slots (default 32; see
+  `_onnx_cache.KVBuffers`); a value >= max_context attends the whole max_context window at
+  every step (flat cost).
 - hugepages: "auto" (default) | "1" | "0" -> transparent huge pages for the memory the
   session and the KV buffers add to the process (ONNX Runtime's allocator does not ask for
   them; `idealrt.services.serving.hugepages` merges the new anonymous mappings): measured
   5-8% faster decode at GPT-2 small on the CPU. As the pytorch backend's option.
-- attention: "onnx" (default) | "fused". onnx: the exported graph's own attention (MatMul,
-  Softmax, MatMul over the bucketed dense past). fused: each layer's attention, cache write
-  included, is ONNX Runtime's GroupQueryAttention kernel (`decoder/fused_attention.py`, a
-  separately cached export) over one static max_context cache bound as both past and
-  present, written in place (no KV copies, half the KV memory, no kv_bucket). CPU, fp32,
-  no ALiBi only (FAILED_PRECONDITION FUSED_ATTENTION_UNAVAILABLE otherwise). Measured on
-  the reference EPYC, GPT-2 small, 1 thread, side by side: fused is 3-6% slower at
-  context 128 and grows less with the context (its kernel has a higher fixed cost per
-  layer and reads the cache faster) - so it is an option to measure, not the default.
+- attention: "auto" (default) | "fused" | "onnx". fused: each layer's attention, cache
+  write included, is ONNX Runtime's GroupQueryAttention kernel (`decoder/fused_attention.py`,
+  a separately cached export whose residual stream is rows [B*T, d], so its GEMMs need no
+  reshapes: 169 nodes a GPT-2 step instead of 457) over one static max_context cache bound
+  as both past and present and written in place (no KV copies, half the KV memory, no
+  rebinding). CPU, fp32, no ALiBi only (FAILED_PRECONDITION FUSED_ATTENTION_UNAVAILABLE
+  otherwise). onnx: the exported graph's own attention (MatMul, Softmax, MatMul over the
+  bucketed dense past; what TensorRT builds from). auto: fused where it can run and no
+  kv_bucket is given, else onnx. Measured on the reference EPYC, GPT-2 small, CPU fp32,
+  each flavour in its own process, 7 interleaved rounds: fused 13.17 / 14.05 ms at
+  context 128 / 512 against 14.26 / 15.35 ms (1 thread), 10.35 / 10.94 against 10.64 /
+  11.48 ms (2 threads). The stack records `attention: fused|onnx`.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.
@@ -111,7 +115,7 @@ __all__ = [
 
 _log = get_logger(__name__)
 OPTIONS = ("threads", "kv_bucket", "spinning", "hugepages", "attention")
-ATTENTION = ("onnx", "fused")
+ATTENTION = ("auto", "fused", "onnx")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
 _NP = {"fp32": np.float32, "fp16": np.float16}
@@ -125,7 +129,8 @@ class OrtOptions:
     kv_bucket: int = DEFAULT_BUCKET
     spinning: bool = False
     hugepages: HugePages = dataclasses.field(default_factory=HugePages)
-    attention: str = "onnx"
+    attention: str = "auto"
+    bucket_given: bool = False  # kv_bucket set explicitly: auto keeps the bucketed past
 
     @classmethod
     def parse(cls, stack: StackSpec) -> OrtOptions:
@@ -138,7 +143,8 @@ class OrtOptions:
                 field="stack.options",
             )
         attention = choice_option(stack, "attention", ATTENTION)
-        if attention == "fused" and stack.options.get("kv_bucket", "").strip():
+        bucket_given = bool(stack.options.get("kv_bucket", "").strip())
+        if attention == "fused" and bucket_given:
             raise InvalidArgument(
                 "OPTION_INVALID",
                 "option kv_bucket applies to attention=onnx only (fused attention reads one "
@@ -151,21 +157,23 @@ class OrtOptions:
             spin in ("1", "true", "on"),
             HugePages.parse(stack),
             attention,
+            bucket_given,
         )
 
     def fused(self, spec: ModelSpec, device: torch.device, dtype: str) -> bool:
-        """Whether the step graph uses fused attention (`attention=fused`); FailedPrecondition
-        FUSED_ATTENTION_UNAVAILABLE where it cannot run."""
-        if self.attention != "fused":
+        """Whether the step graph uses fused attention: `fused` (FailedPrecondition
+        FUSED_ATTENTION_UNAVAILABLE where it cannot run), or `auto` where it can and no
+        kv_bucket was given (that option belongs to the bucketed past of `onnx`)."""
+        if self.attention == "onnx":
             return False
         why = unsupported(spec, device.type, dtype)
-        if why is not None:
+        if self.attention == "fused" and why is not None:
             raise FailedPrecondition(
                 "FUSED_ATTENTION_UNAVAILABLE",
-                f"attention=fused: {why}; use attention=onnx (the default)",
+                f"attention=fused: {why}; use attention=onnx",
                 field="stack.options",
             )
-        return True
+        return why is None and not self.bucket_given
 
 
 def _unavailable(provider: str, detail: str) -> FailedPrecondition:

@@ -67,7 +67,8 @@ __all__ = [
 
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 Out = tuple[Tensor, Tensor, Tensor]  # projected attention output, K and V to return
-Attend = Callable[[Any, Tensor, Tensor, Tensor, Tensor, Tensor], Out]
+Attend = Callable[[Any, Tensor, Tensor, Tensor], Out]  # (block, normed x, past K, past V)
+Rope = tuple[Tensor, Tensor] | None
 
 
 def past_names(layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -138,25 +139,24 @@ class DecoderStep(nn.Module):
         q_pos = position + torch.arange(t, device=input_ids.device)
         x = dec._embed(input_ids, q_pos)
         rope = (dec.rope_cos[q_pos], dec.rope_sin[q_pos]) if dec._rotary else None
-        if self.fused:
-            attend = self._fused_attention(position, b, t)
+        if self.fused:  # the residual stream as rows [B*T, d]: no reshapes around the GEMMs
+            x = x.reshape(b * t, -1)
+            attend = self._fused_attention(position, b, t, rope)
         else:
-            attend = self._split_attention(q_pos, position, past_k[0].shape[2])
+            attend = self._split_attention(q_pos, position, past_k[0].shape[2], rope)
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for blk, pk, pv in zip(dec._blocks, past_k, past_v, strict=True):
             h = dec._norm(x, blk.attn_norm_w, blk.attn_norm_b)
-            q, k, v = dec._qkv(blk, h, rope)
-            attn, nk, nv = attend(blk, q, k, v, pk, pv)
+            attn, nk, nv = attend(blk, h, pk, pv)
             x = dec._residual(blk, x, h, attn)
             new_k.append(nk)
             new_v.append(nv)
-        logits = dec._logits(x, self.last_only)
         if self.fused:  # every layer's present K, then every layer's present V
-            return (logits, *new_k, *new_v)
-        return logits, torch.stack(new_k), torch.stack(new_v)
+            return (dec._logits(x.view(b, t, -1), self.last_only), *new_k, *new_v)
+        return dec._logits(x, self.last_only), torch.stack(new_k), torch.stack(new_v)
 
-    def _split_attention(self, q_pos: torch.Tensor, position: torch.Tensor, s: int) -> Attend:
+    def _split_attention(self, q_pos: Tensor, position: Tensor, s: int, rope: Rope) -> Attend:
         """Attention over the read-only past and the new block (`_attend`): returns the
         projected output and the new K, V themselves."""
         dec = self.decoder
@@ -165,27 +165,32 @@ class DecoderStep(nn.Module):
         past_bias = dec._grouped(dec._bias(q_pos, k_pos, (position - 1).expand(t)))
         new_bias = dec._grouped(dec._bias(q_pos, q_pos, q_pos))
 
-        def attend(blk: Any, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> Out:
+        def attend(blk: Any, h: Tensor, pk: Tensor, pv: Tensor) -> Out:
+            q, k, v = dec._qkv(blk, h, rope)
             o = _attend(dec._group_q(q) * dec.scale, pk, pv, k, v, past_bias, new_bias)
             return dec._attn_out(blk, o.reshape(q.shape)), k, v
 
         return attend
 
-    def _fused_attention(self, position: torch.Tensor, b: int, t: int) -> Attend:
-        """Attention as one `gqa_step` a layer: returns the projected output and the
-        presents (the past with the new slots written)."""
+    def _fused_attention(self, position: Tensor, b: int, t: int, rope: Rope) -> Attend:
+        """Attention as one `gqa_step` a layer on rows h [B*T, d]: returns the projected
+        output (rows) and the presents (the past with the new slots written). Without
+        rotary the qkv projection goes to the op packed, as it comes out of the GEMM."""
         dec = self.decoder
         seqlens, total = step_lengths(position, b, t)
+        spec = (dec.heads, dec.kv_heads, dec.scale, dec.window or 0)
 
         def rows(a: Tensor) -> Tensor:  # [B, n, T, hd] -> [B, T, n*hd]
             return a.transpose(1, 2).reshape(b, t, -1)
 
-        def attend(blk: Any, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> Out:
-            o, ck, cv = gqa_step(
-                rows(q), rows(k), rows(v), pk, pv, seqlens, total,
-                dec.heads, dec.kv_heads, dec.scale, dec.window or 0,
-            )  # fmt: skip
-            return dec._linear(o, blk.o_w, blk.o_b), ck, cv
+        def attend(blk: Any, h: Tensor, pk: Tensor, pv: Tensor) -> Out:
+            if rope is None:
+                packed = dec._linear(h, blk.qkv_w, blk.qkv_b).view(b, t, -1)
+                o, ck, cv = gqa_step(packed, None, None, pk, pv, seqlens, total, *spec)
+            else:
+                q, k, v = dec._qkv(blk, h.view(b, t, -1), rope)
+                o, ck, cv = gqa_step(rows(q), rows(k), rows(v), pk, pv, seqlens, total, *spec)
+            return dec._linear(o.view(b * t, -1), blk.o_w, blk.o_b), ck, cv
 
         return attend
 

@@ -61,8 +61,8 @@ def step_lengths(
 @torch.library.custom_op("idealrt::gqa_step", mutates_args=())
 def gqa_step(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     past_k: torch.Tensor,
     past_v: torch.Tensor,
     seqlens_k: torch.Tensor,
@@ -72,7 +72,8 @@ def gqa_step(
     scale: float,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """query [B, T, heads*hd], key/value [B, T, kv_heads*hd], past_k/past_v
+    """query [B, T, heads*hd], key/value [B, T, kv_heads*hd] (or both None and query the
+    packed [B, T, (heads + 2 kv_heads)*hd] projection: q heads, k heads, v heads), past_k/past_v
     [B, kv_heads, S, hd] (slots < total - T valid), seqlens_k int32 [B] = total - 1 (the
     op's convention), total int32 0-d = position + T, window 0 = none: (output
     [B, T, heads*hd], present_k, present_v) with the T new slots written. `step_lengths`
@@ -80,6 +81,8 @@ def gqa_step(
     b, t, _ = query.shape
     hd = past_k.shape[-1]
     pos = int(total) - t
+    if key is None or value is None:
+        query, key, value = query.split((num_heads * hd, kv_heads * hd, kv_heads * hd), dim=-1)
     present_k, present_v = past_k.clone(), past_v.clone()
     present_k[:, :, pos : pos + t] = key.view(b, t, kv_heads, hd).transpose(1, 2)
     present_v[:, :, pos : pos + t] = value.view(b, t, kv_heads, hd).transpose(1, 2)
@@ -101,10 +104,18 @@ def gqa_step(
 
 @gqa_step.register_fake
 def _(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_k: torch.Tensor, *rest: Any
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    seqlens_k: Any,
+    total: Any,
+    num_heads: int,
+    *_: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    past_v = rest[0]
-    return torch.empty_like(query), torch.empty_like(past_k), torch.empty_like(past_v)
+    out = query.new_empty((query.shape[0], query.shape[1], num_heads * past_k.shape[-1]))
+    return out, torch.empty_like(past_k), torch.empty_like(past_v)
 
 
 def onnx_translation() -> dict[Any, Any]:

@@ -180,6 +180,9 @@ class Decoder(nn.Module):
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """x [.., in] @ w [in, out] (+ b), as one product over the flattened rows."""
+        if x.dim() == 2:  # rows already (the fused ONNX step): no reshapes to export
+            ops = self._native_now(x.shape[0])
+            return _aten_linear(x, w, b) if ops is None else ops(x, w, b)
         x2 = x.reshape(-1, x.shape[-1])
         ops = self._native_now(x2.shape[0])
         y = _aten_linear(x2, w, b) if ops is None else ops(x2, w, b)

@@ -59,12 +59,22 @@ def test_all_is_what_it_claims() -> None:
             assert hasattr(module, name), (module.__name__, name)
 
 
-def test_exact_counts_and_timing_fields(cache_dir: Path, tiny: dict[str, ModelSpec]) -> None:
+@pytest.mark.parametrize(
+    ("stack", "buffers"),
+    [
+        (ORT, 1),  # auto: fused attention, one static cache written in place
+        (StackSpec(Backend.ONNXRUNTIME, options={"attention": "onnx"}), 2),  # double-buffered
+    ],
+    ids=["fused", "onnx"],
+)
+def test_exact_counts_and_timing_fields(
+    stack: StackSpec, buffers: int, cache_dir: Path, tiny: dict[str, ModelSpec]
+) -> None:
     spec = tiny["gpt2"]
     backend = ob.OnnxRuntimeBackend(cache_dir)
-    mem = backend.load(spec, ORT, "", 0, 32)
+    mem = backend.load(spec, stack, "", 0, 32)
     assert mem.weights_bytes == spec.weight_bytes("fp32")
-    assert mem.kv_cache_bytes == 2 * spec.kv_cache_bytes(32, "fp32")  # two KV buffers
+    assert mem.kv_cache_bytes == buffers * spec.kv_cache_bytes(32, "fp32")
     assert 0 < mem.device_free_bytes <= mem.device_total_bytes
     for p, o, batch in ((5, 7, 1), (1, 1, 1), (30, 2, 1), (4, 6, 3)):
         r = backend.generate(list(range(p)), o, batch)
@@ -307,11 +317,35 @@ def test_options_parse() -> None:
     opts = ob.OrtOptions.parse(
         StackSpec(Backend.ONNXRUNTIME, options={"threads": "2", "kv_bucket": "8", "spinning": "1"})
     )
-    assert opts == ob.OrtOptions(threads=2, kv_bucket=8, spinning=True)
+    assert opts == ob.OrtOptions(threads=2, kv_bucket=8, spinning=True, bucket_given=True)
     assert ob.OrtOptions.parse(ORT) == ob.OrtOptions(0, ob.DEFAULT_BUCKET, False)
     fused = StackSpec(Backend.ONNXRUNTIME, options={"attention": " Fused "})
     assert ob.OrtOptions.parse(fused).attention == "fused"
-    assert ob.OrtOptions.parse(ORT).attention == "onnx"
+    assert ob.OrtOptions.parse(ORT).attention == "auto"
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "resolved"),
+    [
+        ("gpt2", {}, "fused"),
+        ("llama", {}, "fused"),
+        ("bloom", {}, "onnx"),  # ALiBi: GroupQueryAttention has no such bias
+        ("gpt2", {"kv_bucket": "4"}, "onnx"),  # the bucketed past is the onnx flavour's
+        ("gpt2", {"attention": "onnx"}, "onnx"),
+    ],
+)
+def test_auto_attention_resolves_and_is_recorded(
+    family: str,
+    options: dict[str, str],
+    resolved: str,
+    cache_dir: Path,
+    tiny: dict[str, ModelSpec],
+) -> None:
+    backend = ob.OnnxRuntimeBackend(cache_dir)
+    report = backend.load(tiny[family], StackSpec(Backend.ONNXRUNTIME, options=options), "", 0, 32)
+    assert report.resolved_options["attention"] == resolved
+    assert backend.generate([1, 2, 3], 4).output_tokens == 4
+    backend.unload()
 
 
 def test_fused_attention_where_it_cannot_run(tmp_path: Path, tiny: dict[str, ModelSpec]) -> None:
@@ -363,7 +397,7 @@ def test_fused_graph_is_one_attention_node_a_layer_on_a_static_cache(
         assert attrs["kv_num_heads"] == spec.kv_heads_effective
     stack = StackSpec(Backend.ONNXRUNTIME, options={"attention": "fused"})
     backend = load(spec, cache_dir, stack)
-    bucketed = load(spec, cache_dir)
+    bucketed = load(spec, cache_dir, StackSpec(Backend.ONNXRUNTIME, options={"attention": "onnx"}))
     assert 2 * backend._kv.nbytes == bucketed._kv.nbytes
     k0 = backend._kv.view(0, 32)[0][0]
     before = k0.copy()
