@@ -27,7 +27,9 @@ Options (StackSpec.options):
   kv_bucket is given, else onnx. Measured on the reference EPYC, GPT-2 small, CPU fp32,
   each flavour in its own process, 7 interleaved rounds: fused 13.17 / 14.05 ms at
   context 128 / 512 against 14.26 / 15.35 ms (1 thread), 10.35 / 10.94 against 10.64 /
-  11.48 ms (2 threads). The stack records `attention: fused|onnx`.
+  11.48 ms (2 threads); in the next full `make bench` fused was 1% slower (14.17 / 15.30
+  against 14.00 / 15.18 ms): on a par at worst, with half the KV memory. The stack records
+  `attention: fused|onnx`.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
   included), and on the 2-core reference CPU it did not make decode reliably faster.
@@ -84,6 +86,7 @@ from idealrt.services.serving.backends._onnx_cache import (
     export_decoder,
     int_option,
 )
+from idealrt.services.serving.backends._ort_io import CpuIo, CudaIo
 from idealrt.services.serving.backends.base import (
     GenerationResult,
     MemoryReport,
@@ -230,76 +233,6 @@ def make_session(
     return session
 
 
-class _CpuIo:
-    """Step buffers as numpy arrays in host memory."""
-
-    device_type, device_id = "cpu", 0
-
-    def __init__(self, dtype: Any) -> None:
-        self.dtype = dtype
-
-    def zeros(self, shape: int | tuple[int, ...], dtype: Any = None) -> Any:
-        return np.zeros(shape, dtype or self.dtype)
-
-    @staticmethod
-    def ptr(a: Any) -> int:
-        return int(a.ctypes.data)
-
-    def prompt(self, ids: Sequence[int], batch: int) -> Any:
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(ids, np.int64), (batch, len(ids))))
-
-    def upload(self, a: Any) -> Any:
-        return a
-
-    @staticmethod
-    def set_position(pos_buf: Any, pos: int) -> None:
-        pos_buf[()] = pos
-
-    @staticmethod
-    def argmax(logits: Any, ids: Any) -> None:
-        ids[:, 0] = logits[:, 0].argmax(-1)
-
-    @staticmethod
-    def tolist(a: Any) -> list[int]:
-        return [int(x) for x in a]
-
-
-class _CudaIo(_CpuIo):
-    """Step buffers as torch tensors on one CUDA device (torch ops on the current stream)."""
-
-    device_type = "cuda"
-
-    def __init__(self, dtype: Any, device: torch.device, torch_dt: torch.dtype) -> None:
-        super().__init__(dtype)
-        self.device, self.device_id, self.torch_dtype = device, device.index or 0, torch_dt
-
-    def zeros(self, shape: int | tuple[int, ...], dtype: Any = None) -> Any:
-        dt = torch.int64 if dtype is np.int64 else self.torch_dtype
-        return torch.zeros(shape, dtype=dt, device=self.device)
-
-    @staticmethod
-    def ptr(a: Any) -> int:
-        return int(a.data_ptr())
-
-    def prompt(self, ids: Sequence[int], batch: int) -> Any:
-        return torch.tensor(list(ids), dtype=torch.int64).view(1, -1).expand(batch, -1)
-
-    def upload(self, a: Any) -> Any:
-        return a.to(self.device).contiguous()
-
-    @staticmethod
-    def set_position(pos_buf: Any, pos: int) -> None:
-        pos_buf.fill_(pos)
-
-    @staticmethod
-    def argmax(logits: Any, ids: Any) -> None:
-        ids.copy_(logits[:, 0].argmax(-1, keepdim=True))
-
-    @staticmethod
-    def tolist(a: Any) -> list[int]:
-        return [int(x) for x in a.tolist()]
-
-
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -307,7 +240,7 @@ class OnnxRuntimeBackend:
         self._cache_dir = cache_dir
         self._session: ort.InferenceSession | None = None
         self._spec: ModelSpec | None = None
-        self._io: _CpuIo = _CpuIo(np.float32)
+        self._io: CpuIo = CpuIo(np.float32)
         self._opts = OrtOptions()
         self._device = torch.device("cpu")
         self._timer: Timer = timer_for("cpu")
@@ -370,9 +303,9 @@ class OnnxRuntimeBackend:
             )
             if device.type == "cuda":
                 self._stream = torch.cuda.Stream(device)
-                self._io = _CudaIo(_NP[stack.dtype], device, torch_dtype(stack.dtype))
+                self._io = CudaIo(_NP[stack.dtype], device, torch_dtype(stack.dtype))
             else:
-                self._io = _CpuIo(_NP[stack.dtype])
+                self._io = CpuIo(_NP[stack.dtype])
             stream = int(self._stream.cuda_stream) if self._stream is not None else 0
             # the session's weights (prepacked at creation), its arena, the KV buffers
             with AnonymousRegions() as regions:

@@ -537,7 +537,7 @@ def test_kv_buffer_layer_views_are_aligned_and_do_not_move(lib: str) -> None:
     assert len(bases) == 4
 
 
-class _TorchOnCpuIo(ob._CudaIo):
+class _TorchOnCpuIo(ob.CudaIo):
     """The CUDA path's torch-tensor buffers, placed in host memory so that the CPU build
     of ONNX Runtime can run them."""
 
