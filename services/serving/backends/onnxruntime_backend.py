@@ -354,9 +354,10 @@ class OnnxRuntimeBackend:
             "ids": io.zeros((batch, 1), np.int64),
             "position": io.zeros((), np.int64),
             "logits": io.zeros((batch, 1, spec.vocab)),
-            "new_k": io.zeros((layers, batch, kvh, 1, hd)),
-            "new_v": io.zeros((layers, batch, kvh, 1, hd)),
         }
+        if not self._fused:  # the step's new K/V, stored into the bucketed past by the loop
+            self._step["new_k"] = io.zeros((layers, batch, kvh, 1, hd))
+            self._step["new_v"] = io.zeros((layers, batch, kvh, 1, hd))
         self._batch = batch
 
     def last_logits(self) -> np.ndarray:
