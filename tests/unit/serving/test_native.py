@@ -79,6 +79,8 @@ def test_gemv_matches_aten(kernels: native_mod.NativeKernels, k: int, n: int, th
         (8, 1, 64, 100, 228, 32, True, False),  # MQA, sliding window, partial GPT-J rotary
         (6, 3, 80, 0, 0, 0, False, True),  # first token, ALiBi, odd head size
         (5, 5, 64, 0, 40, 0, False, True),  # ALiBi
+        (4, 2, 24, 3, 50, 0, False, False),  # head size not a multiple of 16 (padded chunk)
+        (16, 16, 256, 0, 64, 64, True, False),  # GPT-J's head size, whole score blocks only
     ],
 )
 def test_attend_step_matches_aten(
