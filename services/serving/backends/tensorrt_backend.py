@@ -48,10 +48,9 @@ from idealrt.core.errors import (
 )
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.serving.backends import _trt_profiles as prof
+from idealrt.services.serving.backends._kv_buffers import DEFAULT_BUCKET, KVBuffers
 from idealrt.services.serving.backends._onnx_cache import (
-    DEFAULT_BUCKET,
     CachedExport,
-    KVBuffers,
     cache_root,
     cached_file,
     export_decoder,

@@ -3,6 +3,7 @@ the pytorch, onnxruntime and tensorrt backends all run (so comparing stacks comp
 not models). See `model` for the three forward entry points and `export` for the ONNX step.
 """
 
+from idealrt.services.serving.decoder.block import Block
 from idealrt.services.serving.decoder.build import (
     INIT_STD,
     TORCH_DTYPES,
@@ -13,7 +14,7 @@ from idealrt.services.serving.decoder.build import (
     torch_dtype,
 )
 from idealrt.services.serving.decoder.export import DecoderStep, export_onnx
-from idealrt.services.serving.decoder.model import Block, Decoder
+from idealrt.services.serving.decoder.model import Decoder
 
 __all__ = [
     "INIT_STD",

@@ -26,7 +26,6 @@ Three entry points share the weights:
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,77 +33,15 @@ from torch import nn
 
 from idealrt.core.model_spec import ModelSpec, Norm, Positional
 from idealrt.services.serving.decoder import _ops
+from idealrt.services.serving.decoder.block import Block, NativeOps, param
 
-__all__ = ["Block", "Decoder"]
+__all__ = ["Decoder"]
 
 _NEG_INF = float("-inf")
 
 
-def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-
-class NativeOps(Protocol):
-    """CPU kernels the eager batch-1 decode step can use instead of ATen (see
-    `idealrt.services.serving.decoder.native`)."""
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """x [1, in] @ w [in, out] (+ b) -> [1, out]."""
-        ...
-
-    def attend_step(
-        self,
-        qkv: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: int,
-        lo: int,
-        scale: float,
-        *,
-        heads: int,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        interleaved: bool = False,
-        alibi: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One layer's single-token attention from its qkv row, cache write included:
-        [1, 1, heads * head_dim]."""
-        ...
-
-
 def _aten_linear(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-
-
-class Block(nn.Module):
-    """Parameters of one transformer layer (the math lives in Decoder, to keep the
-    per-layer Python cost of a decode step to the few calls it needs).
-
-    Matrices are stored [in, out] and applied as x @ W (+ b): on the CPU that is the
-    streaming GEMV/GEMM layout (measured ~1.5x the bandwidth of nn.Linear's [out, in] at
-    decode on AVX-512/MKL). qkv_w's columns are q (heads*head_dim), then k and v
-    (kv_heads*head_dim each); up_w is [d, d_ff] or, for SwiGLU, [d, gate | up].
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
-        super().__init__()
-        d, hd = spec.d_model, spec.head_dim
-        qkv_rows = (spec.heads + 2 * spec.kv_heads_effective) * hd
-        layernorm = spec.norm == Norm.LAYERNORM
-        opt = {"dtype": dtype}
-        self.attn_norm_w = _param(d, **opt)
-        self.attn_norm_b = _param(d, **opt) if layernorm else None
-        shared = spec.shared_norm_effective
-        self.mlp_norm_w = None if shared else _param(d, **opt)
-        self.mlp_norm_b = _param(d, **opt) if layernorm and not shared else None
-        self.qkv_w = _param(d, qkv_rows, **opt)
-        self.qkv_b = _param(qkv_rows, **opt) if spec.attn_bias_effective else None
-        self.o_w = _param(spec.heads * hd, d, **opt)
-        self.o_b = _param(d, **opt) if spec.attn_bias_effective else None
-        up_rows = 2 * spec.d_ff if spec.ffn_gated else spec.d_ff
-        self.up_w = _param(d, up_rows, **opt)
-        self.up_b = _param(up_rows, **opt) if spec.bias else None
-        self.down_w = _param(spec.d_ff, d, **opt)
-        self.down_b = _param(d, **opt) if spec.bias else None
 
 
 class Decoder(nn.Module):
@@ -143,24 +80,22 @@ class Decoder(nn.Module):
         d, opt = spec.d_model, {"dtype": dtype}
         # The LM head is [d, vocab]; a tied model looks its token embeddings up in the
         # head's columns, an untied one has its own [vocab, d] table.
-        self.head_w = _param(d, spec.vocab, **opt)
-        self.embed = None if spec.tied_embeddings else _param(spec.vocab, d, **opt)
+        self.head_w = param(d, spec.vocab, **opt)
+        self.embed = None if spec.tied_embeddings else param(spec.vocab, d, **opt)
         rows = {
             Positional.LEARNED: spec.max_positions,
             Positional.LEARNED_OFFSET: spec.max_positions + 2,
         }
-        self.pos_embed = (
-            _param(rows[spec.positional], d, **opt) if spec.positional in rows else None
-        )
+        self.pos_embed = param(rows[spec.positional], d, **opt) if spec.positional in rows else None
         embed_norm = spec.embedding_norm_effective
-        self.embed_norm_w = _param(d, **opt) if embed_norm else None
-        self.embed_norm_b = _param(d, **opt) if embed_norm and self._layernorm else None
+        self.embed_norm_w = param(d, **opt) if embed_norm else None
+        self.embed_norm_b = param(d, **opt) if embed_norm and self._layernorm else None
         self.layers = nn.ModuleList(Block(spec, dtype) for _ in range(spec.layers))
         # The same modules, typed for the per-layer loops.
         self._blocks: list[Block] = [b for b in self.layers if isinstance(b, Block)]
-        self.final_norm_w = _param(d, **opt)
-        self.final_norm_b = _param(d, **opt) if self._layernorm else None
-        self.head_b = _param(spec.vocab, **opt) if spec.lm_head_bias_effective else None
+        self.final_norm_w = param(d, **opt)
+        self.final_norm_b = param(d, **opt) if self._layernorm else None
+        self.head_b = param(spec.vocab, **opt) if spec.lm_head_bias_effective else None
         self._native: NativeOps | None = None
         self.reset_buffers()
 

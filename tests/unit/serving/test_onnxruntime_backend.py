@@ -19,6 +19,7 @@ from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.serving import decoder as decoder_pkg
+from idealrt.services.serving.backends import _kv_buffers as kvb
 from idealrt.services.serving.backends import _onnx_cache as oc
 from idealrt.services.serving.backends import base
 from idealrt.services.serving.backends import onnxruntime_backend as ob
@@ -318,7 +319,7 @@ def test_options_parse() -> None:
         StackSpec(Backend.ONNXRUNTIME, options={"threads": "2", "kv_bucket": "8", "spinning": "1"})
     )
     assert opts == ob.OrtOptions(threads=2, kv_bucket=8, spinning=True, bucket_given=True)
-    assert ob.OrtOptions.parse(ORT) == ob.OrtOptions(0, ob.DEFAULT_BUCKET, False)
+    assert ob.OrtOptions.parse(ORT) == ob.OrtOptions(0, kvb.DEFAULT_BUCKET, False)
     fused = StackSpec(Backend.ONNXRUNTIME, options={"attention": " Fused "})
     assert ob.OrtOptions.parse(fused).attention == "fused"
     assert ob.OrtOptions.parse(ORT).attention == "auto"
@@ -472,7 +473,7 @@ def test_kv_buffers_hold_every_token_and_grow_in_buckets(
     lib: str, bucket: int, max_context: int, p: int
 ) -> None:
     layers, batch, kv, hd = 3, 2, 3, 4
-    bufs = oc.KVBuffers(layers, batch, kv, hd, max_context, bucket, _zeros(lib), align=16)
+    bufs = kvb.KVBuffers(layers, batch, kv, hd, max_context, bucket, _zeros(lib), align=16)
     per_layer = batch * kv * max_context * hd
     assert bufs.stride == -(-per_layer // 16) * 16
     assert bufs.nbytes == 4 * layers * bufs.stride * 4
@@ -515,7 +516,7 @@ def test_kv_buffer_layer_views_are_aligned_and_do_not_move(lib: str) -> None:
     """Each layer's view is dense, starts at a multiple of `align` elements from one of four
     allocations (TensorRT wants 256-byte aligned addresses) and keeps its address whatever
     the capacity; the strided all-layer view used by `store` is a view of the same memory."""
-    bufs = oc.KVBuffers(3, 1, 2, 8, 13, 4, _zeros(lib), align=64)
+    bufs = kvb.KVBuffers(3, 1, 2, 8, 13, 4, _zeros(lib), align=64)
 
     def address(a: Any) -> int:
         return int(a.ctypes.data) if lib == "numpy" else int(a.data_ptr())
