@@ -21,8 +21,9 @@ Options (StackSpec.options):
   kv_bucket is given, else onnx. Measured on the reference EPYC, GPT-2 small, CPU fp32,
   each flavour in its own process, 7 interleaved rounds: fused 13.17 / 14.05 ms at
   context 128 / 512 against 14.26 / 15.35 ms (1 thread), 10.35 / 10.94 against 10.64 /
-  11.48 ms (2 threads); in the next full `make bench` fused was 1% slower (14.17 / 15.30
-  against 14.00 / 15.18 ms): on a par at worst, with half the KV memory. The stack records
+  11.48 ms (2 threads); in full `make bench` runs since, fused was 1% slower (14.17 /
+  15.30 against 14.00 / 15.18 ms) and 5-6% faster (13.86 / 14.76 against 14.65 / 15.73
+  ms): on a par at worst, with half the KV memory. The stack records
   `attention: fused|onnx`.
 - spinning: "1" lets the intra-op threads spin between runs (ONNX Runtime's default). Off by
   default: spinning threads compete with everything else on the machine (the harness
