@@ -427,6 +427,7 @@ def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
         valid_output_tokens_max=cm.valid_output_tokens[1],
         create_time=ts_to_pb(cm.create_time),
         model_name=cm.model_name,
+        fit_options=cm.fit_options,
     )
     for k, (lo, hi) in cm.intervals.items():
         msg.intervals[k].low = lo
@@ -461,6 +462,7 @@ def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
         create_time=ts_from_pb(m, "create_time"),
         model_name=m.model_name,
         stack=stack_from_pb(m.stack) if m.HasField("stack") else None,
+        fit_options=dict(m.fit_options),
     )
 
 

@@ -238,3 +238,6 @@ class CostModel:
     create_time: datetime | None = None
     model_name: str = ""
     stack: StackSpec | None = None
+    # the FitOptions of the fit (name -> value as text), to re-derive its bootstrap
+    # replicates exactly; empty where not fitted here or stored before this field existed
+    fit_options: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.metrics.bootstrap import predict_interval
 from idealrt.services.metrics.estimate import (
@@ -27,6 +28,7 @@ from idealrt.services.metrics.fit import FitOptions, fit_with_replicates
 __all__ = ["EstimateResult", "MetricsEngine", "MetricsStore"]
 
 FloatArray = npt.NDArray[np.float64]
+_log = get_logger(__name__)
 
 
 class MetricsStore(Protocol):
@@ -47,6 +49,20 @@ class EstimateResult:
     high_s: FloatArray | None
     out_of_domain: npt.NDArray[np.bool_] | None
     sum_interval: tuple[float, float] | None
+
+
+def _fit_options(cm: CostModel) -> FitOptions:
+    """The options `cm` was fitted with (stored with it), so its replicates after a restart
+    are the ones its intervals came from. A model stored before options were recorded gets
+    the defaults with its beta mode, as before; an unreadable record the same, logged."""
+    fallback = FitOptions(beta_linear=cm.beta1_s != 0)
+    if not cm.fit_options:
+        return fallback
+    try:
+        return FitOptions.from_record(cm.fit_options)
+    except ValueError as e:
+        _log.warning("fit_options_unreadable", cost_model_id=cm.id, error=str(e))
+        return fallback
 
 
 def _ood(
@@ -101,6 +117,7 @@ class MetricsEngine:
         options.validate()
         prof, samples = self._fit_samples(profile_id)
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
+        cm.fit_options = options.to_record()
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-{prof.stack.backend.value}-{prof.stack.device}"
         cm.model_name = prof.model.name
@@ -124,8 +141,9 @@ class MetricsEngine:
         if cm.kind != "idealized" or not cm.profile_id:
             return []
         try:
+            options = _fit_options(cm)
             _, samples = self._fit_samples(cm.profile_id)
-            _, reps = fit_with_replicates(samples, options=FitOptions(beta_linear=cm.beta1_s != 0))
+            _, reps = fit_with_replicates(samples, options=options)
         except (FailedPrecondition, InvalidArgument):
             reps = []
         self._remember(cm.id, reps)

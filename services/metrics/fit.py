@@ -36,9 +36,10 @@ are shifted down by it. Profile a 1-token prompt for this to mean what it says.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -118,6 +119,30 @@ class FitOptions:
             raise bad("knot_rel_tol", "in [0, 1)")
         if not self.outlier_sigma >= 0.0:
             raise bad("outlier_sigma", ">= 0 (0 disables)")
+
+    def to_record(self) -> dict[str, str]:
+        """Every option as text (`CostModel.fit_options`): floats in repr, exact on reload."""
+        return {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> FitOptions:
+        """The options `to_record` wrote; names it does not know are ignored (a record from
+        a newer idealrt), names it lacks keep their defaults. ValueError on a malformed
+        value."""
+        parse: dict[str, Callable[[str], object]] = {
+            "str": lambda v: str(ast.literal_eval(v)),
+            "float": lambda v: float(ast.literal_eval(v)),
+            "int": lambda v: int(ast.literal_eval(v)),
+            "bool": lambda v: bool(ast.literal_eval(v)),
+        }
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in record:
+                try:
+                    values[f.name] = parse[str(f.type)](record[f.name])
+                except (SyntaxError, TypeError, ValueError) as e:
+                    raise ValueError(f"fit option {f.name}={record[f.name]!r}: {e}") from e
+        return cls(**values)  # type: ignore[arg-type]
 
 
 DEFAULT_FIT_OPTIONS = FitOptions()

@@ -88,6 +88,7 @@ def test_fit_and_estimate_over_grpc(suite: Suite, profiled: tuple[Profile, Profi
     assert cm.alpha_knots_p[0] == 1 and cm.alpha_knots_p[-1] == 48
     assert cm.beta0_s > 0
     assert cm.quality.method == "heldout" and cm.quality.points == 2
+    assert cm.fit_options["bootstrap"] == "50"  # stored with the model, through every hop
     assert metrics.fit(final.id, request_id=rid, bootstrap=50).id == cm.id  # idempotent retry
     est = metrics.estimate(cm.id, [1, 16, 100], [1, 4, 8])
     assert est.runtime_s.shape == (3,)

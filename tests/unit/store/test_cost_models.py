@@ -31,6 +31,7 @@ def _cm(profile_id: str = "", **changes: Any) -> CostModel:
         valid_output_tokens=(1, 512),
         model_name="gpt-j-6b",
         stack=StackSpec(Backend.TENSORRT, "cuda", "fp16", {"cuda_graphs": "1"}),
+        fit_options={"bootstrap": "200", "robust_centre": "'median'"},
     )
     for key, value in changes.items():
         setattr(cm, key, value)

@@ -172,7 +172,7 @@ class Interval(_message.Message):
     def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class CostModel(_message.Message):
-    __slots__ = ("id", "profile_id", "alpha_knots_p", "alpha_knots_seconds", "beta0_seconds", "beta1_seconds", "overhead_seconds", "request_id", "name", "kind", "quality", "intervals", "valid_prompt_tokens_min", "valid_prompt_tokens_max", "valid_output_tokens_min", "valid_output_tokens_max", "create_time", "model_name", "stack")
+    __slots__ = ("id", "profile_id", "alpha_knots_p", "alpha_knots_seconds", "beta0_seconds", "beta1_seconds", "overhead_seconds", "request_id", "name", "kind", "quality", "intervals", "valid_prompt_tokens_min", "valid_prompt_tokens_max", "valid_output_tokens_min", "valid_output_tokens_max", "create_time", "model_name", "stack", "fit_options")
     class IntervalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,13 @@ class CostModel(_message.Message):
         key: str
         value: Interval
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+    class FitOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
     ALPHA_KNOTS_P_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +206,7 @@ class CostModel(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
+    FIT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     profile_id: str
     alpha_knots_p: _containers.RepeatedScalarFieldContainer[int]
@@ -218,4 +226,5 @@ class CostModel(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     model_name: str
     stack: _common_pb2.StackSpec
-    def __init__(self, id: _Optional[str] = ..., profile_id: _Optional[str] = ..., alpha_knots_p: _Optional[_Iterable[int]] = ..., alpha_knots_seconds: _Optional[_Iterable[float]] = ..., beta0_seconds: _Optional[float] = ..., beta1_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., quality: _Optional[_Union[FitQuality, _Mapping]] = ..., intervals: _Optional[_Mapping[str, Interval]] = ..., valid_prompt_tokens_min: _Optional[int] = ..., valid_prompt_tokens_max: _Optional[int] = ..., valid_output_tokens_min: _Optional[int] = ..., valid_output_tokens_max: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ...) -> None: ...
+    fit_options: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., profile_id: _Optional[str] = ..., alpha_knots_p: _Optional[_Iterable[int]] = ..., alpha_knots_seconds: _Optional[_Iterable[float]] = ..., beta0_seconds: _Optional[float] = ..., beta1_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., quality: _Optional[_Union[FitQuality, _Mapping]] = ..., intervals: _Optional[_Mapping[str, Interval]] = ..., valid_prompt_tokens_min: _Optional[int] = ..., valid_prompt_tokens_max: _Optional[int] = ..., valid_output_tokens_min: _Optional[int] = ..., valid_output_tokens_max: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., fit_options: _Optional[_Mapping[str, str]] = ...) -> None: ...
