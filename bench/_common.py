@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -88,110 +87,6 @@ def pinned(cores: Sequence[int], threads: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         pin_to_cores(previous)
-
-
-def measure_bandwidth(
-    cores: Sequence[int], threads: int, *, mib: int = 1024, repeats: int = 7
-) -> dict[str, float]:
-    """STREAM-like read: best and median bytes/s of summing a `mib` MiB fp32 tensor
-    (torch, `threads` threads pinned to `cores`), and numpy's single-threaded sum."""
-    import torch
-
-    n = mib * 1024 * 1024 // 4
-    with pinned(cores, threads):
-        x = torch.ones(n, dtype=torch.float32)
-        x.sum()  # fault the pages in
-        t = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            x.sum()
-            t.append(time.perf_counter() - t0)
-        a = x.numpy()
-        tn = []
-        for _ in range(max(3, repeats // 2)):
-            t0 = time.perf_counter()
-            np.add.reduce(a)
-            tn.append(time.perf_counter() - t0)
-        del a, x
-    nbytes = float(n * 4)
-    return {
-        "bytes": nbytes,
-        "torch_best_bytes_s": nbytes / min(t),
-        "torch_median_bytes_s": nbytes / statistics.median(t),
-        "numpy_best_bytes_s": nbytes / min(tn),
-        "repeats": float(repeats),
-    }
-
-
-def _best_rate(fn: Any, flops: float, repeats: int) -> tuple[float, float]:
-    fn()
-    t = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - t0)
-    return flops / min(t), flops / statistics.median(t)
-
-
-def _ort_matmul(n: int, threads: int) -> Any:
-    """A callable running one n x n fp32 MatMul through ONNX Runtime (its MLAS GEMM)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["y"])],
-        "mm",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {x: rng.standard_normal((n, n), dtype=np.float32) for x in ("a", "b")}
-    return lambda: sess.run(None, feeds)
-
-
-def measure_matmul(
-    cores: Sequence[int], threads: int, *, n: int = 2048, repeats: int = 7
-) -> dict[str, Any]:
-    """fp32 FLOP/s (2 n^3 per product) of an n x n matmul, best and median of `repeats`,
-    through torch.matmul (MKL/oneDNN), numpy (its BLAS) and ONNX Runtime (MLAS) when it
-    is installed. `best_flops_s` is the fastest of them: the best fp32 GEMM rate this
-    machine demonstrably reaches with these threads, which is what a roofline must use
-    (torch's own figure alone can sit below what another stack achieves)."""
-    import torch
-
-    flops = 2.0 * n**3
-    rates: dict[str, dict[str, Any]] = {}
-    with pinned(cores, threads):
-        g = torch.Generator().manual_seed(0)
-        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        out = torch.empty(n, n)
-        best, med = _best_rate(lambda: torch.matmul(a, b, out=out), flops, repeats)
-        rates["torch"] = {"best_flops_s": best, "median_flops_s": med}
-        an, bn = a.numpy(), b.numpy()
-        best, med = _best_rate(lambda: an @ bn, flops, repeats)
-        rates["numpy"] = {"best_flops_s": best, "median_flops_s": med}
-        try:
-            best, med = _best_rate(_ort_matmul(n, threads), flops, repeats)
-            rates["onnxruntime"] = {"best_flops_s": best, "median_flops_s": med}
-        except Exception as e:  # optional probe
-            rates["onnxruntime"] = {"error": f"{type(e).__name__}: {e}"}
-    usable = {k: v["best_flops_s"] for k, v in rates.items() if "best_flops_s" in v}
-    fastest = max(usable, key=lambda k: usable[k])
-    return {
-        "n": n,
-        "flops": flops,
-        "repeats": repeats,
-        "by_library": rates,
-        "torch_best_flops_s": rates["torch"]["best_flops_s"],
-        "best_flops_s": usable[fastest],
-        "best_library": fastest,
-    }
 
 
 def backend_available(backend: str) -> tuple[bool, str]:

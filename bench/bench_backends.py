@@ -38,7 +38,7 @@ from typing import Any
 
 import _common as c
 from _backends_report import checks, fractions, plot
-from _limits import measure_limits
+from _limits import measure_bandwidth, measure_limits
 from _stack_proc import StackProcess
 
 from idealrt.core.domain import Backend, ModelRef, StackSpec
@@ -152,7 +152,7 @@ def measure_config(
         bandwidths = [limits["bandwidth"]]
         for r in range(rounds):
             print(f"[backends]   round {r + 1}/{rounds}", flush=True)
-            bw = c.measure_bandwidth(cores, threads, mib=256 if quick else 1024, repeats=3)
+            bw = measure_bandwidth(cores, threads, mib=256 if quick else 1024, repeats=3)
             bandwidths.append(bw)
             order = list(opened)
             order = order[r % len(order) :] + order[: r % len(order)]

@@ -36,10 +36,9 @@ are shifted down by it. Profile a 1-token prompt for this to mean what it says.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +46,7 @@ import numpy.typing as npt
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import _robust as rb
+from idealrt.services.metrics._fit_options import FitOptions
 
 __all__ = [
     "DEFAULT_FIT_OPTIONS",
@@ -60,90 +60,6 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-CENTRES = ("median", "trimmed")
-
-
-@dataclasses.dataclass(frozen=True)
-class FitOptions:
-    """How to fit. robust_centre: "median" or "trimmed" (mean after cutting `trim` of the
-    values at each end) for every per-point centre. fit_overhead: separate a constant
-    per-request overhead (APIs; see the module doc). bootstrap: replicate count for the
-    confidence intervals (0 disables). beta_linear: fit beta1 (False: beta1 = 0, the paper).
-    max_knots: cap on alpha's knots (>= 2). seed: bootstrap resampling. confidence: level of
-    the intervals. kfold: folds of the cross-validation used when nothing was held out (0 or
-    1 disables). knot_z / knot_rel_tol: a point is "within the noise" of the alpha polyline
-    when off by at most max(knot_z standard errors, knot_rel_tol * its value).
-    outlier_sigma: before each centre, values further than this many robust sigmas (MAD)
-    from their group's median are dropped (0 keeps everything)."""
-
-    robust_centre: str = "median"
-    trim: float = 0.1
-    fit_overhead: bool = False
-    bootstrap: int = 200
-    beta_linear: bool = True
-    max_knots: int = 12
-    seed: int = 0
-    confidence: float = 0.95
-    kfold: int = 5
-    knot_z: float = 2.5
-    knot_rel_tol: float = 0.002
-    outlier_sigma: float = 3.5
-
-    def validate(self) -> None:
-        """Raise InvalidArgument (reason INVALID_FIT_OPTIONS, field options.<name>)."""
-
-        def bad(name: str, what: str) -> InvalidArgument:
-            value = getattr(self, name)
-            return InvalidArgument(
-                "INVALID_FIT_OPTIONS",
-                f"{name} must be {what}, got {value!r}",
-                field=f"options.{name}",
-            )
-
-        if self.robust_centre not in CENTRES:
-            raise bad("robust_centre", "one of " + ", ".join(CENTRES))
-        if not 0.0 <= self.trim < 0.5:
-            raise bad("trim", "in [0, 0.5)")
-        if self.bootstrap < 0:
-            raise bad("bootstrap", ">= 0 (0 disables)")
-        if self.max_knots < 2:
-            raise bad("max_knots", ">= 2")
-        if not 0.0 < self.confidence < 1.0:
-            raise bad("confidence", "in (0, 1)")
-        if self.kfold < 0:
-            raise bad("kfold", ">= 0 (0 or 1 disables)")
-        if not self.knot_z > 0.0:
-            raise bad("knot_z", "> 0")
-        if not 0.0 <= self.knot_rel_tol < 1.0:
-            raise bad("knot_rel_tol", "in [0, 1)")
-        if not self.outlier_sigma >= 0.0:
-            raise bad("outlier_sigma", ">= 0 (0 disables)")
-
-    def to_record(self) -> dict[str, str]:
-        """Every option as text (`CostModel.fit_options`): floats in repr, exact on reload."""
-        return {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, str]) -> FitOptions:
-        """The options `to_record` wrote; names it does not know are ignored (a record from
-        a newer idealrt), names it lacks keep their defaults. ValueError on a malformed
-        value."""
-        parse: dict[str, Callable[[str], object]] = {
-            "str": lambda v: str(ast.literal_eval(v)),
-            "float": lambda v: float(ast.literal_eval(v)),
-            "int": lambda v: int(ast.literal_eval(v)),
-            "bool": lambda v: bool(ast.literal_eval(v)),
-        }
-        values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in record:
-                try:
-                    values[f.name] = parse[str(f.type)](record[f.name])
-                except (SyntaxError, TypeError, ValueError) as e:
-                    raise ValueError(f"fit option {f.name}={record[f.name]!r}: {e}") from e
-        return cls(**values)  # type: ignore[arg-type]
-
 
 DEFAULT_FIT_OPTIONS = FitOptions()
 

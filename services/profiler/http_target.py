@@ -45,149 +45,25 @@ httpx's sync client, one keep-alive connection, blocking reads: no busy-waiting.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import json
-import os
-import time
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any, Literal
-
 import httpx
 
 from idealrt.core.domain import Profile, Sample, TargetKind
-from idealrt.core.errors import (
-    FailedPrecondition,
-    IdealrtError,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
+from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
-from idealrt.services.profiler._openai_stream import (
-    error_message,
-    iter_sse,
-    parse_body,
-    parse_stream,
-    redact_url,
-    to_sample,
+from idealrt.services.profiler._http_client import _HttpClient, _Rejected
+from idealrt.services.profiler._http_options import (
+    EOS_DIALECTS,
+    HttpOptions,
+    RequestShape,
+    http_options,
 )
+from idealrt.services.profiler._openai_stream import redact_url
 from idealrt.services.profiler.prompts import PromptBuilder, PromptTokenizer, load_tokenizer
 
 __all__ = ["EOS_DIALECTS", "HttpOptions", "HttpTarget", "RequestShape", "http_options"]
 
-EOS_DIALECTS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "vllm": lambda o: {"ignore_eos": True, "min_tokens": o},
-    "transformers": lambda o: {
-        "generation_config": json.dumps(
-            {"min_new_tokens": o, "max_new_tokens": o, "do_sample": False}
-        )
-    },
-    "none": lambda o: {},
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class HttpOptions:
-    stream: bool = True  # False: never ask for a stream (totals only)
-    eos_dialects: tuple[str, ...] = ("vllm", "transformers", "none")
-    prompt_format: Literal["text", "token_ids"] = "text"
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 300.0  # the longest silence tolerated between bytes
-    probe: bool = True  # prepare(): GET {base_url}/models to fail fast when unreachable
-    negotiate: bool = True  # prepare(): settle the request shape with a tiny generation
-    trust_env: bool = True  # honour HTTP(S)_PROXY / NO_PROXY (never for a loopback URL)
-
-    def __post_init__(self) -> None:
-        if self.prompt_format not in ("text", "token_ids"):
-            raise InvalidArgument(
-                "PROMPT_FORMAT_INVALID",
-                f"prompt_format={self.prompt_format!r}: must be 'text' or 'token_ids'",
-                field="prompt_format",
-            )
-        unknown = [d for d in self.eos_dialects if d not in EOS_DIALECTS]
-        if unknown or not self.eos_dialects:
-            raise InvalidArgument(
-                "UNKNOWN_EOS_DIALECT",
-                f"eos_dialects {list(self.eos_dialects)}: each must be one of "
-                f"{sorted(EOS_DIALECTS)}, at least one",
-                field="eos_dialects",
-            )
-
-
-_OPTION_KEYS = ("stream", "prompt_format", "eos_dialects", "connect_timeout_s", "read_timeout_s")
-
-
-def http_options(raw: Mapping[str, str]) -> HttpOptions:
-    """HttpOptions from a profile's `target.options` (strings); unknown keys or bad values
-    are INVALID_ARGUMENT naming `profile.target.options.<key>`."""
-    unknown = sorted(set(raw) - set(_OPTION_KEYS))
-    if unknown:
-        raise InvalidArgument(
-            "TARGET_OPTION_UNKNOWN",
-            f"unknown target option(s) {unknown}; known: {', '.join(_OPTION_KEYS)}",
-            field="profile.target.options",
-        )
-    kw: dict[str, Any] = {}
-    try:
-        if "stream" in raw:
-            if raw["stream"] not in ("0", "1", "true", "false"):
-                raise ValueError("stream must be 0 or 1")
-            kw["stream"] = raw["stream"] in ("1", "true")
-        if "prompt_format" in raw:
-            kw["prompt_format"] = raw["prompt_format"]
-        if "eos_dialects" in raw:
-            kw["eos_dialects"] = tuple(x for x in raw["eos_dialects"].split(",") if x)
-        for key in ("connect_timeout_s", "read_timeout_s"):
-            if key in raw:
-                value = float(raw[key])
-                if not 0 < value <= 3600:
-                    raise ValueError(f"{key} must be in (0, 3600]")
-                kw[key] = value
-    except ValueError as exc:
-        raise InvalidArgument(
-            "TARGET_OPTION_INVALID",
-            f"profile.target.options: {exc}",
-            field="profile.target.options",
-        ) from None
-    try:
-        return HttpOptions(**kw)
-    except InvalidArgument as err:
-        raise InvalidArgument(
-            err.reason, err.message, field=f"profile.target.options.{err.field}"
-        ) from None
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestShape:
-    stream: bool
-    eos: str
-
-    def describe(self) -> str:
-        return f"{'sse+usage' if self.stream else 'json'}/{self.eos}"
-
-
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _Rejected(Exception):
-    """A 400/422 that may be the API refusing a field: try the next request shape."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class HttpTarget:
+class HttpTarget(_HttpClient):
     """One model behind an OpenAI-compatible completions API."""
 
     def __init__(
@@ -360,139 +236,3 @@ class HttpTarget:
             ref = self._tokenizer_ref
             self._builder = PromptBuilder(load_tokenizer(ref) if isinstance(ref, str) else ref)
         return self._builder
-
-    def _http(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(
-                timeout=httpx.Timeout(
-                    self.options.read_timeout_s, connect=self.options.connect_timeout_s
-                ),
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                transport=self._transport,
-                # a proxy from the environment never applies to a loopback API
-                trust_env=self.options.trust_env and not _is_loopback(self.base_url),
-            )
-        return self._client
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env, "")
-            if not key:
-                raise FailedPrecondition(
-                    "API_KEY_MISSING",
-                    f"environment variable {self.api_key_env} (profile.target.api_key_env) "
-                    "is not set or empty; it must hold the API key",
-                    field="profile.target.api_key_env",
-                )
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _scrub(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            text = text.replace(key, "[redacted]")
-        return text.replace(self.base_url, redact_url(self.base_url))
-
-    def _transport_error(self, exc: httpx.HTTPError) -> IdealrtError:
-        where = redact_url(self.base_url)
-        kind = type(exc).__name__
-        detail = self._scrub(str(exc))
-        if isinstance(exc, httpx.TimeoutException):
-            return Unavailable("API_TIMEOUT", f"the API at {where} timed out ({kind}): {detail}")
-        if isinstance(exc, httpx.ConnectError):
-            return Unavailable("API_UNREACHABLE", f"cannot connect to the API at {where}: {detail}")
-        return Unavailable("API_TRANSPORT_ERROR", f"the API at {where} failed ({kind}): {detail}")
-
-    def _status_error(self, status: int, body: bytes) -> IdealrtError | _Rejected:
-        msg = self._scrub(error_message(body))
-        where = redact_url(self.base_url)
-        if status in (400, 422):
-            return _Rejected(status, msg)
-        if status == 429:
-            return ResourceExhausted(
-                "API_RATE_LIMITED", f"the API at {where} is rate limiting (HTTP 429): {msg}"
-            )
-        if status in (401, 403):
-            return InvalidArgument(
-                "API_AUTH_FAILED",
-                f"the API at {where} refused the credentials (HTTP {status}): {msg}",
-                field="profile.target.api_key_env",
-            )
-        if status >= 500:
-            return Unavailable(
-                "API_SERVER_ERROR", f"the API at {where} failed (HTTP {status}): {msg}"
-            )
-        return InvalidArgument(
-            "API_REJECTED_REQUEST",
-            f"the API at {where} rejected the request (HTTP {status}): {msg}",
-        )
-
-    def _body(self, shape: RequestShape, prompt: str | list[int], o: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.api_model,
-            "prompt": prompt,
-            "max_tokens": o,
-            "temperature": 0,
-        }
-        if shape.stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        body.update(EOS_DIALECTS[shape.eos](o))
-        return body
-
-    def _send(
-        self, client: httpx.Client, request: httpx.Request
-    ) -> tuple[datetime, int, httpx.Response]:
-        """Send, timing from just before the send. A kept-alive connection that the server
-        closed meanwhile (idle timeout, or after an error response) fails before any response
-        byte: that attempt is discarded and the request sent once more, timed afresh."""
-        for attempt in (1, 2):
-            start = datetime.now(UTC)
-            t0 = time.perf_counter_ns()
-            try:
-                return start, t0, client.send(request, stream=True)
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
-                if attempt == 2:
-                    raise
-                self.resends += 1
-        raise AssertionError("unreachable")
-
-    def _request(self, shape: RequestShape, prompt: str | list[int], p: int, o: int) -> Sample:
-        client = self._http()
-        request = client.build_request(
-            "POST",
-            f"{self.base_url}/completions",
-            content=json.dumps(self._body(shape, prompt, o)).encode(),
-            headers=self._headers(),
-        )
-        clock = time.perf_counter_ns
-        self.requests += 1
-        try:
-            start, t0, response = self._send(client, request)
-            try:
-                if response.status_code >= 400:
-                    response.read()
-                    err = self._status_error(response.status_code, response.content)
-                    raise err
-                streamed = "text/event-stream" in response.headers.get("content-type", "")
-                if streamed:
-                    events = list(iter_sse(response.iter_lines(), clock))
-                    t_end = clock()
-                    completion = parse_stream(events)
-                else:
-                    response.read()
-                    t_end = clock()
-                    completion = parse_body(response.content)
-                self._server_header = response.headers.get("server", self._server_header)
-            finally:
-                response.close()
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        if completion.error is not None:
-            raise Unavailable(
-                "API_STREAM_ERROR",
-                f"the API at {redact_url(self.base_url)} reported an error in its response: "
-                f"{self._scrub(completion.error)}",
-            )
-        return to_sample(completion, streamed, p, o, t0, t_end, start)

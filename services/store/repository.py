@@ -32,17 +32,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
-from idealrt.services.store import _paging, _rows, _serde, _validate
+from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from idealrt.services.store import _paging, _queries, _rows, _serde, _validate
+from idealrt.services.store._dberrors import unavailable_on_db_error
 from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
 from idealrt.services.store.url import (
     SQLITE_BEGIN_OPTION,
@@ -69,41 +64,12 @@ def open_store(url: str) -> Store:
     parsed = parse_store_url(url)
     engine = create_store_engine(parsed)
     try:
-        with _unavailable_on_db_error(parsed):
+        with unavailable_on_db_error(parsed):
             migrate(engine)
     except BaseException:
         engine.dispose()
         raise
     return Store(engine, parsed)
-
-
-# SQLite reports lock timeouts and I/O trouble as OperationalError, but also SQL mistakes;
-# only the former mean "the database is unavailable".
-_SQLITE_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o", "readonly", "disk is full")
-
-
-def _is_unavailable(exc: DBAPIError, backend: str) -> bool:
-    if exc.connection_invalidated:
-        return True
-    if not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-        return False
-    if backend == "sqlite":
-        return any(word in str(exc.orig).lower() for word in _SQLITE_UNAVAILABLE)
-    return True
-
-
-@contextlib.contextmanager
-def _unavailable_on_db_error(parsed: StoreUrl) -> Iterator[None]:
-    """Connection failures, lock timeouts and I/O errors become Unavailable STORE_UNAVAILABLE
-    (retryable); anything else propagates."""
-    try:
-        yield
-    except DBAPIError as exc:
-        if not _is_unavailable(exc, parsed.backend):
-            raise
-        raise Unavailable(
-            "STORE_UNAVAILABLE", f"store {parsed.redacted()} is unavailable: {exc.orig}"
-        ) from exc
 
 
 def _now() -> datetime:
@@ -112,25 +78,6 @@ def _now() -> datetime:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(6)}"
-
-
-def _profile_not_found(profile_id: str, field: str) -> NotFound:
-    return NotFound("PROFILE_NOT_FOUND", f"no profile with id {profile_id!r}", field=field)
-
-
-def _request_body(p: Profile) -> str:
-    return _serde.dumps({"model": p.model, "stack": p.stack, "plan": p.plan, "target": p.target})
-
-
-def _mutable(p: Profile) -> str:
-    return _serde.dumps(
-        [p.state, p.completed_samples, p.total_samples, p.start_time, p.end_time, p.error,
-         p.provenance, p.model_spec]
-    )  # fmt: skip
-
-
-def _cost_model_body(cm: CostModel) -> str:
-    return _serde.dumps(dataclasses.replace(cm, id="", create_time=None))
 
 
 class Store:
@@ -176,7 +123,7 @@ class Store:
         with (
             self._all_lock,
             self._write_lock if write else contextlib.nullcontext(),
-            _unavailable_on_db_error(self._parsed),
+            unavailable_on_db_error(self._parsed),
             engine.begin() as conn,
         ):
             yield conn
@@ -189,47 +136,22 @@ class Store:
         p = dataclasses.replace(p, id=p.id or _new_id("prof"), create_time=_now())
         try:
             with self._tx(write=True) as conn:
-                if p.request_id and (existing := self._profile_by_request(conn, p)):
+                if p.request_id and (existing := _queries.profile_by_request(conn, p)):
                     return existing, False
                 conn.execute(profiles.insert().values(_rows.profile_row(p, update_time=_now())))
-                return self._get_profile(conn, p.id, "id"), True
+                return _queries.get_profile(conn, p.id, "id"), True
         except IntegrityError:  # lost a race on request_id, or the id is taken
             with self._tx(write=False) as conn:
-                if p.request_id and (existing := self._profile_by_request(conn, p)):
+                if p.request_id and (existing := _queries.profile_by_request(conn, p)):
                     return existing, False
             raise AlreadyExists(
                 "PROFILE_ALREADY_EXISTS", f"a profile with id {p.id!r} exists", field="id"
             ) from None
 
-    def _profile_by_request(self, conn: sa.Connection, p: Profile) -> Profile | None:
-        row = conn.execute(
-            sa.select(profiles).where(profiles.c.request_id == p.request_id)
-        ).mappings().first()  # fmt: skip
-        if row is None:
-            return None
-        existing = _rows.profile_from_row(row)
-        if _request_body(existing) != _request_body(p):
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                f"request_id {p.request_id!r} was used for profile {existing.id} with a "
-                "different body; use a new request_id for a new profile",
-                field="request_id",
-            )
-        return existing
-
-    def _get_profile(
-        self, conn: sa.Connection, profile_id: str, field: str, *, lock: bool = False
-    ) -> Profile:
-        query = sa.select(profiles).where(profiles.c.id == profile_id)
-        row = conn.execute(query.with_for_update() if lock else query).mappings().first()
-        if row is None:
-            raise _profile_not_found(profile_id, field)
-        return _rows.profile_from_row(row)
-
     def get_profile(self, profile_id: str) -> Profile:
         _validate.check_id(profile_id, "id")
         with self._tx(write=False) as conn:
-            return self._get_profile(conn, profile_id, "id")
+            return _queries.get_profile(conn, profile_id, "id")
 
     def update_profile(self, profile: Profile) -> Profile:
         """Write the mutable fields (state, counters, start/end time, error, provenance,
@@ -238,7 +160,7 @@ class Store:
         p = _validate.check_profile(profile)
         _validate.check_id(p.id, "id")
         with self._tx(write=True) as conn:
-            current = self._get_profile(conn, p.id, "id", lock=True)
+            current = _queries.get_profile(conn, p.id, "id", lock=True)
             updated = dataclasses.replace(
                 current,
                 state=p.state,
@@ -251,7 +173,7 @@ class Store:
                 model_spec=p.model_spec,
             )
             if current.state.terminal:
-                if _mutable(updated) == _mutable(current):
+                if _queries.mutable(updated) == _queries.mutable(current):
                     return current
                 raise FailedPrecondition(
                     "PROFILE_TERMINAL",
@@ -261,7 +183,7 @@ class Store:
             row = _rows.profile_row(updated, update_time=_now())
             del row["id"], row["request_id"], row["create_time"]
             conn.execute(profiles.update().where(profiles.c.id == p.id).values(row))
-            return self._get_profile(conn, p.id, "id")
+            return _queries.get_profile(conn, p.id, "id")
 
     def list_profiles(
         self, page_size: int, page_token: str, state: ProfileState | None = None
@@ -327,7 +249,7 @@ class Store:
         )
         batch = _validate.check_samples(samples_)
         with self._tx(write=True) as conn:
-            profile = self._get_profile(conn, profile_id, "profile_id", lock=True)
+            profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True)
             prior = conn.execute(
                 sa.select(sample_batches.c.first_seq, sample_batches.c.count).where(
                     sample_batches.c.profile_id == profile_id,
@@ -335,7 +257,7 @@ class Store:
                 )
             ).first()
             if prior is not None:
-                self._check_replay(conn, profile_id, batch_id, prior[0], prior[1], batch)
+                _queries.check_replay(conn, profile_id, batch_id, prior[0], prior[1], batch)
                 return int(prior[1])
             if profile.state.terminal:
                 raise FailedPrecondition(
@@ -367,35 +289,6 @@ class Store:
                 )
             return len(batch)
 
-    def _check_replay(
-        self,
-        conn: sa.Connection,
-        profile_id: str,
-        batch_id: str,
-        first: int,
-        count: int,
-        batch: list[Sample],
-    ) -> None:
-        stored = [
-            _rows.sample_from_row(r)
-            for r in conn.execute(
-                sa.select(samples)
-                .where(samples.c.profile_id == profile_id, samples.c.batch_id == batch_id)
-                .order_by(samples.c.seq)
-            ).mappings()
-        ]
-        same = len(stored) == count == len(batch) and all(
-            _serde.dumps(dataclasses.replace(a, seq=-1)) == _serde.dumps(b)
-            for a, b in zip(stored, batch, strict=True)
-        )
-        if not same:
-            raise AlreadyExists(
-                "BATCH_ID_REUSED",
-                f"batch_id {batch_id!r} of profile {profile_id} was appended with different "
-                f"samples (seq {first}..{first + count - 1}); use a new batch_id",
-                field="batch_id",
-            )
-
     def list_samples(
         self, profile_id: str, page_size: int, page_token: str
     ) -> tuple[list[Sample], str]:
@@ -409,7 +302,7 @@ class Store:
                 raise _paging.invalid_token()
             query = query.where(samples.c.seq > cursor[0])
         with self._tx(write=False) as conn:
-            self._get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id")
             rows = list(conn.execute(query.order_by(samples.c.seq).limit(size + 1)).mappings())
         items = [_rows.sample_from_row(r) for r in rows[:size]]
         if len(rows) <= size:
@@ -421,7 +314,7 @@ class Store:
         _validate.check_id(profile_id, "profile_id")
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            self._get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id")
             rows = conn.execute(query.order_by(samples.c.seq)).mappings()
             return [_rows.sample_from_row(r) for r in rows]
 
@@ -429,7 +322,7 @@ class Store:
         _validate.check_id(profile_id, "profile_id")
         query = sa.select(sa.func.count()).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            self._get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id")
             return int(conn.execute(query).scalar_one())
 
     # ---- cost models -------------------------------------------------------------------
@@ -441,47 +334,24 @@ class Store:
         cm = dataclasses.replace(cm, id=cm.id or _new_id("cm"), create_time=_now())
         try:
             with self._tx(write=True) as conn:
-                if cm.request_id and (existing := self._cost_model_by_request(conn, cm)):
+                if cm.request_id and (existing := _queries.cost_model_by_request(conn, cm)):
                     return existing, False
                 if cm.profile_id:
-                    self._get_profile(conn, cm.profile_id, "profile_id")
+                    _queries.get_profile(conn, cm.profile_id, "profile_id")
                 conn.execute(cost_models.insert().values(_rows.cost_model_row(cm)))
-                return self._get_cost_model(conn, cm.id), True
+                return _queries.get_cost_model(conn, cm.id), True
         except IntegrityError:
             with self._tx(write=False) as conn:
-                if cm.request_id and (existing := self._cost_model_by_request(conn, cm)):
+                if cm.request_id and (existing := _queries.cost_model_by_request(conn, cm)):
                     return existing, False
             raise AlreadyExists(
                 "COST_MODEL_ALREADY_EXISTS", f"a cost model with id {cm.id!r} exists", field="id"
             ) from None
 
-    def _cost_model_by_request(self, conn: sa.Connection, cm: CostModel) -> CostModel | None:
-        query = sa.select(cost_models).where(cost_models.c.request_id == cm.request_id)
-        row = conn.execute(query).mappings().first()
-        if row is None:
-            return None
-        existing = _rows.cost_model_from_row(row)
-        if _cost_model_body(existing) != _cost_model_body(dataclasses.replace(cm, id="")):
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                f"request_id {cm.request_id!r} was used for cost model {existing.id} with a "
-                "different body; use a new request_id for a new cost model",
-                field="request_id",
-            )
-        return existing
-
-    def _get_cost_model(self, conn: sa.Connection, cm_id: str) -> CostModel:
-        row = conn.execute(
-            sa.select(cost_models).where(cost_models.c.id == cm_id)
-        ).mappings().first()  # fmt: skip
-        if row is None:
-            raise NotFound("COST_MODEL_NOT_FOUND", f"no cost model with id {cm_id!r}", field="id")
-        return _rows.cost_model_from_row(row)
-
     def get_cost_model(self, cost_model_id: str) -> CostModel:
         _validate.check_id(cost_model_id, "id")
         with self._tx(write=False) as conn:
-            return self._get_cost_model(conn, cost_model_id)
+            return _queries.get_cost_model(conn, cost_model_id)
 
     def list_cost_models(
         self, page_size: int, page_token: str, profile_id: str = ""

@@ -1,0 +1,130 @@
+"""In-transaction lookups for `Store`: rows by id, the idempotency checks that compare a
+replayed create or sample batch with what was stored, and the comparison bodies they use.
+Each takes an open connection; the caller owns the transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import sqlalchemy as sa
+
+from idealrt.core.domain import CostModel, Profile, Sample
+from idealrt.core.errors import AlreadyExists, NotFound
+from idealrt.services.store import _rows, _serde
+from idealrt.services.store.schema import cost_models, profiles, samples
+
+__all__ = [
+    "check_replay",
+    "cost_model_by_request",
+    "get_cost_model",
+    "get_profile",
+    "mutable",
+    "profile_by_request",
+]
+
+
+def _profile_not_found(profile_id: str, field: str) -> NotFound:
+    return NotFound("PROFILE_NOT_FOUND", f"no profile with id {profile_id!r}", field=field)
+
+
+def _request_body(p: Profile) -> str:
+    return _serde.dumps({"model": p.model, "stack": p.stack, "plan": p.plan, "target": p.target})
+
+
+def mutable(p: Profile) -> str:
+    return _serde.dumps(
+        [p.state, p.completed_samples, p.total_samples, p.start_time, p.end_time, p.error,
+         p.provenance, p.model_spec]
+    )  # fmt: skip
+
+
+def _cost_model_body(cm: CostModel) -> str:
+    return _serde.dumps(dataclasses.replace(cm, id="", create_time=None))
+
+
+# ---- profiles --------------------------------------------------------------------------
+
+
+def profile_by_request(conn: sa.Connection, p: Profile) -> Profile | None:
+    row = conn.execute(
+        sa.select(profiles).where(profiles.c.request_id == p.request_id)
+    ).mappings().first()  # fmt: skip
+    if row is None:
+        return None
+    existing = _rows.profile_from_row(row)
+    if _request_body(existing) != _request_body(p):
+        raise AlreadyExists(
+            "REQUEST_ID_REUSED",
+            f"request_id {p.request_id!r} was used for profile {existing.id} with a "
+            "different body; use a new request_id for a new profile",
+            field="request_id",
+        )
+    return existing
+
+
+def get_profile(conn: sa.Connection, profile_id: str, field: str, *, lock: bool = False) -> Profile:
+    query = sa.select(profiles).where(profiles.c.id == profile_id)
+    row = conn.execute(query.with_for_update() if lock else query).mappings().first()
+    if row is None:
+        raise _profile_not_found(profile_id, field)
+    return _rows.profile_from_row(row)
+
+
+# ---- samples ---------------------------------------------------------------------------
+
+
+def check_replay(
+    conn: sa.Connection,
+    profile_id: str,
+    batch_id: str,
+    first: int,
+    count: int,
+    batch: list[Sample],
+) -> None:
+    stored = [
+        _rows.sample_from_row(r)
+        for r in conn.execute(
+            sa.select(samples)
+            .where(samples.c.profile_id == profile_id, samples.c.batch_id == batch_id)
+            .order_by(samples.c.seq)
+        ).mappings()
+    ]
+    same = len(stored) == count == len(batch) and all(
+        _serde.dumps(dataclasses.replace(a, seq=-1)) == _serde.dumps(b)
+        for a, b in zip(stored, batch, strict=True)
+    )
+    if not same:
+        raise AlreadyExists(
+            "BATCH_ID_REUSED",
+            f"batch_id {batch_id!r} of profile {profile_id} was appended with different "
+            f"samples (seq {first}..{first + count - 1}); use a new batch_id",
+            field="batch_id",
+        )
+
+
+# ---- cost models -----------------------------------------------------------------------
+
+
+def cost_model_by_request(conn: sa.Connection, cm: CostModel) -> CostModel | None:
+    query = sa.select(cost_models).where(cost_models.c.request_id == cm.request_id)
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    existing = _rows.cost_model_from_row(row)
+    if _cost_model_body(existing) != _cost_model_body(dataclasses.replace(cm, id="")):
+        raise AlreadyExists(
+            "REQUEST_ID_REUSED",
+            f"request_id {cm.request_id!r} was used for cost model {existing.id} with a "
+            "different body; use a new request_id for a new cost model",
+            field="request_id",
+        )
+    return existing
+
+
+def get_cost_model(conn: sa.Connection, cm_id: str) -> CostModel:
+    row = conn.execute(
+        sa.select(cost_models).where(cost_models.c.id == cm_id)
+    ).mappings().first()  # fmt: skip
+    if row is None:
+        raise NotFound("COST_MODEL_NOT_FOUND", f"no cost model with id {cm_id!r}", field="id")
+    return _rows.cost_model_from_row(row)
