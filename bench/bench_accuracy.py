@@ -34,6 +34,20 @@ from typing import Any
 import _common as c
 import numpy as np
 
+from idealrt.core.costmodel.evaluate import (
+    compare_to_helm,
+    config_runtimes,
+    helm_proportional_predict,
+    helm_table,
+)
+from idealrt.core.costmodel.fit import (
+    FitData,
+    FitOptions,
+    fit_cost_model,
+    fit_prepared,
+    usable_samples,
+)
+from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import (
     Backend,
     CostModel,
@@ -43,20 +57,6 @@ from idealrt.core.domain import (
     SampleFlag,
     StackSpec,
 )
-from idealrt.services.metrics.evaluate import (
-    compare_to_helm,
-    config_runtimes,
-    helm_proportional_predict,
-    helm_table,
-)
-from idealrt.services.metrics.fit import (
-    FitData,
-    FitOptions,
-    fit_cost_model,
-    fit_prepared,
-    usable_samples,
-)
-from idealrt.services.metrics.predict import alpha_at, predict_runtime
 
 FIT_P = (1, 64, 256, 512, 768, 960)
 FIT_O = (1, 16, 64)

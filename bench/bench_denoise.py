@@ -37,11 +37,11 @@ import _common as c
 import numpy as np
 from _hog import Hog, overlap_fraction
 
+from idealrt.core.costmodel.evaluate import config_runtimes
+from idealrt.core.costmodel.fit import FitOptions, fit_cost_model, usable_samples
+from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import Backend, CostModel, ModelRef, ProfilePlan, Sample, StackSpec
 from idealrt.services.metrics.denoise import denoise
-from idealrt.services.metrics.evaluate import config_runtimes
-from idealrt.services.metrics.fit import FitOptions, fit_cost_model, usable_samples
-from idealrt.services.metrics.predict import alpha_at, predict_runtime
 
 GRID_P, GRID_O = (1, 64, 256, 512), (1, 16, 48)
 QUICK_P, QUICK_O = (1, 128), (1, 8)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from idealrt.core.costmodel.estimate import WorkloadAccumulator, estimate_workload
 from idealrt.core.domain import CostModel
-from idealrt.services.metrics.estimate import WorkloadAccumulator, estimate_workload
 
 TARGET_QPS = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results" / "estimate.json"

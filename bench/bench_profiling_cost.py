@@ -42,10 +42,10 @@ from typing import Any
 import _common as c
 import numpy as np
 
+from idealrt.core.costmodel.fit import FitOptions, fit_cost_model
+from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import Backend, ModelRef, ProfilePlan, Sample, SampleFlag, StackSpec
 from idealrt.core.plans import economical_plan
-from idealrt.services.metrics.fit import FitOptions, fit_cost_model
-from idealrt.services.metrics.predict import predict_runtime
 
 FIT_P = (1, 64, 256, 512, 768, 960)
 FIT_O = (1, 16, 64)

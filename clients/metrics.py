@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from idealrt.core import convert as cv
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
 from idealrt.core.model_spec import ModelSpec
@@ -286,7 +287,7 @@ class MetricsClient:
         prompt_tokens: Sequence[int],
         output_tokens: Sequence[int],
         *,
-        bootstrap: int = 200,
+        bootstrap: int = DEFAULT_BOOTSTRAP,
         seed: int = 0,
     ) -> Comparison:
         r = call(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import grpc
 
 from idealrt.core import convert as cv
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import ModelRef, StackSpec
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
 from idealrt.services.serving.backends.base import GenerationResult, MemoryReport
@@ -32,7 +32,7 @@ def _loaded_from_pb(m: pb.LoadedModel) -> LoadedModel:
         ),
         load_ns=m.load_ns,
         max_context=m.max_context,
-        create_time=cv.ts_from_pb(m, "create_time") or datetime.now(UTC),
+        create_time=cv.ts_from_pb(m, "create_time") or utcnow(),
     )
 
 

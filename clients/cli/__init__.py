@@ -14,6 +14,7 @@ from pathlib import Path
 from idealrt.clients.cli._parse import duration_s, int_list, percent
 from idealrt.clients.cli._render import err_console
 from idealrt.clients.cli._session import Session, open_session
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import IdealrtError
 
 __all__ = ["build_parser", "main"]
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", _metrics.cmd_compare, "stack A vs stack B on a workload")
     p.add_argument("--a", required=True, help="profile id of A")
     p.add_argument("--b", required=True, help="profile id of B")
-    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
     p.add_argument("--seed", type=int, default=0)
     _queries_args(p)
 

@@ -23,11 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.core.costmodel.estimate import validate_queries
+from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.services.metrics.estimate import validate_queries
-from idealrt.services.metrics.fit import FitOptions, fit_with_replicates
-from idealrt.services.metrics.predict import predict_runtime
 
 __all__ = ["MIN_REPLICATES", "Comparison", "compare", "compare_fits"]
 
@@ -123,7 +124,7 @@ def compare(
     b_samples: Sequence[Sample],
     workload_p: npt.ArrayLike,
     workload_o: npt.ArrayLike,
-    n_boot: int = 200,
+    n_boot: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     *,
     confidence: float = 0.95,

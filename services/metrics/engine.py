@@ -7,23 +7,23 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.core.logging import get_logger
-from idealrt.core.model_spec import ModelSpec
-from idealrt.services.metrics.bootstrap import predict_interval
-from idealrt.services.metrics.estimate import (
+from idealrt.core.clock import utcnow
+from idealrt.core.costmodel.bootstrap import predict_interval
+from idealrt.core.costmodel.estimate import (
     WorkloadAccumulator,
     WorkloadEstimate,
     estimate_workload,
 )
-from idealrt.services.metrics.fit import FitOptions, fit_with_replicates
+from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
+from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
+from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.logging import get_logger
+from idealrt.core.model_spec import ModelSpec
 
 __all__ = ["EstimateResult", "MetricsEngine", "MetricsStore"]
 
@@ -122,7 +122,7 @@ class MetricsEngine:
         cm.name = name or f"{prof.model.name}-{prof.stack.backend.value}-{prof.stack.device}"
         cm.model_name = prof.model.name
         cm.stack = prof.stack
-        cm.create_time = datetime.now(UTC)
+        cm.create_time = utcnow()
         stored, _ = self.store.create_cost_model(cm)
         self._remember(stored.id, reps)
         return stored
@@ -231,7 +231,7 @@ class MetricsEngine:
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-denoised-{method}"
         cm.model_name = prof.model.name
-        cm.create_time = datetime.now(UTC)
+        cm.create_time = utcnow()
         return self.store.create_cost_model(cm)[0]
 
     def samples_of(self, profile_id: str) -> list[Sample]:
@@ -249,7 +249,7 @@ class MetricsEngine:
             cm.name = name
             cm.model_name = name
             cm.request_id = f"{request_id}:{name}" if request_id else ""
-            cm.create_time = datetime.now(UTC)
+            cm.create_time = utcnow()
             out.append(self.store.create_cost_model(cm)[0])
         return out
 

@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
-from idealrt.services.metrics.predict import alpha_at
 
 __all__ = ["export_helm", "import_helm", "representative_context"]
 

@@ -27,11 +27,11 @@ from typing import TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.hardware import Accelerator
 from idealrt.core.model_spec import ModelSpec
-from idealrt.services.metrics.predict import alpha_at
 
 __all__ = [
     "BoundFractions",

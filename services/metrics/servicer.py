@@ -9,16 +9,15 @@ import grpc
 import numpy as np
 
 from idealrt.core import convert as cv
+from idealrt.core.costmodel.estimate import WorkloadEstimate
+from idealrt.core.costmodel.fit import FitOptions
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import InvalidArgument
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 from idealrt.services.metrics.engine import EstimateResult, MetricsEngine
-from idealrt.services.metrics.estimate import WorkloadEstimate
-from idealrt.services.metrics.fit import FitOptions
 
 __all__ = ["MetricsServicer"]
-
-DEFAULT_BOOTSTRAP = 200
 
 
 def _queries(qs: Iterable[pb.Query]) -> tuple[list[int], list[int]]:
@@ -284,7 +283,7 @@ class MetricsServicer(pbg.MetricsServiceServicer):
             self.engine.samples_of(request.profile_id_b),
             p,
             o,
-            n_boot=request.bootstrap or 200,
+            n_boot=request.bootstrap or DEFAULT_BOOTSTRAP,
             seed=request.seed,
         )
         return pb.CompareCostModelsResponse(

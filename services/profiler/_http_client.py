@@ -10,11 +10,12 @@ import ipaddress
 import json
 import os
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import httpx
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import Sample
 from idealrt.core.errors import (
     FailedPrecondition,
@@ -155,7 +156,7 @@ class _HttpClient:
         closed meanwhile (idle timeout, or after an error response) fails before any response
         byte: that attempt is discarded and the request sent once more, timed afresh."""
         for attempt in (1, 2):
-            start = datetime.now(UTC)
+            start = utcnow()
             t0 = time.perf_counter_ns()
             try:
                 return start, t0, client.send(request, stream=True)

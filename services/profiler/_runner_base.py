@@ -6,7 +6,6 @@ whole run is `idealrt.services.profiler.runner`.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ from idealrt.services.profiler.plan import Config
 from idealrt.services.profiler.stopping import StoppingRule
 from idealrt.services.profiler.target import GenerationTarget
 
-__all__ = ["_Cancelled", "_RunBase", "_Stop", "_now"]
+__all__ = ["_Cancelled", "_RunBase", "_Stop"]
 
 log = structlog.get_logger(__name__)
 
@@ -38,10 +37,6 @@ class _Stop(Exception):
         super().__init__(error)
         self.state = state
         self.error = error
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class _RunBase:

@@ -52,10 +52,11 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates, usable_samples
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel, ProfilePlan, Sample, SampleFlag
 from idealrt.core.errors import IdealrtError, InvalidArgument
-from idealrt.services.metrics.fit import FitOptions, fit_with_replicates, usable_samples
-from idealrt.services.metrics.predict import alpha_at
 from idealrt.services.profiler.plan import effective_max_prompt_sizes
 
 __all__ = [
@@ -75,7 +76,7 @@ CONFIDENCE = 0.95
 class AdaptiveOptions:
     """bootstrap: replicates behind the noise term (the metrics service's default count)."""
 
-    bootstrap: int = 200
+    bootstrap: int = DEFAULT_BOOTSTRAP
 
     def validate(self) -> None:
         if self.bootstrap < 2:

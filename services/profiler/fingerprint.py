@@ -16,13 +16,13 @@ Library versions come from importlib.metadata: nothing heavy is imported.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import enum
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfilePlan, Provenance
 from idealrt.core.fingerprint import LIBRARIES, git_revision, machine_environment
 from idealrt.core.model_spec import ModelSpec
@@ -82,7 +82,7 @@ def collect_fingerprint(
     e["stack.dtype"] = profile.stack.dtype
     for k, v in sorted(profile.stack.options.items()):
         e[f"stack.option.{k}"] = v
-    start = profile.start_time or dt.datetime.now(dt.UTC)
+    start = profile.start_time or utcnow()
     e["profile.start_time"] = start.isoformat()
     for k, v in (target_env or {}).items():
         e[f"target.{k}"] = str(v)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import fcntl
 import json
 import os
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import LeasePolicy
 from idealrt.core.errors import FailedPrecondition
 
@@ -201,7 +201,7 @@ def acquire_lease(
         pid=os.getpid(),
         profile_id=profile_id,
         host=socket.gethostname(),
-        since=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        since=utcnow().isoformat(timespec="seconds"),
     )
     waiter = cancel if cancel is not None else threading.Event()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import collections
 import dataclasses
-import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from typing import Protocol
 
 import structlog
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, NotFound
 from idealrt.services.profiler.plan import known_spec, total_samples, validate_plan
@@ -69,10 +69,6 @@ class _Entry:
     last_persist: float = 0.0
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class ProfileManager:
     def __init__(
         self,
@@ -109,7 +105,7 @@ class ProfileManager:
         fresh = dataclasses.replace(
             profile,
             state=ProfileState.QUEUED,
-            create_time=profile.create_time or _now(),
+            create_time=profile.create_time or utcnow(),
             start_time=None,
             end_time=None,
             completed_samples=0,
@@ -158,7 +154,7 @@ class ProfileManager:
                 snapshot = self._set_locked(
                     entry,
                     dataclasses.replace(
-                        entry.profile, state=ProfileState.CANCELLED, end_time=_now()
+                        entry.profile, state=ProfileState.CANCELLED, end_time=utcnow()
                     ),
                 )
             else:
@@ -171,7 +167,7 @@ class ProfileManager:
         if stored.state.terminal:
             raise self._terminal_error(stored)
         # Unfinished in the store but not run here (e.g. left by a crashed process).
-        stored = dataclasses.replace(stored, state=ProfileState.CANCELLED, end_time=_now())
+        stored = dataclasses.replace(stored, state=ProfileState.CANCELLED, end_time=utcnow())
         self._persist(stored)
         return stored
 
@@ -296,7 +292,7 @@ class ProfileManager:
             final = dataclasses.replace(
                 profile,
                 state=ProfileState.FAILED,
-                end_time=_now(),
+                end_time=utcnow(),
                 error=error_text(exc),
             )
         else:
@@ -312,7 +308,10 @@ class ProfileManager:
             except Exception as exc:  # run_profile reports failures; this is a bug's net
                 log.exception("run_profile_crashed", profile_id=profile.id)
                 final = dataclasses.replace(
-                    entry.profile, state=ProfileState.FAILED, end_time=_now(), error=error_text(exc)
+                    entry.profile,
+                    state=ProfileState.FAILED,
+                    end_time=utcnow(),
+                    error=error_text(exc),
                 )
         with self._cond:
             shutting_down = self._closed and final.state == ProfileState.CANCELLED

@@ -47,9 +47,10 @@ import dataclasses
 import threading
 from collections.abc import Callable
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfileState
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.services.profiler._runner_base import _Cancelled, _now, _Stop
+from idealrt.services.profiler._runner_base import _Cancelled, _Stop
 from idealrt.services.profiler._runner_options import MonitorFactory as MonitorFactory
 from idealrt.services.profiler._runner_options import (
     RunnerOptions,
@@ -70,7 +71,9 @@ class _Run(_RunPhases):
     # ------------------------------------------------------------ the whole run
 
     def _finish(self, state: ProfileState, error: str = "") -> Profile:
-        self.profile = dataclasses.replace(self.profile, state=state, error=error, end_time=_now())
+        self.profile = dataclasses.replace(
+            self.profile, state=state, error=error, end_time=utcnow()
+        )
         self.log.info("profile_finished", state=state.value, error=error or None)
         self._emit()
         return self.profile
@@ -95,7 +98,7 @@ class _Run(_RunPhases):
         except FailedPrecondition as exc:
             return self._finish(ProfileState.FAILED, error_text(exc))
         with lease:
-            self._update(state=ProfileState.RUNNING, start_time=self.profile.start_time or _now())
+            self._update(state=ProfileState.RUNNING, start_time=self.profile.start_time or utcnow())
             self.log.info("profile_started", device=self.profile.stack.device)
             state, error = ProfileState.SUCCEEDED, ""
             try:

@@ -25,10 +25,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from idealrt.core import catalog
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import (
     FailedPrecondition,
@@ -267,7 +268,7 @@ class ModelRegistry:
                 memory=memory,
                 load_ns=load_ns,
                 max_context=max_context,
-                create_time=datetime.now(UTC),
+                create_time=utcnow(),
                 seed=model.seed,
                 weights_path=model.weights_path,
                 request_id=request_id,

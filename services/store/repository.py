@@ -27,13 +27,14 @@ import dataclasses
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from idealrt.services.store import _paging, _queries, _rows, _serde, _validate
@@ -70,10 +71,6 @@ def open_store(url: str) -> Store:
         engine.dispose()
         raise
     return Store(engine, parsed)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _new_id(prefix: str) -> str:
@@ -133,12 +130,12 @@ class Store:
     def create_profile(self, profile: Profile) -> tuple[Profile, bool]:
         """Store a new profile; returns (stored, created). Idempotent on request_id."""
         p = _validate.check_profile(profile)
-        p = dataclasses.replace(p, id=p.id or _new_id("prof"), create_time=_now())
+        p = dataclasses.replace(p, id=p.id or _new_id("prof"), create_time=utcnow())
         try:
             with self._tx(write=True) as conn:
                 if p.request_id and (existing := _queries.profile_by_request(conn, p)):
                     return existing, False
-                conn.execute(profiles.insert().values(_rows.profile_row(p, update_time=_now())))
+                conn.execute(profiles.insert().values(_rows.profile_row(p, update_time=utcnow())))
                 return _queries.get_profile(conn, p.id, "id"), True
         except IntegrityError:  # lost a race on request_id, or the id is taken
             with self._tx(write=False) as conn:
@@ -180,7 +177,7 @@ class Store:
                     f"profile {p.id} is {current.state.value}; a finished profile cannot change",
                     field="state",
                 )
-            row = _rows.profile_row(updated, update_time=_now())
+            row = _rows.profile_row(updated, update_time=utcnow())
             del row["id"], row["request_id"], row["create_time"]
             conn.execute(profiles.update().where(profiles.c.id == p.id).values(row))
             return _queries.get_profile(conn, p.id, "id")
@@ -276,7 +273,7 @@ class Store:
                     batch_id=batch_id,
                     first_seq=first,
                     count=len(batch),
-                    create_time=_now(),
+                    create_time=utcnow(),
                 )
             )
             if batch:
@@ -331,7 +328,7 @@ class Store:
         """Store a fitted cost model; returns (stored, created). Idempotent on request_id.
         A non-empty profile_id must name a stored profile."""
         cm = _validate.check_cost_model(cost_model)
-        cm = dataclasses.replace(cm, id=cm.id or _new_id("cm"), create_time=_now())
+        cm = dataclasses.replace(cm, id=cm.id or _new_id("cm"), create_time=utcnow())
         try:
             with self._tx(write=True) as conn:
                 if cm.request_id and (existing := _queries.cost_model_by_request(conn, cm)):

@@ -20,13 +20,14 @@ an int64 little-endian blob.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 
+from idealrt.core.clock import utcnow
 from idealrt.core.errors import FailedPrecondition
 from idealrt.services.store._serde import to_utc
 from idealrt.services.store.url import SQLITE_BEGIN_OPTION
@@ -200,7 +201,7 @@ def migrate(engine: Engine) -> int:
                 apply(conn)
                 conn.execute(
                     schema_version.insert().values(
-                        version=version, description=description, applied_time=datetime.now(UTC)
+                        version=version, description=description, applied_time=utcnow()
                     )
                 )
     return found

@@ -13,6 +13,7 @@ from idealrt.clients.metrics import MetricsClient
 from idealrt.clients.profiler import ProfilerClient
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
+from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import (
     Backend,
     ModelRef,
@@ -23,7 +24,6 @@ from idealrt.core.domain import (
     StackSpec,
 )
 from idealrt.core.errors import IdealrtError
-from idealrt.services.metrics.predict import alpha_at
 from idealrt.services.suite import Suite
 
 PLAN = ProfilePlan(

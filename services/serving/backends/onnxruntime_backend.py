@@ -35,7 +35,6 @@ device synchronize.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
@@ -265,7 +265,7 @@ class OnnxRuntimeBackend:
         out = io.zeros((batch, o), np.int64)
         binding = session.io_binding()
         clock = StepClock(self._timer)
-        start_time = datetime.now(UTC)
+        start_time = utcnow()
         clock.start()
         ids = io.upload(prompt)  # kept referenced: the binding holds only its address
         self._bind(binding, "input_ids", ids)

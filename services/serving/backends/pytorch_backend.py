@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
@@ -357,7 +357,7 @@ class PytorchBackend:
         out = torch.empty(batch_size, o, dtype=torch.int64, device=self._device)
         clock = StepClock(self._timer)
         with torch.inference_mode():
-            start_time = datetime.now(UTC)
+            start_time = utcnow()
             clock.start()
             dec.use_native(None)  # the prefill is ATen at every p, p = 1 included
             logits = dec(prompt.to(self._device), cache, 0, last_only=True)

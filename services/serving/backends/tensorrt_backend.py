@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import (
     FailedPrecondition,
@@ -355,7 +355,7 @@ class TensorRTBackend:
         prompt = torch.tensor(list(prompt_ids), dtype=torch.int64).view(1, p).expand(batch, p)
         out = torch.zeros(batch, o, dtype=torch.int64, device=self._device)
         clock = StepClock(timer_for(self._device))
-        start_time = datetime.now(UTC)
+        start_time = utcnow()
         clock.start()
         # prefill: one masked past slot (position 0 masks it), K/V into the KV buffers
         new_k, new_v = kv.prefill_outputs(p)

@@ -15,12 +15,12 @@ FailedPrecondition(DEPENDENCY_MISSING) naming `pip install idealrt[transformers]
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
@@ -147,7 +147,7 @@ class TransformersBackend:
         out = torch.empty(batch_size, o, dtype=torch.int64, device=self._device)
         clock = StepClock(self._timer)
         with torch.inference_mode():
-            start_time = datetime.now(UTC)
+            start_time = utcnow()
             clock.start()
             res = model(input_ids=prompt.to(self._device), use_cache=True, logits_to_keep=1)
             tok = res.logits[:, -1].argmax(-1)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel.fit import FitOptions
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import compare as compare_mod
 from idealrt.services.metrics.compare import compare, compare_fits
-from idealrt.services.metrics.fit import FitOptions
 
 P_GRID = (1, 64, 256, 512)
 O_GRID = (2, 8, 16)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import denoise as denoise_mod
 from idealrt.services.metrics.denoise import denoise, hat_basis
-from idealrt.services.metrics.predict import alpha_at, predict_runtime
 
 P_GRID = (1, 256, 512, 1024, 1536, 1920)
 O_GRID = (1, 2, 4, 8, 16, 32, 64)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel.fit import FitOptions
 from idealrt.core.domain import (
     Backend,
     ModelRef,
@@ -18,10 +19,9 @@ from idealrt.core.domain import (
     StackSpec,
 )
 from idealrt.services.metrics.engine import MetricsEngine
-from idealrt.services.metrics.fit import FitOptions
 from idealrt.services.store.repository import Store, open_store
 
-from .test_fit import Truth, make_samples
+from ..costmodel.test_fit import Truth, make_samples
 
 PROMPTS = [1, 200, 700, 1000]
 OUTPUTS = [2, 50, 100, 128]

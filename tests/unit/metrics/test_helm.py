@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
 from idealrt.services.metrics import helm
 from idealrt.services.metrics.helm import export_helm, import_helm, representative_context
-from idealrt.services.metrics.predict import alpha_at, predict_runtime
 
 ROOT = Path(__file__).resolve().parents[3]
 SHARED_FILES = (

@@ -27,11 +27,11 @@ import pytest
 
 from idealrt.clients.cli import build_parser
 from idealrt.clients.cli._profile import build_profile
+from idealrt.core.costmodel.fit import FitOptions, fit_cost_model
+from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import Profile, ProfilePlan, ProfileState, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
-from idealrt.services.metrics.fit import FitOptions, fit_cost_model
-from idealrt.services.metrics.predict import alpha_at
 from idealrt.services.profiler import adaptive as A
 from idealrt.services.profiler import plan as P
 from idealrt.services.profiler.runner import run_profile

@@ -331,7 +331,7 @@ def test_pagination_with_equal_create_times(
 ) -> None:
     """Ties on create_time are broken by id, so no row is lost or repeated."""
     frozen = datetime(2026, 1, 1, tzinfo=UTC)
-    monkeypatch.setattr(repository, "_now", lambda: frozen)
+    monkeypatch.setattr(repository, "utcnow", lambda: frozen)
     ids = {store.create_profile(make_profile())[0].id for _ in range(11)}
     seen: list[str] = []
     token = ""

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel import estimate
+from idealrt.core.costmodel.estimate import WorkloadAccumulator, estimate_workload
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
-from idealrt.services.metrics import estimate
-from idealrt.services.metrics.estimate import WorkloadAccumulator, estimate_workload
 
 
 def _cm(valid_p: tuple[int, int] = (1, 1024), valid_o: tuple[int, int] = (1, 64)) -> CostModel:

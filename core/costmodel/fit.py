@@ -2,7 +2,7 @@
 
 Which samples are used: flag OK, `heldout` False, and conforming counts (p >= 1, o >= 1,
 `decode_ns` empty or exactly o-1 entries, no negative times, total_ns > 0). Held-out samples
-never touch the fit; they are only evaluated (`idealrt.services.metrics.evaluate`).
+never touch the fit; they are only evaluated (`idealrt.core.costmodel.evaluate`).
 
 beta(c) = beta0 + beta1*c, from the best data the samples carry:
   1. per-step decode times (Sample.decode_ns; step j, 0-based, runs at context p+j+1): a robust
@@ -43,10 +43,10 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.core.costmodel import robust as rb
+from idealrt.core.costmodel.options import FitOptions
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.services.metrics import _robust as rb
-from idealrt.services.metrics._fit_options import FitOptions
 
 __all__ = [
     "DEFAULT_FIT_OPTIONS",
@@ -292,7 +292,7 @@ def fit_with_replicates(
     """fit_cost_model, also returning the bootstrap replicate models (empty when
     options.bootstrap == 0) for prediction intervals (bootstrap.predict_interval)."""
     # bootstrap and evaluate refit through this module, hence the imports here.
-    from idealrt.services.metrics import bootstrap, evaluate
+    from idealrt.core.costmodel import bootstrap, evaluate
 
     options.validate()
     fit = usable_samples(samples, heldout=False)

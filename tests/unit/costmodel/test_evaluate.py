@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from idealrt.core.domain import CostModel, Sample, SampleFlag
-from idealrt.core.errors import FailedPrecondition
-from idealrt.services.metrics import evaluate
-from idealrt.services.metrics.evaluate import (
+from idealrt.core.costmodel import evaluate
+from idealrt.core.costmodel.evaluate import (
     compare_to_helm,
     heldout_quality,
     helm_proportional_predict,
@@ -19,7 +17,9 @@ from idealrt.services.metrics.evaluate import (
     kfold_quality,
     quality_for,
 )
-from idealrt.services.metrics.fit import FitOptions
+from idealrt.core.costmodel.fit import FitOptions
+from idealrt.core.domain import CostModel, Sample, SampleFlag
+from idealrt.core.errors import FailedPrecondition
 
 DATA = [
     Path(__file__).resolve().parents[3].parent / "shared" / "data",

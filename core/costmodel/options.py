@@ -10,9 +10,11 @@ from collections.abc import Callable, Mapping
 
 from idealrt.core.errors import InvalidArgument
 
-__all__ = ["CENTRES", "FitOptions"]
+__all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "FitOptions"]
 
 CENTRES = ("median", "trimmed")
+# bootstrap replicates behind every interval (fits, comparisons, adaptive planning)
+DEFAULT_BOOTSTRAP = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,7 @@ class FitOptions:
     robust_centre: str = "median"
     trim: float = 0.1
     fit_overhead: bool = False
-    bootstrap: int = 200
+    bootstrap: int = DEFAULT_BOOTSTRAP
     beta_linear: bool = True
     max_knots: int = 12
     seed: int = 0

@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
+from idealrt.core.costmodel import bootstrap, fit
+from idealrt.core.costmodel.bootstrap import bootstrap_models, predict_interval
+from idealrt.core.costmodel.fit import FitOptions, fit_cost_model, fit_with_replicates
+from idealrt.core.costmodel.predict import alpha_at, out_of_domain, predict_runtime
+from idealrt.core.costmodel.robust import huber_fit, isotonic, select_knots
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.services.metrics import bootstrap, fit
-from idealrt.services.metrics._robust import huber_fit, isotonic, select_knots
-from idealrt.services.metrics.bootstrap import bootstrap_models, predict_interval
-from idealrt.services.metrics.fit import FitOptions, fit_cost_model, fit_with_replicates
-from idealrt.services.metrics.predict import alpha_at, out_of_domain, predict_runtime
 
 PROMPTS = (1, 64, 128, 256, 384, 512, 768, 1024)
 OUTPUTS = (2, 16, 64, 128)

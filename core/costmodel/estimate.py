@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
-from idealrt.services.metrics.predict import predict_runtime
 
 __all__ = [
     "DEFAULT_PERCENTILES",

@@ -14,17 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from idealrt.core.domain import CostModel, Sample
-from idealrt.core.errors import FailedPrecondition, IdealrtError
-from idealrt.services.metrics import _robust as rb
-from idealrt.services.metrics.fit import (
+from idealrt.core.costmodel import robust as rb
+from idealrt.core.costmodel.fit import (
     DEFAULT_FIT_OPTIONS,
     FitData,
     FitOptions,
     fit_prepared,
     usable_samples,
 )
-from idealrt.services.metrics.predict import alpha_at, predict_runtime
+from idealrt.core.costmodel.predict import alpha_at, predict_runtime
+from idealrt.core.domain import CostModel, Sample
+from idealrt.core.errors import FailedPrecondition, IdealrtError
 
 __all__ = [
     "bootstrap_models",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idealrt.core.domain import CostModel
-from idealrt.services.metrics import predict
-from idealrt.services.metrics.predict import (
+from idealrt.core.costmodel import predict
+from idealrt.core.costmodel.predict import (
     alpha_at,
     beta_at,
     decode_sum,
     out_of_domain,
     predict_runtime,
 )
+from idealrt.core.domain import CostModel
 
 
 def model(**kw: object) -> CostModel:
