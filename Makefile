@@ -43,6 +43,7 @@ buf-lint: $(BUF)
 
 lint: $(STAMP) buf-lint
 	$(BIN)/ruff check .
+	bash scripts/lint-imports.sh
 	bash scripts/typecheck.sh
 
 test: $(STAMP) lint protos-check

@@ -19,7 +19,15 @@ from idealrt.core.model_spec import ModelSpec
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 
-__all__ = ["Comparison", "CostReport", "Estimates", "MetricsClient", "Summary"]
+__all__ = [
+    "Comparison",
+    "CostReport",
+    "Estimates",
+    "MetricsClient",
+    "ParetoResult",
+    "ParetoRow",
+    "Summary",
+]
 
 STREAM_CHUNK = 65536
 
@@ -55,6 +63,7 @@ class CostReport:
     energy_j: float
     energy_source: str
     co2_g: float
+    energy_error: str = ""  # why metered energy could not be used (then energy is from TDP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +74,27 @@ class Comparison:
     significant: bool
     a_total_s: float
     b_total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ParetoRow:
+    model: str
+    cost: float  # idealized runtime of the workload, seconds
+    accuracy: float
+    on_frontier: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParetoResult:
+    """Rows sorted by cost (then accuracy, best first), and the models left unjoined."""
+
+    rows: tuple[ParetoRow, ...]
+    missing_cost: tuple[str, ...] = ()
+    missing_accuracy: tuple[str, ...] = ()
+
+    @property
+    def frontier(self) -> tuple[ParetoRow, ...]:
+        return tuple(r for r in self.rows if r.on_frontier)
 
 
 def _summary(m: pb.WorkloadSummary) -> Summary:
@@ -146,13 +176,17 @@ class MetricsClient:
         prompt_tokens: Sequence[int],
         output_tokens: Sequence[int],
         per_query: bool = True,
+        intervals: bool = False,
     ) -> Estimates:
+        """Runtime estimates; 95% intervals (low_s/high_s, sum_low_s/sum_high_s) only with
+        `intervals` (otherwise zeros: the server does no bootstrap work)."""
         r = call(
             self._stub.EstimateRuntime,
             pb.EstimateRuntimeRequest(
                 cost_model_id=cost_model_id,
                 queries=_queries(prompt_tokens, output_tokens),
                 per_query=per_query,
+                intervals=intervals,
             ),
             self.timeout,
         )
@@ -238,6 +272,7 @@ class MetricsClient:
             energy_j=r.energy_joules,
             energy_source=r.energy_source,
             co2_g=r.co2_grams,
+            energy_error=r.energy_error,
         )
 
     def roofline(
@@ -308,6 +343,32 @@ class MetricsClient:
             significant=r.significant,
             a_total_s=r.a_total_seconds,
             b_total_s=r.b_total_seconds,
+        )
+
+    def pareto(
+        self,
+        cost_model_ids: Mapping[str, str],
+        prompt_tokens: Sequence[int],
+        output_tokens: Sequence[int],
+        accuracy_csv: str,
+    ) -> ParetoResult:
+        """The efficiency-capability frontier: each model's workload runtime on its cost
+        model (`cost_model_ids`: model name -> id) against its accuracy (CSV text)."""
+        r = call(
+            self._stub.ComputePareto,
+            pb.ComputeParetoRequest(
+                cost_model_ids=dict(cost_model_ids),
+                queries=_queries(prompt_tokens, output_tokens),
+                accuracy_csv=accuracy_csv,
+            ),
+            self.timeout,
+        )
+        return ParetoResult(
+            rows=tuple(
+                ParetoRow(x.model, x.cost_seconds, x.accuracy, x.on_frontier) for x in r.rows
+            ),
+            missing_cost=tuple(r.missing_cost),
+            missing_accuracy=tuple(r.missing_accuracy),
         )
 
     def export_helm(

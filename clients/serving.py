@@ -10,8 +10,7 @@ from idealrt.core import convert as cv
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import ModelRef, StackSpec
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
-from idealrt.services.serving.backends.base import GenerationResult, MemoryReport
-from idealrt.services.serving.registry import LoadedModel
+from idealrt.core.serving_contract import GenerationResult, LoadedModel, MemoryReport
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 

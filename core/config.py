@@ -10,14 +10,18 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_DATA_DIR",
+    "DEFAULT_PORTS",
     "MetricsConfig",
     "ProfilerConfig",
     "ServingConfig",
     "StoreConfig",
     "default_store_url",
+    "standalone_env",
 ]
 
 DEFAULT_DATA_DIR = Path(".idealrt")
+# each service's well-known port when it runs on its own (`idealrt serve`, k8s manifests)
+DEFAULT_PORTS = {"store": 50051, "serving": 50052, "profiler": 50053, "metrics": 50054}
 
 
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -112,3 +116,31 @@ class MetricsConfig:
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
         )
+
+
+def standalone_env(
+    service: str,
+    *,
+    address: str = "",
+    store_target: str = "",
+    serving_target: str = "",
+    store_url: str = "",
+    data_dir: str = "",
+    env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment a service run on its own builds its config from: the process's
+    (or `env`), its address defaulting to all interfaces on its well-known port, and the
+    given flags over both."""
+    out = dict(_env(env))
+    key = f"IDEALRT_{service.upper()}_ADDRESS"
+    out.setdefault(key, f"0.0.0.0:{DEFAULT_PORTS[service]}")
+    for name, value in (
+        (key, address),
+        ("IDEALRT_STORE_TARGET", store_target),
+        ("IDEALRT_SERVING_TARGET", serving_target),
+        ("IDEALRT_STORE_URL", store_url),
+        ("IDEALRT_DATA_DIR", data_dir),
+    ):
+        if value:
+            out[name] = value
+    return out

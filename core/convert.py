@@ -6,7 +6,6 @@ client input rejects UNSPECIFIED enums with INVALID_ARGUMENT naming the field.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, TypeVar
@@ -464,7 +463,3 @@ def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
         stack=stack_from_pb(m.stack) if m.HasField("stack") else None,
         fit_options=dict(m.fit_options),
     )
-
-
-def str_map(m: Mapping[str, str]) -> dict[str, str]:
-    return dict(m)

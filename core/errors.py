@@ -21,6 +21,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "error_for_code",
+    "invalid",
 ]
 
 DOMAIN = "idealrt"
@@ -92,3 +93,10 @@ _BY_CODE: dict[grpc.StatusCode, type[IdealrtError]] = {
 def error_for_code(code: grpc.StatusCode) -> type[IdealrtError]:
     """The error class mirroring a gRPC status code (IdealrtError for unmapped codes)."""
     return _BY_CODE.get(code, IdealrtError)
+
+
+def invalid(field: str, reason: str, message: str) -> InvalidArgument:
+    """The one shorthand for bad input: InvalidArgument naming the field first, then the
+    stable reason (a constant of the area's `reasons` module), then what a person should
+    know (what was wrong, the allowed range)."""
+    return InvalidArgument(reason, message, field=field)

@@ -232,3 +232,11 @@ def start_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("server_started", address=address, port=port, services=list(service_names))
     return GrpcServer(server, port, health_servicer, service_names)
+
+
+def serve_until_sigterm(service: str, server: GrpcServer, port: int) -> int:
+    """Run a started service in the foreground until SIGTERM/SIGINT; the exit status."""
+    print(f"{service} listening on port {port}", flush=True)
+    server.install_sigterm()
+    server.wait()
+    return 0

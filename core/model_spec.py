@@ -16,6 +16,10 @@ Conventions (used by every method below):
   query sees at most w keys.
 - Context length c of a decode step = the number of positions the new token attends to,
   itself included (the cost model's beta(p + i)).
+
+The context a model is loaded for (`max_context`) is checked here too, once for every
+service: `check_max_context` (>= 0), `resolve_max_context` (0 -> the model's positions,
+at most those) and `check_fits_context` (a prompt plus its output fit in it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ __all__ = [
     "ModelSpec",
     "Norm",
     "Positional",
+    "check_fits_context",
+    "check_max_context",
     "dtype_bytes",
+    "resolve_max_context",
 ]
 
 REASON = "MODEL_SPEC_INVALID"
@@ -362,3 +369,46 @@ class ModelSpec:
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_max_context(requested: int, field: str = "max_context") -> int:
+    """`requested` when it is >= 0 tokens; InvalidArgument(MAX_CONTEXT_INVALID, `field`)
+    otherwise. The check that needs no model (whether 0 means the model's positions is the
+    caller's convention)."""
+    if requested < 0:
+        raise InvalidArgument(
+            "MAX_CONTEXT_INVALID",
+            f"{field} must be >= 0 tokens, got {requested}",
+            field=field,
+        )
+    return requested
+
+
+def resolve_max_context(spec: ModelSpec, requested: int, field: str = "max_context") -> int:
+    """The context to allocate for: `requested`, 0 meaning the model's max_positions;
+    InvalidArgument(MAX_CONTEXT_INVALID, `field`) below 0 or above those positions."""
+    check_max_context(requested, field)
+    positions = spec.max_positions
+    if requested > positions:
+        raise InvalidArgument(
+            "MAX_CONTEXT_INVALID",
+            f"{field} must be in 0..{positions} (0 = the model's {positions} positions), "
+            f"got {requested}",
+            field=field,
+        )
+    return requested or positions
+
+
+def check_fits_context(
+    prompt_tokens: int, output_tokens: int, max_context: int, field: str = "output_tokens"
+) -> None:
+    """InvalidArgument(CONTEXT_EXCEEDED, `field`) unless prompt + output tokens fit in
+    `max_context` positions."""
+    total = prompt_tokens + output_tokens
+    if total > max_context:
+        raise InvalidArgument(
+            "CONTEXT_EXCEEDED",
+            f"prompt ({prompt_tokens}) + output_tokens ({output_tokens}) = {total} exceeds "
+            f"the model's max_context {max_context}",
+            field=field,
+        )

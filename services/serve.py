@@ -1,12 +1,12 @@
-"""Run one service in the foreground: `idealrt serve NAME` and `python -m idealrt.services.NAME`."""
+"""Run one service in the foreground: `idealrt serve NAME` (each service's own
+`python -m idealrt.services.NAME` does the same for itself)."""
 
 from __future__ import annotations
 
-import os
+from idealrt.core.config import DEFAULT_PORTS, standalone_env
+from idealrt.core.grpc_server import GrpcServer, serve_until_sigterm
 
 __all__ = ["DEFAULT_PORTS", "serve_service"]
-
-DEFAULT_PORTS = {"store": 50051, "serving": 50052, "profiler": 50053, "metrics": 50054}
 
 
 def serve_service(
@@ -17,23 +17,18 @@ def serve_service(
     store_url: str = "",
     data_dir: str = "",
 ) -> int:
-    """Run one service in the foreground until SIGTERM (used by `idealrt serve` and by each
-    service's `python -m idealrt.services.<name>`)."""
+    """Run one service in the foreground until SIGTERM."""
     from idealrt.core import config as c
 
-    env = dict(os.environ)
-    # standalone default: all interfaces on the service's well-known port (k8s manifests)
-    env.setdefault(f"IDEALRT_{service.upper()}_ADDRESS", f"0.0.0.0:{DEFAULT_PORTS[service]}")
-    if address:
-        env[f"IDEALRT_{service.upper()}_ADDRESS"] = address
-    if store_target:
-        env["IDEALRT_STORE_TARGET"] = store_target
-    if serving_target:
-        env["IDEALRT_SERVING_TARGET"] = serving_target
-    if store_url:
-        env["IDEALRT_STORE_URL"] = store_url
-    if data_dir:
-        env["IDEALRT_DATA_DIR"] = data_dir
+    env = standalone_env(
+        service,
+        address=address,
+        store_target=store_target,
+        serving_target=serving_target,
+        store_url=store_url,
+        data_dir=data_dir,
+    )
+    server: GrpcServer
     if service == "store":
         from idealrt.services.store.server import build_server as b_store
 
@@ -52,7 +47,4 @@ def serve_service(
         server, port = b_metrics(c.MetricsConfig.from_env(env))
     else:
         raise SystemExit(f"unknown service {service!r}")
-    print(f"{service} listening on port {port}", flush=True)
-    server.install_sigterm()
-    server.wait()
-    return 0
+    return serve_until_sigterm(service, server, port)

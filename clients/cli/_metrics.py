@@ -91,7 +91,7 @@ def cmd_estimate(args: argparse.Namespace, s: Session) -> int:
             return 0
         est = None
     else:
-        est = s.metrics.estimate(args.cost_model, ps, os_, per_query=True)
+        est = s.metrics.estimate(args.cost_model, ps, os_, per_query=True, intervals=True)
         summary = est.summary
     if args.json and est is not None:
         emit_json(
@@ -203,6 +203,7 @@ def cmd_cost(args: argparse.Namespace, s: Session) -> int:
                 ("dollars", f"{rep.dollars:.6f}"),
                 (f"energy J ({rep.energy_source})", f"{rep.energy_j:.2f}"),
                 ("CO2 g", f"{rep.co2_g:.3f}"),
+                *([("energy not measured", rep.energy_error)] if rep.energy_error else []),
             ],
         )
     return 0
@@ -292,10 +293,10 @@ def cmd_import_helm(args: argparse.Namespace, s: Session) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace, s: Session) -> int:
-    from idealrt.services.metrics.pareto import pareto_frontier, plot_pareto
+    from idealrt.clients.cli._plots import plot_pareto
 
     ps, os_ = read_queries(args)
-    runtimes: dict[str, float] = {}
+    ids: dict[str, str] = {}
     for item in args.cost_model:
         name, sep, cid = item.partition("=")
         if not sep:
@@ -304,8 +305,8 @@ def cmd_pareto(args: argparse.Namespace, s: Session) -> int:
                 f"--cost-model takes MODEL=ID, got {item!r}",
                 field="cost_model",
             )
-        runtimes[name] = s.metrics.estimate(cid, ps, os_, per_query=False).summary.sum_s
-    result = pareto_frontier(Path(args.accuracies).read_text(), runtimes)
+        ids[name] = cid
+    result = s.metrics.pareto(ids, ps, os_, Path(args.accuracies).read_text())
     if args.plot:
         plot_pareto(
             result,

@@ -26,7 +26,7 @@ from idealrt.core import hardware
 from idealrt.core.domain import Sample, SampleFlag
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
 from idealrt.core.hardware import Accelerator
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, check_max_context
 
 __all__ = [
     "CPU_ACCELERATOR",
@@ -48,12 +48,7 @@ def _resolve(acc: Accelerator | str) -> Accelerator:
 
 def memory_needed_bytes(spec: ModelSpec, dtype: str, max_context: int, batch: int = 1) -> int:
     """Weights plus the KV cache of `batch` sequences at `max_context` positions."""
-    if max_context < 0:
-        raise InvalidArgument(
-            "MAX_CONTEXT_INVALID",
-            f"max_context must be >= 0 tokens, got {max_context}",
-            field="max_context",
-        )
+    check_max_context(max_context)
     return spec.weight_bytes(dtype) + spec.kv_cache_bytes(max_context, dtype, batch)
 
 

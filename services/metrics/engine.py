@@ -1,9 +1,18 @@
 """The metrics service's use cases over the store: fit, estimate, denoise, cost, roofline,
-compare, HELM import/export. Plain domain code; the servicer only converts."""
+compare, Pareto, HELM import/export. Plain domain code; the servicer only converts.
+
+One module because it is one idea: the service's use-case layer. Each method validates its
+request, reads what it needs from the store, runs the cost-model mathematics
+(`idealrt.core.costmodel`) or a metric function of this service, and returns plain
+dataclasses. Failures surface: a store that is down is UNAVAILABLE (the store client's
+error, never caught here), a missing model spec is FAILED_PRECONDITION naming what is
+missing, and energy readings that cannot be used are reported in `CostResult.energy_error`.
+Bootstrap work happens only when a caller asks for intervals."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,6 +21,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.core import hardware
+from idealrt.core.catalog import CATALOG
 from idealrt.core.clock import utcnow
 from idealrt.core.costmodel.bootstrap import predict_interval
 from idealrt.core.costmodel.estimate import (
@@ -20,12 +31,38 @@ from idealrt.core.costmodel.estimate import (
     estimate_workload,
 )
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from idealrt.core.logging import get_logger
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.services.metrics.compare import Comparison, compare
+from idealrt.services.metrics.cost import (
+    CostBreakdown,
+    EnergyModel,
+    accelerators_needed,
+    cost_of,
+    fit_energy_model,
+)
+from idealrt.services.metrics.pareto import ParetoResult, pareto_frontier
+from idealrt.services.metrics.roofline import MeasuredHardware, fraction_of_bound, roofline
 
-__all__ = ["EstimateResult", "MetricsEngine", "MetricsStore"]
+__all__ = [
+    "MAX_FIT_BOOTSTRAP",
+    "CostRequest",
+    "CostResult",
+    "EstimateResult",
+    "MetricsEngine",
+    "MetricsStore",
+    "RooflinePoint",
+    "RooflineRequest",
+    "RooflineResult",
+]
+
+MAX_FIT_BOOTSTRAP = 10_000  # replicates of one fit
+MAX_COMPARE_BOOTSTRAP = 5_000  # replicates of each side of a comparison
+DEFAULT_ROOFLINE_PROMPTS = (1, 128, 512)
+DEFAULT_ROOFLINE_CONTEXTS = (128, 512)
 
 FloatArray = npt.NDArray[np.float64]
 _log = get_logger(__name__)
@@ -49,6 +86,70 @@ class EstimateResult:
     high_s: FloatArray | None
     out_of_domain: npt.NDArray[np.bool_] | None
     sum_interval: tuple[float, float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CostRequest:
+    """What ComputeCost prices: a workload on a cost model, on `accelerator`. `spec` None:
+    the spec of the model the cost model's profile measured (catalog name or stored spec).
+    `max_context` 0: the model's positions."""
+
+    cost_model_id: str
+    prompt_tokens: Sequence[int]
+    output_tokens: Sequence[int]
+    accelerator: str
+    spec: ModelSpec | None = None
+    dtype: str = "fp16"
+    max_context: int = 0
+    reserve_fraction: float = 0.1
+    power_of_two: bool = False
+    prices: Mapping[str, float] | None = None
+    grid_g_co2_per_kwh: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CostResult:
+    accelerators: int
+    runtime_s: float
+    breakdown: CostBreakdown
+    energy_error: str = ""  # why measured energy could not be used ("" when it was or none)
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineRequest:
+    """Bounds of `spec` on a table accelerator, or on measured limits when both
+    `peak_flops` and `bandwidth_bytes_s` are > 0; with a cost model, the fraction of the
+    bounds its fit reaches. Empty sizes: the defaults."""
+
+    spec: ModelSpec
+    dtype: str
+    accelerator: str = ""
+    peak_flops: float = 0.0
+    bandwidth_bytes_s: float = 0.0
+    prompt_tokens: Sequence[int] = ()
+    contexts: Sequence[int] = ()
+    cost_model_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflinePoint:
+    tokens: int
+    lower_bound_s: float
+    fitted_s: float = 0.0  # 0 without a cost model
+    fraction_of_bound: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineResult:
+    prefill: tuple[RooflinePoint, ...]
+    decode: tuple[RooflinePoint, ...]
+
+
+def _require_queries(p: Sequence[int]) -> None:
+    if len(p) == 0:
+        raise InvalidArgument(
+            "QUERIES_REQUIRED", "queries: give at least one query", field="queries"
+        )
 
 
 def _fit_options(cm: CostModel) -> FitOptions:
@@ -114,6 +215,12 @@ class MetricsEngine:
     def fit(
         self, profile_id: str, options: FitOptions, *, request_id: str = "", name: str = ""
     ) -> CostModel:
+        if options.bootstrap > MAX_FIT_BOOTSTRAP:
+            raise InvalidArgument(
+                "BOOTSTRAP_INVALID",
+                f"options.bootstrap must be <= {MAX_FIT_BOOTSTRAP}, got {options.bootstrap}",
+                field="options.bootstrap",
+            )
         options.validate()
         prof, samples = self._fit_samples(profile_id)
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
@@ -164,21 +271,27 @@ class MetricsEngine:
     # ---- estimating ----
 
     def estimate(
-        self, cm_id: str, p: Sequence[int], o: Sequence[int], *, per_query: bool
+        self,
+        cm_id: str,
+        p: Sequence[int],
+        o: Sequence[int],
+        *,
+        per_query: bool,
+        intervals: bool = False,
     ) -> EstimateResult:
+        """The workload's estimate; per query when `per_query`; 95% intervals (from the
+        model's bootstrap replicates) only when `intervals`."""
         cm = self.get(cm_id)
-        if len(p) == 0:
-            raise InvalidArgument(
-                "QUERIES_REQUIRED", "queries: give at least one query", field="queries"
-            )
-        wl = estimate_workload(cm, p, o, keep_runtimes=True)
+        _require_queries(p)
+        wl = estimate_workload(cm, p, o, keep_runtimes=per_query)
         pa = np.asarray(p, dtype=np.int64)
         oa = np.asarray(o, dtype=np.int64)
-        reps = self.replicates(cm)
+        reps = self.replicates(cm) if intervals else []
         low = high = None
         sum_iv = None
         if reps:
-            low, high = predict_interval(reps, pa, oa)
+            if per_query:
+                low, high = predict_interval(reps, pa, oa)
             totals = np.array([estimate_workload(r, pa, oa).total_s for r in reps])
             sum_iv = (float(np.quantile(totals, 0.025)), float(np.quantile(totals, 0.975)))
         return EstimateResult(
@@ -195,7 +308,13 @@ class MetricsEngine:
     ) -> WorkloadEstimate:
         acc: WorkloadAccumulator | None = None
         first_id = ""
-        for cm_id, p, o in chunks:
+        for i, (cm_id, p, o) in enumerate(chunks):
+            if len(p) != len(o):
+                raise InvalidArgument(
+                    "QUERIES_INVALID",
+                    f"chunk {i}: prompt_tokens and output_tokens differ in length",
+                    field="output_tokens",
+                )
             if acc is None:
                 first_id = cm_id
                 acc = WorkloadAccumulator(self.get(cm_id))
@@ -237,6 +356,153 @@ class MetricsEngine:
     def samples_of(self, profile_id: str) -> list[Sample]:
         return self._fit_samples(profile_id)[1]
 
+    def compare(
+        self,
+        profile_a: str,
+        profile_b: str,
+        p: Sequence[int],
+        o: Sequence[int],
+        *,
+        bootstrap: int = 0,
+        seed: int = 0,
+    ) -> Comparison:
+        """Total runtime of the workload on A over B, with a bootstrap interval over both
+        profiles' samples (`bootstrap` 0: the default count)."""
+        _require_queries(p)
+        if not 0 <= bootstrap <= MAX_COMPARE_BOOTSTRAP:
+            raise InvalidArgument(
+                "BOOTSTRAP_INVALID",
+                f"bootstrap must be in [0, {MAX_COMPARE_BOOTSTRAP}], got {bootstrap}",
+                field="bootstrap",
+            )
+        return compare(
+            self.samples_of(profile_a),
+            self.samples_of(profile_b),
+            p,
+            o,
+            n_boot=bootstrap or DEFAULT_BOOTSTRAP,
+            seed=seed,
+        )
+
+    def pareto(
+        self, cost_model_ids: Mapping[str, str], p: Sequence[int], o: Sequence[int], csv: str
+    ) -> ParetoResult:
+        """Each named model's cost = the idealized runtime of the workload on its cost
+        model, joined with the accuracies of `csv` (`model,accuracy` lines)."""
+        if not cost_model_ids:
+            raise InvalidArgument(
+                "COST_MODEL_IDS_REQUIRED", "name at least one cost model", field="cost_model_ids"
+            )
+        _require_queries(p)
+        runtimes = {
+            name: self.estimate(cid, p, o, per_query=False).workload.total_s
+            for name, cid in cost_model_ids.items()
+        }
+        return pareto_frontier(csv, runtimes)
+
+    def cost(self, req: CostRequest) -> CostResult:
+        """Accelerators needed (memory), accelerator-seconds, dollars, energy and CO2 of a
+        workload. Energy is measured when the cost model's profile metered it."""
+        if not req.accelerator:
+            raise InvalidArgument(
+                "ACCELERATOR_REQUIRED", "accelerator is required", field="accelerator"
+            )
+        cm = self.get(req.cost_model_id)
+        p, o = req.prompt_tokens, req.output_tokens
+        r = self.estimate(cm.id, p, o, per_query=False)
+        spec = self.spec_for(cm, req.spec)
+        n = accelerators_needed(
+            spec,
+            req.dtype,
+            req.accelerator,
+            resolve_max_context(spec, req.max_context),
+            reserve_frac=req.reserve_fraction,
+            power_of_two=req.power_of_two,
+        )
+        energy, energy_error = self._energy_model(cm)
+        c = cost_of(
+            r.workload.total_s,
+            n,
+            req.accelerator,
+            req.prices,
+            energy_model=energy,
+            prompt_tokens=float(sum(p)),
+            output_tokens=float(sum(o)),
+            requests=float(len(p)),
+            grid_g_co2_per_kwh=req.grid_g_co2_per_kwh,
+        )
+        return CostResult(
+            accelerators=n, runtime_s=r.workload.total_s, breakdown=c, energy_error=energy_error
+        )
+
+    def _energy_model(self, cm: CostModel) -> tuple[EnergyModel | None, str]:
+        """(energy model of the cost model's profile or None, why it could not be used).
+        Only idealized models measured here have energy readings; a store outage raises."""
+        if not cm.profile_id or cm.kind != "idealized":
+            return None, ""
+        try:
+            return fit_energy_model(self.samples_of(cm.profile_id)), ""
+        except (FailedPrecondition, NotFound) as e:
+            _log.warning("energy_unreadable", cost_model_id=cm.id, reason=e.reason, error=str(e))
+            return None, f"{e.reason}: {e}"
+        except (ValueError, RuntimeError) as e:  # the non-negative least squares failed
+            _log.warning("energy_fit_failed", cost_model_id=cm.id, error=str(e))
+            return None, f"ENERGY_FIT_FAILED: {e}"
+
+    def roofline(self, req: RooflineRequest) -> RooflineResult:
+        """Lower bounds of prefill at each prompt size and of a decode step at each context;
+        with a cost model, its fitted times and the fraction of the bound they reach."""
+        hw: hardware.Accelerator | MeasuredHardware
+        if req.peak_flops > 0 and req.bandwidth_bytes_s > 0:
+            hw = MeasuredHardware(
+                mem_bandwidth_bytes_s=req.bandwidth_bytes_s, peak_flops_s=req.peak_flops
+            )
+        else:
+            hw = hardware.accelerator(req.accelerator or "cpu")
+        ps = list(req.prompt_tokens) or list(DEFAULT_ROOFLINE_PROMPTS)
+        cs = list(req.contexts) or list(DEFAULT_ROOFLINE_CONTEXTS)
+        if req.cost_model_id:
+            fr = fraction_of_bound(self.get(req.cost_model_id), req.spec, hw, req.dtype, ps, cs)
+            return RooflineResult(
+                prefill=tuple(
+                    RooflinePoint(
+                        int(t),
+                        float(fr.prefill_lower_s[i]),
+                        float(fr.prefill_actual_s[i]),
+                        float(fr.prefill_fraction[i]),
+                    )
+                    for i, t in enumerate(fr.prompt_tokens)
+                ),
+                decode=tuple(
+                    RooflinePoint(
+                        int(t),
+                        float(fr.decode_lower_s[i]),
+                        float(fr.decode_actual_s[i]),
+                        float(fr.decode_fraction[i]),
+                    )
+                    for i, t in enumerate(fr.contexts)
+                ),
+            )
+        return RooflineResult(
+            prefill=tuple(
+                RooflinePoint(p, roofline(req.spec, hw, req.dtype, p, p).prefill_s_lower)
+                for p in ps
+            ),
+            decode=tuple(
+                RooflinePoint(c, roofline(req.spec, hw, req.dtype, 1, c).decode_s_lower) for c in cs
+            ),
+        )
+
+    def import_helm_json(self, text: str, kind: str, request_id: str) -> list[CostModel]:
+        """`import_helm` of HELM efficiency JSON text."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InvalidArgument(
+                "INVALID_HELM_JSON", f"json: not valid JSON ({err})", field="json"
+            ) from None
+        return self.import_helm(doc, kind, request_id)
+
     def import_helm(self, doc: Mapping[str, object], kind: str, request_id: str) -> list[CostModel]:
         from idealrt.services.metrics.helm import import_helm
 
@@ -265,20 +531,35 @@ class MetricsEngine:
         models = {name: self.get(cid) for name, cid in ids.items()}
         return export_helm(models, list(prompt_sizes) or None)
 
-    def spec_for(self, cm: CostModel, given: ModelSpec | None) -> ModelSpec | None:
+    def spec_for(self, cm: CostModel, given: ModelSpec | None) -> ModelSpec:
+        """`given`, else the spec of the model `cm`'s profile measured (stored spec, else
+        its catalog name). FAILED_PRECONDITION naming what is missing when there is none;
+        a store that is down raises its UNAVAILABLE."""
         if given is not None:
             return given
-        if cm.profile_id:
-            try:
-                prof = self.store.get_profile(cm.profile_id)
-            except Exception:
-                return None
-            if prof.model_spec is not None:
-                return prof.model_spec
-            if prof.model.spec is not None:
-                return prof.model.spec
-            if prof.model.name:
-                from idealrt.core.catalog import CATALOG
-
-                return CATALOG.get(prof.model.name)
-        return None
+        if not cm.profile_id:
+            raise FailedPrecondition(
+                "MODEL_SPEC_MISSING",
+                f"cost model {cm.id} has no profile to take a model spec from; give model_spec",
+                field="model_spec",
+            )
+        try:
+            prof = self.store.get_profile(cm.profile_id)
+        except NotFound:
+            raise FailedPrecondition(
+                "MODEL_SPEC_MISSING",
+                f"profile {cm.profile_id} of cost model {cm.id} no longer exists; give model_spec",
+                field="model_spec",
+            ) from None
+        for spec in (prof.model_spec, prof.model.spec):
+            if spec is not None:
+                return spec
+        found = CATALOG.get(prof.model.name) if prof.model.name else None
+        if found is None:
+            raise FailedPrecondition(
+                "MODEL_SPEC_MISSING",
+                f"profile {cm.profile_id} of cost model {cm.id} stores no model spec and its "
+                f"model name {prof.model.name!r} is not in the catalog; give model_spec",
+                field="model_spec",
+            )
+        return found

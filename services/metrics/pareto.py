@@ -8,9 +8,7 @@ Accuracies arrive as CSV text `model,accuracy[,more columns...]`; a first row wh
 column is not a number is a header. Costs arrive as {model: cost} (idealized runtime,
 dollars, accelerator-seconds -- whatever the caller is trading off). Only models present in
 both are joined; the others are reported, not silently dropped.
-
-The plot uses matplotlib's object API with the Agg canvas (no pyplot, no global backend
-state) and is imported only when a plot is asked for.
+(The plot is the CLI's: `idealrt.clients.cli._plots.plot_pareto`.)
 """
 
 from __future__ import annotations
@@ -20,16 +18,14 @@ import dataclasses
 import io
 import math
 from collections.abc import Mapping
-from pathlib import Path
 
-from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.errors import InvalidArgument
 
 __all__ = [
     "ParetoResult",
     "ParetoRow",
     "pareto_frontier",
     "parse_accuracy_csv",
-    "plot_pareto",
 ]
 
 
@@ -128,52 +124,3 @@ def pareto_frontier(
         missing_cost=tuple(sorted(m for m in acc if m not in costs)),
         missing_accuracy=tuple(sorted(m for m in costs if m not in acc)),
     )
-
-
-def plot_pareto(
-    result: ParetoResult,
-    path: str | Path,
-    *,
-    cost_label: str = "idealized runtime (s)",
-    accuracy_label: str = "accuracy",
-    title: str = "",
-    log_cost: bool = False,
-) -> Path:
-    """Scatter every model, draw the frontier as a step line, write a PNG; returns the path.
-    FailedPrecondition (PLOT_EXTRA_MISSING) when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FailedPrecondition(
-            "PLOT_EXTRA_MISSING",
-            "plotting needs matplotlib: pip install idealrt[plot]",
-            field="plot",
-        ) from None
-    if not result.rows:
-        raise FailedPrecondition(
-            "NOTHING_TO_PLOT", "no model has both an accuracy and a cost", field="accuracy_csv"
-        )
-    fig = Figure(figsize=(7.0, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    off = [r for r in result.rows if not r.on_frontier]
-    on = list(result.frontier)
-    ax.scatter([r.cost for r in off], [r.accuracy for r in off], color="0.6", label="dominated")
-    ax.scatter([r.cost for r in on], [r.accuracy for r in on], color="C0", label="frontier")
-    ax.step([r.cost for r in on], [r.accuracy for r in on], where="post", color="C0")
-    for r in result.rows:
-        ax.annotate(
-            r.model, (r.cost, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    if log_cost:
-        ax.set_xscale("log")
-    ax.set_xlabel(cost_label)
-    ax.set_ylabel(accuracy_label)
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="lower right")
-    ax.grid(True, alpha=0.3)
-    out = Path(path)
-    fig.savefig(out, format="png")
-    return out

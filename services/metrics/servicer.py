@@ -1,9 +1,9 @@
-"""MetricsService: converts, calls the MetricsEngine and the metric functions, converts back."""
+"""MetricsService: each RPC converts its request, makes one MetricsEngine call, converts back."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -15,7 +15,13 @@ from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import InvalidArgument
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
-from idealrt.services.metrics.engine import EstimateResult, MetricsEngine
+from idealrt.services.metrics.engine import (
+    CostRequest,
+    EstimateResult,
+    MetricsEngine,
+    RooflinePoint,
+    RooflineRequest,
+)
 
 __all__ = ["MetricsServicer"]
 
@@ -59,6 +65,21 @@ def _estimates(r: EstimateResult) -> list[pb.QueryEstimate]:
     ]
 
 
+def _roofline_points(points: Sequence[RooflinePoint]) -> list[pb.RooflinePoint]:
+    return [
+        pb.RooflinePoint(
+            tokens=x.tokens,
+            lower_bound_seconds=x.lower_bound_s,
+            fitted_seconds=x.fitted_s,
+            fraction_of_bound=x.fraction_of_bound,
+        )
+        for x in points
+    ]
+
+
+_DENOISE_METHODS = {pb.DENOISE_METHOD_MIN: "min", pb.DENOISE_METHOD_QUANTILE: "quantile"}
+
+
 class MetricsServicer(pbg.MetricsServiceServicer):
     def __init__(self, engine: MetricsEngine) -> None:
         self.engine = engine
@@ -67,10 +88,6 @@ class MetricsServicer(pbg.MetricsServiceServicer):
         self, request: pb.FitCostModelRequest, context: grpc.ServicerContext
     ) -> pb.FitCostModelResponse:
         o = request.options
-        if o.bootstrap > 10_000:
-            raise InvalidArgument(
-                "BOOTSTRAP_INVALID", "options.bootstrap must be <= 10000", field="options.bootstrap"
-            )
         opts = FitOptions(
             fit_overhead=o.fit_overhead,
             bootstrap=DEFAULT_BOOTSTRAP if o.bootstrap == 0 else max(o.bootstrap, 0),
@@ -101,7 +118,9 @@ class MetricsServicer(pbg.MetricsServiceServicer):
         self, request: pb.EstimateRuntimeRequest, context: grpc.ServicerContext
     ) -> pb.EstimateRuntimeResponse:
         p, o = _queries(request.queries)
-        r = self.engine.estimate(request.cost_model_id, p, o, per_query=request.per_query)
+        r = self.engine.estimate(
+            request.cost_model_id, p, o, per_query=request.per_query, intervals=request.intervals
+        )
         return pb.EstimateRuntimeResponse(
             estimates=_estimates(r), summary=_summary(r.workload, r.sum_interval)
         )
@@ -111,25 +130,18 @@ class MetricsServicer(pbg.MetricsServiceServicer):
         request_iterator: Iterator[pb.StreamEstimateRuntimeRequest],
         context: grpc.ServicerContext,
     ) -> pb.StreamEstimateRuntimeResponse:
-        def chunks() -> Iterator[tuple[str, list[int], list[int]]]:
-            for i, chunk in enumerate(request_iterator):
-                if len(chunk.prompt_tokens) != len(chunk.output_tokens):
-                    raise InvalidArgument(
-                        "QUERIES_INVALID",
-                        f"chunk {i}: prompt_tokens and output_tokens differ in length",
-                        field="output_tokens",
-                    )
-                yield chunk.cost_model_id, list(chunk.prompt_tokens), list(chunk.output_tokens)
-
+        chunks = (
+            (c.cost_model_id, list(c.prompt_tokens), list(c.output_tokens))
+            for c in request_iterator
+        )
         return pb.StreamEstimateRuntimeResponse(
-            summary=_summary(self.engine.stream_estimate(chunks()))
+            summary=_summary(self.engine.stream_estimate(chunks))
         )
 
     def DenoiseCostModel(
         self, request: pb.DenoiseCostModelRequest, context: grpc.ServicerContext
     ) -> pb.DenoiseCostModelResponse:
-        methods = {pb.DENOISE_METHOD_MIN: "min", pb.DENOISE_METHOD_QUANTILE: "quantile"}
-        if request.method not in methods:
+        if request.method not in _DENOISE_METHODS:
             raise InvalidArgument(
                 "ENUM_UNSPECIFIED",
                 "method must be DENOISE_METHOD_MIN or DENOISE_METHOD_QUANTILE",
@@ -137,7 +149,7 @@ class MetricsServicer(pbg.MetricsServiceServicer):
             )
         cm = self.engine.denoise(
             request.profile_id,
-            methods[request.method],
+            _DENOISE_METHODS[request.method],
             request.quantile or 0.1,
             request_id=request.request_id,
             name=request.name,
@@ -147,143 +159,69 @@ class MetricsServicer(pbg.MetricsServiceServicer):
     def ComputeCost(
         self, request: pb.ComputeCostRequest, context: grpc.ServicerContext
     ) -> pb.ComputeCostResponse:
-        from idealrt.services.metrics.cost import accelerators_needed, cost_of, fit_energy_model
-
-        cm = self.engine.get(request.cost_model_id)
         p, o = _queries(request.queries)
-        r = self.engine.estimate(cm.id, p, o, per_query=False)
-        if not request.accelerator:
-            raise InvalidArgument(
-                "ACCELERATOR_REQUIRED", "accelerator is required", field="accelerator"
-            )
-        spec = self.engine.spec_for(
-            cm,
-            cv.spec_from_pb(request.model_spec, "model_spec")
-            if request.HasField("model_spec")
-            else None,
-        )
-        dtype = cv.dtype_from_pb(request.dtype, "dtype") if request.dtype else "fp16"
-        if spec is None:
-            n = 1
-        else:
-            n = accelerators_needed(
-                spec,
-                dtype,
-                request.accelerator,
-                request.max_context or spec.max_positions,
-                reserve_frac=request.reserve_fraction or 0.1,
+        r = self.engine.cost(
+            CostRequest(
+                cost_model_id=request.cost_model_id,
+                prompt_tokens=p,
+                output_tokens=o,
+                accelerator=request.accelerator,
+                spec=cv.spec_from_pb(request.model_spec, "model_spec")
+                if request.HasField("model_spec")
+                else None,
+                dtype=cv.dtype_from_pb(request.dtype, "dtype") if request.dtype else "fp16",
+                max_context=request.max_context,
+                reserve_fraction=request.reserve_fraction or 0.1,
                 power_of_two=request.power_of_two,
+                prices=dict(request.price_per_hour_usd) or None,
+                grid_g_co2_per_kwh=request.grid_g_co2_per_kwh or None,
             )
-        energy = None
-        if cm.profile_id and cm.kind == "idealized":
-            try:
-                energy = fit_energy_model(self.engine.samples_of(cm.profile_id))
-            except Exception:
-                energy = None
-        c = cost_of(
-            r.workload.total_s,
-            n,
-            request.accelerator,
-            dict(request.price_per_hour_usd) or None,
-            energy_model=energy,
-            prompt_tokens=float(sum(p)),
-            output_tokens=float(sum(o)),
-            requests=float(len(p)),
-            grid_g_co2_per_kwh=request.grid_g_co2_per_kwh or None,
         )
+        c = r.breakdown
         return pb.ComputeCostResponse(
-            accelerators=n,
-            runtime_seconds=r.workload.total_s,
+            accelerators=r.accelerators,
+            runtime_seconds=r.runtime_s,
             accelerator_seconds=c.accelerator_seconds,
             dollars=c.dollars,
             energy_joules=c.energy_j,
             energy_source=c.energy_source,
             co2_grams=c.co2_g or 0.0,
+            energy_error=r.energy_error,
         )
 
     def ComputeRoofline(
         self, request: pb.ComputeRooflineRequest, context: grpc.ServicerContext
     ) -> pb.ComputeRooflineResponse:
-        from idealrt.core.hardware import accelerator
-        from idealrt.services.metrics.roofline import (
-            MeasuredHardware,
-            fraction_of_bound,
-            roofline,
-        )
-
         if not request.HasField("model_spec"):
             raise InvalidArgument(
                 "MODEL_SPEC_REQUIRED", "model_spec is required", field="model_spec"
             )
-        spec = cv.spec_from_pb(request.model_spec, "model_spec")
-        dtype = cv.dtype_from_pb(request.dtype, "dtype")
-        hw: object
-        if request.peak_flops > 0 and request.bandwidth_bytes_per_second > 0:
-            hw = MeasuredHardware(
-                mem_bandwidth_bytes_s=request.bandwidth_bytes_per_second,
-                peak_flops_s=request.peak_flops,
+        r = self.engine.roofline(
+            RooflineRequest(
+                spec=cv.spec_from_pb(request.model_spec, "model_spec"),
+                dtype=cv.dtype_from_pb(request.dtype, "dtype"),
+                accelerator=request.accelerator,
+                peak_flops=request.peak_flops,
+                bandwidth_bytes_s=request.bandwidth_bytes_per_second,
+                prompt_tokens=list(request.prompt_tokens),
+                contexts=list(request.contexts),
+                cost_model_id=request.cost_model_id,
             )
-        else:
-            hw = accelerator(request.accelerator or "cpu")
-        ps = list(request.prompt_tokens) or [1, 128, 512]
-        cs = list(request.contexts) or [128, 512]
-        resp = pb.ComputeRooflineResponse()
-        if request.cost_model_id:
-            fr = fraction_of_bound(
-                self.engine.get(request.cost_model_id),
-                spec,
-                hw,
-                dtype,
-                ps,
-                cs,
-            )
-            for i, p in enumerate(fr.prompt_tokens):
-                resp.prefill.add(
-                    tokens=p,
-                    lower_bound_seconds=float(fr.prefill_lower_s[i]),
-                    fitted_seconds=float(fr.prefill_actual_s[i]),
-                    fraction_of_bound=float(fr.prefill_fraction[i]),
-                )
-            for i, c in enumerate(fr.contexts):
-                resp.decode.add(
-                    tokens=c,
-                    lower_bound_seconds=float(fr.decode_lower_s[i]),
-                    fitted_seconds=float(fr.decode_actual_s[i]),
-                    fraction_of_bound=float(fr.decode_fraction[i]),
-                )
-            return resp
-        for p in ps:
-            resp.prefill.add(
-                tokens=p,
-                lower_bound_seconds=roofline(spec, hw, dtype, p, p).prefill_s_lower,
-            )
-        for c in cs:
-            resp.decode.add(
-                tokens=c,
-                lower_bound_seconds=roofline(spec, hw, dtype, 1, c).decode_s_lower,
-            )
-        return resp
+        )
+        return pb.ComputeRooflineResponse(
+            prefill=_roofline_points(r.prefill), decode=_roofline_points(r.decode)
+        )
 
     def CompareCostModels(
         self, request: pb.CompareCostModelsRequest, context: grpc.ServicerContext
     ) -> pb.CompareCostModelsResponse:
-        from idealrt.services.metrics.compare import compare
-
         p, o = _queries(request.queries)
-        if not p:
-            raise InvalidArgument(
-                "QUERIES_REQUIRED", "queries: give at least one query", field="queries"
-            )
-        if request.bootstrap < 0 or request.bootstrap > 5000:
-            raise InvalidArgument(
-                "BOOTSTRAP_INVALID", "bootstrap must be in [0, 5000]", field="bootstrap"
-            )
-        c = compare(
-            self.engine.samples_of(request.profile_id_a),
-            self.engine.samples_of(request.profile_id_b),
+        c = self.engine.compare(
+            request.profile_id_a,
+            request.profile_id_b,
             p,
             o,
-            n_boot=request.bootstrap or DEFAULT_BOOTSTRAP,
+            bootstrap=request.bootstrap,
             seed=request.seed,
         )
         return pb.CompareCostModelsResponse(
@@ -295,6 +233,25 @@ class MetricsServicer(pbg.MetricsServiceServicer):
             b_total_seconds=c.b_total_s,
         )
 
+    def ComputePareto(
+        self, request: pb.ComputeParetoRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeParetoResponse:
+        p, o = _queries(request.queries)
+        r = self.engine.pareto(dict(request.cost_model_ids), p, o, request.accuracy_csv)
+        return pb.ComputeParetoResponse(
+            rows=[
+                pb.ParetoPoint(
+                    model=x.model,
+                    cost_seconds=x.cost,
+                    accuracy=x.accuracy,
+                    on_frontier=x.on_frontier,
+                )
+                for x in r.rows
+            ],
+            missing_cost=list(r.missing_cost),
+            missing_accuracy=list(r.missing_accuracy),
+        )
+
     def ExportHelm(
         self, request: pb.ExportHelmRequest, context: grpc.ServicerContext
     ) -> pb.ExportHelmResponse:
@@ -304,11 +261,5 @@ class MetricsServicer(pbg.MetricsServiceServicer):
     def ImportHelm(
         self, request: pb.ImportHelmRequest, context: grpc.ServicerContext
     ) -> pb.ImportHelmResponse:
-        try:
-            doc = json.loads(request.json)
-        except json.JSONDecodeError as err:
-            raise InvalidArgument(
-                "INVALID_HELM_JSON", f"json: not valid JSON ({err})", field="json"
-            ) from None
-        cms = self.engine.import_helm(doc, request.kind, request.request_id)
+        cms = self.engine.import_helm_json(request.json, request.kind, request.request_id)
         return pb.ImportHelmResponse(cost_models=[cv.cost_model_to_pb(c) for c in cms])

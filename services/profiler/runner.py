@@ -30,27 +30,42 @@ Order of work:
     device for hours, which suits HTTP targets (an API's device is not ours to free).
     Provenance records the schedule and how late rounds started ("spread.*").
  9. Adaptive planning (plan.adaptive_target_rel > 0, adaptive.py): once the plan's grid is
-    measured, fit, add the prompt size where alpha(p) is least certain (one configuration
-    per output length, measured in rounds like the grid, not spread), refit, until the
-    target is met, the size cap is reached or the budget is spent; Profile.total_samples
-    grows with each size, "adaptive.*" provenance records the sizes and the stop reason.
+    measured, fit (the samples the run holds: what it read at the start and every batch it
+    stored since; nothing is read back from the sink), add the prompt size where alpha(p)
+    is least certain (one configuration per output length, measured in rounds like the
+    grid, not spread), refit, until the target is met, the size cap is reached or the
+    budget is spent; Profile.total_samples grows with each size, "adaptive.*" provenance
+    records the sizes and the stop reason.
     Added configurations the budget left unmeasured are dropped, not failed.
 10. Resume of either: sizes added before the restart are recognised from the stored samples
     (a fit sample whose prompt size is not in plan.prompt_tokens), their configurations
     rebuilt in the order added, so nothing is measured twice; a spread schedule restarts
     with the first unfinished round due at once and the later ones keeping their spacing.
+
+Why one module, and a long one: a run is one idea, its state and the phases that advance
+it in the order above. `_RunState` holds everything a run changes as it goes (the profile
+it reports, the samples it stores and keeps, the configurations and their totals, the
+tallies), and every phase is a function of that state; split across files, the phases
+would share the state's fields without either file saying what they are. What a run is
+given (options, sink, monitors) is a separate idea, in `_runner_options.py`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from structlog.typing import FilteringBoundLogger
 
 from idealrt.core.clock import utcnow
-from idealrt.core.domain import Profile, ProfileState
+from idealrt.core.domain import Profile, ProfileState, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.services.profiler._runner_base import _Cancelled, _Stop
+from idealrt.core.model_spec import ModelSpec
 from idealrt.services.profiler._runner_options import MonitorFactory as MonitorFactory
 from idealrt.services.profiler._runner_options import (
     RunnerOptions,
@@ -58,75 +73,484 @@ from idealrt.services.profiler._runner_options import (
     default_monitors,
     error_text,
 )
-from idealrt.services.profiler._runner_phases import _RunPhases
-from idealrt.services.profiler.lease import LeaseWaitCancelled, acquire_lease
-from idealrt.services.profiler.plan import configurations, validate_plan
-from idealrt.services.profiler.stopping import StoppingRule
+from idealrt.services.profiler.adaptive import AdaptivePlanner, added_prompt_sizes
+from idealrt.services.profiler.contention import ContentionDetector
+from idealrt.services.profiler.fingerprint import collect_fingerprint
+from idealrt.services.profiler.lease import LeaseWaitCancelled, acquire_lease, device_key
+from idealrt.services.profiler.monitors import MonitorSet
+from idealrt.services.profiler.plan import (
+    Config,
+    configurations,
+    effective_max_repeats,
+    round_order,
+    sample_seed,
+    total_samples,
+    validate_plan,
+    warmup_order,
+)
+from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until
+from idealrt.services.profiler.stopping import StoppingRule, StopReason
 from idealrt.services.profiler.target import GenerationTarget
 
 __all__ = ["RunnerOptions", "SampleSink", "default_monitors", "error_text", "run_profile"]
 
+log = structlog.get_logger(__name__)
 
-class _Run(_RunPhases):
-    # ------------------------------------------------------------ the whole run
 
-    def _finish(self, state: ProfileState, error: str = "") -> Profile:
-        self.profile = dataclasses.replace(
-            self.profile, state=state, error=error, end_time=utcnow()
+class _Cancelled(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Ends the run with a given state and error."""
+
+    def __init__(self, state: ProfileState, error: str) -> None:
+        super().__init__(error)
+        self.state = state
+        self.error = error
+
+
+@dataclasses.dataclass(eq=False)
+class _RunState:
+    """Everything one run is given and everything it changes, by group (in field order):
+
+    Given: the target, the sink, the cancel event, the progress observer, the options and
+    the logger bound to the profile; fixed for the run.
+
+    Reported: `profile`, replaced (never mutated) at every change and handed, as a copy, to
+    `on_progress`.
+
+    Storage: `buffer` holds samples measured and not yet stored; `stored` counts the
+    samples the sink holds for the profile (a resumed run's included), which numbers the
+    batch ids; `samples` are those samples themselves, in stored order, with the seq the
+    store gives them (contiguous from 0 in append order), read from the sink once at the
+    start and extended by every stored batch: what the adaptive planner fits. Kept for
+    adaptive plans only (`keeps_samples`); `last_flush` times the batch interval.
+
+    Plan: `configs` to measure (the grid's, then those of each added prompt size, in the
+    order added), `totals` the accepted total_ns per configuration, `added` the adaptively
+    added prompt sizes in the order added.
+
+    Judgement: the contention `detector` and its `monitors`, the stopping `rule` (made
+    anew after the warm-ups: the budget starts there), and the tallies of nonconforming
+    samples and abandoned repeats.
+
+    Spread: the largest lag of a round's start behind its schedule, and the rounds started.
+    """
+
+    target: GenerationTarget
+    sink: SampleSink
+    cancel: threading.Event
+    on_progress: Callable[[Profile], None]
+    opts: RunnerOptions
+    log: FilteringBoundLogger
+
+    profile: Profile
+
+    buffer: list[Sample] = dataclasses.field(default_factory=list)
+    stored: int = 0
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    last_flush: float = dataclasses.field(default_factory=time.monotonic)
+
+    configs: list[Config] = dataclasses.field(default_factory=list)
+    totals: dict[Config, list[int]] = dataclasses.field(default_factory=dict)
+    added: list[int] = dataclasses.field(default_factory=list)
+
+    detector: ContentionDetector = dataclasses.field(init=False)
+    monitors: MonitorSet = dataclasses.field(default_factory=MonitorSet)
+    rule: StoppingRule = dataclasses.field(init=False)
+    nonconforming: int = 0
+    abandoned: int = 0
+
+    spread_lag_s: float = 0.0
+    spread_started: int = 0
+
+    def __post_init__(self) -> None:
+        self.detector = ContentionDetector(self.opts.contention)
+        self.rule = StoppingRule(self.profile.plan, clock=self.opts.clock)
+
+    @property
+    def keeps_samples(self) -> bool:
+        """Only the adaptive planner needs the stored samples; a long profile that is not
+        adaptive does not hold them all in memory."""
+        return self.profile.plan.adaptive_target_rel > 0
+
+
+# ------------------------------------------------------------ plumbing
+
+
+def _emit(run: _RunState) -> None:
+    try:
+        run.on_progress(dataclasses.replace(run.profile))
+    except Exception:  # a broken observer must not break a measurement
+        run.log.exception("progress_callback_failed")
+
+
+def _update(run: _RunState, **changes: Any) -> None:
+    run.profile = dataclasses.replace(run.profile, **changes)
+    _emit(run)
+
+
+def _record(run: _RunState, entries: Mapping[str, str], **changes: Any) -> None:
+    merged = {**run.profile.provenance.entries, **entries}
+    _update(run, provenance=dataclasses.replace(run.profile.provenance, entries=merged), **changes)
+
+
+def _flush(run: _RunState, force: bool = False) -> None:
+    due = time.monotonic() - run.last_flush >= run.opts.batch_interval_s
+    if not run.buffer or not (force or due or len(run.buffer) >= run.opts.batch_samples):
+        return
+    batch, batch_id = list(run.buffer), f"{run.profile.id}-b{run.stored}"
+    for attempt in range(run.opts.append_retries + 1):
+        try:
+            run.sink.append_samples(run.profile.id, batch_id, batch)
+            break
+        except Exception:
+            if attempt == run.opts.append_retries:
+                raise
+            run.log.warning("append_samples_retry", batch_id=batch_id, attempt=attempt)
+            time.sleep(0.2 * (attempt + 1))
+    if run.keeps_samples:
+        run.samples.extend(dataclasses.replace(s, seq=run.stored + i) for i, s in enumerate(batch))
+    run.stored += len(batch)
+    run.buffer.clear()
+    run.last_flush = time.monotonic()
+
+
+def _check_cancel(run: _RunState) -> None:
+    if run.cancel.is_set():
+        raise _Cancelled
+
+
+# ------------------------------------------------------------ one sample
+
+
+def _measure(run: _RunState, config: Config, repeat: int, seed: int) -> tuple[Sample, int]:
+    """One generation bracketed by the monitors. Token counts are checked here too,
+    whatever the target did: a wrong-length result is never kept as OK."""
+    window = run.monitors.before()
+    t0 = time.perf_counter_ns()
+    sample = run.target.generate(config.prompt_tokens, config.output_tokens, seed)
+    wall_ns = time.perf_counter_ns() - t0
+    observation = run.monitors.after(window)
+    # decode_ns may be empty: a black-box API can report totals only (the serving
+    # target itself insists on o - 1 steps); when present it must be complete.
+    conforming = (
+        sample.prompt_tokens == config.prompt_tokens
+        and sample.output_tokens == config.output_tokens
+        and (not sample.decode_ns or len(sample.decode_ns) == config.output_tokens - 1)
+    )
+    sample = dataclasses.replace(
+        sample,
+        heldout=config.heldout,
+        repeat=repeat,
+        contention=observation,
+        flag=sample.flag if conforming else SampleFlag.NONCONFORMING,
+    )
+    return sample, wall_ns
+
+
+def _nonconforming(run: _RunState, config: Config, sample: Sample) -> None:
+    run.nonconforming += 1
+    run.buffer.append(sample)
+    run.log.warning(
+        "nonconforming_sample",
+        want=(config.prompt_tokens, config.output_tokens),
+        got=(sample.prompt_tokens, sample.output_tokens, len(sample.decode_ns)),
+    )
+    if run.nonconforming >= run.opts.max_nonconforming:
+        raise _Stop(
+            ProfileState.FAILED,
+            f"NONCONFORMING: {run.nonconforming} generations did not have the requested "
+            f"token counts (last: asked p={config.prompt_tokens} o={config.output_tokens}, "
+            f"got p={sample.prompt_tokens} o={sample.output_tokens} with "
+            f"{len(sample.decode_ns)} decode steps)",
         )
-        self.log.info("profile_finished", state=state.value, error=error or None)
-        self._emit()
-        return self.profile
 
-    def execute(self) -> Profile:
-        plan = self.profile.plan
-        try:
-            validate_plan(plan)
-        except InvalidArgument as exc:
-            return self._finish(ProfileState.FAILED, error_text(exc))
-        try:
-            lease = acquire_lease(
-                self.opts.lease_dir,
-                self.profile.stack.device,
-                profile_id=self.profile.id,
-                policy=plan.lease,
-                cancel=self.cancel,
-                timeout_s=self.opts.lease_timeout_s,
+
+# ------------------------------------------------------------ phases
+
+
+def _prepare(run: _RunState) -> None:
+    """Load the target, read what the sink holds (resume), fingerprint; sets the run's
+    configurations, totals, added sizes and stored samples."""
+    spec: ModelSpec | None = run.target.prepare()
+    validate_plan(run.profile.plan, spec)
+    env = run.target.environment()
+    run.monitors = run.opts.monitors(run.profile, env)
+    plan = run.profile.plan
+    existing = run.sink.all_samples(run.profile.id)  # the only read: the run keeps the rest
+    run.added = added_prompt_sizes(plan, existing)
+    run.configs = configurations(plan, run.added)
+    by_key = {(c.prompt_tokens, c.output_tokens, c.heldout): c for c in run.configs}
+    run.totals = {c: [] for c in run.configs}
+    run.stored = len(existing)
+    run.samples = existing if run.keeps_samples else []
+    for s in existing:
+        c = by_key.get((s.prompt_tokens, s.output_tokens, s.heldout))
+        if c is None:
+            continue
+        run.detector.seed(c, s)
+        if s.flag == SampleFlag.OK:
+            run.totals[c].append(s.total_ns)
+        elif s.flag == SampleFlag.NONCONFORMING:
+            run.nonconforming += 1
+    extra = dict(run.monitors.describe())
+    extra["lease.device_key"] = device_key(run.profile.stack.device)
+    extra["profile.resumed_samples"] = str(len(existing))
+    if run.added:
+        extra["profile.resumed_adaptive_sizes"] = ",".join(map(str, run.added))
+    if run.monitors.gpu is not None:
+        extra["gpu.foreign_processes_at_start"] = str(len(run.monitors.gpu.foreign_pids()))
+    provenance = collect_fingerprint(run.profile, spec=spec, target_env=env, extra=extra)
+    _update(
+        run,
+        model_spec=spec or run.profile.model_spec,
+        provenance=provenance,
+        total_samples=total_samples(plan, len(run.added)),
+        completed_samples=sum(len(v) for v in run.totals.values()),
+    )
+    run.log.info("profile_prepared", configs=len(run.configs), resumed=len(existing))
+
+
+def _warmups(run: _RunState) -> None:
+    """Warm-ups of the plan's grid (on resume too: the server may be cold)."""
+    plan = run.profile.plan
+    for config, w in warmup_order(configurations(plan), plan):
+        _check_cancel(run)
+        sample, _ = _measure(run, config, w, sample_seed(plan, config, -1 - w))
+        if sample.flag == SampleFlag.NONCONFORMING:
+            _nonconforming(run, config, sample)
+        else:
+            run.buffer.append(dataclasses.replace(sample, flag=SampleFlag.WARMUP))
+        _flush(run)
+
+
+def _spread_schedule(run: _RunState) -> SpreadSchedule | None:
+    """The schedule of the plan's grid rounds (None without spread, or when the grid is
+    done: a resumed adaptive run), anchored now (see schedule.py)."""
+    plan = run.profile.plan
+    if plan.spread_s <= 0:
+        return None
+    rounds = effective_max_repeats(plan)
+    first = min(len(run.totals[c]) for c in configurations(plan))
+    if first >= rounds:
+        return None
+    schedule = SpreadSchedule(rounds, plan.spread_s, seed=plan.seed, clock=run.opts.clock)
+    if first:
+        schedule.begin_at_round(first)
+    else:
+        schedule.begin()
+    entries = dict(run.profile.provenance.entries)
+    entries["spread.schedule"] = (
+        f"{rounds} rounds over {plan.spread_s:g} s, stratified jitter, seed {plan.seed}"
+        + (f"; resumed at round {first}" if first else "")
+    )
+    _update(run, provenance=dataclasses.replace(run.profile.provenance, entries=entries))
+    run.log.info("spread_schedule", rounds=rounds, spread_s=plan.spread_s, first=first)
+    return schedule
+
+
+def _wait_for_round(run: _RunState, schedule: SpreadSchedule, r: int) -> None:
+    """Block until round r is due, on the cancel event (a set event ends the wait at
+    once). validate_plan keeps spread_s below budget_s, so no wait outlasts the budget."""
+    due = schedule.due(r)
+    if not sleep_until(due, run.cancel, clock=run.opts.clock):
+        raise _Cancelled
+    lag = max(0.0, run.opts.clock() - due)
+    run.spread_lag_s = max(run.spread_lag_s, lag)
+    run.spread_started += 1
+    run.log.info("spread_round_started", round=r, offset_s=schedule.offsets[r], lag_s=lag)
+
+
+def _rounds(run: _RunState, schedule: SpreadSchedule | None = None) -> StopReason:
+    """Measure `run.configs` in randomized rounds until the stopping rule says stop."""
+    plan, policy, rule, totals = run.profile.plan, run.opts.contention, run.rule, run.totals
+    slots = {c: len(v) for c, v in totals.items()}
+    while True:
+        pending = rule.pending(totals, slots)
+        if not pending:
+            return rule.reason(totals)
+        r = min(slots[c] for c in pending)
+        if schedule is not None and r < schedule.rounds:
+            _wait_for_round(run, schedule, r)
+        queue = collections.deque(
+            (c, 0) for c in round_order(run.configs, plan, r, [c for c in pending if slots[c] == r])
+        )
+        while queue:
+            _check_cancel(run)
+            if rule.budget_spent():
+                return StopReason.BUDGET
+            config, attempt = queue.popleft()
+            if attempt and run.cancel.wait(policy.retry_backoff_s * attempt):
+                raise _Cancelled
+            sample, wall_ns = _measure(run, config, r, sample_seed(plan, config, r, attempt))
+            retry = False
+            if sample.flag == SampleFlag.NONCONFORMING:
+                _nonconforming(run, config, sample)
+                retry = True
+            else:
+                verdict = run.detector.judge(config, sample, wall_ns)
+                if verdict.contended:
+                    run.log.info(
+                        "sample_contended",
+                        p=config.prompt_tokens,
+                        o=config.output_tokens,
+                        repeat=r,
+                        attempt=attempt,
+                        reasons=list(verdict.reasons),
+                    )
+                    run.buffer.append(dataclasses.replace(sample, flag=SampleFlag.CONTENDED))
+                    retry = True
+                else:
+                    run.detector.accept(config, sample)
+                    run.buffer.append(sample)
+                    totals[config].append(sample.total_ns)
+                    slots[config] += 1
+            if retry:
+                if attempt < policy.max_retries:
+                    queue.append((config, attempt + 1))
+                else:
+                    run.abandoned += 1
+                    slots[config] += 1
+            _flush(run)
+            run.profile = dataclasses.replace(
+                run.profile, completed_samples=sum(len(v) for v in totals.values())
             )
-        except LeaseWaitCancelled:
-            return self._finish(ProfileState.CANCELLED, "CANCELLED: while waiting for the lease")
-        except FailedPrecondition as exc:
-            return self._finish(ProfileState.FAILED, error_text(exc))
-        with lease:
-            self._update(state=ProfileState.RUNNING, start_time=self.profile.start_time or utcnow())
-            self.log.info("profile_started", device=self.profile.stack.device)
-            state, error = ProfileState.SUCCEEDED, ""
-            try:
-                configs, totals = self._prepare()
-                self._warmups(configurations(plan))  # the plan's grid (on resume too)
-                self.rule = StoppingRule(plan, clock=self.opts.clock)  # budget starts here
-                reason = self._rounds(configs, totals, self._spread_schedule(totals))
-                if plan.adaptive_target_rel > 0:
-                    reason = self._adaptive(configs, totals, reason)
-                self._conclude(reason, totals)
-            except _Cancelled:
-                state, error = ProfileState.CANCELLED, ""
-            except _Stop as stop:
-                state, error = stop.state, stop.error
-            except Exception as exc:
-                self.log.exception("profile_error")
-                state, error = ProfileState.FAILED, error_text(exc)
-            try:
-                self._flush(force=True)
-            except Exception as exc:
-                self.log.exception("final_flush_failed")
-                if state != ProfileState.FAILED:
-                    state, error = ProfileState.FAILED, f"STORE_WRITE_FAILED: {error_text(exc)}"
-            try:
-                self.target.close()
-            except Exception:
-                self.log.exception("target_close_failed")
-            return self._finish(state, error)
+            _emit(run)
+
+
+def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
+    """Add prompt sizes until adaptive.py says stop; returns the last rounds' reason."""
+    plan = run.profile.plan
+    planner = AdaptivePlanner(plan, added=run.added, options=run.opts.adaptive)
+    while reason != StopReason.BUDGET:
+        _check_cancel(run)
+        # store what is measured (batches as before), so that run.samples is all of it:
+        # the planner fits what the sink holds without reading it back
+        _flush(run, force=True)
+        size = planner.next_size(run.samples, budget_spent=run.rule.budget_spent())
+        if size is None:
+            break
+        assert len(run.configs) == len(configurations(plan, run.added))
+        new = configurations(plan, [*run.added, size])[len(run.configs) :]
+        run.added.append(size)
+        run.configs.extend(new)
+        run.totals.update((c, []) for c in new)
+        _record(run, planner.provenance(), total_samples=total_samples(plan, len(run.added)))
+        run.log.info(
+            "adaptive_size_added", p=size, rel_halfwidth=planner.added_rel[-1], added=run.added
+        )
+        reason = _rounds(run)
+    changes: dict[str, Any] = {}
+    if reason == StopReason.BUDGET:
+        planner.halt_budget()
+        # configurations of added sizes that the budget left without a sample were
+        # optional: dropped (and a size with none left is no longer "added")
+        for c in [c for c in run.configs if c.prompt_tokens in run.added and not run.totals[c]]:
+            run.configs.remove(c)
+            del run.totals[c]
+        kept = {c.prompt_tokens for c in run.totals}
+        planner.drop_unmeasured([p for p in run.added if p not in kept])
+        run.added = [p for p in run.added if p in kept]
+        changes["total_samples"] = total_samples(plan, len(run.added))
+    _record(run, planner.provenance(), **changes)
+    run.log.info("adaptive_finished", stop=planner.stop, added=run.added)
+    return reason
+
+
+def _conclude(run: _RunState, reason: StopReason) -> None:
+    """Record why the rounds stopped and the contention tallies; raise _Stop for a run
+    that is INVALID (contention) or FAILED (budget spent with configurations unmeasured)."""
+    totals = run.totals
+    entries = dict(run.profile.provenance.entries)
+    entries["stopping.reason"] = reason.value
+    if run.profile.plan.spread_s > 0:
+        entries["spread.rounds_started"] = str(run.spread_started)
+        entries["spread.max_lag_s"] = f"{run.spread_lag_s:.6g}"
+    worst = run.rule.worst_ci_rel(totals)
+    entries["stopping.worst_ci_rel"] = f"{worst:.6g}"
+    entries["contention.measured"] = str(run.detector.measured)
+    entries["contention.contended"] = str(run.detector.contended)
+    entries["contention.abandoned_repeats"] = str(run.abandoned)
+    run.profile = dataclasses.replace(
+        run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
+    )
+    missing = [c for c, v in totals.items() if not v]
+    if run.detector.persistent() or (missing and reason != StopReason.BUDGET):
+        evidence = run.detector.evidence(run.abandoned)
+        if missing:
+            evidence += f"; {len(missing)} configurations have no uncontended sample"
+        raise _Stop(ProfileState.INVALID, f"CONTENTION: {evidence}")
+    if missing:
+        raise _Stop(
+            ProfileState.FAILED,
+            f"BUDGET_EXHAUSTED: budget_s={run.profile.plan.budget_s} spent with "
+            f"{len(missing)} of {len(totals)} configurations unmeasured",
+        )
+    if reason == StopReason.PRECISION:
+        run.profile = dataclasses.replace(run.profile, total_samples=run.profile.completed_samples)
+
+
+# ------------------------------------------------------------ the whole run
+
+
+def _finish(run: _RunState, state: ProfileState, error: str = "") -> Profile:
+    run.profile = dataclasses.replace(run.profile, state=state, error=error, end_time=utcnow())
+    run.log.info("profile_finished", state=state.value, error=error or None)
+    _emit(run)
+    return run.profile
+
+
+def _execute(run: _RunState) -> Profile:
+    plan = run.profile.plan
+    try:
+        validate_plan(plan)
+    except InvalidArgument as exc:
+        return _finish(run, ProfileState.FAILED, error_text(exc))
+    try:
+        lease = acquire_lease(
+            run.opts.lease_dir,
+            run.profile.stack.device,
+            profile_id=run.profile.id,
+            policy=plan.lease,
+            cancel=run.cancel,
+            timeout_s=run.opts.lease_timeout_s,
+        )
+    except LeaseWaitCancelled:
+        return _finish(run, ProfileState.CANCELLED, "CANCELLED: while waiting for the lease")
+    except FailedPrecondition as exc:
+        return _finish(run, ProfileState.FAILED, error_text(exc))
+    with lease:
+        _update(run, state=ProfileState.RUNNING, start_time=run.profile.start_time or utcnow())
+        run.log.info("profile_started", device=run.profile.stack.device)
+        state, error = ProfileState.SUCCEEDED, ""
+        try:
+            _prepare(run)
+            _warmups(run)
+            run.rule = StoppingRule(plan, clock=run.opts.clock)  # budget starts here
+            reason = _rounds(run, _spread_schedule(run))
+            if plan.adaptive_target_rel > 0:
+                reason = _adaptive(run, reason)
+            _conclude(run, reason)
+        except _Cancelled:
+            state, error = ProfileState.CANCELLED, ""
+        except _Stop as stop:
+            state, error = stop.state, stop.error
+        except Exception as exc:
+            run.log.exception("profile_error")
+            state, error = ProfileState.FAILED, error_text(exc)
+        try:
+            _flush(run, force=True)
+        except Exception as exc:
+            run.log.exception("final_flush_failed")
+            if state != ProfileState.FAILED:
+                state, error = ProfileState.FAILED, f"STORE_WRITE_FAILED: {error_text(exc)}"
+        try:
+            run.target.close()
+        except Exception:
+            run.log.exception("target_close_failed")
+        return _finish(run, state, error)
 
 
 def run_profile(
@@ -140,4 +564,13 @@ def run_profile(
 ) -> Profile:
     """Measure `profile` on `target`, storing samples in `sink`; see the module docstring.
     `on_progress` receives a copy of the profile after every state change and sample."""
-    return _Run(profile, target, sink, cancel, on_progress, options or RunnerOptions()).execute()
+    run = _RunState(
+        target=target,
+        sink=sink,
+        cancel=cancel,
+        on_progress=on_progress,
+        opts=options or RunnerOptions(),
+        log=log.bind(profile_id=profile.id),
+        profile=dataclasses.replace(profile, error=""),
+    )
+    return _execute(run)

@@ -69,9 +69,6 @@ class StoppingRule:
     def budget_spent(self) -> bool:
         return self.plan.budget_s > 0 and self._clock() - self._start >= self.plan.budget_s
 
-    def elapsed_s(self) -> float:
-        return self._clock() - self._start
-
     def needs_more(self, totals_ns: Sequence[float], slots: int | None = None) -> bool:
         """`slots`: repeats used up so far (accepted samples plus repeats abandoned after
         exhausting their contention retries); defaults to the number of accepted samples."""

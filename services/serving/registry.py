@@ -14,7 +14,6 @@ mutable object here, on purpose: it is the registration point the backend module
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
 import dataclasses
@@ -25,10 +24,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 
-from idealrt.core import catalog
+from idealrt.core import catalog, paging
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import (
@@ -39,22 +37,23 @@ from idealrt.core.errors import (
     Unimplemented,
 )
 from idealrt.core.hf_config import spec_from_hf_config
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import (
+    ModelSpec,
+    check_fits_context,
+    check_max_context,
+    resolve_max_context,
+)
+from idealrt.core.serving_contract import GenerationResult, LoadedModel
 from idealrt.services.serving.backends.base import (
     Backend as BackendProtocol,
 )
-from idealrt.services.serving.backends.base import (
-    BackendFactory,
-    GenerationResult,
-    MemoryReport,
-)
+from idealrt.services.serving.backends.base import BackendFactory
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_BATCH_SIZE",
     "MAX_PAGE_SIZE",
     "BackendTable",
-    "LoadedModel",
     "ModelRegistry",
     "default_backends",
     "register_backend",
@@ -135,21 +134,6 @@ def register_backend(backend: Backend, factory: BackendFactory) -> None:
     _DEFAULT.register(backend, factory)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    model_id: str
-    name: str
-    spec: ModelSpec
-    stack: StackSpec
-    memory: MemoryReport
-    load_ns: int
-    max_context: int
-    create_time: datetime
-    seed: int = 0
-    weights_path: str = ""
-    request_id: str = ""
-
-
 @dataclasses.dataclass
 class _Entry:
     model: LoadedModel
@@ -186,20 +170,7 @@ def resolve_spec(model: ModelRef) -> tuple[str, ModelSpec]:
     )
 
 
-def _encode_token(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"after:{seq}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    try:
-        prefix, _, seq = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if prefix != "after":
-            raise ValueError(prefix)
-        return int(seq)
-    except (ValueError, UnicodeError):
-        raise _invalid(
-            "PAGE_TOKEN_INVALID", "page_token is not one this server returned", "page_token"
-        ) from None
+_PAGE_KIND = "models"  # the listing's kind in its page tokens (idealrt.core.paging)
 
 
 class ModelRegistry:
@@ -222,6 +193,7 @@ class ModelRegistry:
         self, model: ModelRef, stack: StackSpec, max_context: int = 0, request_id: str = ""
     ) -> LoadedModel:
         """Load `model` on `stack`. Idempotent by request_id while that model is loaded."""
+        check_max_context(max_context)  # first, and before any request_id replay
         try:
             backend_kind = Backend(stack.backend)
         except ValueError:
@@ -230,10 +202,6 @@ class ModelRegistry:
                 f"stack.backend must be one of {', '.join(b.value for b in Backend)}",
                 "stack.backend",
             ) from None
-        if max_context < 0:
-            raise _invalid(
-                "MAX_CONTEXT_INVALID", f"max_context must be >= 0, got {max_context}", "max_context"
-            )
         with self._load_lock:
             if request_id:
                 with self._lock:
@@ -241,14 +209,7 @@ class ModelRegistry:
                 if prior is not None:
                     return prior.model
             name, spec = resolve_spec(model)
-            max_context = max_context or spec.max_positions
-            if max_context > spec.max_positions:
-                raise _invalid(
-                    "MAX_CONTEXT_INVALID",
-                    f"max_context must be <= the model's {spec.max_positions} positions, "
-                    f"got {max_context}",
-                    "max_context",
-                )
+            max_context = resolve_max_context(spec, max_context)
             backend = self._backends.factory(backend_kind)()
             _pin_if_asked(stack)
             t0 = time.perf_counter_ns()
@@ -340,13 +301,7 @@ class ModelRegistry:
             )
         ids = self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
         p = len(ids)
-        if p + output_tokens > max_context:
-            raise _invalid(
-                "CONTEXT_EXCEEDED",
-                f"prompt ({p}) + output_tokens ({output_tokens}) = {p + output_tokens} exceeds "
-                f"the model's max_context {max_context}",
-                "output_tokens",
-            )
+        check_fits_context(p, output_tokens, max_context)
         with entry.lock:
             if entry.unloaded:
                 raise NotFound(
@@ -394,19 +349,22 @@ class ModelRegistry:
         self, page_size: int = 0, page_token: str = ""
     ) -> tuple[builtins.list[LoadedModel], str]:
         """Loaded models in load order: (page, next_page_token or "").
-        page_size 0 -> 50, capped at 1000."""
-        if page_size < 0:
-            raise _invalid(
-                "PAGE_SIZE_INVALID", f"page_size must be >= 0, got {page_size}", "page_size"
-            )
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else 0
+        page_size 0 -> 50, capped at 1000; tokens are `idealrt.core.paging`'s, keyset on the
+        load sequence number."""
+        size = paging.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        cursor = paging.decode_token(page_token, _PAGE_KIND, "")
+        after = 0
+        if cursor is not None:
+            if len(cursor) != 1 or isinstance(cursor[0], bool) or not isinstance(cursor[0], int):
+                raise paging.invalid_token()
+            after = cursor[0]
         with self._lock:
             entries = sorted(
                 (e for e in self._entries.values() if e.seq > after), key=lambda e: e.seq
             )
         page = entries[:size]
-        token = _encode_token(page[-1].seq) if len(entries) > size else ""
+        more = len(entries) > size
+        token = paging.encode_token(_PAGE_KIND, "", [page[-1].seq]) if more else ""
         return [e.model for e in page], token
 
 

@@ -6,7 +6,8 @@ import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
-from idealrt.services.serving.registry import LoadedModel, ModelRegistry
+from idealrt.core.serving_contract import LoadedModel
+from idealrt.services.serving.registry import ModelRegistry
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
@@ -50,12 +51,6 @@ class ServingServicer(pbg.ServingServiceServicer):
         if not request.HasField("stack"):
             raise InvalidArgument(
                 "STACK_REQUIRED", "stack is required (backend, device, dtype)", field="stack"
-            )
-        if request.max_context < 0:
-            raise InvalidArgument(
-                "MAX_CONTEXT_INVALID",
-                "max_context must be >= 0 (0 = model max)",
-                field="max_context",
             )
         loaded = self.registry.load(
             cv.model_ref_from_pb(request.model),

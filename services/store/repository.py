@@ -34,10 +34,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from idealrt.core import paging
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from idealrt.services.store import _paging, _queries, _rows, _serde, _validate
+from idealrt.services.store import _queries, _rows, _serde, _validate
 from idealrt.services.store._dberrors import unavailable_on_db_error
 from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
 from idealrt.services.store.url import (
@@ -186,7 +187,7 @@ class Store:
         self, page_size: int, page_token: str, state: ProfileState | None = None
     ) -> tuple[list[Profile], str]:
         """Newest first. Returns (profiles, next_page_token); "" when there are no more."""
-        size = _paging.page_size(page_size, *PROFILE_PAGE)
+        size = paging.page_size(page_size, *PROFILE_PAGE)
         filt = "" if state is None else _validate.check_state(state).value
         query = sa.select(profiles)
         if state is not None:
@@ -215,14 +216,14 @@ class Store:
         filt: str,
         convert: Any,
     ) -> tuple[list[Any], str]:
-        cursor = _paging.decode_token(page_token, kind, filt)
+        cursor = paging.decode_token(page_token, kind, filt)
         ct, tid = table.c.create_time, table.c.id
         if cursor is not None:
             try:
                 after_time = _serde.from_jsonable(datetime, cursor[0])
                 after_id = _validate.check_id(cursor[1], "page_token")
             except (TypeError, ValueError, IndexError, InvalidArgument):
-                raise _paging.invalid_token() from None
+                raise paging.invalid_token() from None
             query = query.where(sa.or_(ct < after_time, sa.and_(ct == after_time, tid < after_id)))
         query = query.order_by(ct.desc(), tid.desc()).limit(size + 1)
         with self._tx(write=False) as conn:
@@ -231,7 +232,7 @@ class Store:
         if len(rows) <= size:
             return items, ""
         last = rows[size - 1]
-        return items, _paging.encode_token(
+        return items, paging.encode_token(
             kind, filt, [_serde.to_jsonable(last["create_time"]), last["id"]]
         )
 
@@ -291,12 +292,12 @@ class Store:
     ) -> tuple[list[Sample], str]:
         """In seq order. Returns (samples, next_page_token); "" when there are no more."""
         _validate.check_id(profile_id, "profile_id")
-        size = _paging.page_size(page_size, *SAMPLE_PAGE)
-        cursor = _paging.decode_token(page_token, "samples", profile_id)
+        size = paging.page_size(page_size, *SAMPLE_PAGE)
+        cursor = paging.decode_token(page_token, "samples", profile_id)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         if cursor is not None:
             if len(cursor) != 1 or isinstance(cursor[0], bool) or not isinstance(cursor[0], int):
-                raise _paging.invalid_token()
+                raise paging.invalid_token()
             query = query.where(samples.c.seq > cursor[0])
         with self._tx(write=False) as conn:
             _queries.get_profile(conn, profile_id, "profile_id")
@@ -304,7 +305,7 @@ class Store:
         items = [_rows.sample_from_row(r) for r in rows[:size]]
         if len(rows) <= size:
             return items, ""
-        return items, _paging.encode_token("samples", profile_id, [items[-1].seq])
+        return items, paging.encode_token("samples", profile_id, [items[-1].seq])
 
     def all_samples(self, profile_id: str) -> list[Sample]:
         """Every sample of the profile, in seq order."""
@@ -355,7 +356,7 @@ class Store:
     ) -> tuple[list[CostModel], str]:
         """Newest first, optionally only those fitted to `profile_id`."""
         _validate.check_id(profile_id, "profile_id", allow_empty=True)
-        size = _paging.page_size(page_size, *PROFILE_PAGE)
+        size = paging.page_size(page_size, *PROFILE_PAGE)
         query = sa.select(cost_models)
         if profile_id:
             query = query.where(cost_models.c.profile_id == profile_id)

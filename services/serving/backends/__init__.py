@@ -1,7 +1,8 @@
 """Serving backends: one module per stack, each exposing `create_backend()`.
 
-`base` holds the protocol (`Backend`), its results (`MemoryReport`, `GenerationResult`) and
-the shared load checks. Backend modules are imported only when their backend is used
+`base` holds the protocol (`Backend`) and the shared load checks; its results
+(`MemoryReport`, `GenerationResult`) are the serving contract in
+`idealrt.core.serving_contract`. Backend modules are imported only when their backend is used
 (`idealrt.services.serving.registry`), so a missing optional dependency affects that
 backend alone.
 """
@@ -9,8 +10,6 @@ backend alone.
 from idealrt.services.serving.backends.base import (
     Backend,
     BackendFactory,
-    GenerationResult,
-    MemoryReport,
     check_memory,
     check_options,
     device_memory,
@@ -20,8 +19,6 @@ from idealrt.services.serving.backends.base import (
 __all__ = [
     "Backend",
     "BackendFactory",
-    "GenerationResult",
-    "MemoryReport",
     "check_memory",
     "check_options",
     "device_memory",

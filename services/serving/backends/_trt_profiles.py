@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 
 from idealrt.core.errors import InvalidArgument
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, resolve_max_context
 from idealrt.services.serving.decoder.export import OUTPUT_NAMES, past_names
 
 __all__ = [
@@ -44,13 +44,9 @@ def dynamic_inputs(layers: int) -> tuple[str, ...]:
 
 
 def profile_shapes(spec: ModelSpec, *, max_prompt: int, max_context: int, batch: int) -> Profile:
-    """name -> (min, opt, max) shapes of every dynamic input of the step graph."""
-    if not 1 <= max_context <= spec.max_positions:
-        raise InvalidArgument(
-            "MAX_CONTEXT_INVALID",
-            f"max_context must be in 1..{spec.max_positions}, got {max_context}",
-            field="max_context",
-        )
+    """name -> (min, opt, max) shapes of every dynamic input of the step graph
+    (max_context as `resolve_max_context` reads it: 0 is the model's positions)."""
+    max_context = resolve_max_context(spec, max_context)
     if not 1 <= max_prompt <= max_context:
         raise InvalidArgument(
             "OPTION_INVALID",

@@ -1,4 +1,6 @@
-"""The backend protocol, its result types, and the checks every backend shares.
+"""The backend protocol and the checks every backend shares. Its result types
+(`MemoryReport`, `GenerationResult`) are the serving contract, in
+`idealrt.core.serving_contract`.
 
 A backend loads one model on one stack and runs exact-length greedy generations, timing
 them itself (`idealrt.services.serving.timing`). Contract:
@@ -14,81 +16,26 @@ them itself (`idealrt.services.serving.timing`). Contract:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from idealrt.core.domain import StackSpec
-from idealrt.core.errors import Internal, InvalidArgument, ResourceExhausted, Unavailable
+from idealrt.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.timing import StepClock
 
 __all__ = [
     "Backend",
     "BackendFactory",
-    "GenerationResult",
-    "MemoryReport",
     "check_memory",
     "check_options",
     "choice_option",
     "clock_result",
     "device_memory",
     "resolve_device",
-    "resolve_max_context",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-    """Bytes after a load: what the model holds, and the device's total and free memory."""
-
-    weights_bytes: int
-    kv_cache_bytes: int
-    device_total_bytes: int
-    device_free_bytes: int
-    # Options the backend settled where the stack left the choice to it (e.g. pytorch's
-    # gemv=auto -> native or aten); the registry records them in the loaded model's stack.
-    resolved_options: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    """One exact-length generation, timed inside the backend.
-
-    output_ids: the tokens of the first batch row (every row has the same prompt).
-    prefill_ns: request start -> first output token; decode_ns[i]: end of token i+1 -> end
-    of token i+2 (output_tokens - 1 entries); total_ns = prefill_ns + sum(decode_ns).
-    Construction raises Internal(NONCONFORMING_GENERATION) when the counts disagree.
-    """
-
-    prompt_tokens: int
-    output_tokens: int
-    output_ids: tuple[int, ...]
-    prefill_ns: int
-    decode_ns: tuple[int, ...]
-    total_ns: int
-    start_time: datetime
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.prompt_tokens < 1:
-            problems.append(f"prompt_tokens={self.prompt_tokens} < 1")
-        if self.output_tokens < 1:
-            problems.append(f"output_tokens={self.output_tokens} < 1")
-        if len(self.output_ids) != self.output_tokens:
-            problems.append(f"{len(self.output_ids)} output ids for {self.output_tokens} tokens")
-        if len(self.decode_ns) != self.output_tokens - 1:
-            problems.append(f"{len(self.decode_ns)} decode steps for {self.output_tokens} tokens")
-        if self.total_ns != self.prefill_ns + sum(self.decode_ns):
-            problems.append("total_ns != prefill_ns + sum(decode_ns)")
-        if self.prefill_ns < 0 or any(d < 0 for d in self.decode_ns):
-            problems.append("negative duration")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} < 1")
-        if problems:
-            raise Internal("NONCONFORMING_GENERATION", "invalid generation: " + "; ".join(problems))
 
 
 class Backend(Protocol):
@@ -138,19 +85,6 @@ def choice_option(stack: StackSpec, key: str, choices: Sequence[str]) -> str:
             field="stack.options",
         )
     return value
-
-
-def resolve_max_context(spec: ModelSpec, max_context: int) -> int:
-    """The context a backend allocates for: `max_context`, 0 meaning the model's positions;
-    InvalidArgument(MAX_CONTEXT_INVALID, field max_context) outside 1..positions."""
-    max_context = max_context or spec.max_positions
-    if not 1 <= max_context <= spec.max_positions:
-        raise InvalidArgument(
-            "MAX_CONTEXT_INVALID",
-            f"max_context must be in 1..{spec.max_positions} (0 = that), got {max_context}",
-            field="max_context",
-        )
-    return max_context
 
 
 def resolve_device(device: str) -> Any:

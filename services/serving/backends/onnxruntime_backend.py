@@ -46,7 +46,8 @@ from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends._kv_buffers import KVBuffers
 from idealrt.services.serving.backends._onnx_cache import (
     CachedExport,
@@ -64,13 +65,10 @@ from idealrt.services.serving.backends._ort_session import (
     unavailable,
 )
 from idealrt.services.serving.backends.base import (
-    GenerationResult,
-    MemoryReport,
     check_memory,
     clock_result,
     device_memory,
     resolve_device,
-    resolve_max_context,
 )
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype

@@ -42,18 +42,16 @@ from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, check_fits_context, resolve_max_context
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends._onnx_cache import cache_root
 from idealrt.services.serving.backends.base import (
-    GenerationResult,
-    MemoryReport,
     check_memory,
     check_options,
     choice_option,
     clock_result,
     device_memory,
     resolve_device,
-    resolve_max_context,
 )
 from idealrt.services.serving.decoder import Decoder, build_decoder, planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.build import cache_bytes
@@ -142,12 +140,7 @@ def check_generation(
         raise InvalidArgument(
             "BATCH_SIZE_INVALID", f"batch_size must be >= 1, got {batch_size}", field="batch_size"
         )
-    if p + output_tokens > max_context:
-        raise InvalidArgument(
-            "CONTEXT_EXCEEDED",
-            f"prompt ({p}) + output_tokens ({output_tokens}) must be <= max_context {max_context}",
-            field="output_tokens",
-        )
+    check_fits_context(p, output_tokens, max_context)
     lo, hi = min(prompt_ids), max(prompt_ids)
     if lo < 0 or hi >= vocab:
         raise InvalidArgument(

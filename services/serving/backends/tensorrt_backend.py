@@ -46,7 +46,8 @@ from idealrt.core.errors import (
     InvalidArgument,
     Unavailable,
 )
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends import _trt_profiles as prof
 from idealrt.services.serving.backends._kv_buffers import DEFAULT_BUCKET, KVBuffers
 from idealrt.services.serving.backends._onnx_cache import (
@@ -57,8 +58,6 @@ from idealrt.services.serving.backends._onnx_cache import (
     int_option,
 )
 from idealrt.services.serving.backends.base import (
-    GenerationResult,
-    MemoryReport,
     check_memory,
     check_options,
     clock_result,
@@ -145,7 +144,7 @@ class TensorRTBackend:
             )
         opts = TrtOptions.parse(stack)
         dtype = torch_dtype(stack.dtype)
-        max_context = max_context or spec.max_positions
+        max_context = resolve_max_context(spec, max_context)
         profile = prof.profile_shapes(
             spec,
             max_prompt=opts.max_prompt or max(1, max_context - 1),

@@ -23,15 +23,13 @@ import torch
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends.base import (
-    GenerationResult,
-    MemoryReport,
     check_memory,
     clock_result,
     device_memory,
     resolve_device,
-    resolve_max_context,
 )
 from idealrt.services.serving.backends.pytorch_backend import (
     TorchOptions,

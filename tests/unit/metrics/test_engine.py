@@ -68,11 +68,11 @@ def test_intervals_after_a_restart_come_from_the_fits_own_options(store: Store) 
     first = MetricsEngine(store)
     cm = first.fit(pid, OPTIONS)
     assert store.get_cost_model(cm.id).fit_options == OPTIONS.to_record()
-    before = first.estimate(cm.id, PROMPTS, OUTPUTS, per_query=True)
+    before = first.estimate(cm.id, PROMPTS, OUTPUTS, per_query=True, intervals=True)
 
     restarted = MetricsEngine(store)  # nothing cached: replicates re-derived from the store
     assert len(restarted.replicates(store.get_cost_model(cm.id))) == OPTIONS.bootstrap
-    after = restarted.estimate(cm.id, PROMPTS, OUTPUTS, per_query=True)
+    after = restarted.estimate(cm.id, PROMPTS, OUTPUTS, per_query=True, intervals=True)
     assert before.low_s is not None and after.low_s is not None
     assert before.high_s is not None and after.high_s is not None
     np.testing.assert_array_equal(after.low_s, before.low_s)

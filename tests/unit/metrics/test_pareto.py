@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from idealrt.clients.cli._plots import plot_pareto
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import pareto as pareto_mod
-from idealrt.services.metrics.pareto import pareto_frontier, parse_accuracy_csv, plot_pareto
+from idealrt.services.metrics.pareto import pareto_frontier, parse_accuracy_csv
 
 CSV = """model,accuracy,notes
 tiny,0.30,fast

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from idealrt.core import catalog, paging
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import (
     FailedPrecondition,
@@ -21,9 +22,9 @@ from idealrt.core.errors import (
     ResourceExhausted,
     Unimplemented,
 )
-from idealrt.core.model_spec import ModelSpec
+from idealrt.core.model_spec import ModelSpec, check_fits_context, resolve_max_context
+from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving import registry as registry_mod
-from idealrt.services.serving.backends.base import GenerationResult, MemoryReport
 from idealrt.services.serving.registry import BackendTable, ModelRegistry, register_backend
 
 
@@ -176,6 +177,37 @@ def test_list_pages_in_load_order(fake_registry: ModelRegistry) -> None:
     with pytest.raises(InvalidArgument) as e:
         fake_registry.list(page_size=-1)
     assert e.value.field == "page_size"
+
+
+def test_page_tokens_are_the_shared_format(fake_registry: ModelRegistry) -> None:
+    """idealrt.core.paging's tokens, kind "models": a store token or a bad cursor is refused."""
+    for _ in range(3):
+        fake_registry.load(ModelRef(name="tiny-gpt2"), FAKE)
+    _, token = fake_registry.list(page_size=1)
+    assert paging.decode_token(token, "models", "") == [1]
+    for bad in (
+        paging.encode_token("profiles", "", [1]),
+        paging.encode_token("models", "", ["1"]),
+        paging.encode_token("models", "", [1, 2]),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            fake_registry.list(page_token=bad)
+        assert (e.value.reason, e.value.field) == ("PAGE_TOKEN_INVALID", "page_token")
+
+
+def test_max_context_checks_name_field_and_range() -> None:
+    spec = catalog.resolve("tiny-llama")
+    assert resolve_max_context(spec, 0) == spec.max_positions
+    assert resolve_max_context(spec, 7) == 7
+    for bad in (-1, spec.max_positions + 1):
+        with pytest.raises(InvalidArgument) as e:
+            resolve_max_context(spec, bad, field="max_context")
+        assert (e.value.reason, e.value.field) == ("MAX_CONTEXT_INVALID", "max_context")
+        assert "max_context" in e.value.message
+    check_fits_context(3, 5, 8)
+    with pytest.raises(InvalidArgument) as e:
+        check_fits_context(3, 6, 8)
+    assert (e.value.reason, e.value.field) == ("CONTEXT_EXCEEDED", "output_tokens")
 
 
 def test_page_size_is_capped(fake_registry: ModelRegistry) -> None:

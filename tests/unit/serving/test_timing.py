@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from idealrt.core.errors import Internal
-from idealrt.services.serving.backends.base import GenerationResult
+from idealrt.core.serving_contract import GenerationResult
 from idealrt.services.serving.timing import CpuTimer, CudaTimer, StepClock, timer_for
 
 

@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from idealrt.core import paging as _paging
 from idealrt.core.domain import (
     Backend,
     ContentionObservation,
@@ -18,7 +19,7 @@ from idealrt.core.domain import (
 )
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
-from idealrt.services.store import _paging, _serde
+from idealrt.services.store import _serde
 
 SPEC = ModelSpec(
     "tiny-llama",

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from idealrt.core import paging as _paging
 from idealrt.core.domain import ModelRef, Profile, ProfilePlan, StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from idealrt.services.store import _paging, _serde, repository, schema
+from idealrt.services.store import _serde, repository, schema
 from idealrt.services.store import url as url_module
 from idealrt.services.store.repository import open_store
 from idealrt.services.store.url import create_store_engine, parse_store_url

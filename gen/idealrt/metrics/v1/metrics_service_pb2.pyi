@@ -121,14 +121,16 @@ class WorkloadSummary(_message.Message):
     def __init__(self, count: _Optional[int] = ..., sum_seconds: _Optional[float] = ..., mean_seconds: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., out_of_domain: _Optional[int] = ..., sum_low_seconds: _Optional[float] = ..., sum_high_seconds: _Optional[float] = ...) -> None: ...
 
 class EstimateRuntimeRequest(_message.Message):
-    __slots__ = ("cost_model_id", "queries", "per_query")
+    __slots__ = ("cost_model_id", "queries", "per_query", "intervals")
     COST_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     PER_QUERY_FIELD_NUMBER: _ClassVar[int]
+    INTERVALS_FIELD_NUMBER: _ClassVar[int]
     cost_model_id: str
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     per_query: bool
-    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., per_query: _Optional[bool] = ...) -> None: ...
+    intervals: bool
+    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., per_query: _Optional[bool] = ..., intervals: _Optional[bool] = ...) -> None: ...
 
 class EstimateRuntimeResponse(_message.Message):
     __slots__ = ("estimates", "summary")
@@ -206,7 +208,7 @@ class ComputeCostRequest(_message.Message):
     def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accelerator: _Optional[str] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., max_context: _Optional[int] = ..., reserve_fraction: _Optional[float] = ..., power_of_two: _Optional[bool] = ..., price_per_hour_usd: _Optional[_Mapping[str, float]] = ..., grid_g_co2_per_kwh: _Optional[float] = ...) -> None: ...
 
 class ComputeCostResponse(_message.Message):
-    __slots__ = ("accelerators", "runtime_seconds", "accelerator_seconds", "dollars", "energy_joules", "energy_source", "co2_grams")
+    __slots__ = ("accelerators", "runtime_seconds", "accelerator_seconds", "dollars", "energy_joules", "energy_source", "co2_grams", "energy_error")
     ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACCELERATOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,7 @@ class ComputeCostResponse(_message.Message):
     ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     CO2_GRAMS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_ERROR_FIELD_NUMBER: _ClassVar[int]
     accelerators: int
     runtime_seconds: float
     accelerator_seconds: float
@@ -221,7 +224,8 @@ class ComputeCostResponse(_message.Message):
     energy_joules: float
     energy_source: str
     co2_grams: float
-    def __init__(self, accelerators: _Optional[int] = ..., runtime_seconds: _Optional[float] = ..., accelerator_seconds: _Optional[float] = ..., dollars: _Optional[float] = ..., energy_joules: _Optional[float] = ..., energy_source: _Optional[str] = ..., co2_grams: _Optional[float] = ...) -> None: ...
+    energy_error: str
+    def __init__(self, accelerators: _Optional[int] = ..., runtime_seconds: _Optional[float] = ..., accelerator_seconds: _Optional[float] = ..., dollars: _Optional[float] = ..., energy_joules: _Optional[float] = ..., energy_source: _Optional[str] = ..., co2_grams: _Optional[float] = ..., energy_error: _Optional[str] = ...) -> None: ...
 
 class ComputeRooflineRequest(_message.Message):
     __slots__ = ("model_spec", "dtype", "accelerator", "peak_flops", "bandwidth_bytes_per_second", "prompt_tokens", "contexts", "cost_model_id")
@@ -329,3 +333,42 @@ class ImportHelmResponse(_message.Message):
     COST_MODELS_FIELD_NUMBER: _ClassVar[int]
     cost_models: _containers.RepeatedCompositeFieldContainer[_resources_pb2.CostModel]
     def __init__(self, cost_models: _Optional[_Iterable[_Union[_resources_pb2.CostModel, _Mapping]]] = ...) -> None: ...
+
+class ComputeParetoRequest(_message.Message):
+    __slots__ = ("cost_model_ids", "queries", "accuracy_csv")
+    class CostModelIdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COST_MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_CSV_FIELD_NUMBER: _ClassVar[int]
+    cost_model_ids: _containers.ScalarMap[str, str]
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    accuracy_csv: str
+    def __init__(self, cost_model_ids: _Optional[_Mapping[str, str]] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accuracy_csv: _Optional[str] = ...) -> None: ...
+
+class ParetoPoint(_message.Message):
+    __slots__ = ("model", "cost_seconds", "accuracy", "on_frontier")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ON_FRONTIER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    cost_seconds: float
+    accuracy: float
+    on_frontier: bool
+    def __init__(self, model: _Optional[str] = ..., cost_seconds: _Optional[float] = ..., accuracy: _Optional[float] = ..., on_frontier: _Optional[bool] = ...) -> None: ...
+
+class ComputeParetoResponse(_message.Message):
+    __slots__ = ("rows", "missing_cost", "missing_accuracy")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_COST_FIELD_NUMBER: _ClassVar[int]
+    MISSING_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[ParetoPoint]
+    missing_cost: _containers.RepeatedScalarFieldContainer[str]
+    missing_accuracy: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rows: _Optional[_Iterable[_Union[ParetoPoint, _Mapping]]] = ..., missing_cost: _Optional[_Iterable[str]] = ..., missing_accuracy: _Optional[_Iterable[str]] = ...) -> None: ...

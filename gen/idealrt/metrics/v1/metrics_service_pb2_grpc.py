@@ -80,6 +80,11 @@ class MetricsServiceStub:
                 request_serializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsRequest.SerializeToString,
                 response_deserializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsResponse.FromString,
                 _registered_method=True)
+        self.ComputePareto = channel.unary_unary(
+                '/idealrt.metrics.v1.MetricsService/ComputePareto',
+                request_serializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoRequest.SerializeToString,
+                response_deserializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoResponse.FromString,
+                _registered_method=True)
         self.ExportHelm = channel.unary_unary(
                 '/idealrt.metrics.v1.MetricsService/ExportHelm',
                 request_serializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ExportHelmRequest.SerializeToString,
@@ -159,6 +164,13 @@ class MetricsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputePareto(self, request, context):
+        """Joins accuracies with workload runtimes and flags the efficiency-capability frontier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportHelm(self, request, context):
         """Exports cost models in HELM's efficiency JSON format.
         """
@@ -220,6 +232,11 @@ def add_MetricsServiceServicer_to_server(servicer, server):
                     servicer.CompareCostModels,
                     request_deserializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsRequest.FromString,
                     response_serializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsResponse.SerializeToString,
+            ),
+            'ComputePareto': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputePareto,
+                    request_deserializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoRequest.FromString,
+                    response_serializer=idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoResponse.SerializeToString,
             ),
             'ExportHelm': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportHelm,
@@ -476,6 +493,33 @@ class MetricsService:
             '/idealrt.metrics.v1.MetricsService/CompareCostModels',
             idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsRequest.SerializeToString,
             idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.CompareCostModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputePareto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/idealrt.metrics.v1.MetricsService/ComputePareto',
+            idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoRequest.SerializeToString,
+            idealrt_dot_metrics_dot_v1_dot_metrics__service__pb2.ComputeParetoResponse.FromString,
             options,
             channel_credentials,
             insecure,

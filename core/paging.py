@@ -1,9 +1,11 @@
-"""Page sizes and opaque page tokens for the store's List calls (AIP-158).
+"""Page sizes and opaque page tokens for every List call (AIP-158): the store's listings
+and the serving registry's loaded models share this one format.
 
-A token is url-safe base64 of a small JSON object: the listing it belongs to (kind and
-filter) and the keyset cursor (the last row's sort key). Keyset, not offset, so a page never
-repeats or skips a row that existed when listing began, whatever is inserted meanwhile.
-A token from another listing, another filter or garbage is InvalidArgument(page_token).
+A token is url-safe base64 of a small JSON object: a format version, the listing it belongs
+to (kind and filter) and the keyset cursor (the last item's sort key). Keyset, not offset,
+so a page never repeats or skips an item that existed when listing began, whatever is
+inserted meanwhile. A token from another listing, another filter or garbage is
+InvalidArgument(PAGE_TOKEN_INVALID, field page_token).
 """
 
 from __future__ import annotations
