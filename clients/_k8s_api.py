@@ -7,6 +7,19 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from idealrt.clients.reasons import (
+    JOB_ALREADY_EXISTS,
+    K8S_CLIENT_MISSING,
+    K8S_CONFIG_MISSING,
+    K8S_FORBIDDEN,
+    K8S_INVALID,
+    K8S_NOT_FOUND,
+    K8S_QUOTA_EXCEEDED,
+    K8S_REJECTED,
+    K8S_UNAUTHORIZED,
+    K8S_UNAVAILABLE,
+    K8S_UNREACHABLE,
+)
 from idealrt.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -41,7 +54,7 @@ def _kubernetes() -> Any:
         import kubernetes.watch
     except ImportError as exc:
         raise FailedPrecondition(
-            "K8S_CLIENT_MISSING", "the Kubernetes client is not installed: pip install idealrt[k8s]"
+            K8S_CLIENT_MISSING, "the Kubernetes client is not installed: pip install idealrt[k8s]"
         ) from exc
     return kubernetes
 
@@ -56,7 +69,7 @@ def batch_api() -> BatchApi:
             k8s.config.load_kube_config()
         except (k8s.config.ConfigException, OSError) as exc:
             raise FailedPrecondition(
-                "K8S_CONFIG_MISSING",
+                K8S_CONFIG_MISSING,
                 "no Kubernetes configuration: not running in a cluster "
                 "and no usable kubeconfig (KUBECONFIG or ~/.kube/config)",
             ) from exc
@@ -93,7 +106,7 @@ def map_api_error(exc: BaseException, what: str) -> IdealrtError | None:
         return _status_error(status, _status_body(exc), str(getattr(exc, "reason", "") or ""), what)
     if _is_connection_error(exc):
         return Unavailable(
-            "K8S_UNREACHABLE",
+            K8S_UNREACHABLE,
             f"{what}: the Kubernetes API is unreachable ({type(exc).__name__}: {exc})",
         )
     return None
@@ -104,25 +117,25 @@ def _status_error(status: int, body: Mapping[str, Any], reason: str, what: str) 
     detail = str(body.get("message") or reason)
     message = f"{what}: HTTP {status} {detail}".rstrip()
     if status == 409:
-        return AlreadyExists("JOB_ALREADY_EXISTS", message, field="name")
+        return AlreadyExists(JOB_ALREADY_EXISTS, message, field="name")
     if status == 404:
-        return NotFound("K8S_NOT_FOUND", message)
+        return NotFound(K8S_NOT_FOUND, message)
     if status == 403 and "exceeded quota" in detail:
-        return ResourceExhausted("K8S_QUOTA_EXCEEDED", message)
+        return ResourceExhausted(K8S_QUOTA_EXCEEDED, message)
     if status == 403:
         return FailedPrecondition(
-            "K8S_FORBIDDEN",
+            K8S_FORBIDDEN,
             f"{message} (the launcher needs create, "
             "get, list and watch on jobs.batch: k8s/base/rbac.yaml)",
         )
     if status == 401:
-        return FailedPrecondition("K8S_UNAUTHORIZED", message)
+        return FailedPrecondition(K8S_UNAUTHORIZED, message)
     if status in (400, 422):
         causes = (body.get("details") or {}).get("causes") or [{}]
-        return InvalidArgument("K8S_INVALID", message, field=str(causes[0].get("field", "")))
+        return InvalidArgument(K8S_INVALID, message, field=str(causes[0].get("field", "")))
     if status in (0, 410, 429) or status >= 500:
-        return Unavailable("K8S_UNAVAILABLE", message)
-    return FailedPrecondition("K8S_REJECTED", message)
+        return Unavailable(K8S_UNAVAILABLE, message)
+    return FailedPrecondition(K8S_REJECTED, message)
 
 
 def _as_dict(api: Any, obj: Any) -> dict[str, Any]:

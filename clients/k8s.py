@@ -48,6 +48,7 @@ from idealrt.clients._k8s_spec import (  # the constants are re-exported, unused
     _bad,
     parse_quantity,
 )
+from idealrt.clients.reasons import JOB_DELETED, JOB_NOT_FOUND
 from idealrt.core.errors import NotFound, Unavailable
 
 __all__ = [
@@ -145,7 +146,7 @@ def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 36
                     namespace, field_selector=selector, _request_timeout=request_timeout_s))
                 items = listed.get("items") or []
                 if not items:
-                    raise NotFound("JOB_NOT_FOUND", f"{what} does not exist", field="name")
+                    raise NotFound(JOB_NOT_FOUND, f"{what} does not exist", field="name")
                 job, version = items[0], str(listed["metadata"]["resourceVersion"])
                 if (outcome := _outcome(job, name, namespace)).finished:
                     return outcome
@@ -169,7 +170,7 @@ def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 36
                         break
                     raise _status_error(int(obj.get("code") or 0), obj, "", what)
                 if event["type"] == "DELETED":
-                    raise NotFound("JOB_DELETED", f"{what} was deleted before it finished",
+                    raise NotFound(JOB_DELETED, f"{what} was deleted before it finished",
                                    field="name")
                 if event["type"] in ("ADDED", "MODIFIED"):
                     job = obj

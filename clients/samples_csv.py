@@ -12,6 +12,7 @@ import csv
 import io
 from collections.abc import Iterable
 
+from idealrt.clients.reasons import CSV_COLUMNS_MISSING, CSV_EMPTY, CSV_VALUE_INVALID
 from idealrt.core.domain import Sample
 from idealrt.core.errors import InvalidArgument
 
@@ -26,13 +27,13 @@ def _int(row: dict[str, str], col: str, line: int, minimum: int) -> int:
         value = int(raw)
     except ValueError:
         raise InvalidArgument(
-            "CSV_VALUE_INVALID",
+            CSV_VALUE_INVALID,
             f"line {line}: column {col} must be an integer >= {minimum}, got {raw!r}",
             field=col,
         ) from None
     if value < minimum:
         raise InvalidArgument(
-            "CSV_VALUE_INVALID",
+            CSV_VALUE_INVALID,
             f"line {line}: column {col} must be >= {minimum}, got {value}",
             field=col,
         )
@@ -46,7 +47,7 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
     if missing or not ({"decode_ns", "total_ns"} & cols):
         need = missing + ([] if {"decode_ns", "total_ns"} & cols else ["decode_ns or total_ns"])
         raise InvalidArgument(
-            "CSV_COLUMNS_MISSING",
+            CSV_COLUMNS_MISSING,
             f"CSV header lacks {', '.join(need)}; have {sorted(cols)}",
             field="header",
         )
@@ -62,13 +63,13 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
                 steps = tuple(int(x) for x in raw_steps.split(";") if x.strip())
             except ValueError:
                 raise InvalidArgument(
-                    "CSV_VALUE_INVALID",
+                    CSV_VALUE_INVALID,
                     f"line {line}: decode_ns must be ';'-joined integers",
                     field="decode_ns",
                 ) from None
             if len(steps) != o - 1 or any(s <= 0 for s in steps):
                 raise InvalidArgument(
-                    "CSV_VALUE_INVALID",
+                    CSV_VALUE_INVALID,
                     f"line {line}: decode_ns must hold output_tokens-1 = {o - 1} positive step "
                     f"times, got {len(steps)}",
                     field="decode_ns",
@@ -77,11 +78,11 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
         total = _int(row, "total_ns", line, 1) if raw_total else prefill + sum(steps)
         if not raw_steps and not raw_total and not (o == 1 and "decode_ns" in cols):
             raise InvalidArgument(
-                "CSV_VALUE_INVALID", f"line {line}: give decode_ns or total_ns", field="total_ns"
+                CSV_VALUE_INVALID, f"line {line}: give decode_ns or total_ns", field="total_ns"
             )
         if total < prefill + sum(steps):
             raise InvalidArgument(
-                "CSV_VALUE_INVALID",
+                CSV_VALUE_INVALID,
                 f"line {line}: total_ns {total} is less than prefill_ns + sum(decode_ns) "
                 f"= {prefill + sum(steps)}",
                 field="total_ns",
@@ -100,5 +101,5 @@ def read_samples_csv(text: str | Iterable[str]) -> list[Sample]:
             )
         )
     if not out:
-        raise InvalidArgument("CSV_EMPTY", "the CSV file has no rows", field="file")
+        raise InvalidArgument(CSV_EMPTY, "the CSV file has no rows", field="file")
     return out

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.fingerprint import current_affinity
+from idealrt.core.reasons import CPU_CORES_INVALID
 
 __all__ = ["parse_cores", "pin_to_cores"]
 
@@ -27,7 +28,7 @@ def parse_cores(text: str) -> frozenset[int]:
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
             raise InvalidArgument(
-                "CPU_CORES_INVALID",
+                CPU_CORES_INVALID,
                 f"cpu core list {text!r} is not like '0-3,6' (ascending ranges of core ids)",
                 field="cpu_cores",
             )
@@ -36,7 +37,7 @@ def parse_cores(text: str) -> frozenset[int]:
         cores.update(range(lo, hi + 1))
     if not cores:
         raise InvalidArgument(
-            "CPU_CORES_INVALID", f"cpu core list {text!r} names no core", field="cpu_cores"
+            CPU_CORES_INVALID, f"cpu core list {text!r} names no core", field="cpu_cores"
         )
     return frozenset(cores)
 

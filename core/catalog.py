@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+from idealrt.core.reasons import UNKNOWN_MODEL
 
 __all__ = ["ALIASES", "CATALOG", "names", "resolve"]
 
@@ -200,7 +201,7 @@ def resolve(name: str) -> ModelSpec:
     hit = _FOLDED.get(key) or _FOLDED.get(key.rsplit("/", 1)[-1])
     if hit is None:
         raise InvalidArgument(
-            "UNKNOWN_MODEL",
+            UNKNOWN_MODEL,
             f"unknown model {name!r}; known models: {', '.join(names())}",
             field="model.name",
         )

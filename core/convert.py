@@ -17,6 +17,7 @@ from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+from idealrt.core.reasons import MODEL_REQUIRED
 
 __all__ = [
     "cost_model_from_pb",
@@ -165,7 +166,7 @@ def model_ref_from_pb(m: cpb.ModelRef, field: str = "model") -> d.ModelRef:
     spec = spec_from_pb(m.spec, f"{field}.spec") if m.HasField("spec") else None
     if spec is None and not m.name and not m.weights_path:
         raise InvalidArgument(
-            "MODEL_REQUIRED",
+            MODEL_REQUIRED,
             f"{field}: give a catalog name, a spec or a weights_path",
             field=f"{field}.name",
         )

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import DTYPE_UNSUPPORTED, UNKNOWN_ACCELERATOR
 
 __all__ = ["ACCELERATORS", "Accelerator", "accelerator", "match_device_name"]
 
@@ -46,7 +47,7 @@ class Accelerator:
             return self.peak_flops[dtype]
         except KeyError:
             raise InvalidArgument(
-                "DTYPE_UNSUPPORTED",
+                DTYPE_UNSUPPORTED,
                 f"{self.name} has no peak for dtype {dtype!r}; known: {sorted(self.peak_flops)}",
                 field="stack.dtype",
             ) from None
@@ -97,7 +98,7 @@ def accelerator(name: str) -> Accelerator:
     found = _FOLDED.get(name.strip().lower())
     if found is None:
         raise InvalidArgument(
-            "UNKNOWN_ACCELERATOR",
+            UNKNOWN_ACCELERATOR,
             f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}",
             field="accelerator",
         )

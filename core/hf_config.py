@@ -17,6 +17,12 @@ from typing import Any
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+from idealrt.core.reasons import (
+    CONFIG_INVALID,
+    CONFIG_NOT_FOUND,
+    CONFIG_UNSUPPORTED,
+    UNSUPPORTED_MODEL_TYPE,
+)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_hf_config", "spec_from_hf_config"]
 
@@ -31,7 +37,7 @@ _ACTIVATIONS: dict[str, Activation] = {
 
 
 def _unsupported(key: str, message: str) -> InvalidArgument:
-    return InvalidArgument("CONFIG_UNSUPPORTED", message, field=f"{FIELD}.{key}")
+    return InvalidArgument(CONFIG_UNSUPPORTED, message, field=f"{FIELD}.{key}")
 
 
 _REQUIRED = object()
@@ -44,7 +50,7 @@ def _get(cfg: Mapping[str, Any], *keys: str, default: Any = _REQUIRED) -> Any:
             return cfg[k]
     if default is _REQUIRED:
         raise InvalidArgument(
-            "CONFIG_INVALID",
+            CONFIG_INVALID,
             f"config of model_type {cfg.get('model_type')!r} lacks {' or '.join(keys)}",
             field=f"{FIELD}.{keys[0]}",
         )
@@ -217,16 +223,16 @@ def load_hf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         p = p / "config.json"
     if not p.is_file():
         raise InvalidArgument(
-            "CONFIG_NOT_FOUND",
+            CONFIG_NOT_FOUND,
             f"no Hugging Face config at {str(p)!r}: pass a config.json or a model directory",
             field=FIELD,
         )
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument("CONFIG_INVALID", f"cannot read {str(p)!r}: {e}", field=FIELD) from e
+        raise InvalidArgument(CONFIG_INVALID, f"cannot read {str(p)!r}: {e}", field=FIELD) from e
     if not isinstance(data, dict):
-        raise InvalidArgument("CONFIG_INVALID", f"{str(p)!r} is not a JSON object", field=FIELD)
+        raise InvalidArgument(CONFIG_INVALID, f"{str(p)!r} is not a JSON object", field=FIELD)
     return data
 
 
@@ -241,7 +247,7 @@ def spec_from_hf_config(
     builder = _BUILDERS.get(model_type) if isinstance(model_type, str) else None
     if builder is None:
         raise InvalidArgument(
-            "UNSUPPORTED_MODEL_TYPE",
+            UNSUPPORTED_MODEL_TYPE,
             f"model_type {model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}",
             field=FIELD,
@@ -250,5 +256,5 @@ def spec_from_hf_config(
         return builder(cfg, name or str(cfg.get("_name_or_path") or model_type))
     except (TypeError, ValueError) as e:  # e.g. "n_layer": "twelve"
         raise InvalidArgument(
-            "CONFIG_INVALID", f"malformed {model_type} config: {e}", field=FIELD
+            CONFIG_INVALID, f"malformed {model_type} config: {e}", field=FIELD
         ) from e

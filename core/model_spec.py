@@ -32,6 +32,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import (
+    CONTEXT_EXCEEDED,
+    DTYPE_INVALID,
+    MAX_CONTEXT_INVALID,
+    MODEL_SPEC_INVALID,
+)
 
 __all__ = [
     "DTYPE_BYTES",
@@ -46,7 +52,7 @@ __all__ = [
     "resolve_max_context",
 ]
 
-REASON = "MODEL_SPEC_INVALID"
+REASON = MODEL_SPEC_INVALID  # of every spec error
 FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "bloom")
 
 
@@ -77,7 +83,7 @@ def dtype_bytes(dtype: str) -> int:
         return DTYPE_BYTES[dtype]
     except KeyError:
         raise InvalidArgument(
-            "DTYPE_INVALID",
+            DTYPE_INVALID,
             f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}",
             field="dtype",
         ) from None
@@ -377,7 +383,7 @@ def check_max_context(requested: int, field: str = "max_context") -> int:
     caller's convention)."""
     if requested < 0:
         raise InvalidArgument(
-            "MAX_CONTEXT_INVALID",
+            MAX_CONTEXT_INVALID,
             f"{field} must be >= 0 tokens, got {requested}",
             field=field,
         )
@@ -391,7 +397,7 @@ def resolve_max_context(spec: ModelSpec, requested: int, field: str = "max_conte
     positions = spec.max_positions
     if requested > positions:
         raise InvalidArgument(
-            "MAX_CONTEXT_INVALID",
+            MAX_CONTEXT_INVALID,
             f"{field} must be in 0..{positions} (0 = the model's {positions} positions), "
             f"got {requested}",
             field=field,
@@ -407,7 +413,7 @@ def check_fits_context(
     total = prompt_tokens + output_tokens
     if total > max_context:
         raise InvalidArgument(
-            "CONTEXT_EXCEEDED",
+            CONTEXT_EXCEEDED,
             f"prompt ({prompt_tokens}) + output_tokens ({output_tokens}) = {total} exceeds "
             f"the model's max_context {max_context}",
             field=field,

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import PAGE_SIZE_INVALID, PAGE_TOKEN_INVALID
 
 __all__ = ["decode_token", "encode_token", "invalid_token", "page_size"]
 
@@ -27,7 +28,7 @@ def page_size(requested: object, default: int, maximum: int) -> int:
     refuse); negative or not an int -> InvalidArgument(page_size)."""
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
         raise InvalidArgument(
-            "PAGE_SIZE_INVALID",
+            PAGE_SIZE_INVALID,
             f"page_size must be an integer >= 0 (0 means {default}, at most {maximum}), "
             f"got {requested!r}",
             field="page_size",
@@ -45,7 +46,7 @@ def encode_token(kind: str, filt: str, cursor: list[Any]) -> str:
 def invalid_token(
     message: str = "page_token is not a token this service issued",
 ) -> InvalidArgument:
-    return InvalidArgument("PAGE_TOKEN_INVALID", message, field="page_token")
+    return InvalidArgument(PAGE_TOKEN_INVALID, message, field="page_token")
 
 
 def decode_token(token: object, kind: str, filt: str) -> list[Any] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from idealrt.core.domain import ProfilePlan
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import OUTPUT_TOKENS_INVALID, PROMPT_TOKENS_INVALID
 
 __all__ = ["ECONOMICAL_FRACTIONS", "economical_plan", "economical_prompt_sizes"]
 
@@ -25,7 +26,7 @@ def economical_prompt_sizes(max_prompt_tokens: int) -> tuple[int, ...]:
     960); fewer sizes when max_prompt_tokens is small. InvalidArgument below 1."""
     if max_prompt_tokens < 1:
         raise InvalidArgument(
-            "PROMPT_TOKENS_INVALID",
+            PROMPT_TOKENS_INVALID,
             f"the largest prompt size must be >= 1, got {max_prompt_tokens}",
             field="plan.prompt_tokens",
         )
@@ -41,7 +42,7 @@ def economical_plan(
     `max_output_tokens` (see the module docstring)."""
     if max_output_tokens < 1:
         raise InvalidArgument(
-            "OUTPUT_TOKENS_INVALID",
+            OUTPUT_TOKENS_INVALID,
             f"the largest output length must be >= 1, got {max_output_tokens}",
             field="plan.output_tokens",
         )

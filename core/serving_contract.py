@@ -13,6 +13,7 @@ from datetime import datetime
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import Internal
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import NONCONFORMING_GENERATION
 
 __all__ = ["GenerationResult", "LoadedModel", "MemoryReport"]
 
@@ -66,7 +67,7 @@ class GenerationResult:
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} < 1")
         if problems:
-            raise Internal("NONCONFORMING_GENERATION", "invalid generation: " + "; ".join(problems))
+            raise Internal(NONCONFORMING_GENERATION, "invalid generation: " + "; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from idealrt.clients.cli._render import console, cost_model_rows, emit_json, ms, print_table
 from idealrt.clients.cli._session import Session
+from idealrt.clients.reasons import COST_MODEL_INVALID
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
 
 __all__ = [
     "cmd_compare",
@@ -38,7 +40,7 @@ def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
                 os_.append(int(q["output_tokens"]))
             except (ValueError, KeyError, TypeError):
                 raise InvalidArgument(
-                    "QUERIES_INVALID",
+                    QUERIES_INVALID,
                     f"{args.queries}:{n}: expected a JSON object with integer prompt_tokens and "
                     "output_tokens",
                     field="queries",
@@ -46,7 +48,7 @@ def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
         return ps, os_
     if args.prompt_tokens is None or args.output_tokens is None:
         raise InvalidArgument(
-            "QUERIES_REQUIRED",
+            QUERIES_REQUIRED,
             "give --prompt-tokens P --output-tokens O, or --queries FILE.jsonl",
             field="queries",
         )
@@ -58,7 +60,7 @@ def read_queries(args: argparse.Namespace) -> tuple[list[int], list[int]]:
             os_ = os_ * len(ps)
         else:
             raise InvalidArgument(
-                "QUERIES_INVALID",
+                QUERIES_INVALID,
                 "--prompt-tokens and --output-tokens need equal lengths",
                 field="output_tokens",
             )
@@ -301,7 +303,7 @@ def cmd_pareto(args: argparse.Namespace, s: Session) -> int:
         name, sep, cid = item.partition("=")
         if not sep:
             raise InvalidArgument(
-                "COST_MODEL_INVALID",
+                COST_MODEL_INVALID,
                 f"--cost-model takes MODEL=ID, got {item!r}",
                 field="cost_model",
             )

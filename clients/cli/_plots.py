@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from idealrt.clients.reasons import NOTHING_TO_PLOT, PLOT_EXTRA_MISSING
 from idealrt.core.errors import FailedPrecondition
 
 __all__ = ["plot_pareto"]
@@ -44,13 +45,13 @@ def plot_pareto(
         from matplotlib.figure import Figure
     except ImportError:
         raise FailedPrecondition(
-            "PLOT_EXTRA_MISSING",
+            PLOT_EXTRA_MISSING,
             "plotting needs matplotlib: pip install idealrt[plot]",
             field="plot",
         ) from None
     if not result.rows:
         raise FailedPrecondition(
-            "NOTHING_TO_PLOT", "no model has both an accuracy and a cost", field="accuracy_csv"
+            NOTHING_TO_PLOT, "no model has both an accuracy and a cost", field="accuracy_csv"
         )
     fig = Figure(figsize=(7.0, 4.5), dpi=120)
     FigureCanvasAgg(fig)

@@ -25,6 +25,7 @@ from idealrt.core.domain import (
 )
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.plans import economical_plan
+from idealrt.core.reasons import MODEL_REQUIRED, OPTION_INVALID
 
 __all__ = [
     "build_profile",
@@ -43,7 +44,7 @@ def _options(items: list[str] | None, field: str = "stack.options") -> dict[str,
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidArgument(
-                "OPTION_INVALID", f"options take KEY=VALUE, got {item!r}", field=field
+                OPTION_INVALID, f"options take KEY=VALUE, got {item!r}", field=field
             )
         out[key] = value
     return out
@@ -60,7 +61,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
     elif args.model:
         model = ModelRef(name=args.model, seed=args.seed, weights_path=args.weights or "")
     else:
-        raise InvalidArgument("MODEL_REQUIRED", "give --model NAME or --config PATH", field="model")
+        raise InvalidArgument(MODEL_REQUIRED, "give --model NAME or --config PATH", field="model")
     stack = StackSpec(
         backend=Backend(args.backend),
         device=args.device,

@@ -25,6 +25,7 @@ from idealrt.core.costmodel.fit import (
 from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, IdealrtError
+from idealrt.core.reasons import NO_BOOTSTRAP_REPLICATES
 
 __all__ = [
     "bootstrap_models",
@@ -108,7 +109,7 @@ def predict_interval(
     predict_runtime, over the bootstrap replicates."""
     if not replicates:
         raise FailedPrecondition(
-            "NO_BOOTSTRAP_REPLICATES",
+            NO_BOOTSTRAP_REPLICATES,
             "prediction intervals need bootstrap replicates: fit with options.bootstrap > 0",
             field="options.bootstrap",
         )

@@ -28,6 +28,14 @@ import numpy.typing as npt
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
+from idealrt.core.reasons import (
+    PERCENTILE_OUT_OF_RANGE,
+    QUERIES_SHAPE_INVALID,
+    QUERIES_TYPE_INVALID,
+    QUERY_TOKENS_INVALID,
+    WORKLOAD_EMPTY,
+    WORKLOAD_TOO_LARGE,
+)
 
 __all__ = [
     "DEFAULT_PERCENTILES",
@@ -64,7 +72,7 @@ def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
     for q in out:
         if not (0.0 <= q <= 100.0) or math.isnan(q):
             raise InvalidArgument(
-                "PERCENTILE_OUT_OF_RANGE",
+                PERCENTILE_OUT_OF_RANGE,
                 f"percentiles must lie in [0, 100], got {q}",
                 field="percentiles",
             )
@@ -77,7 +85,7 @@ def _as_tokens(values: npt.ArrayLike, name: str, offset: int) -> IntArray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise InvalidArgument(
-            "QUERIES_SHAPE_INVALID",
+            QUERIES_SHAPE_INVALID,
             f"{name} must be a 1-D sequence of token counts, got shape {arr.shape}",
             field=f"queries.{name}",
         )
@@ -90,14 +98,14 @@ def _as_tokens(values: npt.ArrayLike, name: str, offset: int) -> IntArray:
         bad = ~(arr >= 1) | (arr != np.floor(arr)) | ~np.isfinite(arr)
     else:
         raise InvalidArgument(
-            "QUERIES_TYPE_INVALID",
+            QUERIES_TYPE_INVALID,
             f"{name} must be integers, got dtype {arr.dtype}",
             field=f"queries.{name}",
         )
     if bad.any():
         i = int(np.argmax(bad))
         raise InvalidArgument(
-            "QUERY_TOKENS_INVALID",
+            QUERY_TOKENS_INVALID,
             f"queries[{offset + i}].{name} must be an integer >= 1, got {arr[i]!r}",
             field=f"queries[{offset + i}].{name}",
         )
@@ -113,7 +121,7 @@ def validate_queries(
     oa = _as_tokens(o, "output_tokens", offset)
     if pa.shape != oa.shape:
         raise InvalidArgument(
-            "QUERIES_SHAPE_INVALID",
+            QUERIES_SHAPE_INVALID,
             f"prompt_tokens and output_tokens differ in length ({pa.size} vs {oa.size})",
             field="queries",
         )
@@ -141,7 +149,7 @@ def _summarise(
     n = int(runtimes.size)
     if n == 0:
         raise InvalidArgument(
-            "WORKLOAD_EMPTY", "a workload needs at least one query", field="queries"
+            WORKLOAD_EMPTY, "a workload needs at least one query", field="queries"
         )
     pct = np.percentile(runtimes, percentiles) if percentiles else np.zeros(0)
     return WorkloadEstimate(
@@ -207,7 +215,7 @@ class WorkloadAccumulator:
             return
         if self._count + pa.size > self._max:
             raise ResourceExhausted(
-                "WORKLOAD_TOO_LARGE",
+                WORKLOAD_TOO_LARGE,
                 f"a streamed workload may hold at most {self._max} queries; "
                 f"split it or estimate it in parts",
                 field="queries",

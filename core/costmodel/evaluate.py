@@ -26,6 +26,7 @@ from idealrt.core.costmodel.fit import (
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, FitQuality, Sample
 from idealrt.core.errors import FailedPrecondition, IdealrtError
+from idealrt.core.reasons import NO_HELDOUT_SAMPLES, NOT_ENOUGH_SAMPLES
 
 __all__ = [
     "compare_to_helm",
@@ -74,7 +75,7 @@ def heldout_quality(
     held = usable_samples(samples, heldout=True)
     if not held:
         raise FailedPrecondition(
-            "NO_HELDOUT_SAMPLES",
+            NO_HELDOUT_SAMPLES,
             "held-out error needs samples measured with heldout=True (a holdout grid in the"
             " profile plan); use k-fold cross-validation otherwise",
             field="samples",
@@ -162,7 +163,7 @@ def helm_table(
         )
         if per is None or per.size == 0:
             raise FailedPrecondition(
-                "NOT_ENOUGH_SAMPLES",
+                NOT_ENOUGH_SAMPLES,
                 "a HELM table needs decode-step or prefill times and samples with o >= 2",
                 field="samples",
             )
@@ -190,7 +191,7 @@ def compare_to_helm(
     ev = usable_samples(samples_eval, heldout=None)
     if not fit or not ev:
         raise FailedPrecondition(
-            "NOT_ENOUGH_SAMPLES",
+            NOT_ENOUGH_SAMPLES,
             f"comparison needs usable fit and evaluation samples (got {len(fit)} and {len(ev)})",
             field="samples",
         )

@@ -47,6 +47,7 @@ from idealrt.core.costmodel import robust as rb
 from idealrt.core.costmodel.options import FitOptions
 from idealrt.core.domain import CostModel, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.reasons import MIXED_BATCH_SIZES, NOT_ENOUGH_SAMPLES
 
 __all__ = [
     "DEFAULT_FIT_OPTIONS",
@@ -85,7 +86,7 @@ def usable_samples(samples: Sequence[Sample], *, heldout: bool | None = False) -
 
 
 def _not_enough(message: str) -> FailedPrecondition:
-    return FailedPrecondition("NOT_ENOUGH_SAMPLES", message, field="profile_id")
+    return FailedPrecondition(NOT_ENOUGH_SAMPLES, message, field="profile_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class FitData:
         batches = {s.batch_size for s in samples}
         if len(batches) > 1:
             raise InvalidArgument(
-                "MIXED_BATCH_SIZES",
+                MIXED_BATCH_SIZES,
                 f"a cost model is fitted at one batch size; samples have {sorted(batches)}",
                 field="samples",
             )

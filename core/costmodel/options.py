@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.reasons import INVALID_FIT_OPTIONS
 
 __all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "FitOptions"]
 
@@ -49,7 +50,7 @@ class FitOptions:
         def bad(name: str, what: str) -> InvalidArgument:
             value = getattr(self, name)
             return InvalidArgument(
-                "INVALID_FIT_OPTIONS",
+                INVALID_FIT_OPTIONS,
                 f"{name} must be {what}, got {value!r}",
                 field=f"options.{name}",
             )

@@ -29,6 +29,13 @@ from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.reasons import WORKLOAD_EMPTY
+from idealrt.services.metrics.reasons import (
+    CONFIDENCE_INVALID,
+    COST_MODEL_DEGENERATE,
+    N_BOOT_INVALID,
+    NOT_ENOUGH_REPLICATES,
+)
 
 __all__ = ["MIN_REPLICATES", "Comparison", "compare", "compare_fits"]
 
@@ -56,7 +63,7 @@ class _Workload:
         pa, oa = validate_queries(p, o)
         if pa.size == 0:
             raise InvalidArgument(
-                "WORKLOAD_EMPTY", "a workload needs at least one query", field="queries"
+                WORKLOAD_EMPTY, "a workload needs at least one query", field="queries"
             )
         key = pa * (int(oa.max()) + 1) + oa
         _, idx, counts = np.unique(key, return_index=True, return_counts=True)
@@ -81,14 +88,14 @@ def compare_fits(
     """Ratio of A's to B's total workload runtime, with the bootstrap percentile interval."""
     if not 0.0 < confidence < 1.0:
         raise InvalidArgument(
-            "CONFIDENCE_INVALID",
+            CONFIDENCE_INVALID,
             f"confidence must be in (0, 1), got {confidence}",
             field="confidence",
         )
     for name, reps in (("a", a_replicates), ("b", b_replicates)):
         if len(reps) < MIN_REPLICATES:
             raise FailedPrecondition(
-                "NOT_ENOUGH_REPLICATES",
+                NOT_ENOUGH_REPLICATES,
                 f"{name} has {len(reps)} bootstrap replicates; a comparison interval needs "
                 f"at least {MIN_REPLICATES} (fit with options.bootstrap >= {MIN_REPLICATES})",
                 field=f"{name}_replicates",
@@ -97,7 +104,7 @@ def compare_fits(
     a_total, b_total = wl.total(a), wl.total(b)
     if not (a_total > 0.0 and b_total > 0.0):
         raise FailedPrecondition(
-            "COST_MODEL_DEGENERATE",
+            COST_MODEL_DEGENERATE,
             f"workload totals must be positive, got A {a_total} s and B {b_total} s",
             field="cost_model",
         )
@@ -134,7 +141,7 @@ def compare(
     `seed`) and compare their total runtimes on the workload."""
     if n_boot < MIN_REPLICATES:
         raise InvalidArgument(
-            "N_BOOT_INVALID",
+            N_BOOT_INVALID,
             f"n_boot must be >= {MIN_REPLICATES}, got {n_boot}",
             field="n_boot",
         )

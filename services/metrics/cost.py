@@ -27,6 +27,14 @@ from idealrt.core.domain import Sample, SampleFlag
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
 from idealrt.core.hardware import Accelerator
 from idealrt.core.model_spec import ModelSpec, check_max_context
+from idealrt.services.metrics.reasons import (
+    ACCELERATORS_INVALID,
+    GRID_INTENSITY_INVALID,
+    MODEL_EXCEEDS_HOST_MEMORY,
+    PRICE_INVALID,
+    RESERVE_FRAC_INVALID,
+    RUNTIME_INVALID,
+)
 
 __all__ = [
     "CPU_ACCELERATOR",
@@ -71,7 +79,7 @@ def accelerators_needed(
     acc = _resolve(accelerator)
     if not 0.0 <= reserve_frac < 1.0:
         raise InvalidArgument(
-            "RESERVE_FRAC_INVALID",
+            RESERVE_FRAC_INVALID,
             f"reserve_frac must be in [0, 1), got {reserve_frac}",
             field="reserve_frac",
         )
@@ -81,7 +89,7 @@ def accelerators_needed(
     if acc.name == CPU_ACCELERATOR:
         if n > 1:
             raise ResourceExhausted(
-                "MODEL_EXCEEDS_HOST_MEMORY",
+                MODEL_EXCEEDS_HOST_MEMORY,
                 f"{spec.name} needs {need / 2**30:.1f} GiB ({dtype}, context {max_context}, "
                 f"batch {batch}) but the host has {usable / 2**30:.1f} GiB usable",
                 field="accelerator",
@@ -158,7 +166,7 @@ def _price(acc: Accelerator, overrides: Mapping[str, float] | None) -> float:
             price = float(folded[acc.name.lower()])
             if not price >= 0.0:
                 raise InvalidArgument(
-                    "PRICE_INVALID",
+                    PRICE_INVALID,
                     f"price per hour must be >= 0 USD, got {price} for {acc.name}",
                     field=f"price_overrides[{acc.name}]",
                 )
@@ -185,11 +193,11 @@ def cost_of(
     acc = _resolve(accelerator)
     if not runtime_s >= 0.0:
         raise InvalidArgument(
-            "RUNTIME_INVALID", f"runtime must be >= 0 s, got {runtime_s}", field="runtime_s"
+            RUNTIME_INVALID, f"runtime must be >= 0 s, got {runtime_s}", field="runtime_s"
         )
     if n_accel < 1:
         raise InvalidArgument(
-            "ACCELERATORS_INVALID", f"n_accel must be >= 1, got {n_accel}", field="n_accel"
+            ACCELERATORS_INVALID, f"n_accel must be >= 1, got {n_accel}", field="n_accel"
         )
     price = _price(acc, price_overrides)
     acc_s = runtime_s * n_accel
@@ -204,7 +212,7 @@ def cost_of(
     if grid_g_co2_per_kwh is not None:
         if not grid_g_co2_per_kwh >= 0.0:
             raise InvalidArgument(
-                "GRID_INTENSITY_INVALID",
+                GRID_INTENSITY_INVALID,
                 f"grid intensity must be >= 0 g CO2e/kWh, got {grid_g_co2_per_kwh}",
                 field="grid_g_co2_per_kwh",
             )

@@ -54,6 +54,15 @@ import scipy.sparse
 
 from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.reasons import MIXED_BATCH_SIZES
+from idealrt.services.metrics.reasons import (
+    DENOISE_FIT_FAILED,
+    DENOISE_GRID_INSUFFICIENT,
+    DENOISE_METHOD_INVALID,
+    DENOISE_NO_SAMPLES,
+    QUANTILE_OUT_OF_RANGE,
+    SAMPLE_INVALID,
+)
 
 __all__ = ["DenoiseMethod", "denoise", "denoise_min", "denoise_quantile", "hat_basis"]
 
@@ -70,14 +79,14 @@ def _usable(samples: Sequence[Sample]) -> list[Sample]:
             continue
         if s.prompt_tokens < 1 or s.output_tokens < 1 or s.total_ns <= 0:
             raise InvalidArgument(
-                "SAMPLE_INVALID",
+                SAMPLE_INVALID,
                 f"samples need prompt_tokens >= 1, output_tokens >= 1 and total_ns > 0; "
                 f"got p={s.prompt_tokens}, o={s.output_tokens}, total_ns={s.total_ns}",
                 field=f"samples[{i}]",
             )
         if out and s.batch_size != out[0].batch_size:
             raise InvalidArgument(
-                "MIXED_BATCH_SIZES",
+                MIXED_BATCH_SIZES,
                 f"one cost model describes one batch size; samples mix {out[0].batch_size} "
                 f"and {s.batch_size}",
                 field=f"samples[{i}].batch_size",
@@ -85,13 +94,13 @@ def _usable(samples: Sequence[Sample]) -> list[Sample]:
         out.append(s)
     if not out:
         raise FailedPrecondition(
-            "DENOISE_NO_SAMPLES",
+            DENOISE_NO_SAMPLES,
             "no usable samples (warm-ups, nonconforming and held-out samples are excluded)",
             field="samples",
         )
     if len({s.output_tokens for s in out}) < 2:
         raise FailedPrecondition(
-            "DENOISE_GRID_INSUFFICIENT",
+            DENOISE_GRID_INSUFFICIENT,
             "denoising needs at least two distinct output lengths to separate the per-token "
             "time from the per-request time",
             field="samples",
@@ -180,7 +189,7 @@ def denoise_min(samples: Sequence[Sample], *, id: str = "", profile_id: str = ""
         sxx += float(xc @ xc)
     if sxx == 0.0:
         raise FailedPrecondition(
-            "DENOISE_GRID_INSUFFICIENT",
+            DENOISE_GRID_INSUFFICIENT,
             "the minimum rule needs some prompt size measured at two or more output lengths",
             field="samples",
         )
@@ -205,7 +214,7 @@ def denoise_quantile(
     module docstring). `beta_linear=False` fits a constant beta (beta1 = 0)."""
     if not (0.0 < quantile < 1.0):
         raise InvalidArgument(
-            "QUANTILE_OUT_OF_RANGE",
+            QUANTILE_OUT_OF_RANGE,
             f"quantile must lie strictly between 0 and 1, got {quantile}",
             field="quantile",
         )
@@ -269,7 +278,7 @@ def denoise_quantile(
     )
     if res.status != 0 or res.x is None:
         raise FailedPrecondition(
-            "DENOISE_FIT_FAILED",
+            DENOISE_FIT_FAILED,
             f"quantile regression did not converge: {res.message}",
             field="samples",
         )
@@ -300,7 +309,7 @@ def denoise(
     if method == "min":
         return denoise_min(samples, id=id, profile_id=profile_id)
     raise InvalidArgument(
-        "DENOISE_METHOD_INVALID",
+        DENOISE_METHOD_INVALID,
         f"method must be 'quantile' or 'min', got {method!r}",
         field="method",
     )

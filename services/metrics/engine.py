@@ -36,6 +36,7 @@ from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
 from idealrt.services.metrics.compare import Comparison, compare
 from idealrt.services.metrics.cost import (
     CostBreakdown,
@@ -45,6 +46,20 @@ from idealrt.services.metrics.cost import (
     fit_energy_model,
 )
 from idealrt.services.metrics.pareto import ParetoResult, pareto_frontier
+from idealrt.services.metrics.reasons import (
+    ACCELERATOR_REQUIRED,
+    BOOTSTRAP_INVALID,
+    COST_MODEL_CHANGED,
+    COST_MODEL_ID_REQUIRED,
+    COST_MODEL_IDS_REQUIRED,
+    INVALID_HELM_JSON,
+    KIND_INVALID,
+    MODEL_SPEC_MISSING,
+    PROFILE_ID_REQUIRED,
+    PROFILE_INVALID,
+    PROFILE_NOT_SUCCEEDED,
+    QUANTILE_INVALID,
+)
 from idealrt.services.metrics.roofline import MeasuredHardware, fraction_of_bound, roofline
 
 __all__ = [
@@ -147,9 +162,7 @@ class RooflineResult:
 
 def _require_queries(p: Sequence[int]) -> None:
     if len(p) == 0:
-        raise InvalidArgument(
-            "QUERIES_REQUIRED", "queries: give at least one query", field="queries"
-        )
+        raise InvalidArgument(QUERIES_REQUIRED, "queries: give at least one query", field="queries")
 
 
 def _fit_options(cm: CostModel) -> FitOptions:
@@ -191,13 +204,11 @@ class MetricsEngine:
         self, profile_id: str, *, allow_invalid: bool = False
     ) -> tuple[Profile, list[Sample]]:
         if not profile_id:
-            raise InvalidArgument(
-                "PROFILE_ID_REQUIRED", "profile_id is required", field="profile_id"
-            )
+            raise InvalidArgument(PROFILE_ID_REQUIRED, "profile_id is required", field="profile_id")
         prof = self.store.get_profile(profile_id)
         if prof.state == ProfileState.INVALID and not allow_invalid:
             raise FailedPrecondition(
-                "PROFILE_INVALID",
+                PROFILE_INVALID,
                 f"profile {profile_id} ended INVALID (measured under contention: {prof.error}); "
                 "an idealized cost model is never fitted to it",
                 field="profile_id",
@@ -206,7 +217,7 @@ class MetricsEngine:
             allow_invalid and prof.state == ProfileState.INVALID
         ):
             raise FailedPrecondition(
-                "PROFILE_NOT_SUCCEEDED",
+                PROFILE_NOT_SUCCEEDED,
                 f"profile {profile_id} is {prof.state.value}; fit a SUCCEEDED profile",
                 field="profile_id",
             )
@@ -217,7 +228,7 @@ class MetricsEngine:
     ) -> CostModel:
         if options.bootstrap > MAX_FIT_BOOTSTRAP:
             raise InvalidArgument(
-                "BOOTSTRAP_INVALID",
+                BOOTSTRAP_INVALID,
                 f"options.bootstrap must be <= {MAX_FIT_BOOTSTRAP}, got {options.bootstrap}",
                 field="options.bootstrap",
             )
@@ -259,7 +270,7 @@ class MetricsEngine:
     def get(self, id: str) -> CostModel:
         if not id:
             raise InvalidArgument(
-                "COST_MODEL_ID_REQUIRED", "cost_model_id is required", field="cost_model_id"
+                COST_MODEL_ID_REQUIRED, "cost_model_id is required", field="cost_model_id"
             )
         return self.store.get_cost_model(id)
 
@@ -311,7 +322,7 @@ class MetricsEngine:
         for i, (cm_id, p, o) in enumerate(chunks):
             if len(p) != len(o):
                 raise InvalidArgument(
-                    "QUERIES_INVALID",
+                    QUERIES_INVALID,
                     f"chunk {i}: prompt_tokens and output_tokens differ in length",
                     field="output_tokens",
                 )
@@ -320,14 +331,14 @@ class MetricsEngine:
                 acc = WorkloadAccumulator(self.get(cm_id))
             elif cm_id and cm_id != first_id:
                 raise InvalidArgument(
-                    "COST_MODEL_CHANGED",
+                    COST_MODEL_CHANGED,
                     "cost_model_id must be the same in every chunk",
                     field="cost_model_id",
                 )
             acc.add(p, o)
         if acc is None:
             raise InvalidArgument(
-                "QUERIES_REQUIRED", "the stream carried no chunk", field="cost_model_id"
+                QUERIES_REQUIRED, "the stream carried no chunk", field="cost_model_id"
             )
         return acc.result()
 
@@ -340,7 +351,7 @@ class MetricsEngine:
 
         if not 0.0 < quantile < 0.5:
             raise InvalidArgument(
-                "QUANTILE_INVALID",
+                QUANTILE_INVALID,
                 f"quantile must be in (0, 0.5), got {quantile}",
                 field="quantile",
             )
@@ -371,7 +382,7 @@ class MetricsEngine:
         _require_queries(p)
         if not 0 <= bootstrap <= MAX_COMPARE_BOOTSTRAP:
             raise InvalidArgument(
-                "BOOTSTRAP_INVALID",
+                BOOTSTRAP_INVALID,
                 f"bootstrap must be in [0, {MAX_COMPARE_BOOTSTRAP}], got {bootstrap}",
                 field="bootstrap",
             )
@@ -391,7 +402,7 @@ class MetricsEngine:
         model, joined with the accuracies of `csv` (`model,accuracy` lines)."""
         if not cost_model_ids:
             raise InvalidArgument(
-                "COST_MODEL_IDS_REQUIRED", "name at least one cost model", field="cost_model_ids"
+                COST_MODEL_IDS_REQUIRED, "name at least one cost model", field="cost_model_ids"
             )
         _require_queries(p)
         runtimes = {
@@ -405,7 +416,7 @@ class MetricsEngine:
         workload. Energy is measured when the cost model's profile metered it."""
         if not req.accelerator:
             raise InvalidArgument(
-                "ACCELERATOR_REQUIRED", "accelerator is required", field="accelerator"
+                ACCELERATOR_REQUIRED, "accelerator is required", field="accelerator"
             )
         cm = self.get(req.cost_model_id)
         p, o = req.prompt_tokens, req.output_tokens
@@ -499,7 +510,7 @@ class MetricsEngine:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
             raise InvalidArgument(
-                "INVALID_HELM_JSON", f"json: not valid JSON ({err})", field="json"
+                INVALID_HELM_JSON, f"json: not valid JSON ({err})", field="json"
             ) from None
         return self.import_helm(doc, kind, request_id)
 
@@ -507,9 +518,7 @@ class MetricsEngine:
         from idealrt.services.metrics.helm import import_helm
 
         if kind not in ("idealized", "denoised", ""):
-            raise InvalidArgument(
-                "KIND_INVALID", "kind must be idealized or denoised", field="kind"
-            )
+            raise InvalidArgument(KIND_INVALID, "kind must be idealized or denoised", field="kind")
         out = []
         for name, cm in import_helm(doc).items():
             cm.name = name
@@ -526,7 +535,7 @@ class MetricsEngine:
 
         if not ids:
             raise InvalidArgument(
-                "COST_MODEL_IDS_REQUIRED", "name at least one cost model", field="cost_model_ids"
+                COST_MODEL_IDS_REQUIRED, "name at least one cost model", field="cost_model_ids"
             )
         models = {name: self.get(cid) for name, cid in ids.items()}
         return export_helm(models, list(prompt_sizes) or None)
@@ -539,7 +548,7 @@ class MetricsEngine:
             return given
         if not cm.profile_id:
             raise FailedPrecondition(
-                "MODEL_SPEC_MISSING",
+                MODEL_SPEC_MISSING,
                 f"cost model {cm.id} has no profile to take a model spec from; give model_spec",
                 field="model_spec",
             )
@@ -547,7 +556,7 @@ class MetricsEngine:
             prof = self.store.get_profile(cm.profile_id)
         except NotFound:
             raise FailedPrecondition(
-                "MODEL_SPEC_MISSING",
+                MODEL_SPEC_MISSING,
                 f"profile {cm.profile_id} of cost model {cm.id} no longer exists; give model_spec",
                 field="model_spec",
             ) from None
@@ -557,7 +566,7 @@ class MetricsEngine:
         found = CATALOG.get(prof.model.name) if prof.model.name else None
         if found is None:
             raise FailedPrecondition(
-                "MODEL_SPEC_MISSING",
+                MODEL_SPEC_MISSING,
                 f"profile {cm.profile_id} of cost model {cm.id} stores no model spec and its "
                 f"model name {prof.model.name!r} is not in the catalog; give model_spec",
                 field="model_spec",

@@ -28,10 +28,11 @@ import numpy as np
 from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.metrics.reasons import INVALID_HELM_JSON, INVALID_PROMPT_SIZES
 
 __all__ = ["export_helm", "import_helm", "representative_context"]
 
-_REASON = "INVALID_HELM_JSON"
+_REASON = INVALID_HELM_JSON
 
 
 def representative_context(cm: CostModel) -> float:
@@ -56,7 +57,7 @@ def export_helm(
         )
         if not sizes or sizes[0] < 1:
             raise InvalidArgument(
-                "INVALID_PROMPT_SIZES",
+                INVALID_PROMPT_SIZES,
                 "prompt sizes must be >= 1 and not empty",
                 field="prompt_sizes",
             )

@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.metrics.reasons import ACCURACY_CSV_INVALID, COST_INVALID
 
 __all__ = [
     "ParetoResult",
@@ -67,7 +68,7 @@ def parse_accuracy_csv(text: str) -> dict[str, float]:
         field = f"accuracy_csv[line {lineno}]"
         if len(row) < 2:
             raise InvalidArgument(
-                "ACCURACY_CSV_INVALID", f"line {lineno}: need model,accuracy", field=field
+                ACCURACY_CSV_INVALID, f"line {lineno}: need model,accuracy", field=field
             )
         model, raw = row[0].strip(), row[1].strip()
         acc = _number(raw)
@@ -75,17 +76,17 @@ def parse_accuracy_csv(text: str) -> dict[str, float]:
             continue  # header
         if acc is None or not math.isfinite(acc):
             raise InvalidArgument(
-                "ACCURACY_CSV_INVALID",
+                ACCURACY_CSV_INVALID,
                 f"line {lineno}: accuracy must be a finite number, got {raw!r}",
                 field=field,
             )
         if not model:
             raise InvalidArgument(
-                "ACCURACY_CSV_INVALID", f"line {lineno}: model name is empty", field=field
+                ACCURACY_CSV_INVALID, f"line {lineno}: model name is empty", field=field
             )
         if model in out:
             raise InvalidArgument(
-                "ACCURACY_CSV_INVALID", f"line {lineno}: model {model!r} repeated", field=field
+                ACCURACY_CSV_INVALID, f"line {lineno}: model {model!r} repeated", field=field
             )
         out[model] = acc
     return out
@@ -99,7 +100,7 @@ def pareto_frontier(
     for model, c in costs.items():
         if not (math.isfinite(c) and c >= 0.0):
             raise InvalidArgument(
-                "COST_INVALID",
+                COST_INVALID,
                 f"cost of {model!r} must be finite and >= 0, got {c}",
                 field=f"costs[{model}]",
             )

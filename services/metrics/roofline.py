@@ -32,6 +32,11 @@ from idealrt.core.domain import CostModel
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.hardware import Accelerator
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.metrics.reasons import (
+    COST_MODEL_DEGENERATE,
+    HARDWARE_LIMITS_INVALID,
+    TOKENS_INVALID,
+)
 
 __all__ = [
     "BoundFractions",
@@ -64,7 +69,7 @@ def _limits(hw: Hardware, dtype: str) -> tuple[float, float]:
         flops, bw = hw.peak_flops_for(dtype), hw.mem_bandwidth_bytes_s
     if not (flops > 0.0 and bw > 0.0):
         raise InvalidArgument(
-            "HARDWARE_LIMITS_INVALID",
+            HARDWARE_LIMITS_INVALID,
             f"peak FLOP/s and bandwidth must be > 0, got {flops} and {bw}",
             field="hardware",
         )
@@ -150,7 +155,7 @@ def _positive_ints(values: Sequence[int], field: str) -> tuple[int, ...]:
     for i, v in enumerate(out):
         if v < 1:
             raise InvalidArgument(
-                "TOKENS_INVALID", f"{field}[{i}] must be >= 1, got {v}", field=f"{field}[{i}]"
+                TOKENS_INVALID, f"{field}[{i}] must be >= 1, got {v}", field=f"{field}[{i}]"
             )
     return out
 
@@ -173,7 +178,7 @@ def fraction_of_bound(
     dec_act = cm.beta0_s + cm.beta1_s * np.array(cs, dtype=np.float64)
     if np.any(pre_act <= 0.0) or np.any(dec_act <= 0.0):
         raise FailedPrecondition(
-            "COST_MODEL_DEGENERATE",
+            COST_MODEL_DEGENERATE,
             "the cost model predicts a non-positive prefill or decode time at some of the "
             "requested sizes; it cannot be compared with a bound",
             field="cost_model",

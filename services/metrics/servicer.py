@@ -22,6 +22,7 @@ from idealrt.services.metrics.engine import (
     RooflinePoint,
     RooflineRequest,
 )
+from idealrt.services.metrics.reasons import ENUM_UNSPECIFIED, MODEL_SPEC_REQUIRED
 
 __all__ = ["MetricsServicer"]
 
@@ -143,7 +144,7 @@ class MetricsServicer(pbg.MetricsServiceServicer):
     ) -> pb.DenoiseCostModelResponse:
         if request.method not in _DENOISE_METHODS:
             raise InvalidArgument(
-                "ENUM_UNSPECIFIED",
+                ENUM_UNSPECIFIED,
                 "method must be DENOISE_METHOD_MIN or DENOISE_METHOD_QUANTILE",
                 field="method",
             )
@@ -193,9 +194,7 @@ class MetricsServicer(pbg.MetricsServiceServicer):
         self, request: pb.ComputeRooflineRequest, context: grpc.ServicerContext
     ) -> pb.ComputeRooflineResponse:
         if not request.HasField("model_spec"):
-            raise InvalidArgument(
-                "MODEL_SPEC_REQUIRED", "model_spec is required", field="model_spec"
-            )
+            raise InvalidArgument(MODEL_SPEC_REQUIRED, "model_spec is required", field="model_spec")
         r = self.engine.roofline(
             RooflineRequest(
                 spec=cv.spec_from_pb(request.model_spec, "model_spec"),

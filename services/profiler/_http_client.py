@@ -33,6 +33,17 @@ from idealrt.services.profiler._openai_stream import (
     redact_url,
     to_sample,
 )
+from idealrt.services.profiler.reasons import (
+    API_AUTH_FAILED,
+    API_KEY_MISSING,
+    API_RATE_LIMITED,
+    API_REJECTED_REQUEST,
+    API_SERVER_ERROR,
+    API_STREAM_ERROR,
+    API_TIMEOUT,
+    API_TRANSPORT_ERROR,
+    API_UNREACHABLE,
+)
 
 __all__ = ["_HttpClient", "_Rejected", "_is_loopback"]
 
@@ -88,7 +99,7 @@ class _HttpClient:
             key = os.environ.get(self.api_key_env, "")
             if not key:
                 raise FailedPrecondition(
-                    "API_KEY_MISSING",
+                    API_KEY_MISSING,
                     f"environment variable {self.api_key_env} (profile.target.api_key_env) "
                     "is not set or empty; it must hold the API key",
                     field="profile.target.api_key_env",
@@ -107,10 +118,10 @@ class _HttpClient:
         kind = type(exc).__name__
         detail = self._scrub(str(exc))
         if isinstance(exc, httpx.TimeoutException):
-            return Unavailable("API_TIMEOUT", f"the API at {where} timed out ({kind}): {detail}")
+            return Unavailable(API_TIMEOUT, f"the API at {where} timed out ({kind}): {detail}")
         if isinstance(exc, httpx.ConnectError):
-            return Unavailable("API_UNREACHABLE", f"cannot connect to the API at {where}: {detail}")
-        return Unavailable("API_TRANSPORT_ERROR", f"the API at {where} failed ({kind}): {detail}")
+            return Unavailable(API_UNREACHABLE, f"cannot connect to the API at {where}: {detail}")
+        return Unavailable(API_TRANSPORT_ERROR, f"the API at {where} failed ({kind}): {detail}")
 
     def _status_error(self, status: int, body: bytes) -> IdealrtError | _Rejected:
         msg = self._scrub(error_message(body))
@@ -119,20 +130,20 @@ class _HttpClient:
             return _Rejected(status, msg)
         if status == 429:
             return ResourceExhausted(
-                "API_RATE_LIMITED", f"the API at {where} is rate limiting (HTTP 429): {msg}"
+                API_RATE_LIMITED, f"the API at {where} is rate limiting (HTTP 429): {msg}"
             )
         if status in (401, 403):
             return InvalidArgument(
-                "API_AUTH_FAILED",
+                API_AUTH_FAILED,
                 f"the API at {where} refused the credentials (HTTP {status}): {msg}",
                 field="profile.target.api_key_env",
             )
         if status >= 500:
             return Unavailable(
-                "API_SERVER_ERROR", f"the API at {where} failed (HTTP {status}): {msg}"
+                API_SERVER_ERROR, f"the API at {where} failed (HTTP {status}): {msg}"
             )
         return InvalidArgument(
-            "API_REJECTED_REQUEST",
+            API_REJECTED_REQUEST,
             f"the API at {where} rejected the request (HTTP {status}): {msg}",
         )
 
@@ -199,7 +210,7 @@ class _HttpClient:
             raise self._transport_error(exc) from None
         if completion.error is not None:
             raise Unavailable(
-                "API_STREAM_ERROR",
+                API_STREAM_ERROR,
                 f"the API at {redact_url(self.base_url)} reported an error in its response: "
                 f"{self._scrub(completion.error)}",
             )

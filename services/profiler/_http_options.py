@@ -11,6 +11,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.profiler.reasons import (
+    PROMPT_FORMAT_INVALID,
+    TARGET_OPTION_INVALID,
+    TARGET_OPTION_UNKNOWN,
+    UNKNOWN_EOS_DIALECT,
+)
 
 __all__ = ["EOS_DIALECTS", "HttpOptions", "RequestShape", "http_options"]
 
@@ -39,14 +45,14 @@ class HttpOptions:
     def __post_init__(self) -> None:
         if self.prompt_format not in ("text", "token_ids"):
             raise InvalidArgument(
-                "PROMPT_FORMAT_INVALID",
+                PROMPT_FORMAT_INVALID,
                 f"prompt_format={self.prompt_format!r}: must be 'text' or 'token_ids'",
                 field="prompt_format",
             )
         unknown = [d for d in self.eos_dialects if d not in EOS_DIALECTS]
         if unknown or not self.eos_dialects:
             raise InvalidArgument(
-                "UNKNOWN_EOS_DIALECT",
+                UNKNOWN_EOS_DIALECT,
                 f"eos_dialects {list(self.eos_dialects)}: each must be one of "
                 f"{sorted(EOS_DIALECTS)}, at least one",
                 field="eos_dialects",
@@ -62,7 +68,7 @@ def http_options(raw: Mapping[str, str]) -> HttpOptions:
     unknown = sorted(set(raw) - set(_OPTION_KEYS))
     if unknown:
         raise InvalidArgument(
-            "TARGET_OPTION_UNKNOWN",
+            TARGET_OPTION_UNKNOWN,
             f"unknown target option(s) {unknown}; known: {', '.join(_OPTION_KEYS)}",
             field="profile.target.options",
         )
@@ -84,7 +90,7 @@ def http_options(raw: Mapping[str, str]) -> HttpOptions:
                 kw[key] = value
     except ValueError as exc:
         raise InvalidArgument(
-            "TARGET_OPTION_INVALID",
+            TARGET_OPTION_INVALID,
             f"profile.target.options: {exc}",
             field="profile.target.options",
         ) from None

@@ -58,6 +58,7 @@ from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel, ProfilePlan, Sample, SampleFlag
 from idealrt.core.errors import IdealrtError, InvalidArgument
 from idealrt.services.profiler.plan import effective_max_prompt_sizes
+from idealrt.services.profiler.reasons import INVALID_ADAPTIVE_OPTIONS
 
 __all__ = [
     "AdaptiveOptions",
@@ -81,7 +82,7 @@ class AdaptiveOptions:
     def validate(self) -> None:
         if self.bootstrap < 2:
             raise InvalidArgument(
-                "INVALID_ADAPTIVE_OPTIONS",
+                INVALID_ADAPTIVE_OPTIONS,
                 f"bootstrap must be >= 2 replicates, got {self.bootstrap!r}",
                 field="adaptive.bootstrap",
             )

@@ -50,6 +50,7 @@ import httpx
 from idealrt.core.domain import Profile, Sample, TargetKind
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import OUTPUT_TOKENS_INVALID
 from idealrt.services.profiler._http_client import _HttpClient, _Rejected
 from idealrt.services.profiler._http_options import (
     EOS_DIALECTS,
@@ -59,6 +60,13 @@ from idealrt.services.profiler._http_options import (
 )
 from idealrt.services.profiler._openai_stream import redact_url
 from idealrt.services.profiler.prompts import PromptBuilder, PromptTokenizer, load_tokenizer
+from idealrt.services.profiler.reasons import (
+    API_MODEL_REQUIRED,
+    API_REJECTED_REQUEST,
+    BASE_URL_INVALID,
+    BASE_URL_REQUIRED,
+    TARGET_KIND_MISMATCH,
+)
 
 __all__ = ["EOS_DIALECTS", "HttpOptions", "HttpTarget", "RequestShape", "http_options"]
 
@@ -78,14 +86,14 @@ class HttpTarget(_HttpClient):
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise InvalidArgument(
-                "BASE_URL_INVALID",
+                BASE_URL_INVALID,
                 f"base_url {redact_url(base_url)!r} must start with http:// or https:// "
                 "(e.g. http://127.0.0.1:8000/v1)",
                 field="profile.target.base_url",
             )
         if not api_model:
             raise InvalidArgument(
-                "API_MODEL_REQUIRED",
+                API_MODEL_REQUIRED,
                 "api_model (the model name sent to the API) is empty",
                 field="profile.target.api_model",
             )
@@ -114,13 +122,13 @@ class HttpTarget(_HttpClient):
         t = profile.target
         if t.kind != TargetKind.HTTP:
             raise InvalidArgument(
-                "TARGET_KIND_MISMATCH",
+                TARGET_KIND_MISMATCH,
                 f"profile.target.kind is {t.kind.value!r}; an HTTP target needs 'http'",
                 field="profile.target.kind",
             )
         if not t.base_url:
             raise InvalidArgument(
-                "BASE_URL_REQUIRED",
+                BASE_URL_REQUIRED,
                 "profile.target.base_url is empty (e.g. http://127.0.0.1:8000/v1)",
                 field="profile.target.base_url",
             )
@@ -166,7 +174,7 @@ class HttpTarget(_HttpClient):
     def generate(self, prompt_tokens: int, output_tokens: int, seed: int) -> Sample:
         if output_tokens < 1:
             raise InvalidArgument(
-                "OUTPUT_TOKENS_INVALID",
+                OUTPUT_TOKENS_INVALID,
                 f"output_tokens={output_tokens}: must be at least 1",
                 field="plan.output_tokens",
             )
@@ -181,7 +189,7 @@ class HttpTarget(_HttpClient):
             except _Rejected as rej:
                 if self._locked or self._shape + 1 >= len(self.shapes):
                     raise InvalidArgument(
-                        "API_REJECTED_REQUEST",
+                        API_REJECTED_REQUEST,
                         f"the API at {redact_url(self.base_url)} rejected the request "
                         f"(HTTP {rej.status}, shape {shape.describe()}): {rej.message}",
                     ) from None

@@ -38,6 +38,7 @@ from types import TracebackType
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import LeasePolicy
 from idealrt.core.errors import FailedPrecondition
+from idealrt.services.profiler.reasons import DEVICE_BUSY
 
 __all__ = [
     "DeviceLease",
@@ -216,7 +217,7 @@ def acquire_lease(
         if policy == LeasePolicy.FAIL or out_of_time:
             who = got.describe() if got is not None else "another process"
             raise FailedPrecondition(
-                "DEVICE_BUSY",
+                DEVICE_BUSY,
                 f"device {device!r} is leased by {who} (lease file {path}); wait for it to "
                 "finish, cancel it, or use lease policy WAIT",
                 field="plan.lease",

@@ -29,7 +29,9 @@ import structlog
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, NotFound
+from idealrt.core.reasons import PROFILE_NOT_FOUND, PROFILE_TERMINAL
 from idealrt.services.profiler.plan import known_spec, total_samples, validate_plan
+from idealrt.services.profiler.reasons import SHUTTING_DOWN
 from idealrt.services.profiler.runner import RunnerOptions, error_text, run_profile
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -101,7 +103,7 @@ class ProfileManager:
         validate_plan(profile.plan, known_spec(profile.model, profile.target.kind))
         with self._cond:
             if self._closed:
-                raise FailedPrecondition("SHUTTING_DOWN", "the profiler is shutting down")
+                raise FailedPrecondition(SHUTTING_DOWN, "the profiler is shutting down")
         fresh = dataclasses.replace(
             profile,
             state=ProfileState.QUEUED,
@@ -243,7 +245,7 @@ class ProfileManager:
     @staticmethod
     def _terminal_error(profile: Profile) -> FailedPrecondition:
         return FailedPrecondition(
-            "PROFILE_TERMINAL",
+            PROFILE_TERMINAL,
             f"profile {profile.id} already finished ({profile.state.value}); nothing to cancel",
             field="id",
         )
@@ -251,7 +253,7 @@ class ProfileManager:
     def _load(self, profile_id: str) -> Profile:
         profile = self.store.get_profile(profile_id)
         if profile is None:  # a store that returns None instead of raising
-            raise NotFound("PROFILE_NOT_FOUND", f"no profile with id {profile_id!r}", field="id")
+            raise NotFound(PROFILE_NOT_FOUND, f"no profile with id {profile_id!r}", field="id")
         return profile
 
     def _enqueue(self, profile: Profile) -> None:

@@ -41,6 +41,17 @@ from idealrt.core import catalog
 from idealrt.core.domain import ModelRef, ProfilePlan, TargetKind
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.profiler.reasons import (
+    PLAN_ADAPTIVE_GRID_TOO_SMALL,
+    PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE,
+    PLAN_BUDGET_OUT_OF_RANGE,
+    PLAN_CI_OUT_OF_RANGE,
+    PLAN_EXCEEDS_CONTEXT,
+    PLAN_GRID_EMPTY,
+    PLAN_SIZE_OUT_OF_RANGE,
+    PLAN_SPREAD_EXCEEDS_BUDGET,
+    PLAN_SPREAD_OUT_OF_RANGE,
+)
 
 __all__ = [
     "DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES",
@@ -82,12 +93,12 @@ class Config:
 def _check_sizes(values: Sequence[int], field: str, *, required: bool) -> None:
     if required and not values:
         raise InvalidArgument(
-            "PLAN_GRID_EMPTY", f"{field} must list at least one size (each >= 1)", field=field
+            PLAN_GRID_EMPTY, f"{field} must list at least one size (each >= 1)", field=field
         )
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidArgument(
-                "PLAN_SIZE_OUT_OF_RANGE",
+                PLAN_SIZE_OUT_OF_RANGE,
                 f"{field}[{i}] = {v!r}: every token count must be an integer >= 1",
                 field=field,
             )
@@ -114,7 +125,7 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
     _check_range(plan.batch_size, "plan.batch_size", 1, MAX_BATCH, "PLAN_BATCH_OUT_OF_RANGE")
     if not (0.0 <= plan.until_ci_rel < 1.0):
         raise InvalidArgument(
-            "PLAN_CI_OUT_OF_RANGE",
+            PLAN_CI_OUT_OF_RANGE,
             f"plan.until_ci_rel = {plan.until_ci_rel!r} must be in [0, 1) "
             "(0 disables; 0.01 means a CI half-width of 1% of the mean)",
             field="plan.until_ci_rel",
@@ -129,7 +140,7 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
         )
     if plan.budget_s < 0:
         raise InvalidArgument(
-            "PLAN_BUDGET_OUT_OF_RANGE",
+            PLAN_BUDGET_OUT_OF_RANGE,
             f"plan.budget_s = {plan.budget_s!r} must be >= 0 (0 means unlimited)",
             field="plan.budget_s",
         )
@@ -139,7 +150,7 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
         if worst.prompt_tokens + worst.output_tokens > spec.max_positions:
             field = "plan.holdout_prompt_tokens" if worst.heldout else "plan.prompt_tokens"
             raise InvalidArgument(
-                "PLAN_EXCEEDS_CONTEXT",
+                PLAN_EXCEEDS_CONTEXT,
                 f"p + o = {worst.prompt_tokens} + {worst.output_tokens} exceeds the model's "
                 f"max_positions {spec.max_positions} ({spec.name}); every prompt + output "
                 f"must be in [2, {spec.max_positions}]",
@@ -151,7 +162,7 @@ def _validate_adaptive_and_spread(plan: ProfilePlan) -> None:
     target = plan.adaptive_target_rel
     if not (0.0 <= target < MAX_ADAPTIVE_TARGET_REL):  # also rejects NaN
         raise InvalidArgument(
-            "PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE",
+            PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE,
             f"plan.adaptive_target_rel = {target!r} must be in [0, {MAX_ADAPTIVE_TARGET_REL}) "
             "(0 disables adaptive planning; 0.02 asks for a 95% CI half-width of alpha(p) "
             "within 2% everywhere between the profiled prompt sizes)",
@@ -166,7 +177,7 @@ def _validate_adaptive_and_spread(plan: ProfilePlan) -> None:
     )
     if target > 0 and len(set(plan.prompt_tokens)) < 2:
         raise InvalidArgument(
-            "PLAN_ADAPTIVE_GRID_TOO_SMALL",
+            PLAN_ADAPTIVE_GRID_TOO_SMALL,
             "adaptive planning adds prompt sizes between profiled ones: plan.prompt_tokens "
             "must list at least two different sizes when plan.adaptive_target_rel > 0",
             field="plan.prompt_tokens",
@@ -174,14 +185,14 @@ def _validate_adaptive_and_spread(plan: ProfilePlan) -> None:
     spread = plan.spread_s
     if not (0.0 <= spread <= MAX_SPREAD_S):  # also rejects NaN
         raise InvalidArgument(
-            "PLAN_SPREAD_OUT_OF_RANGE",
+            PLAN_SPREAD_OUT_OF_RANGE,
             f"plan.spread_s = {spread!r} is outside the allowed range [0, {MAX_SPREAD_S:g}] "
             "seconds (0 measures rounds back to back; at most 7 days)",
             field="plan.spread_s",
         )
     if spread > 0 and plan.budget_s > 0 and spread >= plan.budget_s:
         raise InvalidArgument(
-            "PLAN_SPREAD_EXCEEDS_BUDGET",
+            PLAN_SPREAD_EXCEEDS_BUDGET,
             f"plan.spread_s = {spread!r} must be below plan.budget_s = {plan.budget_s!r}: "
             "the budget would end the run before its last rounds are due",
             field="plan.spread_s",

@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.services.profiler.reasons import (
+    PROMPT_CONSTRUCTION_FAILED,
+    PROMPT_TOO_SHORT,
+    TOKENIZER_BACKEND_MISSING,
+    TOKENIZER_NOT_FOUND,
+    TOKENIZER_REQUIRED,
+    TOKENIZER_UNUSABLE,
+)
 
 __all__ = [
     "Prompt",
@@ -117,7 +125,7 @@ class _HfTokenizer:
             from transformers import AutoTokenizer
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise FailedPrecondition(
-                "TOKENIZER_BACKEND_MISSING",
+                TOKENIZER_BACKEND_MISSING,
                 f"{path} has no tokenizer.json; loading it needs transformers: "
                 "pip install 'idealrt[transformers]'",
                 field="profile.target.tokenizer",
@@ -163,7 +171,7 @@ def load_tokenizer(path: str) -> PromptTokenizer:
     offline). Nothing is downloaded."""
     if not path:
         raise InvalidArgument(
-            "TOKENIZER_REQUIRED",
+            TOKENIZER_REQUIRED,
             "an HTTP target needs a local tokenizer (a tokenizer.json or a Hugging Face "
             "tokenizer directory) to build prompts of exactly p tokens",
             field="profile.target.tokenizer",
@@ -177,7 +185,7 @@ def load_tokenizer(path: str) -> PromptTokenizer:
             return _RustTokenizer(tj, [tj])
         return _HfTokenizer(p)
     raise InvalidArgument(
-        "TOKENIZER_NOT_FOUND",
+        TOKENIZER_NOT_FOUND,
         f"tokenizer {path!r} is neither a tokenizer.json file nor a directory",
         field="profile.target.tokenizer",
     )
@@ -203,7 +211,7 @@ class PromptBuilder:
         pool = tuple(i for (i, _), e in zip(keep, encoded, strict=True) if e == [i])
         if not pool:
             raise FailedPrecondition(
-                "TOKENIZER_UNUSABLE",
+                TOKENIZER_UNUSABLE,
                 f"no token of tokenizer {tok.name} round-trips through decode/encode",
                 field="profile.target.tokenizer",
             )
@@ -226,7 +234,7 @@ class PromptBuilder:
         """Text that encodes to exactly p tokens (special tokens included)."""
         if p < self.min_prompt_tokens():
             raise InvalidArgument(
-                "PROMPT_TOO_SHORT",
+                PROMPT_TOO_SHORT,
                 f"prompt_tokens={p}: this tokenizer adds {self.specials} special token(s), so "
                 f"a prompt needs at least {self.min_prompt_tokens()} tokens",
                 field="plan.prompt_tokens",
@@ -236,7 +244,7 @@ class PromptBuilder:
             if prompt is not None:
                 return prompt
         raise FailedPrecondition(
-            "PROMPT_CONSTRUCTION_FAILED",
+            PROMPT_CONSTRUCTION_FAILED,
             f"could not build a prompt of exactly {p} tokens with tokenizer "
             f"{self.tokenizer.name} (seed {seed})",
             field="plan.prompt_tokens",

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.profiler.reasons import JITTER_INVALID, ROUNDS_INVALID, SPREAD_INVALID
 
 __all__ = ["SpreadSchedule", "sleep_until", "spread_offsets"]
 
@@ -41,15 +42,15 @@ def spread_offsets(
     """Start offsets (seconds from the schedule's start) of `rounds` rounds over `spread_s`."""
     if rounds < 1:
         raise InvalidArgument(
-            "ROUNDS_INVALID", f"rounds={rounds}: must be at least 1", field="rounds"
+            ROUNDS_INVALID, f"rounds={rounds}: must be at least 1", field="rounds"
         )
     if not spread_s >= 0.0:  # also rejects NaN
         raise InvalidArgument(
-            "SPREAD_INVALID", f"spread_s={spread_s}: must be >= 0 seconds", field="spread_s"
+            SPREAD_INVALID, f"spread_s={spread_s}: must be >= 0 seconds", field="spread_s"
         )
     if not 0.0 <= jitter <= 1.0:
         raise InvalidArgument(
-            "JITTER_INVALID", f"jitter={jitter}: must be within [0, 1]", field="jitter"
+            JITTER_INVALID, f"jitter={jitter}: must be within [0, 1]", field="jitter"
         )
     width = spread_s / rounds
     rng = random.Random(seed)

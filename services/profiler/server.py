@@ -11,6 +11,7 @@ from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 from idealrt.services.profiler.manager import ProfileManager
+from idealrt.services.profiler.reasons import SERVING_TARGET_REQUIRED
 from idealrt.services.profiler.servicer import ProfilerServicer
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -30,7 +31,7 @@ def make_target_factory(cfg: ProfilerConfig):  # type: ignore[no-untyped-def]
         address = profile.target.address or cfg.serving_target
         if not address:
             raise InvalidArgument(
-                "SERVING_TARGET_REQUIRED",
+                SERVING_TARGET_REQUIRED,
                 "profile.target.address is empty and the profiler has no default serving endpoint",
                 field="profile.target.address",
             )

@@ -11,6 +11,7 @@ from idealrt.core.errors import InvalidArgument
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 from idealrt.services.profiler.manager import ProfileManager
+from idealrt.services.profiler.reasons import PROFILE_REQUIRED
 
 __all__ = ["ProfilerServicer"]
 
@@ -23,7 +24,7 @@ class ProfilerServicer(pbg.ProfilerServiceServicer):
         self, request: pb.CreateProfileRequest, context: grpc.ServicerContext
     ) -> pb.CreateProfileResponse:
         if not request.HasField("profile"):
-            raise InvalidArgument("PROFILE_REQUIRED", "profile is required", field="profile")
+            raise InvalidArgument(PROFILE_REQUIRED, "profile is required", field="profile")
         prof = cv.profile_from_pb(request.profile, new=True)
         prof.request_id = request.request_id or request.profile.request_id
         return pb.CreateProfileResponse(profile=cv.profile_to_pb(self.manager.create(prof)))

@@ -35,6 +35,8 @@ import torch
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
+from idealrt.core.reasons import OPTION_INVALID
+from idealrt.services.serving.reasons import HUGEPAGES_UNAVAILABLE
 
 __all__ = [
     "CHOICES",
@@ -170,7 +172,7 @@ class HugePages:
         raw = {"on": "1", "true": "1", "off": "0", "false": "0"}.get(raw, raw)
         if raw not in CHOICES:
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 f"option hugepages must be one of auto, 1, 0, got {raw!r}",
                 field="stack.options",
             )
@@ -187,7 +189,7 @@ class HugePages:
         if ok:
             return True
         if self.choice == "1":
-            raise FailedPrecondition("HUGEPAGES_UNAVAILABLE", f"option hugepages=1: {why}")
+            raise FailedPrecondition(HUGEPAGES_UNAVAILABLE, f"option hugepages=1: {why}")
         _log.info("hugepages_off", reason=why)
         return False
 

@@ -35,6 +35,7 @@ from idealrt.core.errors import (
     InvalidArgument,
     NotFound,
     Unimplemented,
+    invalid,
 )
 from idealrt.core.hf_config import spec_from_hf_config
 from idealrt.core.model_spec import (
@@ -43,11 +44,24 @@ from idealrt.core.model_spec import (
     check_max_context,
     resolve_max_context,
 )
+from idealrt.core.reasons import CPU_CORES_INVALID, NONCONFORMING_GENERATION, OUTPUT_TOKENS_INVALID
 from idealrt.core.serving_contract import GenerationResult, LoadedModel
 from idealrt.services.serving.backends.base import (
     Backend as BackendProtocol,
 )
 from idealrt.services.serving.backends.base import BackendFactory
+from idealrt.services.serving.reasons import (
+    BACKEND_INVALID,
+    BACKEND_NOT_IMPLEMENTED,
+    BATCH_SIZE_INVALID,
+    DEPENDENCY_MISSING,
+    MODEL_NOT_LOADED,
+    MODEL_UNSPECIFIED,
+    PROMPT_EMPTY,
+    PROMPT_LENGTH_MISMATCH,
+    TOKEN_OUT_OF_RANGE,
+    WEIGHTS_NOT_FOUND,
+)
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -98,27 +112,23 @@ class BackendTable:
             return found
         module_name = _MODULES.get(backend)
         if module_name is None:
-            raise Unimplemented(
-                "BACKEND_NOT_IMPLEMENTED", f"backend {backend!r} is not implemented"
-            )
+            raise Unimplemented(BACKEND_NOT_IMPLEMENTED, f"backend {backend!r} is not implemented")
         qualified = f"{_PACKAGE}.{module_name}"
         try:
             module = importlib.import_module(qualified)
         except ModuleNotFoundError as e:
             if e.name == qualified:
                 raise Unimplemented(
-                    "BACKEND_NOT_IMPLEMENTED",
+                    BACKEND_NOT_IMPLEMENTED,
                     f"backend {backend.value} is not available in this build of idealrt",
                 ) from None
             raise FailedPrecondition(
-                "DEPENDENCY_MISSING",
+                DEPENDENCY_MISSING,
                 f"backend {backend.value} needs {e.name!r}: {_EXTRAS[backend]}",
             ) from None
         create = getattr(module, "create_backend", None)
         if create is None:
-            raise Unimplemented(
-                "BACKEND_NOT_IMPLEMENTED", f"{qualified} defines no create_backend()"
-            )
+            raise Unimplemented(BACKEND_NOT_IMPLEMENTED, f"{qualified} defines no create_backend()")
         return create
 
 
@@ -143,18 +153,14 @@ class _Entry:
     unloaded: bool = False
 
 
-def _invalid(reason: str, message: str, field: str) -> InvalidArgument:
-    return InvalidArgument(reason, message, field=field)
-
-
 def resolve_spec(model: ModelRef) -> tuple[str, ModelSpec]:
     """(display name, spec) of a ModelRef: its spec, else its catalog name, else the
     config.json of its weights directory."""
     if model.weights_path and not Path(model.weights_path).exists():
-        raise _invalid(
-            "WEIGHTS_NOT_FOUND",
-            f"no file or directory at {model.weights_path!r}",
+        raise invalid(
             "model.weights_path",
+            WEIGHTS_NOT_FOUND,
+            f"no file or directory at {model.weights_path!r}",
         )
     if model.spec is not None:
         return model.name or model.spec.name, model.spec
@@ -163,10 +169,10 @@ def resolve_spec(model: ModelRef) -> tuple[str, ModelSpec]:
     if model.weights_path and Path(model.weights_path, "config.json").is_file():
         spec = spec_from_hf_config(model.weights_path)
         return spec.name, spec
-    raise _invalid(
-        "MODEL_UNSPECIFIED",
-        "name a catalog model, give a spec, or a Hugging Face directory as weights_path",
+    raise invalid(
         "model",
+        MODEL_UNSPECIFIED,
+        "name a catalog model, give a spec, or a Hugging Face directory as weights_path",
     )
 
 
@@ -197,10 +203,10 @@ class ModelRegistry:
         try:
             backend_kind = Backend(stack.backend)
         except ValueError:
-            raise _invalid(
-                "BACKEND_INVALID",
-                f"stack.backend must be one of {', '.join(b.value for b in Backend)}",
+            raise invalid(
                 "stack.backend",
+                BACKEND_INVALID,
+                f"stack.backend must be one of {', '.join(b.value for b in Backend)}",
             ) from None
         with self._load_lock:
             if request_id:
@@ -245,7 +251,7 @@ class ModelRegistry:
         with self._lock:
             entry = self._entries.get(model_id)
         if entry is None:
-            raise NotFound("MODEL_NOT_LOADED", f"no loaded model {model_id!r}", field="model_id")
+            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {model_id!r}", field="model_id")
         return entry
 
     def get(self, model_id: str) -> LoadedModel:
@@ -258,7 +264,7 @@ class ModelRegistry:
             if entry is not None and entry.model.request_id:
                 self._by_request.pop(entry.model.request_id, None)
         if entry is None:
-            raise NotFound("MODEL_NOT_LOADED", f"no loaded model {model_id!r}", field="model_id")
+            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {model_id!r}", field="model_id")
         with entry.lock:
             entry.unloaded = True
             entry.backend.unload()
@@ -288,16 +294,16 @@ class ModelRegistry:
         entry = self._entry(model_id)
         spec, max_context = entry.model.spec, entry.model.max_context
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise _invalid(
-                "BATCH_SIZE_INVALID",
-                f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}",
+            raise invalid(
                 "batch_size",
+                BATCH_SIZE_INVALID,
+                f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}",
             )
         if output_tokens < 1:
-            raise _invalid(
-                "OUTPUT_TOKENS_INVALID",
-                f"output_tokens must be >= 1, got {output_tokens}",
+            raise invalid(
                 "output_tokens",
+                OUTPUT_TOKENS_INVALID,
+                f"output_tokens must be >= 1, got {output_tokens}",
             )
         ids = self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
         p = len(ids)
@@ -305,13 +311,13 @@ class ModelRegistry:
         with entry.lock:
             if entry.unloaded:
                 raise NotFound(
-                    "MODEL_NOT_LOADED", f"model {model_id!r} was unloaded", field="model_id"
+                    MODEL_NOT_LOADED, f"model {model_id!r} was unloaded", field="model_id"
                 )
             result = entry.backend.generate(ids, output_tokens, batch_size)
         got = (result.prompt_tokens, result.output_tokens, result.batch_size)
         if got != (p, output_tokens, batch_size):
             raise Internal(
-                "NONCONFORMING_GENERATION",
+                NONCONFORMING_GENERATION,
                 f"backend {entry.model.stack.backend} returned (p, o, batch) = {got}, "
                 f"asked for {(p, output_tokens, batch_size)}",
             )
@@ -323,23 +329,23 @@ class ModelRegistry:
     ) -> builtins.list[int]:
         if prompt_ids:
             if length and length != len(prompt_ids):
-                raise _invalid(
-                    "PROMPT_LENGTH_MISMATCH",
-                    f"prompt.length {length} != {len(prompt_ids)} token ids given",
+                raise invalid(
                     "prompt.length",
+                    PROMPT_LENGTH_MISMATCH,
+                    f"prompt.length {length} != {len(prompt_ids)} token ids given",
                 )
             ids = [int(t) for t in prompt_ids]
             bad = [t for t in ids if not 0 <= t < spec.vocab]
             if bad:
-                raise _invalid(
-                    "TOKEN_OUT_OF_RANGE",
-                    f"token ids must be in [0, {spec.vocab}); got {bad[:5]}",
+                raise invalid(
                     "prompt.token_ids",
+                    TOKEN_OUT_OF_RANGE,
+                    f"token ids must be in [0, {spec.vocab}); got {bad[:5]}",
                 )
             return ids
         if length < 1:
-            raise _invalid(
-                "PROMPT_EMPTY", f"prompt.length must be >= 1, got {length}", "prompt.length"
+            raise invalid(
+                "prompt.length", PROMPT_EMPTY, f"prompt.length must be >= 1, got {length}"
             )
         rng = random.Random(seed)
         return [rng.randrange(spec.vocab) for _ in range(length)]
@@ -385,7 +391,7 @@ def _pin_if_asked(stack: StackSpec) -> None:
     allowed = current_affinity() | frozenset(range(os.cpu_count() or 1))
     if not cores <= allowed:
         raise InvalidArgument(
-            "CPU_CORES_INVALID",
+            CPU_CORES_INVALID,
             f"stack.options.cores {raw!r} names cores outside 0-{(os.cpu_count() or 1) - 1}",
             field="stack.options.cores",
         )

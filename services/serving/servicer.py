@@ -7,6 +7,7 @@ import grpc
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.serving_contract import LoadedModel
+from idealrt.services.serving.reasons import PROMPT_REQUIRED, STACK_REQUIRED
 from idealrt.services.serving.registry import ModelRegistry
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
@@ -50,7 +51,7 @@ class ServingServicer(pbg.ServingServiceServicer):
     ) -> pb.LoadModelResponse:
         if not request.HasField("stack"):
             raise InvalidArgument(
-                "STACK_REQUIRED", "stack is required (backend, device, dtype)", field="stack"
+                STACK_REQUIRED, "stack is required (backend, device, dtype)", field="stack"
             )
         loaded = self.registry.load(
             cv.model_ref_from_pb(request.model),
@@ -80,7 +81,7 @@ class ServingServicer(pbg.ServingServiceServicer):
         which = request.WhichOneof("prompt")
         if which is None:
             raise InvalidArgument(
-                "PROMPT_REQUIRED", "prompt: give token_ids or synthetic", field="prompt"
+                PROMPT_REQUIRED, "prompt: give token_ids or synthetic", field="prompt"
             )
         ids = list(request.token_ids.ids) if which == "token_ids" else None
         res = self.registry.generate(

@@ -23,6 +23,12 @@ import torch
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.serving.decoder.model import Decoder
+from idealrt.services.serving.reasons import (
+    DEPENDENCY_MISSING,
+    FAMILY_UNSUPPORTED,
+    WEIGHTS_MISMATCH,
+    WEIGHTS_NOT_FOUND,
+)
 
 __all__ = ["FIELD", "hf_rules", "load_weights_", "open_tensors"]
 
@@ -145,7 +151,7 @@ def _family_rules(family: str, heads: int) -> tuple[list[str], list[Rule], list[
         top = [("embed", ["embed_tokens.weight"], _one), *_lin("final_norm", ["norm"])]
         return ["model.", ""], top, layer, "lm_head"
     raise InvalidArgument(
-        "FAMILY_UNSUPPORTED", f"no weight mapping for family {family!r}", field="model.spec.family"
+        FAMILY_UNSUPPORTED, f"no weight mapping for family {family!r}", field="model.spec.family"
     )
 
 
@@ -191,7 +197,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InvalidArgument(
-            "WEIGHTS_NOT_FOUND", f"no file or directory at {str(path)!r}", field=FIELD
+            WEIGHTS_NOT_FOUND, f"no file or directory at {str(path)!r}", field=FIELD
         )
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
@@ -201,7 +207,7 @@ def _weight_files(path: Path) -> list[Path]:
         if (path / single).is_file():
             return [path / single]
     raise InvalidArgument(
-        "WEIGHTS_NOT_FOUND",
+        WEIGHTS_NOT_FOUND,
         f"{str(path)!r} holds no model.safetensors, pytorch_model.bin or their index",
         field=FIELD,
     )
@@ -218,7 +224,7 @@ def open_tensors(path: str | os.PathLike[str]) -> Iterator[_Tensors]:
                     from safetensors import safe_open
                 except ImportError:
                     raise FailedPrecondition(
-                        "DEPENDENCY_MISSING",
+                        DEPENDENCY_MISSING,
                         "reading .safetensors needs the safetensors package: "
                         "pip install idealrt[transformers]",
                     ) from None
@@ -252,7 +258,7 @@ def load_weights_(decoder: Decoder, path: str | os.PathLike[str]) -> None:
         unused = sorted(k for k in keys - used if not k.endswith(_IGNORED_SUFFIXES))
         if missing or unused:
             raise InvalidArgument(
-                "WEIGHTS_MISMATCH",
+                WEIGHTS_MISMATCH,
                 f"weights at {str(path)!r} do not fit spec {decoder.spec.name!r} "
                 f"(family {decoder.spec.family}): missing {missing[:8]}, unexpected {unused[:8]}",
                 field=FIELD,
@@ -264,7 +270,7 @@ def load_weights_(decoder: Decoder, path: str | os.PathLike[str]) -> None:
             p = params[dst]
             if t.shape != p.shape:
                 raise InvalidArgument(
-                    "WEIGHTS_MISMATCH",
+                    WEIGHTS_MISMATCH,
                     f"{dst} from {srcs}: stored shape {tuple(t.shape)}, "
                     f"the spec needs {tuple(p.shape)}",
                     field=FIELD,

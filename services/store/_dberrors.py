@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from idealrt.core.errors import Unavailable
+from idealrt.services.store.reasons import STORE_UNAVAILABLE
 from idealrt.services.store.url import StoreUrl
 
 __all__ = ["unavailable_on_db_error"]
@@ -40,5 +41,5 @@ def unavailable_on_db_error(parsed: StoreUrl) -> Iterator[None]:
         if not _is_unavailable(exc, parsed.backend):
             raise
         raise Unavailable(
-            "STORE_UNAVAILABLE", f"store {parsed.redacted()} is unavailable: {exc.orig}"
+            STORE_UNAVAILABLE, f"store {parsed.redacted()} is unavailable: {exc.orig}"
         ) from exc

@@ -10,7 +10,9 @@ import sqlalchemy as sa
 
 from idealrt.core.domain import CostModel, Profile, Sample
 from idealrt.core.errors import AlreadyExists, NotFound
+from idealrt.core.reasons import PROFILE_NOT_FOUND
 from idealrt.services.store import _rows, _serde
+from idealrt.services.store.reasons import BATCH_ID_REUSED, COST_MODEL_NOT_FOUND, REQUEST_ID_REUSED
 from idealrt.services.store.schema import cost_models, profiles, samples
 
 __all__ = [
@@ -24,7 +26,7 @@ __all__ = [
 
 
 def _profile_not_found(profile_id: str, field: str) -> NotFound:
-    return NotFound("PROFILE_NOT_FOUND", f"no profile with id {profile_id!r}", field=field)
+    return NotFound(PROFILE_NOT_FOUND, f"no profile with id {profile_id!r}", field=field)
 
 
 def _request_body(p: Profile) -> str:
@@ -54,7 +56,7 @@ def profile_by_request(conn: sa.Connection, p: Profile) -> Profile | None:
     existing = _rows.profile_from_row(row)
     if _request_body(existing) != _request_body(p):
         raise AlreadyExists(
-            "REQUEST_ID_REUSED",
+            REQUEST_ID_REUSED,
             f"request_id {p.request_id!r} was used for profile {existing.id} with a "
             "different body; use a new request_id for a new profile",
             field="request_id",
@@ -95,7 +97,7 @@ def check_replay(
     )
     if not same:
         raise AlreadyExists(
-            "BATCH_ID_REUSED",
+            BATCH_ID_REUSED,
             f"batch_id {batch_id!r} of profile {profile_id} was appended with different "
             f"samples (seq {first}..{first + count - 1}); use a new batch_id",
             field="batch_id",
@@ -113,7 +115,7 @@ def cost_model_by_request(conn: sa.Connection, cm: CostModel) -> CostModel | Non
     existing = _rows.cost_model_from_row(row)
     if _cost_model_body(existing) != _cost_model_body(dataclasses.replace(cm, id="")):
         raise AlreadyExists(
-            "REQUEST_ID_REUSED",
+            REQUEST_ID_REUSED,
             f"request_id {cm.request_id!r} was used for cost model {existing.id} with a "
             "different body; use a new request_id for a new cost model",
             field="request_id",
@@ -126,5 +128,5 @@ def get_cost_model(conn: sa.Connection, cm_id: str) -> CostModel:
         sa.select(cost_models).where(cost_models.c.id == cm_id)
     ).mappings().first()  # fmt: skip
     if row is None:
-        raise NotFound("COST_MODEL_NOT_FOUND", f"no cost model with id {cm_id!r}", field="id")
+        raise NotFound(COST_MODEL_NOT_FOUND, f"no cost model with id {cm_id!r}", field="id")
     return _rows.cost_model_from_row(row)

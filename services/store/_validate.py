@@ -26,9 +26,15 @@ from idealrt.core.domain import (
     StackSpec,
     Target,
 )
-from idealrt.core.errors import InvalidArgument
+from idealrt.core.errors import invalid
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.store import _serde
+from idealrt.services.store.reasons import (
+    ID_INVALID,
+    TIMESTAMP_INVALID,
+    VALUE_INVALID,
+    VALUE_OUT_OF_RANGE,
+)
 from idealrt.services.store.schema import ID_LEN, NAME_LEN, REQUEST_ID_LEN
 
 __all__ = [
@@ -45,19 +51,15 @@ _INT64_MAX = 2**63 - 1
 _INT32_MAX = 2**31 - 1
 
 
-def _bad(reason: str, field: str, message: str) -> InvalidArgument:
-    return InvalidArgument(reason, message, field=field)
-
-
 def check_id(value: object, field: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise _bad("ID_INVALID", field, f"{field} must be a string, got {type(value).__name__}")
+        raise invalid(field, ID_INVALID, f"{field} must be a string, got {type(value).__name__}")
     if value == "" and allow_empty:
         return value
     if len(value) > ID_LEN or not _ID_RE.fullmatch(value):
-        raise _bad(
-            "ID_INVALID",
+        raise invalid(
             field,
+            ID_INVALID,
             f"{field} must be 1-{ID_LEN} characters of [A-Za-z0-9_.-], got {value[:80]!r}",
         )
     return value
@@ -77,9 +79,9 @@ def check_request_id(
         or (not value and not allow_empty)
     ):
         empty = "" if allow_empty else "non-empty "
-        raise _bad(
-            reason,
+        raise invalid(
             field,
+            reason,
             f"{field} must be a {empty}printable string of at most {REQUEST_ID_LEN} characters",
         )
     return value
@@ -91,9 +93,9 @@ def _int(value: object, field: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
             raise TypeError
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise _bad("VALUE_INVALID", field, f"{field} must be an integer") from None
+        raise invalid(field, VALUE_INVALID, f"{field} must be an integer") from None
     if not lo <= number <= hi:
-        raise _bad("VALUE_OUT_OF_RANGE", field, f"{field} must be in [{lo}, {hi}], got {number}")
+        raise invalid(field, VALUE_OUT_OF_RANGE, f"{field} must be in [{lo}, {hi}], got {number}")
     return number
 
 
@@ -101,20 +103,20 @@ def _time(value: object, field: str) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
-        raise _bad("TIMESTAMP_INVALID", field, f"{field} must be a timezone-aware datetime (UTC)")
+        raise invalid(field, TIMESTAMP_INVALID, f"{field} must be a timezone-aware datetime (UTC)")
     return _serde.to_utc(value)
 
 
 def _text(value: object, field: str, max_len: int | None = None) -> str:
     if not isinstance(value, str) or (max_len is not None and len(value) > max_len):
         limit = f" of at most {max_len} characters" if max_len else ""
-        raise _bad("VALUE_INVALID", field, f"{field} must be a string{limit}")
+        raise invalid(field, VALUE_INVALID, f"{field} must be a string{limit}")
     return value
 
 
 def _nonempty(value: str, field: str) -> str:
     if not value:
-        raise _bad("VALUE_INVALID", field, f"{field} must not be empty")
+        raise invalid(field, VALUE_INVALID, f"{field} must not be empty")
     return value
 
 
@@ -123,23 +125,23 @@ def _roundtrip(tp: Any, value: object, field: str) -> Any:
     try:
         return _serde.from_jsonable(tp, _serde.to_jsonable(value))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise _bad("VALUE_INVALID", field, f"{field} is malformed: {exc}") from None
+        raise invalid(field, VALUE_INVALID, f"{field} is malformed: {exc}") from None
 
 
 def check_state(value: object, field: str = "state") -> ProfileState:
     try:
         return ProfileState(str(value))
     except ValueError:
-        raise _bad(
-            "VALUE_INVALID",
+        raise invalid(
             field,
+            VALUE_INVALID,
             f"{field} must be one of {[s.value for s in ProfileState]}, got {value!r}",
         ) from None
 
 
 def check_profile(p: object) -> Profile:
     if not isinstance(p, Profile):
-        raise _bad("VALUE_INVALID", "profile", "profile must be a Profile")
+        raise invalid("profile", VALUE_INVALID, "profile must be a Profile")
     return dataclasses.replace(
         p,
         id=check_id(p.id, "id", allow_empty=True),
@@ -162,29 +164,29 @@ def check_profile(p: object) -> Profile:
 
 def _decode_steps(value: object, field: str) -> tuple[int, ...]:
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-        raise _bad("VALUE_INVALID", field, f"{field} must be a sequence of integers")
+        raise invalid(field, VALUE_INVALID, f"{field} must be a sequence of integers")
     try:
         steps = array("q", value)
     except (TypeError, OverflowError):
-        raise _bad("VALUE_INVALID", field, f"{field} must be int64 nanoseconds") from None
+        raise invalid(field, VALUE_INVALID, f"{field} must be int64 nanoseconds") from None
     if steps and min(steps) < 0:
-        raise _bad("VALUE_OUT_OF_RANGE", field, f"{field} must be >= 0")
+        raise invalid(field, VALUE_OUT_OF_RANGE, f"{field} must be >= 0")
     return tuple(steps)
 
 
 def _sample(s: object, f: str) -> Sample:
     if not isinstance(s, Sample):
-        raise _bad("VALUE_INVALID", f, f"{f} must be a Sample")
+        raise invalid(f, VALUE_INVALID, f"{f} must be a Sample")
     try:
         flag = SampleFlag(s.flag)
     except ValueError:
-        raise _bad("VALUE_INVALID", f"{f}.flag", f"{f}.flag is not a SampleFlag") from None
+        raise invalid(f"{f}.flag", VALUE_INVALID, f"{f}.flag is not a SampleFlag") from None
     if not isinstance(s.heldout, bool):
-        raise _bad("VALUE_INVALID", f"{f}.heldout", f"{f}.heldout must be a bool")
+        raise invalid(f"{f}.heldout", VALUE_INVALID, f"{f}.heldout must be a bool")
     contention = _roundtrip(ContentionObservation, s.contention, f"{f}.contention")
     for name in ("foreign_cpu_s", "sm_clock_mhz", "temperature_c", "energy_j"):
         if not math.isfinite(getattr(contention, name)):
-            raise _bad("VALUE_INVALID", f"{f}.contention.{name}", "must be a finite number")
+            raise invalid(f"{f}.contention.{name}", VALUE_INVALID, "must be a finite number")
     return Sample(
         prompt_tokens=_int(s.prompt_tokens, f"{f}.prompt_tokens", 0, _INT32_MAX),
         output_tokens=_int(s.output_tokens, f"{f}.output_tokens", 0, _INT32_MAX),
@@ -204,18 +206,18 @@ def _sample(s: object, f: str) -> Sample:
 
 def check_samples(samples: object) -> list[Sample]:
     if not isinstance(samples, Sequence) or isinstance(samples, str | bytes):
-        raise _bad("VALUE_INVALID", "samples", "samples must be a sequence of Sample")
+        raise invalid("samples", VALUE_INVALID, "samples must be a sequence of Sample")
     return [_sample(s, f"samples[{i}]") for i, s in enumerate(samples)]
 
 
 def check_cost_model(cm: object) -> CostModel:
     if not isinstance(cm, CostModel):
-        raise _bad("VALUE_INVALID", "cost_model", "cost_model must be a CostModel")
+        raise invalid("cost_model", VALUE_INVALID, "cost_model must be a CostModel")
     normalized: CostModel = _roundtrip(CostModel, cm, "cost_model")
     if len(normalized.alpha_knots_p) != len(normalized.alpha_knots_s):
-        raise _bad(
-            "VALUE_INVALID",
+        raise invalid(
             "alpha_knots_s",
+            VALUE_INVALID,
             f"alpha_knots_p and alpha_knots_s differ in length "
             f"({len(normalized.alpha_knots_p)} vs {len(normalized.alpha_knots_s)})",
         )

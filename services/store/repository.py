@@ -38,8 +38,15 @@ from idealrt.core import paging
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.store import _queries, _rows, _serde, _validate
 from idealrt.services.store._dberrors import unavailable_on_db_error
+from idealrt.services.store.reasons import (
+    BATCH_ID_INVALID,
+    COST_MODEL_ALREADY_EXISTS,
+    PROFILE_ALREADY_EXISTS,
+    STORE_CLOSED,
+)
 from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
 from idealrt.services.store.url import (
     SQLITE_BEGIN_OPTION,
@@ -116,7 +123,7 @@ class Store:
     @contextlib.contextmanager
     def _tx(self, *, write: bool) -> Iterator[sa.Connection]:
         if self._closed:
-            raise FailedPrecondition("STORE_CLOSED", "the store has been closed")
+            raise FailedPrecondition(STORE_CLOSED, "the store has been closed")
         engine = self._write_engine if write else self._engine
         with (
             self._all_lock,
@@ -143,7 +150,7 @@ class Store:
                 if p.request_id and (existing := _queries.profile_by_request(conn, p)):
                     return existing, False
             raise AlreadyExists(
-                "PROFILE_ALREADY_EXISTS", f"a profile with id {p.id!r} exists", field="id"
+                PROFILE_ALREADY_EXISTS, f"a profile with id {p.id!r} exists", field="id"
             ) from None
 
     def get_profile(self, profile_id: str) -> Profile:
@@ -174,7 +181,7 @@ class Store:
                 if _queries.mutable(updated) == _queries.mutable(current):
                     return current
                 raise FailedPrecondition(
-                    "PROFILE_TERMINAL",
+                    PROFILE_TERMINAL,
                     f"profile {p.id} is {current.state.value}; a finished profile cannot change",
                     field="state",
                 )
@@ -242,9 +249,7 @@ class Store:
         """Append a batch atomically, assigning contiguous seq numbers; returns its size.
         Idempotent on (profile_id, batch_id). A finished profile takes no new batches."""
         _validate.check_id(profile_id, "profile_id")
-        _validate.check_request_id(
-            batch_id, "batch_id", allow_empty=False, reason="BATCH_ID_INVALID"
-        )
+        _validate.check_request_id(batch_id, "batch_id", allow_empty=False, reason=BATCH_ID_INVALID)
         batch = _validate.check_samples(samples_)
         with self._tx(write=True) as conn:
             profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True)
@@ -259,7 +264,7 @@ class Store:
                 return int(prior[1])
             if profile.state.terminal:
                 raise FailedPrecondition(
-                    "PROFILE_TERMINAL",
+                    PROFILE_TERMINAL,
                     f"profile {profile_id} is {profile.state.value}; it takes no new samples",
                     field="profile_id",
                 )
@@ -343,7 +348,7 @@ class Store:
                 if cm.request_id and (existing := _queries.cost_model_by_request(conn, cm)):
                     return existing, False
             raise AlreadyExists(
-                "COST_MODEL_ALREADY_EXISTS", f"a cost model with id {cm.id!r} exists", field="id"
+                COST_MODEL_ALREADY_EXISTS, f"a cost model with id {cm.id!r} exists", field="id"
             ) from None
 
     def get_cost_model(self, cost_model_id: str) -> CostModel:

@@ -30,6 +30,7 @@ from sqlalchemy.types import TypeDecorator
 from idealrt.core.clock import utcnow
 from idealrt.core.errors import FailedPrecondition
 from idealrt.services.store._serde import to_utc
+from idealrt.services.store.reasons import SCHEMA_TOO_NEW
 from idealrt.services.store.url import SQLITE_BEGIN_OPTION
 
 __all__ = [
@@ -172,7 +173,7 @@ def current_version(conn: sa.Connection) -> int:
 
 def _too_new(found: int) -> FailedPrecondition:
     return FailedPrecondition(
-        "SCHEMA_TOO_NEW",
+        SCHEMA_TOO_NEW,
         f"the store's schema is version {found}, newer than this idealrt understands "
         f"({SCHEMA_VERSION}); upgrade idealrt to open it",
         field="store_url",

@@ -6,6 +6,7 @@ import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
+from idealrt.services.store.reasons import TOO_MANY_STATES
 from idealrt.services.store.repository import Store
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
@@ -41,9 +42,7 @@ class StoreServicer(pbg.StoreServiceServicer):
         self, request: pb.ListProfilesRequest, context: grpc.ServicerContext
     ) -> pb.ListProfilesResponse:
         if len(request.states) > 1:
-            raise InvalidArgument(
-                "TOO_MANY_STATES", "states: give at most one state", field="states"
-            )
+            raise InvalidArgument(TOO_MANY_STATES, "states: give at most one state", field="states")
         state = cv.profile_state_from_pb(request.states[0], "states") if request.states else None
         items, token = self.store.list_profiles(request.page_size, request.page_token, state)
         return pb.ListProfilesResponse(

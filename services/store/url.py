@@ -35,6 +35,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.services.store.reasons import POSTGRES_DRIVER_MISSING, STORE_URL_INVALID
 
 __all__ = ["SQLITE_BUSY_TIMEOUT_S", "StoreUrl", "create_store_engine", "parse_store_url"]
 
@@ -69,7 +70,7 @@ class StoreUrl:
 
 
 def _invalid(message: str) -> InvalidArgument:
-    return InvalidArgument("STORE_URL_INVALID", message, field=_FIELD)
+    return InvalidArgument(STORE_URL_INVALID, message, field=_FIELD)
 
 
 def parse_store_url(raw: str) -> StoreUrl:
@@ -118,7 +119,7 @@ def create_store_engine(parsed: StoreUrl) -> Engine:
             importlib.import_module("psycopg")
         except ImportError:
             raise FailedPrecondition(
-                "POSTGRES_DRIVER_MISSING",
+                POSTGRES_DRIVER_MISSING,
                 "a postgresql:// store needs psycopg 3: pip install idealrt[postgres]",
                 field=_FIELD,
             ) from None

@@ -40,6 +40,8 @@ from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import OPTION_INVALID
+from idealrt.services.serving.reasons import DEPENDENCY_MISSING
 
 __all__ = [
     "CACHE_ENV",
@@ -259,7 +261,7 @@ def export_decoder(
         for module in ("onnx", "onnxscript"):
             if importlib.util.find_spec(module) is None:
                 raise FailedPrecondition(
-                    "DEPENDENCY_MISSING",
+                    DEPENDENCY_MISSING,
                     f"exporting the decoder to ONNX needs {module!r}: pip install idealrt[onnx]",
                 )
         decoder = build_decoder(
@@ -289,7 +291,7 @@ def int_option(stack: StackSpec, key: str, default: int, lowest: int) -> int:
         value = lowest - 1
     if value < lowest:
         raise InvalidArgument(
-            "OPTION_INVALID",
+            OPTION_INVALID,
             f"option {key} must be an integer >= {lowest}, got {raw!r}",
             field="stack.options",
         )

@@ -48,11 +48,13 @@ import torch
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import OPTION_INVALID
 from idealrt.services.serving.backends._kv_buffers import DEFAULT_BUCKET
 from idealrt.services.serving.backends._onnx_cache import int_option
 from idealrt.services.serving.backends.base import check_options, choice_option
 from idealrt.services.serving.decoder.fused_attention import unsupported
 from idealrt.services.serving.hugepages import HugePages
+from idealrt.services.serving.reasons import FUSED_ATTENTION_UNAVAILABLE, PROVIDER_UNAVAILABLE
 
 __all__ = [
     "ATTENTION",
@@ -88,7 +90,7 @@ class OrtOptions:
         spin = stack.options.get("spinning", "0").strip().lower()
         if spin not in ("", "0", "1", "true", "false", "on", "off"):
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 f"option spinning must be 0 or 1, got {spin!r}",
                 field="stack.options",
             )
@@ -96,7 +98,7 @@ class OrtOptions:
         bucket_given = bool(stack.options.get("kv_bucket", "").strip())
         if attention == "fused" and bucket_given:
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 "option kv_bucket applies to attention=onnx only (fused attention reads one "
                 "static max_context buffer in place)",
                 field="stack.options",
@@ -119,7 +121,7 @@ class OrtOptions:
         why = unsupported(spec, device.type, dtype)
         if self.attention == "fused" and why is not None:
             raise FailedPrecondition(
-                "FUSED_ATTENTION_UNAVAILABLE",
+                FUSED_ATTENTION_UNAVAILABLE,
                 f"attention=fused: {why}; use attention=onnx",
                 field="stack.options",
             )
@@ -128,7 +130,7 @@ class OrtOptions:
 
 def unavailable(provider: str, detail: str) -> FailedPrecondition:
     return FailedPrecondition(
-        "PROVIDER_UNAVAILABLE",
+        PROVIDER_UNAVAILABLE,
         f"onnxruntime {ort.__version__}: {provider} {detail}. For CUDA install onnxruntime-gpu "
         "(in place of onnxruntime) with CUDA and cuDNN libraries it can load",
     )

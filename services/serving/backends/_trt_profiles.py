@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.reasons import OPTION_INVALID
 from idealrt.services.serving.decoder.export import OUTPUT_NAMES, past_names
 
 __all__ = [
@@ -49,13 +50,13 @@ def profile_shapes(spec: ModelSpec, *, max_prompt: int, max_context: int, batch:
     max_context = resolve_max_context(spec, max_context)
     if not 1 <= max_prompt <= max_context:
         raise InvalidArgument(
-            "OPTION_INVALID",
+            OPTION_INVALID,
             f"option max_prompt must be in 1..max_context ({max_context}), got {max_prompt}",
             field="stack.options",
         )
     if batch < 1:
         raise InvalidArgument(
-            "OPTION_INVALID", f"option max_batch must be >= 1, got {batch}", field="stack.options"
+            OPTION_INVALID, f"option max_batch must be >= 1, got {batch}", field="stack.options"
         )
     layers, kv, hd = spec.layers, spec.kv_heads_effective, spec.head_dim
     s_opt = max(1, max_context // 2)

@@ -23,7 +23,14 @@ from typing import Any, Protocol
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import OPTION_INVALID
 from idealrt.core.serving_contract import GenerationResult, MemoryReport
+from idealrt.services.serving.reasons import (
+    DEVICE_INVALID,
+    DEVICE_UNAVAILABLE,
+    MODEL_TOO_LARGE,
+    OPTION_UNKNOWN,
+)
 from idealrt.services.serving.timing import StepClock
 
 __all__ = [
@@ -67,7 +74,7 @@ def check_options(stack: StackSpec, known: Sequence[str]) -> None:
     unknown = sorted(set(stack.options) - set(known) - set(COMMON_OPTIONS))
     if unknown:
         raise InvalidArgument(
-            "OPTION_UNKNOWN",
+            OPTION_UNKNOWN,
             f"unknown option(s) {unknown} for backend {stack.backend}; "
             f"known: {', '.join(known) or 'none'}",
             field="stack.options",
@@ -80,7 +87,7 @@ def choice_option(stack: StackSpec, key: str, choices: Sequence[str]) -> str:
     value = stack.options.get(key, "").strip().lower() or choices[0]
     if value not in choices:
         raise InvalidArgument(
-            "OPTION_INVALID",
+            OPTION_INVALID,
             f"option {key} must be one of {', '.join(choices)}, got {value!r}",
             field="stack.options",
         )
@@ -96,20 +103,20 @@ def resolve_device(device: str) -> Any:
         dev = torch.device(device or "cpu")
     except RuntimeError:
         raise InvalidArgument(
-            "DEVICE_INVALID", f"stack.device {device!r} is not a device name", field="stack.device"
+            DEVICE_INVALID, f"stack.device {device!r} is not a device name", field="stack.device"
         ) from None
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise Unavailable("DEVICE_UNAVAILABLE", f"device type {dev.type!r} is not supported")
+        raise Unavailable(DEVICE_UNAVAILABLE, f"device type {dev.type!r} is not supported")
     if not torch.cuda.is_available():
         raise Unavailable(
-            "DEVICE_UNAVAILABLE", f"device {device!r} requested but CUDA is unavailable"
+            DEVICE_UNAVAILABLE, f"device {device!r} requested but CUDA is unavailable"
         )
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise Unavailable(
-            "DEVICE_UNAVAILABLE",
+            DEVICE_UNAVAILABLE,
             f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present",
         )
     return torch.device("cuda", index)
@@ -154,7 +161,7 @@ def check_memory(
     if need > free:
         gib = 1024**3
         raise ResourceExhausted(
-            "MODEL_TOO_LARGE",
+            MODEL_TOO_LARGE,
             f"{what} needs {need / gib:.2f} GiB ({weights_bytes} B weights + {kv_cache_bytes} B "
             f"KV cache) but {device} has {free / gib:.2f} GiB free of {total / gib:.2f} GiB",
         )

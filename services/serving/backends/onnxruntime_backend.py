@@ -47,6 +47,7 @@ from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.reasons import DTYPE_UNSUPPORTED
 from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends._kv_buffers import KVBuffers
 from idealrt.services.serving.backends._onnx_cache import (
@@ -74,6 +75,7 @@ from idealrt.services.serving.backends.pytorch_backend import check_generation, 
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.export import output_names, past_names
 from idealrt.services.serving.hugepages import AnonymousRegions, HugePages, collapse
+from idealrt.services.serving.reasons import ALREADY_LOADED, MODEL_NOT_LOADED
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
@@ -117,9 +119,7 @@ class OnnxRuntimeBackend:
         self, spec: ModelSpec, stack: StackSpec, weights_path: str, seed: int, max_context: int
     ) -> MemoryReport:
         if self._session is not None:
-            raise FailedPrecondition(
-                "ALREADY_LOADED", "this backend instance already holds a model"
-            )
+            raise FailedPrecondition(ALREADY_LOADED, "this backend instance already holds a model")
         opts = OrtOptions.parse(stack)
         device = resolve_device(stack.device)
         allowed = DTYPES[device.type]
@@ -130,7 +130,7 @@ class OnnxRuntimeBackend:
                 else "not every node of the graph has a kernel in that dtype"
             )
             raise InvalidArgument(
-                "DTYPE_UNSUPPORTED",
+                DTYPE_UNSUPPORTED,
                 f"the onnxruntime backend runs {', '.join(allowed)} on {device.type}, "
                 f"not {stack.dtype!r} ({why})",
                 field="stack.dtype",
@@ -223,7 +223,7 @@ class OnnxRuntimeBackend:
         never read inside a timed region)."""
         logits = self._step.get("logits")
         if logits is None:
-            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+            raise FailedPrecondition(MODEL_NOT_LOADED, "load a model before generating")
         host = logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
         return np.array(host[:, 0], dtype=np.float32)
 
@@ -245,7 +245,7 @@ class OnnxRuntimeBackend:
     ) -> GenerationResult:
         session, spec = self._session, self._spec
         if session is None or spec is None:
-            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+            raise FailedPrecondition(MODEL_NOT_LOADED, "load a model before generating")
         check_generation(prompt_ids, output_tokens, batch_size, spec.vocab, self._max_context)
         self._prepare_batch(batch_size)
         if self._stream is not None:

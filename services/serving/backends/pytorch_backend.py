@@ -43,6 +43,7 @@ from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, check_fits_context, resolve_max_context
+from idealrt.core.reasons import OPTION_INVALID, OUTPUT_TOKENS_INVALID
 from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends._onnx_cache import cache_root
 from idealrt.services.serving.backends.base import (
@@ -61,6 +62,15 @@ from idealrt.services.serving.decoder.native import (
     load_kernels,
 )
 from idealrt.services.serving.hugepages import MIN_BYTES, HugePages, collapse, tensor_range
+from idealrt.services.serving.reasons import (
+    ALREADY_LOADED,
+    BATCH_SIZE_INVALID,
+    MODEL_NOT_LOADED,
+    NATIVE_KERNELS_UNAVAILABLE,
+    PROMPT_EMPTY,
+    TOKEN_OUT_OF_RANGE,
+    TORCH_COMPILE_FAILED,
+)
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = [
@@ -85,7 +95,7 @@ def _flag(options: dict[str, str], key: str) -> bool:
     if value in ("1", "true", "on"):
         return True
     raise InvalidArgument(
-        "OPTION_INVALID", f"option {key} must be 0 or 1, got {value!r}", field="stack.options"
+        OPTION_INVALID, f"option {key} must be 0 or 1, got {value!r}", field="stack.options"
     )
 
 
@@ -107,7 +117,7 @@ class TorchOptions:
             threads = -1
         if threads < 0 or (raw and threads == 0):
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 f"option threads must be an integer >= 1, got {raw!r}",
                 field="stack.options",
             )
@@ -128,23 +138,23 @@ def check_generation(
     p = len(prompt_ids)
     if p < 1:
         raise InvalidArgument(
-            "PROMPT_EMPTY", "the prompt needs at least 1 token", field="prompt.length"
+            PROMPT_EMPTY, "the prompt needs at least 1 token", field="prompt.length"
         )
     if output_tokens < 1:
         raise InvalidArgument(
-            "OUTPUT_TOKENS_INVALID",
+            OUTPUT_TOKENS_INVALID,
             f"output_tokens must be >= 1, got {output_tokens}",
             field="output_tokens",
         )
     if batch_size < 1:
         raise InvalidArgument(
-            "BATCH_SIZE_INVALID", f"batch_size must be >= 1, got {batch_size}", field="batch_size"
+            BATCH_SIZE_INVALID, f"batch_size must be >= 1, got {batch_size}", field="batch_size"
         )
     check_fits_context(p, output_tokens, max_context)
     lo, hi = min(prompt_ids), max(prompt_ids)
     if lo < 0 or hi >= vocab:
         raise InvalidArgument(
-            "TOKEN_OUT_OF_RANGE",
+            TOKEN_OUT_OF_RANGE,
             f"token ids must be in [0, {vocab}), got [{lo}, {hi}]",
             field="prompt.token_ids",
         )
@@ -179,20 +189,18 @@ class PytorchBackend:
         self, spec: ModelSpec, stack: StackSpec, weights_path: str, seed: int, max_context: int
     ) -> MemoryReport:
         if self._decoder is not None:
-            raise FailedPrecondition(
-                "ALREADY_LOADED", "this backend instance already holds a model"
-            )
+            raise FailedPrecondition(ALREADY_LOADED, "this backend instance already holds a model")
         opts = TorchOptions.parse(stack)
         dtype = torch_dtype(stack.dtype)
         device = resolve_device(stack.device)
         if opts.cuda_graphs and device.type != "cuda":
             raise InvalidArgument(
-                "OPTION_INVALID", "option cuda_graphs=1 needs a CUDA device", field="stack.options"
+                OPTION_INVALID, "option cuda_graphs=1 needs a CUDA device", field="stack.options"
             )
         native_ok = device.type == "cpu" and dtype == torch.float32 and not opts.torch_compile
         if opts.kernels == "native" and not native_ok:
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 "option kernels=native needs device cpu, dtype fp32 and no torch_compile",
                 field="stack.options",
             )
@@ -235,7 +243,7 @@ class PytorchBackend:
             kernel = load_kernels(cache_root())
         except NativeUnavailable as e:
             if choice == "native":
-                raise FailedPrecondition("NATIVE_KERNELS_UNAVAILABLE", str(e)) from e
+                raise FailedPrecondition(NATIVE_KERNELS_UNAVAILABLE, str(e)) from e
             _log.warning("native_kernels_unavailable", reason=str(e), using="aten")
             return "aten"
         self._native = kernel
@@ -300,7 +308,7 @@ class PytorchBackend:
             self._timer.now_ns()
         except Exception as e:
             raise FailedPrecondition(
-                "TORCH_COMPILE_FAILED", f"torch.compile of the decode step failed: {e}"
+                TORCH_COMPILE_FAILED, f"torch.compile of the decode step failed: {e}"
             ) from e
         return step
 
@@ -338,7 +346,7 @@ class PytorchBackend:
     ) -> GenerationResult:
         dec = self._decoder
         if dec is None:
-            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+            raise FailedPrecondition(MODEL_NOT_LOADED, "load a model before generating")
         check_generation(prompt_ids, output_tokens, batch_size, dec.spec.vocab, self._max_context)
         self._prepare_batch(batch_size)
         if self._opts.threads:

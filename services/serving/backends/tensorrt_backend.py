@@ -67,6 +67,20 @@ from idealrt.services.serving.backends.base import (
 from idealrt.services.serving.backends.pytorch_backend import check_generation, warm_up
 from idealrt.services.serving.decoder import planned_bytes, torch_dtype
 from idealrt.services.serving.decoder.export import input_names, past_names
+from idealrt.services.serving.reasons import (
+    ALREADY_LOADED,
+    BATCH_SIZE_INVALID,
+    CUDA_UNAVAILABLE,
+    DEVICE_UNSUPPORTED,
+    ENGINE_BUILD_FAILED,
+    ENGINE_EXECUTION_FAILED,
+    ENGINE_LOAD_FAILED,
+    ENGINE_MISMATCH,
+    MODEL_NOT_LOADED,
+    PROMPT_TOO_LONG,
+    SHAPE_OUT_OF_PROFILE,
+    TENSORRT_UNAVAILABLE,
+)
 from idealrt.services.serving.timing import StepClock, timer_for
 
 __all__ = ["OPTIONS", "TensorRTBackend", "TrtOptions", "create_backend", "import_tensorrt"]
@@ -98,13 +112,13 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except (ImportError, OSError) as e:  # OSError: the wheel is there, libnvinfer is not
         raise Unavailable(
-            "TENSORRT_UNAVAILABLE",
+            TENSORRT_UNAVAILABLE,
             f"the tensorrt backend needs TensorRT >= 10 ({e}): pip install idealrt[tensorrt]",
         ) from None
     major = str(getattr(trt, "__version__", "0")).split(".")[0]
     if not major.isdigit() or int(major) < 10:
         raise Unavailable(
-            "TENSORRT_UNAVAILABLE",
+            TENSORRT_UNAVAILABLE,
             f"the tensorrt backend needs TensorRT >= 10, found {trt.__version__}",
         )
     return trt
@@ -139,9 +153,7 @@ class TensorRTBackend:
         self, spec: ModelSpec, stack: StackSpec, weights_path: str, seed: int, max_context: int
     ) -> MemoryReport:
         if self._engine is not None:
-            raise FailedPrecondition(
-                "ALREADY_LOADED", "this backend instance already holds a model"
-            )
+            raise FailedPrecondition(ALREADY_LOADED, "this backend instance already holds a model")
         opts = TrtOptions.parse(stack)
         dtype = torch_dtype(stack.dtype)
         max_context = resolve_max_context(spec, max_context)
@@ -153,14 +165,14 @@ class TensorRTBackend:
         )
         if not (stack.device or "cpu").startswith("cuda"):
             raise InvalidArgument(
-                "DEVICE_UNSUPPORTED",
+                DEVICE_UNSUPPORTED,
                 f"the tensorrt backend runs on CUDA devices; stack.device is {stack.device!r}",
                 field="stack.device",
             )
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise Unavailable(
-                "CUDA_UNAVAILABLE", "the tensorrt backend needs CUDA, which torch cannot use here"
+                CUDA_UNAVAILABLE, "the tensorrt backend needs CUDA, which torch cannot use here"
             )
         device = resolve_device(stack.device)
         weights, kv = planned_bytes(spec, dtype, max_context, opts.max_batch)
@@ -219,7 +231,7 @@ class TensorRTBackend:
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise FailedPrecondition(
-                "ENGINE_BUILD_FAILED", f"TensorRT could not parse {onnx_path}: {errors}"
+                ENGINE_BUILD_FAILED, f"TensorRT could not parse {onnx_path}: {errors}"
             )
         config = builder.create_builder_config()
         if workspace:
@@ -231,7 +243,7 @@ class TensorRTBackend:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise FailedPrecondition(
-                "ENGINE_BUILD_FAILED", "TensorRT could not build an engine (see its log)"
+                ENGINE_BUILD_FAILED, "TensorRT could not build an engine (see its log)"
             )
         return bytes(serialized)
 
@@ -241,7 +253,7 @@ class TensorRTBackend:
         engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise FailedPrecondition(
-                "ENGINE_LOAD_FAILED", "TensorRT could not deserialize the cached engine"
+                ENGINE_LOAD_FAILED, "TensorRT could not deserialize the cached engine"
             )
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
@@ -254,7 +266,7 @@ class TensorRTBackend:
         )
         if inputs != set(input_names(self._spec.layers)) or names != set(want) or wrong:
             raise FailedPrecondition(
-                "ENGINE_MISMATCH",
+                ENGINE_MISMATCH,
                 f"engine IO {sorted(names)} (inputs {sorted(inputs)}, wrong dtypes {wrong}) "
                 "is not the decoder step's",
             )
@@ -302,7 +314,7 @@ class TensorRTBackend:
             if self._shapes.get(name) != shape:
                 problem = prof.shape_problem(self._profile, name, shape)
                 if problem or not ctx.set_input_shape(name, shape):
-                    raise InvalidArgument("SHAPE_OUT_OF_PROFILE", problem or f"{name} {shape}")
+                    raise InvalidArgument(SHAPE_OUT_OF_PROFILE, problem or f"{name} {shape}")
                 self._shapes[name] = shape
         for name, t in tensors.items():
             address = t.data_ptr()
@@ -310,18 +322,18 @@ class TensorRTBackend:
                 ctx.set_tensor_address(name, address)
                 self._addresses[name] = address
         if not ctx.execute_async_v3(self._stream.cuda_stream):
-            raise Internal("ENGINE_EXECUTION_FAILED", "TensorRT execute_async_v3 failed")
+            raise Internal(ENGINE_EXECUTION_FAILED, "TensorRT execute_async_v3 failed")
 
     def generate(
         self, prompt_ids: Sequence[int], output_tokens: int, batch_size: int = 1
     ) -> GenerationResult:
         spec = self._spec
         if self._context is None or spec is None:
-            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+            raise FailedPrecondition(MODEL_NOT_LOADED, "load a model before generating")
         check_generation(prompt_ids, output_tokens, batch_size, spec.vocab, self._max_context)
         if batch_size > self._opts.max_batch:
             raise InvalidArgument(
-                "BATCH_SIZE_INVALID",
+                BATCH_SIZE_INVALID,
                 f"batch_size {batch_size} > the engine's max_batch {self._opts.max_batch} "
                 "(load with the option max_batch)",
                 field="batch_size",
@@ -329,7 +341,7 @@ class TensorRTBackend:
         max_prompt = self._profile["input_ids"][2][1]
         if len(prompt_ids) > max_prompt:
             raise InvalidArgument(
-                "PROMPT_TOO_LONG",
+                PROMPT_TOO_LONG,
                 f"prompt of {len(prompt_ids)} tokens > the engine's max_prompt {max_prompt}",
                 field="prompt.length",
             )

@@ -24,6 +24,7 @@ from idealrt.core.clock import utcnow
 from idealrt.core.domain import StackSpec
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.reasons import OPTION_INVALID
 from idealrt.core.serving_contract import GenerationResult, MemoryReport
 from idealrt.services.serving.backends.base import (
     check_memory,
@@ -38,6 +39,7 @@ from idealrt.services.serving.backends.pytorch_backend import (
 )
 from idealrt.services.serving.decoder import torch_dtype
 from idealrt.services.serving.decoder.hf_convert import hf_config, import_transformers
+from idealrt.services.serving.reasons import ALREADY_LOADED, MODEL_NOT_LOADED, WEIGHTS_NOT_FOUND
 from idealrt.services.serving.timing import StepClock, Timer, timer_for
 
 __all__ = ["OPTIONS", "TransformersBackend", "create_backend"]
@@ -67,15 +69,13 @@ class TransformersBackend:
         self, spec: ModelSpec, stack: StackSpec, weights_path: str, seed: int, max_context: int
     ) -> MemoryReport:
         if self._model is not None:
-            raise FailedPrecondition(
-                "ALREADY_LOADED", "this backend instance already holds a model"
-            )
+            raise FailedPrecondition(ALREADY_LOADED, "this backend instance already holds a model")
         tf = import_transformers()
         opts = TorchOptions.parse(stack, OPTIONS)
         attn = stack.options.get("attn_implementation", "")
         if attn and attn not in _ATTN:
             raise InvalidArgument(
-                "OPTION_INVALID",
+                OPTION_INVALID,
                 f"option attn_implementation must be one of {_ATTN}, got {attn!r}",
                 field="stack.options",
             )
@@ -84,7 +84,7 @@ class TransformersBackend:
         max_context = resolve_max_context(spec, max_context)
         if weights_path and not Path(weights_path, "config.json").is_file():
             raise InvalidArgument(
-                "WEIGHTS_NOT_FOUND",
+                WEIGHTS_NOT_FOUND,
                 f"the transformers backend loads Hugging Face directories (config.json + "
                 f"weights); {weights_path!r} is not one",
                 field="model.weights_path",
@@ -129,7 +129,7 @@ class TransformersBackend:
     ) -> GenerationResult:
         model, spec = self._model, self._spec
         if model is None or spec is None:
-            raise FailedPrecondition("MODEL_NOT_LOADED", "load a model before generating")
+            raise FailedPrecondition(MODEL_NOT_LOADED, "load a model before generating")
         check_generation(prompt_ids, output_tokens, batch_size, spec.vocab, self._max_context)
         if batch_size > 1:
             check_memory(

@@ -11,6 +11,7 @@ import torch
 
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import DTYPE_UNSUPPORTED
 from idealrt.services.serving.decoder.model import Decoder
 
 __all__ = [
@@ -37,7 +38,7 @@ def torch_dtype(name: str) -> torch.dtype:
         return TORCH_DTYPES[name]
     except KeyError:
         raise InvalidArgument(
-            "DTYPE_UNSUPPORTED",
+            DTYPE_UNSUPPORTED,
             f"stack.dtype must be one of {', '.join(TORCH_DTYPES)} for this backend, got {name!r}",
             field="stack.dtype",
         ) from None

@@ -11,6 +11,7 @@ from typing import Any
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+from idealrt.services.serving.reasons import DEPENDENCY_MISSING, SPEC_NOT_EXPRESSIBLE
 
 __all__ = ["TRANSFORMERS_EXTRA", "hf_config", "hf_config_dict", "import_transformers"]
 
@@ -27,7 +28,7 @@ _ACT = {
 
 def _unsupported(spec: ModelSpec, what: str) -> InvalidArgument:
     return InvalidArgument(
-        "SPEC_NOT_EXPRESSIBLE",
+        SPEC_NOT_EXPRESSIBLE,
         f"spec {spec.name!r} (family {spec.family}) has no Hugging Face equivalent: {what}",
         field=_FIELD,
     )
@@ -193,7 +194,7 @@ def import_transformers() -> Any:
         import transformers
     except ImportError:
         raise FailedPrecondition(
-            "DEPENDENCY_MISSING",
+            DEPENDENCY_MISSING,
             f"this needs the Hugging Face transformers package: {TRANSFORMERS_EXTRA}",
         ) from None
     return transformers
