@@ -1,31 +1,5 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of the client library and the CLI.
-
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "COST_MODEL_INVALID",
-    "CSV_COLUMNS_MISSING",
-    "CSV_EMPTY",
-    "CSV_VALUE_INVALID",
-    "JOB_ALREADY_EXISTS",
-    "JOB_DELETED",
-    "JOB_NOT_FOUND",
-    "K8S_CLIENT_MISSING",
-    "K8S_CONFIG_MISSING",
-    "K8S_FORBIDDEN",
-    "K8S_INVALID",
-    "K8S_NOT_FOUND",
-    "K8S_QUOTA_EXCEEDED",
-    "K8S_REJECTED",
-    "K8S_UNAUTHORIZED",
-    "K8S_UNAVAILABLE",
-    "K8S_UNREACHABLE",
-    "NOTHING_TO_PLOT",
-    "PLOT_EXTRA_MISSING",
-]
+"""Stable `google.rpc.ErrorInfo` reasons (never rename one) that the client library and the
+CLI raise themselves: bad flags and files, Kubernetes Jobs. Servers' reasons pass through."""
 
 COST_MODEL_INVALID = "COST_MODEL_INVALID"
 CSV_COLUMNS_MISSING = "CSV_COLUMNS_MISSING"

@@ -118,29 +118,27 @@ class MetricsConfig:
         )
 
 
+_FLAG_VARS = {
+    "store_target": "IDEALRT_STORE_TARGET",
+    "serving_target": "IDEALRT_SERVING_TARGET",
+    "store_url": "IDEALRT_STORE_URL",
+    "data_dir": "IDEALRT_DATA_DIR",
+}
+
+
 def standalone_env(
-    service: str,
-    *,
-    address: str = "",
-    store_target: str = "",
-    serving_target: str = "",
-    store_url: str = "",
-    data_dir: str = "",
-    env: Mapping[str, str] | None = None,
+    service: str, flags: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The environment a service run on its own builds its config from: the process's
     (or `env`), its address defaulting to all interfaces on its well-known port, and the
-    given flags over both."""
+    non-empty `flags` (address, store_target, serving_target, store_url, data_dir) over
+    both."""
     out = dict(_env(env))
     key = f"IDEALRT_{service.upper()}_ADDRESS"
     out.setdefault(key, f"0.0.0.0:{DEFAULT_PORTS[service]}")
-    for name, value in (
-        (key, address),
-        ("IDEALRT_STORE_TARGET", store_target),
-        ("IDEALRT_SERVING_TARGET", serving_target),
-        ("IDEALRT_STORE_URL", store_url),
-        ("IDEALRT_DATA_DIR", data_dir),
-    ):
+    for name, value in (flags or {}).items():
+        if name not in _FLAG_VARS and name != "address":
+            raise ValueError(f"unknown flag {name!r} of a standalone service")
         if value:
-            out[name] = value
+            out[key if name == "address" else _FLAG_VARS[name]] = value
     return out

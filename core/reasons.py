@@ -1,47 +1,6 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of core (domain, cost model,
-config, converters), and those shared by more than one area.
-
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "CONFIG_INVALID",
-    "CONFIG_NOT_FOUND",
-    "CONFIG_UNSUPPORTED",
-    "CONTEXT_EXCEEDED",
-    "CPU_CORES_INVALID",
-    "DTYPE_INVALID",
-    "DTYPE_UNSUPPORTED",
-    "INVALID_FIT_OPTIONS",
-    "MAX_CONTEXT_INVALID",
-    "MIXED_BATCH_SIZES",
-    "MODEL_REQUIRED",
-    "MODEL_SPEC_INVALID",
-    "NONCONFORMING_GENERATION",
-    "NOT_ENOUGH_SAMPLES",
-    "NO_BOOTSTRAP_REPLICATES",
-    "NO_HELDOUT_SAMPLES",
-    "OPTION_INVALID",
-    "OUTPUT_TOKENS_INVALID",
-    "PAGE_SIZE_INVALID",
-    "PAGE_TOKEN_INVALID",
-    "PERCENTILE_OUT_OF_RANGE",
-    "PROFILE_NOT_FOUND",
-    "PROFILE_TERMINAL",
-    "PROMPT_TOKENS_INVALID",
-    "QUERIES_INVALID",
-    "QUERIES_REQUIRED",
-    "QUERIES_SHAPE_INVALID",
-    "QUERIES_TYPE_INVALID",
-    "QUERY_TOKENS_INVALID",
-    "UNKNOWN_ACCELERATOR",
-    "UNKNOWN_MODEL",
-    "UNSUPPORTED_MODEL_TYPE",
-    "WORKLOAD_EMPTY",
-    "WORKLOAD_TOO_LARGE",
-]
+"""Stable `google.rpc.ErrorInfo` reasons (clients match on them: never rename one) of the
+shared domain: model specs, the catalog, the cost-model mathematics, config, converters,
+paging; and every reason that more than one area raises."""
 
 CONFIG_INVALID = "CONFIG_INVALID"
 CONFIG_NOT_FOUND = "CONFIG_NOT_FOUND"
@@ -54,6 +13,7 @@ INVALID_FIT_OPTIONS = "INVALID_FIT_OPTIONS"
 MAX_CONTEXT_INVALID = "MAX_CONTEXT_INVALID"
 MIXED_BATCH_SIZES = "MIXED_BATCH_SIZES"
 MODEL_REQUIRED = "MODEL_REQUIRED"
+MODEL_SPEC_INVALID = "MODEL_SPEC_INVALID"
 NONCONFORMING_GENERATION = "NONCONFORMING_GENERATION"
 NOT_ENOUGH_SAMPLES = "NOT_ENOUGH_SAMPLES"
 NO_BOOTSTRAP_REPLICATES = "NO_BOOTSTRAP_REPLICATES"
@@ -76,4 +36,3 @@ UNKNOWN_MODEL = "UNKNOWN_MODEL"
 UNSUPPORTED_MODEL_TYPE = "UNSUPPORTED_MODEL_TYPE"
 WORKLOAD_EMPTY = "WORKLOAD_EMPTY"
 WORKLOAD_TOO_LARGE = "WORKLOAD_TOO_LARGE"
-MODEL_SPEC_INVALID = "MODEL_SPEC_INVALID"

@@ -9,25 +9,12 @@ from idealrt.core.grpc_server import GrpcServer, serve_until_sigterm
 __all__ = ["DEFAULT_PORTS", "serve_service"]
 
 
-def serve_service(
-    service: str,
-    address: str = "",
-    store_target: str = "",
-    serving_target: str = "",
-    store_url: str = "",
-    data_dir: str = "",
-) -> int:
-    """Run one service in the foreground until SIGTERM."""
+def serve_service(service: str, **flags: str) -> int:
+    """Run one service in the foreground until SIGTERM. `flags`: address, store_target,
+    serving_target, store_url, data_dir (`standalone_env`); empty ones are not set."""
     from idealrt.core import config as c
 
-    env = standalone_env(
-        service,
-        address=address,
-        store_target=store_target,
-        serving_target=serving_target,
-        store_url=store_url,
-        data_dir=data_dir,
-    )
+    env = standalone_env(service, flags)
     server: GrpcServer
     if service == "store":
         from idealrt.services.store.server import build_server as b_store

@@ -46,11 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_service(
         args.service,
-        args.address,
-        args.store_target,
-        args.serving_target,
-        args.store_url,
-        str(args.data_dir),
+        address=args.address,
+        store_target=args.store_target,
+        serving_target=args.serving_target,
+        store_url=args.store_url,
+        data_dir=str(args.data_dir),
     )
 
 

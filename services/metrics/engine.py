@@ -160,6 +160,15 @@ class RooflineResult:
     decode: tuple[RooflinePoint, ...]
 
 
+def _points(
+    tokens: Sequence[int], lower: FloatArray, fitted: FloatArray, fraction: FloatArray
+) -> tuple[RooflinePoint, ...]:
+    return tuple(
+        RooflinePoint(int(t), float(lo), float(f), float(fr))
+        for t, lo, f, fr in zip(tokens, lower, fitted, fraction, strict=True)
+    )
+
+
 def _require_queries(p: Sequence[int]) -> None:
     if len(p) == 0:
         raise InvalidArgument(QUERIES_REQUIRED, "queries: give at least one query", field="queries")
@@ -475,23 +484,11 @@ class MetricsEngine:
         if req.cost_model_id:
             fr = fraction_of_bound(self.get(req.cost_model_id), req.spec, hw, req.dtype, ps, cs)
             return RooflineResult(
-                prefill=tuple(
-                    RooflinePoint(
-                        int(t),
-                        float(fr.prefill_lower_s[i]),
-                        float(fr.prefill_actual_s[i]),
-                        float(fr.prefill_fraction[i]),
-                    )
-                    for i, t in enumerate(fr.prompt_tokens)
+                prefill=_points(
+                    fr.prompt_tokens, fr.prefill_lower_s, fr.prefill_actual_s, fr.prefill_fraction
                 ),
-                decode=tuple(
-                    RooflinePoint(
-                        int(t),
-                        float(fr.decode_lower_s[i]),
-                        float(fr.decode_actual_s[i]),
-                        float(fr.decode_fraction[i]),
-                    )
-                    for i, t in enumerate(fr.contexts)
+                decode=_points(
+                    fr.contexts, fr.decode_lower_s, fr.decode_actual_s, fr.decode_fraction
                 ),
             )
         return RooflineResult(

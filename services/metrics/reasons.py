@@ -1,47 +1,5 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of the metrics service.
-
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "ACCELERATORS_INVALID",
-    "ACCELERATOR_REQUIRED",
-    "ACCURACY_CSV_INVALID",
-    "BOOTSTRAP_INVALID",
-    "CONFIDENCE_INVALID",
-    "COST_INVALID",
-    "COST_MODEL_CHANGED",
-    "COST_MODEL_DEGENERATE",
-    "COST_MODEL_IDS_REQUIRED",
-    "COST_MODEL_ID_REQUIRED",
-    "DENOISE_FIT_FAILED",
-    "DENOISE_GRID_INSUFFICIENT",
-    "DENOISE_METHOD_INVALID",
-    "DENOISE_NO_SAMPLES",
-    "ENUM_UNSPECIFIED",
-    "GRID_INTENSITY_INVALID",
-    "HARDWARE_LIMITS_INVALID",
-    "INVALID_HELM_JSON",
-    "INVALID_PROMPT_SIZES",
-    "KIND_INVALID",
-    "MODEL_EXCEEDS_HOST_MEMORY",
-    "MODEL_SPEC_MISSING",
-    "MODEL_SPEC_REQUIRED",
-    "NOT_ENOUGH_REPLICATES",
-    "N_BOOT_INVALID",
-    "PRICE_INVALID",
-    "PROFILE_ID_REQUIRED",
-    "PROFILE_INVALID",
-    "PROFILE_NOT_SUCCEEDED",
-    "QUANTILE_INVALID",
-    "QUANTILE_OUT_OF_RANGE",
-    "RESERVE_FRAC_INVALID",
-    "RUNTIME_INVALID",
-    "SAMPLE_INVALID",
-    "TOKENS_INVALID",
-]
+"""Stable `google.rpc.ErrorInfo` reasons of the metrics service (never rename one): fits,
+estimates, denoising, costs, rooflines, comparisons, Pareto, HELM."""
 
 ACCELERATORS_INVALID = "ACCELERATORS_INVALID"
 ACCELERATOR_REQUIRED = "ACCELERATOR_REQUIRED"

@@ -1,52 +1,5 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of the profiler service.
-
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "API_AUTH_FAILED",
-    "API_KEY_MISSING",
-    "API_MODEL_REQUIRED",
-    "API_RATE_LIMITED",
-    "API_REJECTED_REQUEST",
-    "API_SERVER_ERROR",
-    "API_STREAM_ERROR",
-    "API_TIMEOUT",
-    "API_TRANSPORT_ERROR",
-    "API_UNREACHABLE",
-    "BASE_URL_INVALID",
-    "BASE_URL_REQUIRED",
-    "DEVICE_BUSY",
-    "INVALID_ADAPTIVE_OPTIONS",
-    "JITTER_INVALID",
-    "PLAN_ADAPTIVE_GRID_TOO_SMALL",
-    "PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE",
-    "PLAN_BUDGET_OUT_OF_RANGE",
-    "PLAN_CI_OUT_OF_RANGE",
-    "PLAN_EXCEEDS_CONTEXT",
-    "PLAN_GRID_EMPTY",
-    "PLAN_SIZE_OUT_OF_RANGE",
-    "PLAN_SPREAD_EXCEEDS_BUDGET",
-    "PLAN_SPREAD_OUT_OF_RANGE",
-    "PROFILE_REQUIRED",
-    "PROMPT_CONSTRUCTION_FAILED",
-    "PROMPT_FORMAT_INVALID",
-    "PROMPT_TOO_SHORT",
-    "ROUNDS_INVALID",
-    "SERVING_TARGET_REQUIRED",
-    "SHUTTING_DOWN",
-    "SPREAD_INVALID",
-    "TARGET_KIND_MISMATCH",
-    "TARGET_OPTION_INVALID",
-    "TARGET_OPTION_UNKNOWN",
-    "TOKENIZER_BACKEND_MISSING",
-    "TOKENIZER_NOT_FOUND",
-    "TOKENIZER_REQUIRED",
-    "TOKENIZER_UNUSABLE",
-    "UNKNOWN_EOS_DIALECT",
-]
+"""Stable `google.rpc.ErrorInfo` reasons of the profiler (never rename one): plans,
+serving and HTTP targets, device leases, contention, how a run ended."""
 
 API_AUTH_FAILED = "API_AUTH_FAILED"
 API_KEY_MISSING = "API_KEY_MISSING"

@@ -1,46 +1,5 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of the serving service.
-
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "ALREADY_LOADED",
-    "BACKEND_INVALID",
-    "BACKEND_NOT_IMPLEMENTED",
-    "BATCH_SIZE_INVALID",
-    "CUDA_UNAVAILABLE",
-    "DEPENDENCY_MISSING",
-    "DEVICE_INVALID",
-    "DEVICE_UNAVAILABLE",
-    "DEVICE_UNSUPPORTED",
-    "ENGINE_BUILD_FAILED",
-    "ENGINE_EXECUTION_FAILED",
-    "ENGINE_LOAD_FAILED",
-    "ENGINE_MISMATCH",
-    "FAMILY_UNSUPPORTED",
-    "FUSED_ATTENTION_UNAVAILABLE",
-    "HUGEPAGES_UNAVAILABLE",
-    "MODEL_NOT_LOADED",
-    "MODEL_TOO_LARGE",
-    "MODEL_UNSPECIFIED",
-    "NATIVE_KERNELS_UNAVAILABLE",
-    "OPTION_UNKNOWN",
-    "PROMPT_EMPTY",
-    "PROMPT_LENGTH_MISMATCH",
-    "PROMPT_REQUIRED",
-    "PROMPT_TOO_LONG",
-    "PROVIDER_UNAVAILABLE",
-    "SHAPE_OUT_OF_PROFILE",
-    "SPEC_NOT_EXPRESSIBLE",
-    "STACK_REQUIRED",
-    "TENSORRT_UNAVAILABLE",
-    "TOKEN_OUT_OF_RANGE",
-    "TORCH_COMPILE_FAILED",
-    "WEIGHTS_MISMATCH",
-    "WEIGHTS_NOT_FOUND",
-]
+"""Stable `google.rpc.ErrorInfo` reasons of serving (never rename one): loading models on
+backends, stack options, weights, generation."""
 
 ALREADY_LOADED = "ALREADY_LOADED"
 BACKEND_INVALID = "BACKEND_INVALID"

@@ -1,29 +1,7 @@
-"""Stable error reasons (`google.rpc.ErrorInfo.reason`) of the store service.
+"""Stable `google.rpc.ErrorInfo` reasons of the store (never rename one): ids, records, the
+database."""
 
-Clients match on these; never rename one. A reason used by more than one area lives in
-`idealrt.core.reasons`."""
-
-from __future__ import annotations
-
-__all__ = [
-    "BATCH_ID_INVALID",
-    "BATCH_ID_REUSED",
-    "COST_MODEL_ALREADY_EXISTS",
-    "COST_MODEL_NOT_FOUND",
-    "ID_INVALID",
-    "POSTGRES_DRIVER_MISSING",
-    "PROFILE_ALREADY_EXISTS",
-    "REQUEST_ID_REUSED",
-    "SCHEMA_TOO_NEW",
-    "STORE_CLOSED",
-    "STORE_UNAVAILABLE",
-    "STORE_URL_INVALID",
-    "TIMESTAMP_INVALID",
-    "TOO_MANY_STATES",
-    "VALUE_INVALID",
-    "VALUE_OUT_OF_RANGE",
-]
-
+BATCH_ID_INVALID = "BATCH_ID_INVALID"
 BATCH_ID_REUSED = "BATCH_ID_REUSED"
 COST_MODEL_ALREADY_EXISTS = "COST_MODEL_ALREADY_EXISTS"
 COST_MODEL_NOT_FOUND = "COST_MODEL_NOT_FOUND"
@@ -39,4 +17,3 @@ TIMESTAMP_INVALID = "TIMESTAMP_INVALID"
 TOO_MANY_STATES = "TOO_MANY_STATES"
 VALUE_INVALID = "VALUE_INVALID"
 VALUE_OUT_OF_RANGE = "VALUE_OUT_OF_RANGE"
-BATCH_ID_INVALID = "BATCH_ID_INVALID"

@@ -98,7 +98,8 @@ def run(
     )
 
 
-def adaptive_profile(kit: Any, store: Store) -> Profile:
+def adaptive_profile(kit: Any, store: Store, spy: PlannerSpy) -> Profile:
+    """The adaptive profile of both tests, its id given to the planner's spy."""
     profile: Profile = kit.make_profile(
         store,
         prompt_tokens=GRID,
@@ -107,6 +108,7 @@ def adaptive_profile(kit: Any, store: Store) -> Profile:
         adaptive_target_rel=0.001,
         adaptive_max_prompt_sizes=2,
     )
+    spy.profile_id = profile.id
     return profile
 
 
@@ -127,8 +129,7 @@ def test_the_planner_gets_the_samples_the_run_holds(  # type: ignore[no-untyped-
 ) -> None:
     events: list[str] = []
     spy = PlannerSpy(monkeypatch, store, events)
-    profile = adaptive_profile(kit, store)
-    spy.profile_id = profile.id
+    profile = adaptive_profile(kit, store, spy)
     final = run(kit, CountingSink(store, events), lease_dir, profile, CurveTarget(convex))
     assert final.state == ProfileState.SUCCEEDED, final.error
     assert final.provenance.entries["adaptive.stop"] == "max_sizes"
@@ -143,8 +144,7 @@ def test_a_resumed_run_reads_the_stored_samples_once(  # type: ignore[no-untyped
 ) -> None:
     events: list[str] = []
     spy = PlannerSpy(monkeypatch, store, events)
-    profile = adaptive_profile(kit, store)
-    spy.profile_id = profile.id
+    profile = adaptive_profile(kit, store, spy)
     cancel = threading.Event()
     first = CurveTarget(convex, on_generate=lambda i: cancel.set() if i == 35 else None)
     sink = CountingSink(store, events)

@@ -14,24 +14,13 @@ import pytest
 from idealrt.core.domain import ModelRef, SampleFlag, StackSpec
 from idealrt.core.errors import NotFound, Unavailable
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.serving_contract import GenerationResult
 
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     model_id: str
     spec: ModelSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    prompt_tokens: int
-    output_tokens: int
-    output_ids: tuple[int, ...]
-    prefill_ns: int
-    decode_ns: tuple[int, ...]
-    total_ns: int
-    start_time: datetime
-    batch_size: int
 
 
 class StandInServing:
@@ -61,7 +50,7 @@ class StandInServing:
         prompt_seed: int,
         output_tokens: int,
         batch_size: int = 1,
-    ) -> Result:
+    ) -> GenerationResult:
         self.generates.append(
             dict(
                 model_id=model_id,
@@ -77,7 +66,7 @@ class StandInServing:
                 raise fault
         o = output_tokens - 1 if self.short else output_tokens
         decode = tuple(100 + i for i in range(o - 1))
-        return Result(
+        return GenerationResult(
             prompt_length,
             o,
             tuple(range(o)),
