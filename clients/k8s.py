@@ -86,19 +86,21 @@ class JobOutcome:
     def finished(self) -> bool:
         return self.state is not JobState.RUNNING
 
+
 # ------------------------------------------------------------------ launch and watch
 
 
-def launch_profile_job(spec: ProfileJobSpec, *, api: BatchApi | None = None,
-                       request_timeout_s: float = 30.0) -> str:
+def launch_profile_job(
+    spec: ProfileJobSpec, *, api: BatchApi | None = None, request_timeout_s: float = 30.0
+) -> str:
     """Create the Job of `spec`; returns its name. The API server validates strictly
     (unknown fields are errors, not dropped)."""
     manifest = render_profile_job(spec)
     batch = api if api is not None else batch_api()
     try:
-        created = batch.create_namespaced_job(spec.namespace, manifest,
-                                              field_validation="Strict",
-                                              _request_timeout=request_timeout_s)
+        created = batch.create_namespaced_job(
+            spec.namespace, manifest, field_validation="Strict", _request_timeout=request_timeout_s
+        )
     except Exception as exc:
         mapped = map_api_error(exc, f"job {spec.namespace}/{spec.name}")
         if mapped is None:
@@ -116,15 +118,28 @@ def _outcome(job: Mapping[str, Any], name: str, namespace: str) -> JobOutcome:
         # FailureTarget / SuccessCriteriaMet come first while pods still terminate
         state = {"Complete": JobState.SUCCEEDED, "Failed": JobState.FAILED}.get(cond.get("type"))
         if state is not None:
-            return JobOutcome(name, namespace, state, str(cond.get("reason") or ""),
-                              str(cond.get("message") or ""), active, succeeded, failed)
+            return JobOutcome(
+                name,
+                namespace,
+                state,
+                str(cond.get("reason") or ""),
+                str(cond.get("message") or ""),
+                active,
+                succeeded,
+                failed,
+            )
     return JobOutcome(name, namespace, JobState.RUNNING, "", "", active, succeeded, failed)
 
 
-def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 3600.0, *,
-                      api: BatchApi | None = None,
-                      watch: Callable[[], Watch] | None = None,
-                      request_timeout_s: float = 30.0) -> JobOutcome:
+def watch_profile_job(
+    name: str,
+    namespace: str = "idealrt",
+    timeout: float = 3600.0,
+    *,
+    api: BatchApi | None = None,
+    watch: Callable[[], Watch] | None = None,
+    request_timeout_s: float = 30.0,
+) -> JobOutcome:
     """Follow a Job until it succeeds or fails, or `timeout` seconds pass (then its state is
     RUNNING). One list gives the current state and a resourceVersion; watches continue from
     there, each blocking server-side; a 410 Gone (history compacted) lists again."""
@@ -142,8 +157,12 @@ def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 36
     while True:
         try:
             if version is None:
-                listed = _as_dict(batch, batch.list_namespaced_job(
-                    namespace, field_selector=selector, _request_timeout=request_timeout_s))
+                listed = _as_dict(
+                    batch,
+                    batch.list_namespaced_job(
+                        namespace, field_selector=selector, _request_timeout=request_timeout_s
+                    ),
+                )
                 items = listed.get("items") or []
                 if not items:
                     raise NotFound(JOB_NOT_FOUND, f"{what} does not exist", field="name")
@@ -154,11 +173,15 @@ def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 36
             if remaining <= 0:
                 return _outcome(job, name, namespace)
             started, events, w = time.monotonic(), 0, make_watch()
-            for event in w.stream(batch.list_namespaced_job, namespace,
-                                  field_selector=selector, resource_version=version,
-                                  timeout_seconds=max(1, math.ceil(remaining)),
-                                  allow_watch_bookmarks=True,
-                                  _request_timeout=(request_timeout_s, remaining + 30)):
+            for event in w.stream(
+                batch.list_namespaced_job,
+                namespace,
+                field_selector=selector,
+                resource_version=version,
+                timeout_seconds=max(1, math.ceil(remaining)),
+                allow_watch_bookmarks=True,
+                _request_timeout=(request_timeout_s, remaining + 30),
+            ):
                 if not event:  # the client yields None for a blank line
                     continue
                 events += 1
@@ -170,8 +193,9 @@ def watch_profile_job(name: str, namespace: str = "idealrt", timeout: float = 36
                         break
                     raise _status_error(int(obj.get("code") or 0), obj, "", what)
                 if event["type"] == "DELETED":
-                    raise NotFound(JOB_DELETED, f"{what} was deleted before it finished",
-                                   field="name")
+                    raise NotFound(
+                        JOB_DELETED, f"{what} was deleted before it finished", field="name"
+                    )
                 if event["type"] in ("ADDED", "MODIFIED"):
                     job = obj
                     if (outcome := _outcome(job, name, namespace)).finished:
