@@ -28,6 +28,34 @@ def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
 
+def _int(e: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
+    """An integer setting >= lo from the environment; ValueError naming the variable."""
+    raw = e.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def _float(e: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
+    """A finite number >= lo from the environment; ValueError naming the variable."""
+    raw = e.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not (value >= lo and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= {lo}, got {value}")
+    return value
+
+
 def default_store_url(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     return f"sqlite:///{(data_dir / 'idealrt.sqlite').resolve()}"
 
@@ -37,6 +65,10 @@ class ServingConfig:
     address: str = "127.0.0.1:0"
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus; 0 = disabled
+    # limits of what one request may ask for (IDEALRT_MAX_THREADS: 0 = the cores this
+    # process may run on)
+    max_threads: int = 0
+    max_prompt_tokens: int = 1 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
@@ -45,6 +77,8 @@ class ServingConfig:
             address=e.get("IDEALRT_SERVING_ADDRESS", cls.address),
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
+            max_threads=_int(e, "IDEALRT_MAX_THREADS", cls.max_threads, lo=0),
+            max_prompt_tokens=_int(e, "IDEALRT_MAX_PROMPT_TOKENS", cls.max_prompt_tokens),
         )
 
 
@@ -81,6 +115,13 @@ class ProfilerConfig:
     log_level: str = "info"
     metrics_port: int = 0
     resume: bool = True  # resume unfinished profiles at start-up
+    # limits: samples one plan may ask for; WatchProfile streams open at once (beyond:
+    # RESOURCE_EXHAUSTED, so streams never take every worker and unary calls keep theirs)
+    max_plan_samples: int = 200_000
+    max_watch_streams: int = 64
+    # how long a profile rides out an unreachable store or serving (retries with
+    # exponential backoff and jitter) before it ends FAILED
+    outage_window_s: float = 300.0
 
     @property
     def lease_dir(self) -> Path:
@@ -97,6 +138,9 @@ class ProfilerConfig:
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             resume=e.get("IDEALRT_RESUME", "1") != "0",
+            max_plan_samples=_int(e, "IDEALRT_MAX_PLAN_SAMPLES", cls.max_plan_samples),
+            max_watch_streams=_int(e, "IDEALRT_MAX_WATCH_STREAMS", cls.max_watch_streams),
+            outage_window_s=_float(e, "IDEALRT_OUTAGE_WINDOW_S", cls.outage_window_s),
         )
 
 
@@ -106,6 +150,11 @@ class MetricsConfig:
     store_target: str = ""
     log_level: str = "info"
     metrics_port: int = 0
+    # limits of one request: queries in a unary call (StreamEstimateRuntime has none), and
+    # the size and nesting depth of JSON documents (ImportHelm)
+    max_queries_per_call: int = 2_000_000
+    max_json_bytes: int = 16 << 20
+    max_json_depth: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MetricsConfig:
@@ -115,6 +164,9 @@ class MetricsConfig:
             store_target=e.get("IDEALRT_STORE_TARGET", ""),
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
+            max_queries_per_call=_int(e, "IDEALRT_MAX_QUERIES_PER_CALL", cls.max_queries_per_call),
+            max_json_bytes=_int(e, "IDEALRT_MAX_JSON_BYTES", cls.max_json_bytes),
+            max_json_depth=_int(e, "IDEALRT_MAX_JSON_DEPTH", cls.max_json_depth),
         )
 
 
@@ -130,12 +182,13 @@ def standalone_env(
     service: str, flags: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The environment a service run on its own builds its config from: the process's
-    (or `env`), its address defaulting to all interfaces on its well-known port, and the
+    (or `env`), its address defaulting to loopback on its well-known port (as `idealrt up`
+    binds; a deployment names its address, e.g. the k8s ConfigMap's 0.0.0.0), and the
     non-empty `flags` (address, store_target, serving_target, store_url, data_dir) over
     both."""
     out = dict(_env(env))
     key = f"IDEALRT_{service.upper()}_ADDRESS"
-    out.setdefault(key, f"0.0.0.0:{DEFAULT_PORTS[service]}")
+    out.setdefault(key, f"127.0.0.1:{DEFAULT_PORTS[service]}")
     for name, value in (flags or {}).items():
         if name not in _FLAG_VARS and name != "address":
             raise ValueError(f"unknown flag {name!r} of a standalone service")

@@ -7,6 +7,7 @@ embedded suite in-process, with a SQLite store under --data-dir (default .idealr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,8 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(".idealrt"),
-        help="embedded suite data directory (default .idealrt)",
+        default=None,
+        help="data directory (default $IDEALRT_DATA_DIR, else .idealrt)",
     )
     p.add_argument(
         "--store-url",
@@ -39,7 +40,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profiler", default="", help="profiler host:port of a deployed suite")
     p.add_argument("--metrics", default="", help="metrics host:port of a deployed suite")
     p.add_argument("--store", default="", help="store host:port of a deployed suite")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="default $IDEALRT_LOG_LEVEL, else warning (info for `serve`)",
+    )
 
 
 def _queries_args(p: argparse.ArgumentParser) -> None:
@@ -242,7 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from idealrt.core.logging import configure_logging
 
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, service="cli")
+    serving_one = getattr(args, "command", "") == "serve"
+    env_dir = os.environ.get("IDEALRT_DATA_DIR", "")
+    args.data_dir_given = args.data_dir is not None
+    args.data_dir = args.data_dir or Path(env_dir or ".idealrt")
+    level = args.log_level or os.environ.get("IDEALRT_LOG_LEVEL", "")
+    configure_logging(
+        level or ("info" if serving_one else "warning"),
+        service=args.service if serving_one else "cli",
+    )
     try:
         if not args.needs_session:
             return int(args.fn(args))

@@ -50,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store_target=args.store_target,
         serving_target=args.serving_target,
         store_url=args.store_url,
-        data_dir=str(args.data_dir),
+        # only what was given: otherwise the service's own IDEALRT_DATA_DIR holds
+        data_dir=str(args.data_dir) if args.data_dir_given else "",
     )
 
 

@@ -106,7 +106,7 @@ def _as_tokens(values: npt.ArrayLike, name: str, offset: int) -> IntArray:
         i = int(np.argmax(bad))
         raise InvalidArgument(
             QUERY_TOKENS_INVALID,
-            f"queries[{offset + i}].{name} must be an integer >= 1, got {arr[i]!r}",
+            f"queries[{offset + i}].{name} must be an integer >= 1, got {arr[i].item()!r}",
             field=f"queries[{offset + i}].{name}",
         )
     return arr.astype(np.int64, copy=False)

@@ -6,7 +6,7 @@ A backend loads one model on one stack and runs exact-length greedy generations,
 them itself (`idealrt.services.serving.timing`). Contract:
 - `load` checks that weights + the KV cache at max_context fit in the device's free memory
   *before* allocating (`check_memory`; ResourceExhausted MODEL_TOO_LARGE otherwise), and
-  refuses a device it does not have (Unavailable DEVICE_UNAVAILABLE).
+  refuses a device it does not have (FailedPrecondition DEVICE_UNAVAILABLE).
 - `generate` feeds exactly len(prompt_ids) tokens (the same prompt in every batch row) and
   produces exactly `output_tokens` tokens per row by greedy argmax, EOS ignored. It returns
   a `GenerationResult`, which cannot be constructed with counts that disagree.
@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from idealrt.core.domain import StackSpec
-from idealrt.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from idealrt.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from idealrt.core.model_spec import ModelSpec
 from idealrt.core.reasons import OPTION_INVALID
 from idealrt.core.serving_contract import GenerationResult, MemoryReport
@@ -96,7 +96,8 @@ def choice_option(stack: StackSpec, key: str, choices: Sequence[str]) -> str:
 
 def resolve_device(device: str) -> Any:
     """The torch.device of a stack device ("cpu", "cuda", "cuda:1"), or
-    Unavailable(DEVICE_UNAVAILABLE) when this machine lacks it."""
+    FailedPrecondition(DEVICE_UNAVAILABLE) when this machine lacks it (not retryable:
+    asking again will not grow a GPU)."""
     import torch
 
     try:
@@ -108,14 +109,14 @@ def resolve_device(device: str) -> Any:
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise Unavailable(DEVICE_UNAVAILABLE, f"device type {dev.type!r} is not supported")
+        raise FailedPrecondition(DEVICE_UNAVAILABLE, f"device type {dev.type!r} is not supported")
     if not torch.cuda.is_available():
-        raise Unavailable(
+        raise FailedPrecondition(
             DEVICE_UNAVAILABLE, f"device {device!r} requested but CUDA is unavailable"
         )
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise Unavailable(
+        raise FailedPrecondition(
             DEVICE_UNAVAILABLE,
             f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present",
         )

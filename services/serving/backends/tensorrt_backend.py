@@ -4,7 +4,7 @@ backend's own CUDA stream.
 
 Load order (the cheap checks first, so a machine without TensorRT or CUDA answers at once):
 options and dtype -> a CUDA device was asked for (InvalidArgument DEVICE_UNSUPPORTED) ->
-`import tensorrt` (Unavailable TENSORRT_UNAVAILABLE) -> CUDA present (Unavailable
+`import tensorrt` (Unavailable TENSORRT_UNAVAILABLE) -> CUDA present (FailedPrecondition
 CUDA_UNAVAILABLE) -> memory (ResourceExhausted) -> ONNX export (cached) -> engine (cached
 under <cache root>/tensorrt, keyed by `_trt_profiles.engine_key`: the ONNX key, TensorRT
 version, GPU name and compute capability, dtype, profile, workspace) -> execution context
@@ -171,7 +171,7 @@ class TensorRTBackend:
             )
         trt = import_tensorrt()
         if not torch.cuda.is_available():
-            raise Unavailable(
+            raise FailedPrecondition(
                 CUDA_UNAVAILABLE, "the tensorrt backend needs CUDA, which torch cannot use here"
             )
         device = resolve_device(stack.device)

@@ -151,3 +151,15 @@ def test_accumulator_errors_use_stream_index_and_cap() -> None:
     assert acc.count == 3
     with pytest.raises(InvalidArgument):
         WorkloadAccumulator(_cm()).result()
+
+
+def test_a_bad_token_count_is_shown_as_a_plain_number() -> None:
+    """The message shows what the caller sent (-5), not numpy's repr (np.int64(-5))."""
+    cm = CostModel(
+        id="cm", profile_id="", alpha_knots_p=(1, 8), alpha_knots_s=(0.1, 0.2), beta0_s=0.01
+    )
+    with pytest.raises(InvalidArgument) as ei:
+        estimate_workload(cm, np.array([3, -5], dtype=np.int64), [1, 1])
+    assert ei.value.reason == "QUERY_TOKENS_INVALID"
+    assert ei.value.field == "queries[1].prompt_tokens"
+    assert "got -5" in ei.value.message and "np." not in ei.value.message

@@ -16,7 +16,6 @@ from idealrt.core.errors import (
     IdealrtError,
     InvalidArgument,
     ResourceExhausted,
-    Unavailable,
 )
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.serving import backends as backends_pkg
@@ -171,8 +170,8 @@ def test_transformers_attn_implementation_option() -> None:
 @pytest.mark.parametrize(
     "factory", [pt.create_backend, tb.create_backend], ids=["pytorch", "transformers"]
 )
-def test_cuda_without_cuda_is_unavailable(factory: Any) -> None:
-    with pytest.raises(Unavailable) as e:
+def test_cuda_without_cuda_is_a_failed_precondition(factory: Any) -> None:
+    with pytest.raises(FailedPrecondition) as e:
         factory().load(catalog.resolve("tiny-gpt2"), StackSpec(device="cuda"), "", 0, 0)
     assert e.value.reason == "DEVICE_UNAVAILABLE"
 

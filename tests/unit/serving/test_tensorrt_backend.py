@@ -171,10 +171,12 @@ def test_old_tensorrt_is_unavailable(no_heavy_work: Path, monkeypatch: pytest.Mo
     assert e.value.reason == "TENSORRT_UNAVAILABLE" and "8.6.1" in e.value.message
 
 
-def test_missing_cuda_is_unavailable(no_heavy_work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_cuda_is_a_failed_precondition(
+    no_heavy_work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(Unavailable) as e:
+    with pytest.raises(FailedPrecondition) as e:
         ModelRegistry().load(ModelRef(name="tiny-gpt2"), TRT_CUDA)
     assert e.value.reason == "CUDA_UNAVAILABLE"
 
