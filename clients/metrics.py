@@ -14,7 +14,7 @@ import numpy.typing as npt
 from idealrt.core import convert as cv
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel
-from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
+from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
 from idealrt.core.model_spec import ModelSpec
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
@@ -140,7 +140,7 @@ class MetricsClient:
         r = call(
             self._stub.FitCostModel,
             pb.FitCostModelRequest(
-                request_id=request_id,
+                request_id=request_id_or_new(request_id),
                 profile_id=profile_id,
                 name=name,
                 options=pb.FitOptions(
@@ -229,7 +229,11 @@ class MetricsClient:
         r = call(
             self._stub.DenoiseCostModel,
             pb.DenoiseCostModelRequest(
-                request_id=request_id, profile_id=profile_id, method=m, quantile=quantile, name=name
+                request_id=request_id_or_new(request_id),
+                profile_id=profile_id,
+                method=m,
+                quantile=quantile,
+                name=name,
             ),
             max(self.timeout, 300.0),
         )
@@ -389,7 +393,9 @@ class MetricsClient:
     ) -> list[CostModel]:
         r = call(
             self._stub.ImportHelm,
-            pb.ImportHelmRequest(request_id=request_id, json=json.dumps(doc), kind=kind),
+            pb.ImportHelmRequest(
+                request_id=request_id_or_new(request_id), json=json.dumps(doc), kind=kind
+            ),
             self.timeout,
         )
         return [cv.cost_model_from_pb(c) for c in r.cost_models]

@@ -9,7 +9,7 @@ import grpc
 from idealrt.core import convert as cv
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import ModelRef, StackSpec
-from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
+from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
 from idealrt.core.serving_contract import GenerationResult, LoadedModel, MemoryReport
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
@@ -52,7 +52,7 @@ class ServingClient:
         r = call(
             self._stub.LoadModel,
             pb.LoadModelRequest(
-                request_id=request_id,
+                request_id=request_id_or_new(request_id),
                 model=cv.model_ref_to_pb(model),
                 stack=cv.stack_to_pb(stack),
                 max_context=max_context,

@@ -9,7 +9,7 @@ import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel
+from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
 
@@ -31,7 +31,8 @@ class StoreClient:
         r = call(
             self._stub.CreateProfile,
             pb.CreateProfileRequest(
-                request_id=profile.request_id, profile=cv.profile_to_pb(profile)
+                request_id=request_id_or_new(profile.request_id),
+                profile=cv.profile_to_pb(profile),
             ),
             self.timeout,
         )
@@ -108,7 +109,9 @@ class StoreClient:
     def create_cost_model(self, cm: CostModel) -> tuple[CostModel, bool]:
         r = call(
             self._stub.CreateCostModel,
-            pb.CreateCostModelRequest(request_id=cm.request_id, cost_model=cv.cost_model_to_pb(cm)),
+            pb.CreateCostModelRequest(
+                request_id=request_id_or_new(cm.request_id), cost_model=cv.cost_model_to_pb(cm)
+            ),
             self.timeout,
         )
         return cv.cost_model_from_pb(r.cost_model), r.created

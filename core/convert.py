@@ -15,15 +15,16 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from idealrt.common.v1 import common_pb2 as cpb
 from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
-from idealrt.core.errors import InvalidArgument
+from idealrt.core.errors import InvalidArgument, invalid
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
-from idealrt.core.reasons import MODEL_REQUIRED
+from idealrt.core.reasons import DURATION_INVALID, MODEL_REQUIRED, TIMESTAMP_INVALID
 
 __all__ = [
     "cost_model_from_pb",
     "cost_model_to_pb",
     "dtype_from_pb",
     "dtype_to_pb",
+    "duration_from_pb",
     "model_ref_from_pb",
     "model_ref_to_pb",
     "plan_from_pb",
@@ -85,11 +86,56 @@ def ts_to_pb(t: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def ts_from_pb(msg: Any, field: str) -> datetime | None:
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
+_TS_SECONDS = (-62_135_596_800, 253_402_300_799)
+# google.protobuf.Duration's range: about +-10,000 years
+_DURATION_SECONDS = 315_576_000_000
+_MAX_NANOS = 999_999_999
+
+
+def _path(path: str, field: str) -> str:
+    return f"{path}.{field}" if path else field
+
+
+def ts_from_pb(msg: Any, field: str, path: str = "") -> datetime | None:
+    """The Timestamp `field` of `msg` as an aware UTC datetime (None when unset).
+    InvalidArgument(TIMESTAMP_INVALID, `path.field`) outside the Timestamp range (seconds
+    within years 0001..9999, nanos in [0, 999999999])."""
     if not msg.HasField(field):
         return None
     ts: timestamp_pb2.Timestamp = getattr(msg, field)
+    name = _path(path, field)
+    lo, hi = _TS_SECONDS
+    if not (lo <= ts.seconds <= hi and 0 <= ts.nanos <= _MAX_NANOS):
+        raise invalid(
+            name,
+            TIMESTAMP_INVALID,
+            f"{name} must lie in 0001-01-01..9999-12-31 (seconds in [{lo}, {hi}], nanos in "
+            f"[0, {_MAX_NANOS}]); got seconds={ts.seconds}, nanos={ts.nanos}",
+        )
     return ts.ToDatetime(tzinfo=UTC)
+
+
+def duration_from_pb(msg: Any, field: str, path: str = "") -> float | None:
+    """The Duration `field` of `msg` in seconds (None when unset). InvalidArgument
+    (DURATION_INVALID, `path.field`) outside the Duration range (|seconds| <= 315576000000,
+    |nanos| <= 999999999) or when seconds and nanos differ in sign."""
+    if not msg.HasField(field):
+        return None
+    d: duration_pb2.Duration = getattr(msg, field)
+    name = _path(path, field)
+    if not (
+        abs(d.seconds) <= _DURATION_SECONDS
+        and abs(d.nanos) <= _MAX_NANOS
+        and (d.seconds == 0 or d.nanos == 0 or (d.seconds > 0) == (d.nanos > 0))
+    ):
+        raise invalid(
+            name,
+            DURATION_INVALID,
+            f"{name} must have |seconds| <= {_DURATION_SECONDS} and |nanos| <= {_MAX_NANOS} "
+            f"of the same sign; got seconds={d.seconds}, nanos={d.nanos}",
+        )
+    return d.seconds + d.nanos / 1e9
 
 
 # ---- model ----
@@ -259,7 +305,7 @@ def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
         decode_ns=tuple(m.decode_ns),
         total_ns=m.total_ns,
         batch_size=m.batch_size or 1,
-        start_time=ts_from_pb(m, "start_time"),
+        start_time=ts_from_pb(m, "start_time", field),
         rpc_ns=m.rpc_ns,
         heldout=m.heldout,
         repeat=m.repeat,
@@ -312,12 +358,12 @@ def plan_from_pb(m: rpb.ProfilePlan, field: str = "profile.plan") -> d.ProfilePl
         randomize=m.randomize,
         until_ci_rel=m.until_ci_rel,
         max_repeats=m.max_repeats,
-        budget_s=m.budget.seconds + m.budget.nanos / 1e9 if m.HasField("budget") else 0.0,
+        budget_s=duration_from_pb(m, "budget", field) or 0.0,
         lease=_from(_LEASE, m.lease, f"{field}.lease", rpb.LeasePolicy),
         batch_size=m.batch_size or 1,
         adaptive_target_rel=m.adaptive_target_rel,
         adaptive_max_prompt_sizes=m.adaptive_max_prompt_sizes,
-        spread_s=m.spread.seconds + m.spread.nanos / 1e9 if m.HasField("spread") else 0.0,
+        spread_s=duration_from_pb(m, "spread", field) or 0.0,
     )
 
 
@@ -385,9 +431,9 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
         target=target_from_pb(m.target, f"{field}.target") if m.HasField("target") else d.Target(),
         state=d.ProfileState.QUEUED if new else profile_state_from_pb(m.state, f"{field}.state"),
         request_id=m.request_id,
-        create_time=None if new else ts_from_pb(m, "create_time"),
-        start_time=None if new else ts_from_pb(m, "start_time"),
-        end_time=None if new else ts_from_pb(m, "end_time"),
+        create_time=None if new else ts_from_pb(m, "create_time", field),
+        start_time=None if new else ts_from_pb(m, "start_time", field),
+        end_time=None if new else ts_from_pb(m, "end_time", field),
         completed_samples=0 if new else m.completed_samples,
         total_samples=0 if new else m.total_samples,
         error="" if new else m.error,
@@ -437,7 +483,7 @@ def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
     return msg
 
 
-def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
+def cost_model_from_pb(m: rpb.CostModel, field: str = "cost_model") -> d.CostModel:
     return d.CostModel(
         id=m.id,
         profile_id=m.profile_id,
@@ -459,8 +505,8 @@ def cost_model_from_pb(m: rpb.CostModel) -> d.CostModel:
         intervals={k: (v.low, v.high) for k, v in m.intervals.items()},
         valid_prompt_tokens=(m.valid_prompt_tokens_min, m.valid_prompt_tokens_max),
         valid_output_tokens=(m.valid_output_tokens_min, m.valid_output_tokens_max),
-        create_time=ts_from_pb(m, "create_time"),
+        create_time=ts_from_pb(m, "create_time", field),
         model_name=m.model_name,
-        stack=stack_from_pb(m.stack) if m.HasField("stack") else None,
+        stack=stack_from_pb(m.stack, f"{field}.stack") if m.HasField("stack") else None,
         fit_options=dict(m.fit_options),
     )

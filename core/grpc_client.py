@@ -1,9 +1,25 @@
 """Client side of the error contract: every stub call goes through `call`, with a deadline,
-and a failed RPC is raised as the mirrored `IdealrtError` (reason and field preserved)."""
+and a failed RPC is raised as the mirrored `IdealrtError` (reason and field preserved).
+
+Retries (grpc's own, from the channel's service config; no hand-written loops, after
+grpc/grpc examples/python/retry): every channel from `open_channel` retries the idempotent
+RPCs of all four services on UNAVAILABLE, so that a client rides out a restart of the
+server. The retried methods are every RPC of the generated descriptors except
+`NOT_RETRIED` (Generate measures; a client-streaming call cannot be retried by grpc), so a
+new RPC is classified the moment it is generated (tests/unit/test_retry_policy.py checks
+that each retried one is a read or carries a request_id/batch_id or is idempotent by
+design). Creates are idempotent on their request_id: the clients fill in a fresh one
+(`request_id_or_new`) when the caller gives none, so a retry replays rather than duplicates.
+A server-streaming RPC (WatchProfile) is retried only before its first response message;
+after that, `ProfilerClient.watch` reconnects itself.
+"""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any, TypeVar
 
 import grpc
@@ -11,21 +27,108 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from idealrt.core.errors import IdealrtError, error_for_code
+from idealrt.metrics.v1 import metrics_service_pb2
+from idealrt.profiler.v1 import profiler_service_pb2
+from idealrt.serving.v1 import serving_service_pb2
+from idealrt.store.v1 import store_service_pb2
 
-__all__ = ["DEFAULT_TIMEOUT_S", "call", "call_stream", "from_rpc_error", "open_channel"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "NOT_RETRIED",
+    "RETRY_POLICY",
+    "all_methods",
+    "call",
+    "call_stream",
+    "from_rpc_error",
+    "open_channel",
+    "request_id_or_new",
+    "retried_methods",
+    "service_config",
+]
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
+
+# The generated modules whose services the clients call.
+_PROTO_MODULES: tuple[ModuleType, ...] = (
+    store_service_pb2,
+    serving_service_pb2,
+    metrics_service_pb2,
+    profiler_service_pb2,
+)
+
+# RPCs grpc must never retry, as "package.Service/Method". Generate: a measurement, and a
+# replay would run (and time) a second generation. StreamEstimateRuntime: client-streaming,
+# which grpc cannot retry once the stream has started.
+NOT_RETRIED = frozenset(
+    {
+        "idealrt.serving.v1.ServingService/Generate",
+        "idealrt.metrics.v1.MetricsService/StreamEstimateRuntime",
+    }
+)
+
+# The grpc retryPolicy of every retried method: UNAVAILABLE only (the server is not there
+# yet, or went away); the deadline of the call bounds all attempts together.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every RPC of every service, "package.Service/Method", from the descriptors."""
+    return tuple(
+        f"{svc.full_name}/{m.name}"
+        for mod in _PROTO_MODULES
+        for svc in mod.DESCRIPTOR.services_by_name.values()
+        for m in svc.methods
+    )
+
+
+def retried_methods() -> tuple[str, ...]:
+    """The RPCs the service config retries: all of them but NOT_RETRIED."""
+    return tuple(m for m in all_methods() if m not in NOT_RETRIED)
+
+
+def service_config() -> str:
+    """The channel's `grpc.service_config` JSON: one methodConfig with RETRY_POLICY."""
+    names = []
+    for full in retried_methods():
+        service, method = full.split("/")
+        names.append({"service": service, "method": method})
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
+
+
+_SERVICE_CONFIG = service_config()
 
 
 def open_channel(address: str) -> grpc.Channel:
+    """An insecure channel to `address` with the retry policy above. Reconnection backs off
+    like the retries do (from 0.1 s, not grpc's default 1 s), so that a retry finds a server
+    that has just come back."""
     return grpc.insecure_channel(
         address,
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _SERVICE_CONFIG),
+            # a request is retried only while grpc still holds all of it
+            ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ],
     )
+
+
+def request_id_or_new(request_id: str) -> str:
+    """The caller's request_id, or a fresh one: a retried create then replays (the server
+    is idempotent on request_id) instead of creating twice."""
+    return request_id or uuid.uuid4().hex
 
 
 def from_rpc_error(err: grpc.RpcError) -> IdealrtError:

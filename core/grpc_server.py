@@ -25,21 +25,38 @@ from grpc_status import rpc_status
 from idealrt.core.errors import DOMAIN, IdealrtError
 from idealrt.core.observability import rpc_metrics, serve_metrics
 
-__all__ = ["ErrorInterceptor", "GrpcServer", "abort_status", "start_server"]
+__all__ = ["UNARY_WORKERS", "ErrorInterceptor", "GrpcServer", "abort_status", "start_server"]
 
 log = structlog.get_logger("idealrt.grpc")
 
 Register = Callable[[grpc.Server], None]
 
+# Workers a sync server keeps for unary calls and health. Each RPC holds a pool thread for
+# its whole life, a server-streaming one too: a service with long-lived streams bounds them
+# itself and passes max_workers = that bound + UNARY_WORKERS, so that streams at their limit
+# still leave these workers to everything else.
+UNARY_WORKERS = 16
+
+
+# a message or field echoing a huge input must not push the status past gRPC's metadata
+# limit (8 KiB by default: the client would see RESOURCE_EXHAUSTED instead of the error)
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 256
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
+
 
 def abort_status(err: IdealrtError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
     if err.field:
-        info.metadata["field"] = err.field
+        info.metadata["field"] = _cap(err.field, MAX_FIELD_CHARS)
     detail = any_pb2.Any()
     detail.Pack(info)
     code_value: int = err.code.value[0]
-    st = status_pb2.Status(code=code_value, message=err.message, details=[detail])
+    message = _cap(err.message, MAX_MESSAGE_CHARS)
+    st = status_pb2.Status(code=code_value, message=message, details=[detail])
     return rpc_status.to_status(st)
 
 
@@ -165,16 +182,26 @@ class GrpcServer:
         self.service_names = tuple(service_names)
         self.on_stop: list[Callable[[], None]] = []  # run after the server has drained
         self._stopped = False
+        self._stop_lock = threading.Lock()
 
     def stop(self, grace_s: float = 5.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        """Stop gracefully: health says NOT_SERVING for every service (for good: a later
+        `set` is ignored), new RPCs are refused, in-flight ones get `grace_s` to finish
+        (those still running then are cancelled: UNAVAILABLE to their clients, which
+        retry or reconnect), and then the `on_stop` hooks run in order (a service
+        checkpoints its work and closes its clients there). A second call returns at once."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.enter_graceful_shutdown()
+        log.info("server_draining", port=self.port, grace_s=grace_s)
         self.server.stop(grace_s).wait()
         for fn in self.on_stop:
             fn()
+        log.info("server_stopped", port=self.port)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -182,21 +209,32 @@ class GrpcServer:
     def install_sigterm(
         self, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None
     ) -> None:
-        """Graceful shutdown on SIGTERM/SIGINT (main thread only)."""
+        """Graceful shutdown (`stop(grace_s)`) on SIGTERM/SIGINT (main thread only).
+
+        The stop runs on a thread of its own (a signal handler must return at once), and
+        that thread is not a daemon: `wait()` returns as soon as the server has drained,
+        and the interpreter's exit then waits for the `on_stop` hooks (a profiler's
+        checkpoint, a store's close) instead of cutting them off."""
         if threading.current_thread() is not threading.main_thread():
             return
 
         def handler(signum: int, _frame: Any) -> None:
             log.info("shutdown_requested", signal=signal.Signals(signum).name)
-            threading.Thread(target=self._shutdown, args=(grace_s, on_stop), daemon=True).start()
+            threading.Thread(
+                target=self._shutdown, args=(grace_s, on_stop), name="grpc-shutdown"
+            ).start()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
     def _shutdown(self, grace_s: float, on_stop: Callable[[], None] | None) -> None:
-        if on_stop is not None:
-            on_stop()
-        self.stop(grace_s)
+        try:
+            if on_stop is not None:
+                on_stop()
+            self.stop(grace_s)
+        except Exception:  # the shutdown thread's top: log it, the server still stops
+            log.exception("shutdown_failed", port=self.port)
+            self.server.stop(0)
 
 
 def start_server(
@@ -204,11 +242,14 @@ def start_server(
     register: Sequence[Register],
     service_names: Sequence[str],
     *,
-    max_workers: int = 16,
+    max_workers: int = UNARY_WORKERS,
     metrics_port: int = 0,
 ) -> GrpcServer:
-    """Build and start a server on `address` ("127.0.0.1:0" picks a free port); Prometheus
-    metrics on `metrics_port` when > 0."""
+    """Build and start a server on `address` ("127.0.0.1:0" picks a free port) with a pool
+    of `max_workers` threads (see UNARY_WORKERS); Prometheus metrics on `metrics_port`
+    when > 0."""
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     serve_metrics(metrics_port)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),

@@ -21,6 +21,7 @@ from idealrt.core.reasons import PAGE_SIZE_INVALID, PAGE_TOKEN_INVALID
 __all__ = ["decode_token", "encode_token", "invalid_token", "page_size"]
 
 _VERSION = 1
+MAX_TOKEN_LEN = 512  # characters; the tokens issued here are at most ~300
 
 
 def page_size(requested: object, default: int, maximum: int) -> int:
@@ -55,6 +56,8 @@ def decode_token(token: object, kind: str, filt: str) -> list[Any] | None:
         raise invalid_token("page_token must be a string")
     if token == "":
         return None
+    if len(token) > MAX_TOKEN_LEN:  # refused before decoding: no token we issue is longer
+        raise invalid_token()
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)

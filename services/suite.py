@@ -56,9 +56,12 @@ def start_suite(
     ports: dict[str, int] | None = None,
     serving_target: str = "",
     resume: bool = True,
+    contention_monitors: bool | None = None,
 ) -> Suite:
     """Start store, serving, metrics and profiler; `serving_target` replaces the local
-    serving as the profiler's default endpoint when given."""
+    serving as the profiler's default endpoint when given. `contention_monitors`: see
+    ProfilerConfig (None: $IDEALRT_CONTENTION_MONITORS, default on; off only for test
+    suites on shared machines)."""
     from idealrt.services.metrics.server import build_server as build_metrics
     from idealrt.services.profiler.server import build_server as build_profiler
     from idealrt.services.serving.server import build_server as build_serving
@@ -90,6 +93,9 @@ def start_suite(
                 store_target=store_target,
                 serving_target=serving_target or serving_addr,
                 data_dir=data_dir,
+                contention_monitors=ProfilerConfig.from_env().contention_monitors
+                if contention_monitors is None
+                else contention_monitors,
             )
         )
         servers.append(profiler)

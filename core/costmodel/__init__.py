@@ -10,6 +10,8 @@
 - `estimate`: workload estimates (sums, percentiles, out-of-domain counts), in one call or
   accumulated over a stream.
 - `robust`: the robust statistics under all of them (grouped medians, MAD, Huber, isotonic).
+- `validate`: the internal consistency of a cost model (`check_cost_model`), checked before
+  a model is stored: every later prediction on it is a finite number of seconds.
 
 The dataclasses a model is made of (`CostModel`, `FitQuality`) live in `idealrt.core.domain`
 beside `Sample` and `StackSpec`, which they refer to, and are re-exported here. The metrics
@@ -40,6 +42,7 @@ from idealrt.core.costmodel.predict import (
     out_of_domain,
     predict_runtime,
 )
+from idealrt.core.costmodel.validate import check_cost_model
 from idealrt.core.domain import CostModel, FitQuality
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "alpha_at",
     "beta_at",
     "bootstrap_models",
+    "check_cost_model",
     "decode_sum",
     "estimate_workload",
     "fit_cost_model",

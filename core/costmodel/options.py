@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import operator
 from collections.abc import Callable, Mapping
 
 from idealrt.core.errors import InvalidArgument
@@ -67,12 +69,18 @@ class FitOptions:
             raise bad("confidence", "in (0, 1)")
         if self.kfold < 0:
             raise bad("kfold", ">= 0 (0 or 1 disables)")
-        if not self.knot_z > 0.0:
-            raise bad("knot_z", "> 0")
+        if not 0.0 < self.knot_z < math.inf:
+            raise bad("knot_z", "a finite number > 0")
         if not 0.0 <= self.knot_rel_tol < 1.0:
             raise bad("knot_rel_tol", "in [0, 1)")
-        if not self.outlier_sigma >= 0.0:
-            raise bad("outlier_sigma", ">= 0 (0 disables)")
+        if not 0.0 <= self.outlier_sigma < math.inf:
+            raise bad("outlier_sigma", "a finite number >= 0 (0 disables)")
+        try:
+            seed = -1 if isinstance(self.seed, bool) else operator.index(self.seed)
+        except TypeError:
+            seed = -1
+        if seed < 0:  # numpy's generators take no negative seed
+            raise bad("seed", "an integer >= 0")
 
     def to_record(self) -> dict[str, str]:
         """Every option as text (`CostModel.fit_options`): floats in repr, exact on reload."""
@@ -94,6 +102,7 @@ class FitOptions:
             if f.name in record:
                 try:
                     values[f.name] = parse[str(f.type)](record[f.name])
-                except (SyntaxError, TypeError, ValueError) as e:
+                # literal_eval of hostile text: deep nesting recurses, huge literals fill memory
+                except (SyntaxError, TypeError, ValueError, RecursionError, MemoryError) as e:
                     raise ValueError(f"fit option {f.name}={record[f.name]!r}: {e}") from e
         return cls(**values)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ from idealrt.services.metrics.reasons import (
 
 __all__ = [
     "CPU_ACCELERATOR",
+    "MAX_ACCELERATORS",
     "CostBreakdown",
     "EnergyModel",
     "accelerators_needed",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 CPU_ACCELERATOR = "cpu"  # the hardware table's name for host CPUs: memory is host RAM
+MAX_ACCELERATORS = 2**31 - 1  # the contract carries the count as int32
 _J_PER_KWH = 3.6e6
 
 
@@ -75,7 +77,8 @@ def accelerators_needed(
     tensor-parallel degrees) unless power_of_two=False.
 
     On the host CPU ("cpu") the model runs in one process: 1 when it fits in RAM, else
-    ResourceExhausted (MODEL_EXCEEDS_HOST_MEMORY)."""
+    ResourceExhausted (MODEL_EXCEEDS_HOST_MEMORY). More than MAX_ACCELERATORS devices is
+    InvalidArgument (ACCELERATORS_INVALID, field max_context)."""
     acc = _resolve(accelerator)
     if not 0.0 <= reserve_frac < 1.0:
         raise InvalidArgument(
@@ -97,6 +100,13 @@ def accelerators_needed(
         return 1
     if power_of_two:
         n = 1 << (n - 1).bit_length()
+    if n > MAX_ACCELERATORS:
+        raise InvalidArgument(
+            ACCELERATORS_INVALID,
+            f"{spec.name} at context {max_context} needs {n} x {acc.name}, more than the "
+            f"{MAX_ACCELERATORS} a cost can be given for; lower max_context or check the spec",
+            field="max_context",
+        )
     return n
 
 

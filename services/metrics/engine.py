@@ -2,17 +2,18 @@
 compare, Pareto, HELM import/export. Plain domain code; the servicer only converts.
 
 One module because it is one idea: the service's use-case layer. Each method validates its
-request, reads what it needs from the store, runs the cost-model mathematics
-(`idealrt.core.costmodel`) or a metric function of this service, and returns plain
-dataclasses. Failures surface: a store that is down is UNAVAILABLE (the store client's
-error, never caught here), a missing model spec is FAILED_PRECONDITION naming what is
-missing, and energy readings that cannot be used are reported in `CostResult.energy_error`.
+request (`validate`, within the limits of MetricsConfig), reads what it needs from the
+store, runs the cost-model mathematics (`idealrt.core.costmodel`) or a metric function of
+this service, and returns plain dataclasses. Failures surface: a store that is down is
+UNAVAILABLE (the store client's error, never caught here), a missing model spec is
+FAILED_PRECONDITION naming what is missing, energy readings that cannot be used are
+reported in `CostResult.energy_error`, and a model derived here (fit, denoised, imported)
+is stored only when it passes `core.costmodel.validate.check_cost_model`.
 Bootstrap work happens only when a caller asks for intervals."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,11 +33,13 @@ from idealrt.core.costmodel.estimate import (
 )
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.validate import check_cost_model
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
 from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
+from idealrt.services.metrics import validate
 from idealrt.services.metrics.compare import Comparison, compare
 from idealrt.services.metrics.cost import (
     CostBreakdown,
@@ -48,21 +51,24 @@ from idealrt.services.metrics.cost import (
 from idealrt.services.metrics.pareto import ParetoResult, pareto_frontier
 from idealrt.services.metrics.reasons import (
     ACCELERATOR_REQUIRED,
-    BOOTSTRAP_INVALID,
     COST_MODEL_CHANGED,
+    COST_MODEL_DEGENERATE,
     COST_MODEL_ID_REQUIRED,
     COST_MODEL_IDS_REQUIRED,
-    INVALID_HELM_JSON,
-    KIND_INVALID,
     MODEL_SPEC_MISSING,
     PROFILE_ID_REQUIRED,
     PROFILE_INVALID,
     PROFILE_NOT_SUCCEEDED,
-    QUANTILE_INVALID,
 )
 from idealrt.services.metrics.roofline import MeasuredHardware, fraction_of_bound, roofline
+from idealrt.services.metrics.validate import (
+    MAX_COMPARE_BOOTSTRAP,
+    MAX_FIT_BOOTSTRAP,
+    RequestLimits,
+)
 
 __all__ = [
+    "MAX_COMPARE_BOOTSTRAP",
     "MAX_FIT_BOOTSTRAP",
     "CostRequest",
     "CostResult",
@@ -74,8 +80,6 @@ __all__ = [
     "RooflineResult",
 ]
 
-MAX_FIT_BOOTSTRAP = 10_000  # replicates of one fit
-MAX_COMPARE_BOOTSTRAP = 5_000  # replicates of each side of a comparison
 DEFAULT_ROOFLINE_PROMPTS = (1, 128, 512)
 DEFAULT_ROOFLINE_CONTEXTS = (128, 512)
 
@@ -177,15 +181,38 @@ def _require_queries(p: Sequence[int]) -> None:
 def _fit_options(cm: CostModel) -> FitOptions:
     """The options `cm` was fitted with (stored with it), so its replicates after a restart
     are the ones its intervals came from. A model stored before options were recorded gets
-    the defaults with its beta mode, as before; an unreadable record the same, logged."""
+    the defaults with its beta mode, as before; an unreadable record the same, logged, and
+    so does a record no fit here could have written (invalid, or more replicates than
+    MAX_FIT_BOOTSTRAP: re-deriving them would hold a worker for as long as it asks)."""
     fallback = FitOptions(beta_linear=cm.beta1_s != 0)
     if not cm.fit_options:
         return fallback
     try:
-        return FitOptions.from_record(cm.fit_options)
+        options = FitOptions.from_record(cm.fit_options)
+        validate.check_fit_options(options)
     except ValueError as e:
         _log.warning("fit_options_unreadable", cost_model_id=cm.id, error=str(e))
         return fallback
+    except InvalidArgument as e:
+        _log.warning("fit_options_invalid", cost_model_id=cm.id, field=e.field, error=str(e))
+        return fallback
+    return options
+
+
+def _usable(cm: CostModel, what: str, profile_id: str) -> CostModel:
+    """`cm`, which this engine derived from a profile's samples, if it is a consistent
+    cost model (core.costmodel.validate); else FAILED_PRECONDITION: the samples, not the
+    request, cannot give a model every later estimate can evaluate."""
+    try:
+        check_cost_model(cm)
+    except InvalidArgument as e:
+        raise FailedPrecondition(
+            COST_MODEL_DEGENERATE,
+            f"the {what} of profile {profile_id} is not a usable cost model ({e.message}); "
+            "it was not stored",
+            field="profile_id",
+        ) from None
+    return cm
 
 
 def _ood(
@@ -201,8 +228,15 @@ class MetricsEngine:
     """Fits are stored; bootstrap replicates (for intervals on estimates) are cached in
     memory and re-derived from the profile's samples (same seed, same result) on a miss."""
 
-    def __init__(self, store: MetricsStore, replicate_cache: int = 32) -> None:
+    def __init__(
+        self,
+        store: MetricsStore,
+        replicate_cache: int = 32,
+        *,
+        limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen, never mutated
+    ) -> None:
         self.store = store
+        self.limits = limits
         self._replicates: OrderedDict[str, list[CostModel]] = OrderedDict()
         self._cache_size = replicate_cache
         self._lock = threading.Lock()
@@ -235,15 +269,10 @@ class MetricsEngine:
     def fit(
         self, profile_id: str, options: FitOptions, *, request_id: str = "", name: str = ""
     ) -> CostModel:
-        if options.bootstrap > MAX_FIT_BOOTSTRAP:
-            raise InvalidArgument(
-                BOOTSTRAP_INVALID,
-                f"options.bootstrap must be <= {MAX_FIT_BOOTSTRAP}, got {options.bootstrap}",
-                field="options.bootstrap",
-            )
-        options.validate()
+        validate.check_fit_options(options)
         prof, samples = self._fit_samples(profile_id)
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
+        _usable(cm, "fit", profile_id)
         cm.fit_options = options.to_record()
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-{prof.stack.backend.value}-{prof.stack.device}"
@@ -301,6 +330,7 @@ class MetricsEngine:
     ) -> EstimateResult:
         """The workload's estimate; per query when `per_query`; 95% intervals (from the
         model's bootstrap replicates) only when `intervals`."""
+        validate.check_queries(len(p), self.limits)
         cm = self.get(cm_id)
         _require_queries(p)
         wl = estimate_workload(cm, p, o, keep_runtimes=per_query)
@@ -358,15 +388,11 @@ class MetricsEngine:
     ) -> CostModel:
         from idealrt.services.metrics.denoise import denoise
 
-        if not 0.0 < quantile < 0.5:
-            raise InvalidArgument(
-                QUANTILE_INVALID,
-                f"quantile must be in (0, 0.5), got {quantile}",
-                field="quantile",
-            )
+        validate.check_quantile(quantile)
         # black-box API measurements are contended by nature: INVALID profiles are accepted
         prof, samples = self._fit_samples(profile_id, allow_invalid=True)
         cm = denoise(samples, method, quantile, profile_id=profile_id)  # type: ignore[arg-type]
+        _usable(cm, f"{method} denoising", profile_id)
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-denoised-{method}"
         cm.model_name = prof.model.name
@@ -388,13 +414,9 @@ class MetricsEngine:
     ) -> Comparison:
         """Total runtime of the workload on A over B, with a bootstrap interval over both
         profiles' samples (`bootstrap` 0: the default count)."""
+        validate.check_queries(len(p), self.limits)
         _require_queries(p)
-        if not 0 <= bootstrap <= MAX_COMPARE_BOOTSTRAP:
-            raise InvalidArgument(
-                BOOTSTRAP_INVALID,
-                f"bootstrap must be in [0, {MAX_COMPARE_BOOTSTRAP}], got {bootstrap}",
-                field="bootstrap",
-            )
+        validate.check_compare(bootstrap, seed)
         return compare(
             self.samples_of(profile_a),
             self.samples_of(profile_b),
@@ -413,6 +435,7 @@ class MetricsEngine:
             raise InvalidArgument(
                 COST_MODEL_IDS_REQUIRED, "name at least one cost model", field="cost_model_ids"
             )
+        validate.check_queries(len(p), self.limits)
         _require_queries(p)
         runtimes = {
             name: self.estimate(cid, p, o, per_query=False).workload.total_s
@@ -427,6 +450,8 @@ class MetricsEngine:
             raise InvalidArgument(
                 ACCELERATOR_REQUIRED, "accelerator is required", field="accelerator"
             )
+        validate.check_queries(len(req.prompt_tokens), self.limits)
+        validate.check_cost(req)
         cm = self.get(req.cost_model_id)
         p, o = req.prompt_tokens, req.output_tokens
         r = self.estimate(cm.id, p, o, per_query=False)
@@ -472,6 +497,7 @@ class MetricsEngine:
     def roofline(self, req: RooflineRequest) -> RooflineResult:
         """Lower bounds of prefill at each prompt size and of a decode step at each context;
         with a cost model, its fitted times and the fraction of the bound they reach."""
+        validate.check_roofline(req)
         hw: hardware.Accelerator | MeasuredHardware
         if req.peak_flops > 0 and req.bandwidth_bytes_s > 0:
             hw = MeasuredHardware(
@@ -502,28 +528,26 @@ class MetricsEngine:
         )
 
     def import_helm_json(self, text: str, kind: str, request_id: str) -> list[CostModel]:
-        """`import_helm` of HELM efficiency JSON text."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InvalidArgument(
-                INVALID_HELM_JSON, f"json: not valid JSON ({err})", field="json"
-            ) from None
-        return self.import_helm(doc, kind, request_id)
+        """`import_helm` of HELM efficiency JSON text, within the size and nesting limits
+        (checked before parsing)."""
+        validate.check_import_kind(kind)
+        doc = validate.parse_json(text, self.limits)
+        return self.import_helm(doc, kind, request_id)  # type: ignore[arg-type]
 
     def import_helm(self, doc: Mapping[str, object], kind: str, request_id: str) -> list[CostModel]:
+        """Store the cost models of a HELM document. Every model is checked (helm's own
+        rules, then core.costmodel.validate) before the first is stored."""
         from idealrt.services.metrics.helm import import_helm
 
-        if kind not in ("idealized", "denoised", ""):
-            raise InvalidArgument(KIND_INVALID, "kind must be idealized or denoised", field="kind")
-        out = []
-        for name, cm in import_helm(doc).items():
+        validate.check_import_kind(kind)
+        models = import_helm(doc)
+        for name, cm in models.items():
             cm.name = name
             cm.model_name = name
             cm.request_id = f"{request_id}:{name}" if request_id else ""
             cm.create_time = utcnow()
-            out.append(self.store.create_cost_model(cm)[0])
-        return out
+            check_cost_model(cm)
+        return [self.store.create_cost_model(cm)[0] for cm in models.values()]
 
     def export_helm(
         self, ids: Mapping[str, str], prompt_sizes: Sequence[int]

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from idealrt.core.costmodel.predict import alpha_at
+from idealrt.core.costmodel.validate import MAX_KNOT_TOKENS, MAX_SECONDS
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument
 from idealrt.services.metrics.reasons import INVALID_HELM_JSON, INVALID_PROMPT_SIZES
@@ -79,21 +80,32 @@ def export_helm(
     return out
 
 
+_SHOWN = 64  # characters of a request's key or value echoed in an error
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}..."
+
+
 def _path(*parts: str) -> str:
-    return "$" + "".join(f"[{json.dumps(p)}]" for p in parts)
+    """The JSON path of a value; keys longer than _SHOWN are cut (errors stay small)."""
+    return "$" + "".join(f"[{json.dumps(_shown(p))}]" for p in parts)
 
 
 def _seconds(value: object, *parts: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(
             _REASON,
-            f"{_path(*parts)} must be a number of seconds, got {value!r}",
+            f"{_path(*parts)} must be a number of seconds, got {_shown(repr(value))}",
             field=_path(*parts),
         )
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
+    v = float(value) if isinstance(value, float) or abs(value) <= MAX_SECONDS else math.inf
+    if not (math.isfinite(v) and 0 <= v <= MAX_SECONDS):
         raise InvalidArgument(
-            _REASON, f"{_path(*parts)} must be finite and >= 0, got {value!r}", field=_path(*parts)
+            _REASON,
+            f"{_path(*parts)} must be finite, in [0, {MAX_SECONDS:g}] seconds, got "
+            f"{_shown(repr(value))}",
+            field=_path(*parts),
         )
     return v
 
@@ -111,7 +123,9 @@ def _mapping(value: object, *parts: str) -> Mapping[str, object]:
 def import_helm(doc: Mapping[str, object]) -> dict[str, CostModel]:
     """Cost models (kind "imported", name = the JSON key) from a HELM efficiency document.
     Malformed input raises InvalidArgument (reason INVALID_HELM_JSON) whose field is the
-    JSON path of the offending value, e.g. $["together/opt-66b"]["runtime_for_prompt_tokens"]."""
+    JSON path of the offending value, e.g. $["together/opt-66b"]["runtime_for_prompt_tokens"]:
+    prompt sizes are integers in [1, 2**31 - 1], times finite seconds in [0, MAX_SECONDS]
+    (core.costmodel.validate), so every imported model is a consistent one."""
     root = _mapping(doc)
     models: dict[str, CostModel] = {}
     for name, raw in root.items():
@@ -134,10 +148,15 @@ def import_helm(doc: Mapping[str, object]) -> dict[str, CostModel]:
         for key, value in table.items():
             where = (name, "runtime_for_prompt_tokens", str(key))
             text = str(key).strip()
-            if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            if (
+                not (text.isascii() and text.isdigit())
+                or len(text) > len(str(MAX_KNOT_TOKENS))  # before int(): no huge numbers
+                or not 1 <= int(text) <= MAX_KNOT_TOKENS
+            ):
                 raise InvalidArgument(
                     _REASON,
-                    f"{_path(*where)}: prompt sizes are integers >= 1, got key {key!r}",
+                    f"{_path(*where)}: prompt sizes are integers in [1, {MAX_KNOT_TOKENS}], "
+                    f"got key {_shown(repr(key))}",
                     field=_path(*where),
                 )
             if int(text) in knots:

@@ -61,6 +61,15 @@ def _number(text: str) -> float | None:
 def parse_accuracy_csv(text: str) -> dict[str, float]:
     """{model: accuracy} from `model,accuracy[,...]` lines (optional header, blank lines
     ignored). Errors name the line: field `accuracy_csv[line N]`."""
+    try:
+        return _parse_rows(text)
+    except csv.Error as err:  # a field beyond csv's size limit, a stray quote, ...
+        raise InvalidArgument(
+            ACCURACY_CSV_INVALID, f"accuracy_csv is not readable CSV: {err}", field="accuracy_csv"
+        ) from None
+
+
+def _parse_rows(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or all(not cell.strip() for cell in row):

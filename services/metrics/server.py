@@ -9,6 +9,7 @@ from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 from idealrt.services.metrics.engine import MetricsEngine
 from idealrt.services.metrics.servicer import MetricsServicer
+from idealrt.services.metrics.validate import RequestLimits
 
 __all__ = ["SERVICE_NAME", "build_server"]
 
@@ -19,7 +20,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
     if not cfg.store_target:
         raise ValueError("MetricsConfig.store_target is required")
     store = StoreClient(cfg.store_target)
-    servicer = MetricsServicer(MetricsEngine(store))
+    servicer = MetricsServicer(MetricsEngine(store, limits=RequestLimits.from_config(cfg)))
     server = start_server(
         cfg.address,
         [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],

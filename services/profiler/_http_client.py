@@ -1,19 +1,30 @@
-"""The wire side of an HTTP target: the client, headers, request bodies, one timed request
-(sent once more when a kept-alive connection was closed meanwhile) and the mapping of
-transport and status errors; `HttpTarget` (`idealrt.services.profiler.http_target`, whose
-docstring describes the behaviour) builds on `_HttpClient`.
+"""The wire side of an HTTP target: the client, headers, request bodies, one timed attempt
+(sent once more when a kept-alive connection was closed meanwhile), the mapping of
+transport and status errors, and the retries of failed attempts; `HttpTarget`
+(`idealrt.services.profiler.http_target`, whose docstring describes the behaviour) builds
+on `_HttpClient`.
+
+Retries and the send-once-more are one idea with the attempt they repeat: what an attempt
+raises decides whether it is retried, and every attempt is timed on its own.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import email.utils
 import ipaddress
+import itertools
 import json
 import os
-import time
-from datetime import datetime
+import random
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import structlog
 
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Sample
@@ -35,9 +46,11 @@ from idealrt.services.profiler._openai_stream import (
 )
 from idealrt.services.profiler.reasons import (
     API_AUTH_FAILED,
+    API_ERROR_BUDGET_EXHAUSTED,
     API_KEY_MISSING,
     API_RATE_LIMITED,
     API_REJECTED_REQUEST,
+    API_RETRY_CANCELLED,
     API_SERVER_ERROR,
     API_STREAM_ERROR,
     API_TIMEOUT,
@@ -45,7 +58,9 @@ from idealrt.services.profiler.reasons import (
     API_UNREACHABLE,
 )
 
-__all__ = ["_HttpClient", "_Rejected", "_is_loopback"]
+__all__ = ["RetryRecord", "_HttpClient", "_Rejected", "_is_loopback", "retry_after_s", "tally"]
+
+log = structlog.get_logger(__name__)
 
 
 def _is_loopback(url: str) -> bool:
@@ -67,6 +82,68 @@ class _Rejected(Exception):
         self.message = message
 
 
+class _Transient(Exception):
+    """A failed attempt that may be retried: the error it ends in when it is not, its kind
+    for the tallies ("429", "503", "timeout", "connect", "transport", "stream") and the wait
+    the server asked for (Retry-After, seconds; None when it sent none)."""
+
+    def __init__(self, error: IdealrtError, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryRecord:
+    """One generation that needed retries: the kind of each failed attempt, in order, and
+    the wait before each retry. start_time is the kept sample's `Sample.start_time` (that of
+    the attempt that succeeded), None when the generation failed."""
+
+    prompt_tokens: int
+    output_tokens: int
+    seed: int
+    errors: tuple[str, ...]
+    waits_s: tuple[float, ...]
+    start_time: datetime | None
+
+    @property
+    def retries(self) -> int:
+        return len(self.waits_s)
+
+
+def tally(kinds: Iterable[str]) -> str:
+    """The kinds by count, most frequent first (`429 x 10, timeout x 2`); `none` for none."""
+    counts = collections.Counter(kinds)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{k} x {n}" for k, n in ranked) or "none"
+
+
+def retry_after_s(value: str | None, now: datetime) -> float | None:
+    """A Retry-After header in seconds from `now`: delay-seconds or an HTTP date (a date
+    already past is 0); None when absent or unparseable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _transport_kind(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "connect"
+    return "transport"
+
+
 class _HttpClient:
     """Requests to the API at `base_url`; the state it uses is set by HttpTarget.__init__."""
 
@@ -77,11 +154,23 @@ class _HttpClient:
     _transport: httpx.BaseTransport | None
     _client: httpx.Client | None
     _server_header: str
+    _clock: Callable[[], int]
+    _sleep: Callable[[float], object] | None
+    _rng: random.Random
+    _cancel: threading.Event
+    _owns_cancel: bool
+    _call_errors: list[str]
+    _call_waits: list[float]
     requests: int
     resends: int
+    retries: int
+    retry_wait_s: float
+    errors: collections.Counter[str]
 
     def _http(self) -> httpx.Client:
         if self._client is None:
+            if self._owns_cancel:
+                self._cancel.clear()  # close() ended the waits of the previous client
             self._client = httpx.Client(
                 timeout=httpx.Timeout(
                     self.options.read_timeout_s, connect=self.options.connect_timeout_s
@@ -123,14 +212,29 @@ class _HttpClient:
             return Unavailable(API_UNREACHABLE, f"cannot connect to the API at {where}: {detail}")
         return Unavailable(API_TRANSPORT_ERROR, f"the API at {where} failed ({kind}): {detail}")
 
-    def _status_error(self, status: int, body: bytes) -> IdealrtError | _Rejected:
+    def _status_error(
+        self, status: int, body: bytes, retry_after: float | None = None
+    ) -> IdealrtError | _Rejected | _Transient:
+        """The failure of a response with an error status: 408, 429 and 5xx are transient;
+        a 400/422 may be a refused field (_Rejected); any other status fails at once with
+        the API's message (or an excerpt of its body)."""
         msg = self._scrub(error_message(body))
         where = redact_url(self.base_url)
         if status in (400, 422):
             return _Rejected(status, msg)
         if status == 429:
-            return ResourceExhausted(
-                API_RATE_LIMITED, f"the API at {where} is rate limiting (HTTP 429): {msg}"
+            return _Transient(
+                ResourceExhausted(
+                    API_RATE_LIMITED, f"the API at {where} is rate limiting (HTTP 429): {msg}"
+                ),
+                "429",
+                retry_after,
+            )
+        if status == 408:
+            return _Transient(
+                Unavailable(API_TIMEOUT, f"the API at {where} timed out (HTTP 408): {msg}"),
+                "408",
+                retry_after,
             )
         if status in (401, 403):
             return InvalidArgument(
@@ -139,8 +243,10 @@ class _HttpClient:
                 field="profile.target.api_key_env",
             )
         if status >= 500:
-            return Unavailable(
-                API_SERVER_ERROR, f"the API at {where} failed (HTTP {status}): {msg}"
+            return _Transient(
+                Unavailable(API_SERVER_ERROR, f"the API at {where} failed (HTTP {status}): {msg}"),
+                str(status),
+                retry_after,
             )
         return InvalidArgument(
             API_REJECTED_REQUEST,
@@ -168,7 +274,7 @@ class _HttpClient:
         byte: that attempt is discarded and the request sent once more, timed afresh."""
         for attempt in (1, 2):
             start = utcnow()
-            t0 = time.perf_counter_ns()
+            t0 = self._clock()
             try:
                 return start, t0, client.send(request, stream=True)
             except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
@@ -177,7 +283,9 @@ class _HttpClient:
                 self.resends += 1
         raise AssertionError("unreachable")
 
-    def _request(self, shape: RequestShape, prompt: str | list[int], p: int, o: int) -> Sample:
+    def _attempt(self, shape: RequestShape, prompt: str | list[int], p: int, o: int) -> Sample:
+        """One attempt, timed on its own: its Sample, or _Transient / _Rejected /
+        IdealrtError (not retried)."""
         client = self._http()
         request = client.build_request(
             "POST",
@@ -185,15 +293,15 @@ class _HttpClient:
             content=json.dumps(self._body(shape, prompt, o)).encode(),
             headers=self._headers(),
         )
-        clock = time.perf_counter_ns
+        clock = self._clock
         self.requests += 1
         try:
             start, t0, response = self._send(client, request)
             try:
                 if response.status_code >= 400:
                     response.read()
-                    err = self._status_error(response.status_code, response.content)
-                    raise err
+                    wait = retry_after_s(response.headers.get("retry-after"), utcnow())
+                    raise self._status_error(response.status_code, response.content, wait)
                 streamed = "text/event-stream" in response.headers.get("content-type", "")
                 if streamed:
                     events = list(iter_sse(response.iter_lines(), clock))
@@ -206,12 +314,95 @@ class _HttpClient:
                 self._server_header = response.headers.get("server", self._server_header)
             finally:
                 response.close()
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+            raise self._transport_error(exc) from None  # our request is wrong: never retried
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
+            raise _Transient(self._transport_error(exc), _transport_kind(exc)) from None
         if completion.error is not None:
-            raise Unavailable(
-                API_STREAM_ERROR,
-                f"the API at {redact_url(self.base_url)} reported an error in its response: "
-                f"{self._scrub(completion.error)}",
+            raise _Transient(
+                Unavailable(
+                    API_STREAM_ERROR,
+                    f"the API at {redact_url(self.base_url)} reported an error in its "
+                    f"response: {self._scrub(completion.error)}",
+                ),
+                "stream",
             )
         return to_sample(completion, streamed, p, o, t0, t_end, start)
+
+    def _request(self, shape: RequestShape, prompt: str | list[int], p: int, o: int) -> Sample:
+        """One request: attempts until one succeeds, one fails in a way not retried, the
+        request's `max_attempts` are spent or the profile's `max_failed_attempts` are.
+        Between attempts, a wait: the server's Retry-After (at most `max_retry_after_s`),
+        else exponential backoff with full jitter. Failed attempts and waits are tallied on
+        the client (`errors`, `retries`, `retry_wait_s`) and for the current generation
+        (`_call_errors`, `_call_waits`)."""
+        opts = self.options
+        for attempt in itertools.count(1):
+            try:
+                return self._attempt(shape, prompt, p, o)
+            except _Transient as failure:
+                self.errors[failure.kind] += 1
+                self._call_errors.append(failure.kind)
+                self._give_up_if_spent(failure, attempt)
+                wait = self._retry_wait(attempt, failure.retry_after)
+                log.warning(
+                    "http_attempt_failed",
+                    base_url=redact_url(self.base_url),
+                    kind=failure.kind,
+                    reason=failure.error.reason,
+                    attempt=attempt,
+                    max_attempts=opts.max_attempts,
+                    retry_after_s=failure.retry_after,
+                    wait_s=round(wait, 3),
+                )
+                if not self._wait(wait):
+                    raise Unavailable(
+                        API_RETRY_CANCELLED,
+                        f"cancelled while waiting {wait:.1f} s to retry a request to the API "
+                        f"at {redact_url(self.base_url)} after: {failure.error.message}",
+                    ) from None
+                self.retries += 1
+                self.retry_wait_s += wait
+                self._call_waits.append(wait)
+        raise AssertionError("unreachable")
+
+    def _give_up_if_spent(self, failure: _Transient, attempt: int) -> None:
+        """Raise when the profile's error budget or this request's attempts are spent."""
+        opts = self.options
+        used = sum(self.errors.values())
+        if used >= opts.max_failed_attempts:
+            raise ResourceExhausted(
+                API_ERROR_BUDGET_EXHAUSTED,
+                f"{used} of {opts.max_failed_attempts} allowed failed attempts "
+                f"(profile.target.options.max_failed_attempts) spent on the API at "
+                f"{redact_url(self.base_url)}: {tally(self.errors.elements())}; "
+                f"the last: {failure.error.message}",
+                field="profile.target.options.max_failed_attempts",
+            ) from None
+        if attempt >= opts.max_attempts:
+            err = failure.error
+            raise type(err)(
+                err.reason,
+                f"{err.message} (attempt {attempt} of {opts.max_attempts}, "
+                f"profile.target.options.max_attempts; this request's failed attempts: "
+                f"{tally(self._call_errors)})",
+                field=err.field,
+            ) from None
+
+    def _retry_wait(self, attempt: int, retry_after: float | None) -> float:
+        opts = self.options
+        if retry_after is not None:
+            return min(retry_after, opts.max_retry_after_s)
+        cap = min(opts.backoff_max_s, opts.backoff_base_s * 2.0 ** (attempt - 1))
+        return self._rng.uniform(0.0, cap)
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait before a retry, on the cancel event (or the injected sleep); False when
+        cancelled, before or during the wait."""
+        if self._cancel.is_set():
+            return False
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            self._cancel.wait(seconds)
+        return not self._cancel.is_set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,11 +14,19 @@ from typing import Protocol
 
 from idealrt.core.domain import Profile, Sample
 from idealrt.core.errors import IdealrtError
+from idealrt.services.profiler._outage import RetryPolicy
 from idealrt.services.profiler.adaptive import AdaptiveOptions
 from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.monitors import MonitorSet, parse_cores
 
-__all__ = ["MonitorFactory", "RunnerOptions", "SampleSink", "default_monitors", "error_text"]
+__all__ = [
+    "MonitorFactory",
+    "RunnerOptions",
+    "SampleSink",
+    "default_monitors",
+    "error_text",
+    "wait_on",
+]
 
 
 class SampleSink(Protocol):
@@ -48,10 +57,25 @@ def default_monitors(
     return MonitorSet.for_device(profile.stack.device, cores, own)
 
 
+def wait_on(event: threading.Event, seconds: float) -> bool:
+    """The default `RunnerOptions.sleep`: block up to `seconds` or until `event` is set;
+    True when it was set (cancelled)."""
+    return event.wait(seconds)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunnerOptions:
-    """clock: the monotonic clock of the budget and the spread schedule (waits block on the
-    cancel event with timeouts measured on it; tests substitute both)."""
+    """clock: the monotonic clock of the budget, the spread schedule and outage windows
+    (waits block on the cancel event with timeouts measured on it; tests substitute both).
+
+    Outages (see _outage.py): a store or serving call that fails UNAVAILABLE or
+    DEADLINE_EXCEEDED is retried with exponential backoff (full jitter, from retry_base_s
+    up to retry_cap_s) for `outage_window_s` from the outage's first failure, then the
+    profile ends FAILED (STORE_UNAVAILABLE / SERVING_UNAVAILABLE). While the store is
+    unreachable measuring goes on and samples wait in memory, at most
+    `max_buffered_samples` of them; at that many the run stops measuring until the store
+    takes them. `sleep(event, seconds)` is every backoff wait: it blocks on the cancel
+    event (True when cancelled; tests substitute it with the clock)."""
 
     lease_dir: Path = Path(".idealrt/leases")
     lease_timeout_s: float | None = None  # WAIT policy: give up (DEVICE_BUSY) after this
@@ -59,10 +83,18 @@ class RunnerOptions:
     batch_samples: int = 16
     batch_interval_s: float = 2.0
     max_nonconforming: int = 3
-    append_retries: int = 3
     monitors: MonitorFactory = default_monitors
     adaptive: AdaptiveOptions = dataclasses.field(default_factory=AdaptiveOptions)
     clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[threading.Event, float], bool] = wait_on
+    outage_window_s: float = 300.0  # ProfilerConfig.outage_window_s
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 30.0
+    max_buffered_samples: int = 1024
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.outage_window_s, self.retry_base_s, self.retry_cap_s)
 
 
 def error_text(exc: BaseException) -> str:

@@ -32,18 +32,47 @@ What a Sample holds (all client-side, `time.perf_counter_ns`; the wire is in eve
 
 A kept-alive connection that the server closed meanwhile (its idle timeout; some servers
 close after an error answer) fails before any response byte: such a request is sent once
-more, timed afresh (`environment()["http.resends"]` counts them).
+more, timed afresh (`environment()["http.resends"]` counts them; not a failed attempt).
+
+Retries (options in HttpOptions, `profile.target.options`). A failed attempt is retried
+when it may pass later: 429, 408, 5xx, connection errors, timeouts, broken streams and
+error events inside a stream. Before retry n: the server's Retry-After (delay-seconds or an
+HTTP date, at most `max_retry_after_s`), else full-jitter exponential backoff U(0,
+min(backoff_max_s, backoff_base_s * 2^(n-1))). The wait is on the run's cancel event
+(`bind_cancel`; without one, an event of the target's own that close() sets), or calls the
+injected `sleep`: a cancelled wait ends the generation with Unavailable API_RETRY_CANCELLED.
+Every attempt is timed on its own: a retried generation's Sample (start_time, t0, every
+duration) is that of the attempt that succeeded, never counted from an earlier one.
+A request gives up after `max_attempts` attempts with the last attempt's error (its reason:
+API_RATE_LIMITED, API_SERVER_ERROR, API_TIMEOUT, ...; the message adds the tally of its
+failed attempts). The profile's error budget: the failed attempt that brings the target's
+total to `max_failed_attempts` ends it with ResourceExhausted API_ERROR_BUDGET_EXHAUSTED,
+"<used> of <max> allowed failed attempts ...: 429 x 10, timeout x 2; the last: ...".
+A 4xx other than 408/429 is never retried (our request or the user's configuration is
+wrong): it fails at once with the status and the API's message or a body excerpt.
+What was retried: `retry_log` holds one RetryRecord per generation that needed retries
+(its p, o, seed, the kind of each failed attempt, each wait, and the kept sample's
+start_time, which identifies the stored Sample); `environment()` sums them up
+(`http.retries`, `http.errors`, `http.failed_attempts`, `http.retried_requests`,
+`http.retry_wait_s`, `http.retry_policy`). A Sample has no field for them.
 
 Errors: connection refused/reset, timeouts, 5xx and broken streams -> Unavailable; 429 ->
 ResourceExhausted; other 4xx -> InvalidArgument with the API's own message. The API key is
 read from `os.environ[api_key_env]` for each request and sent as `Authorization: Bearer`;
 it is never stored on the target, logged, or put into errors (scrubbed from API messages
-that echo it) or provenance.
+that echo it) or provenance. The probe of prepare() is not retried: an API that cannot be
+reached at the start fails the profile at once.
 
 httpx's sync client, one keep-alive connection, blocking reads: no busy-waiting.
 """
 
 from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable
 
 import httpx
 
@@ -51,7 +80,7 @@ from idealrt.core.domain import Profile, Sample, TargetKind
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.model_spec import ModelSpec
 from idealrt.core.reasons import OUTPUT_TOKENS_INVALID
-from idealrt.services.profiler._http_client import _HttpClient, _Rejected
+from idealrt.services.profiler._http_client import RetryRecord, _HttpClient, _Rejected, tally
 from idealrt.services.profiler._http_options import (
     EOS_DIALECTS,
     HttpOptions,
@@ -68,11 +97,23 @@ from idealrt.services.profiler.reasons import (
     TARGET_KIND_MISMATCH,
 )
 
-__all__ = ["EOS_DIALECTS", "HttpOptions", "HttpTarget", "RequestShape", "http_options"]
+__all__ = [
+    "EOS_DIALECTS",
+    "HttpOptions",
+    "HttpTarget",
+    "RequestShape",
+    "RetryRecord",
+    "http_options",
+]
 
 
 class HttpTarget(_HttpClient):
-    """One model behind an OpenAI-compatible completions API."""
+    """One model behind an OpenAI-compatible completions API.
+
+    `cancel`: the run's cancel event, which ends a wait between retries (or `bind_cancel`
+    later). For tests: `sleep(seconds)` replaces the wait (it returns when done; the cancel
+    event is checked before and after), `clock` the perf-counter (ns) that times attempts,
+    `rng` the jitter's random source."""
 
     def __init__(
         self,
@@ -83,6 +124,10 @@ class HttpTarget(_HttpClient):
         api_key_env: str = "",
         options: HttpOptions | None = None,
         transport: httpx.BaseTransport | None = None,
+        cancel: threading.Event | None = None,
+        sleep: Callable[[float], object] | None = None,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        rng: random.Random | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise InvalidArgument(
@@ -113,12 +158,23 @@ class HttpTarget(_HttpClient):
         self._locked = False
         self._server_header = ""
         self._models_status = ""
-        self.requests = 0
+        self._owns_cancel = cancel is None
+        self._cancel = cancel if cancel is not None else threading.Event()
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._call_errors: list[str] = []
+        self._call_waits: list[float] = []
+        self.requests = 0  # attempts sent (resends not counted)
         self.fallbacks = 0
         self.resends = 0
+        self.retries = 0
+        self.retry_wait_s = 0.0
+        self.errors: collections.Counter[str] = collections.Counter()  # failed attempts by kind
+        self.retry_log: list[RetryRecord] = []
 
     @classmethod
-    def from_profile(cls, profile: Profile) -> HttpTarget:
+    def from_profile(cls, profile: Profile, *, cancel: threading.Event | None = None) -> HttpTarget:
         t = profile.target
         if t.kind != TargetKind.HTTP:
             raise InvalidArgument(
@@ -140,7 +196,12 @@ class HttpTarget(_HttpClient):
             t.tokenizer,
             api_key_env=t.api_key_env,
             options=http_options(t.options),
+            cancel=cancel,
         )
+
+    def bind_cancel(self, cancel: threading.Event) -> None:
+        """Wait between retries on `cancel` (the run's event): setting it ends the wait."""
+        self._cancel, self._owns_cancel = cancel, False
 
     # ------------------------------------------------------------------ protocol
 
@@ -182,22 +243,23 @@ class HttpTarget(_HttpClient):
         prompt_value: str | list[int] = (
             list(prompt.ids) if self.options.prompt_format == "token_ids" else prompt.text
         )
-        while True:
-            shape = self.shapes[self._shape]
-            try:
-                sample = self._request(shape, prompt_value, prompt_tokens, output_tokens)
-            except _Rejected as rej:
-                if self._locked or self._shape + 1 >= len(self.shapes):
-                    raise InvalidArgument(
-                        API_REJECTED_REQUEST,
-                        f"the API at {redact_url(self.base_url)} rejected the request "
-                        f"(HTTP {rej.status}, shape {shape.describe()}): {rej.message}",
-                    ) from None
-                self._shape += 1
-                self.fallbacks += 1
-                continue
-            self._locked = True
+        self._call_errors, self._call_waits = [], []
+        sample: Sample | None = None
+        try:
+            sample = self._negotiated(prompt_value, prompt_tokens, output_tokens)
             return sample
+        finally:
+            if self._call_errors:
+                self.retry_log.append(
+                    RetryRecord(
+                        prompt_tokens,
+                        output_tokens,
+                        seed,
+                        tuple(self._call_errors),
+                        tuple(self._call_waits),
+                        sample.start_time if sample is not None else None,
+                    )
+                )
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -220,6 +282,19 @@ class HttpTarget(_HttpClient):
         elif isinstance(self._tokenizer_ref, str):
             env["http.tokenizer"] = self._tokenizer_ref
         env["http.resends"] = str(self.resends)
+        opts = self.options
+        env["http.retries"] = str(self.retries)
+        env["http.errors"] = tally(self.errors.elements())
+        env["http.failed_attempts"] = (
+            f"{sum(self.errors.values())} of {opts.max_failed_attempts} allowed"
+        )
+        env["http.retried_requests"] = str(len(self.retry_log))
+        env["http.retry_wait_s"] = f"{self.retry_wait_s:.3f}"
+        env["http.retry_policy"] = (
+            f"max_attempts={opts.max_attempts} max_failed_attempts={opts.max_failed_attempts} "
+            f"max_retry_after_s={opts.max_retry_after_s:g} "
+            f"backoff={opts.backoff_base_s:g}..{opts.backoff_max_s:g}s full-jitter"
+        )
         if self._server_header:
             env["http.server"] = self._server_header
         if self._models_status:
@@ -227,6 +302,8 @@ class HttpTarget(_HttpClient):
         return env
 
     def close(self) -> None:
+        if self._owns_cancel:
+            self._cancel.set()  # a wait between retries in another thread ends now
         client, self._client = self._client, None
         if client is not None:
             client.close()
@@ -238,6 +315,28 @@ class HttpTarget(_HttpClient):
         self.close()
 
     # ------------------------------------------------------------------ helpers
+
+    def _negotiated(
+        self, prompt_value: str | list[int], prompt_tokens: int, output_tokens: int
+    ) -> Sample:
+        """One request in the shape in use; while the shape is not settled, a rejected shape
+        moves to the next candidate."""
+        while True:
+            shape = self.shapes[self._shape]
+            try:
+                sample = self._request(shape, prompt_value, prompt_tokens, output_tokens)
+            except _Rejected as rej:
+                if self._locked or self._shape + 1 >= len(self.shapes):
+                    raise InvalidArgument(
+                        API_REJECTED_REQUEST,
+                        f"the API at {redact_url(self.base_url)} rejected the request "
+                        f"(HTTP {rej.status}, shape {shape.describe()}): {rej.message}",
+                    ) from None
+                self._shape += 1
+                self.fallbacks += 1
+                continue
+            self._locked = True
+            return sample
 
     def _prompt_builder(self) -> PromptBuilder:
         if self._builder is None:

@@ -8,9 +8,18 @@ watch), executed by a bounded pool of worker threads.
   failed (a restarted manager resumes it: `resume_unfinished()`), and joins the workers.
 - watch() yields a snapshot now and after every change (state or progress), woken by a
   Condition; it ends at a terminal state or when `timeout` passes. Changes that happen
-  while the consumer is busy are coalesced: the next snapshot is the latest.
+  while the consumer is busy are coalesced: the next snapshot is the latest. At most
+  `max_watch_streams` watches are open at once (each holds a server thread for its
+  life); one more is ResourceExhausted WATCH_STREAMS_EXHAUSTED at once.
+- create() refuses a plan beyond `max_plan_samples` samples (plan.py `planned_samples`)
+  and target fields beyond their sizes (plan.py `validate_target`).
 - Progress is written to the store at most every `persist_interval_s` and at every state
-  change, outside any timed region.
+  change, outside any timed region; a progress write the store does not take is skipped
+  (the next one carries the latest). A terminal state is always written eventually: when
+  the store does not take it (UNAVAILABLE / DEADLINE_EXCEEDED), a thread retries with
+  backoff (the options' retry_base_s / retry_cap_s, full jitter, waiting with the options'
+  sleep) until it does, and until then the profile stays in memory, so that Get and
+  Watch answer with its terminal state. `shutdown()` makes one last try of each.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from __future__ import annotations
 import builtins
 import collections
 import dataclasses
+import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,11 +38,18 @@ from typing import Protocol
 import structlog
 
 from idealrt.core.clock import utcnow
+from idealrt.core.config import ProfilerConfig
 from idealrt.core.domain import Profile, ProfileState, Sample
-from idealrt.core.errors import FailedPrecondition, NotFound
+from idealrt.core.errors import FailedPrecondition, IdealrtError, NotFound, ResourceExhausted
 from idealrt.core.reasons import PROFILE_NOT_FOUND, PROFILE_TERMINAL
-from idealrt.services.profiler.plan import known_spec, total_samples, validate_plan
-from idealrt.services.profiler.reasons import SHUTTING_DOWN
+from idealrt.services.profiler._outage import Outage, RetryPolicy, is_transient
+from idealrt.services.profiler.plan import (
+    known_spec,
+    total_samples,
+    validate_plan,
+    validate_target,
+)
+from idealrt.services.profiler.reasons import SHUTTING_DOWN, WATCH_STREAMS_EXHAUSTED
 from idealrt.services.profiler.runner import RunnerOptions, error_text, run_profile
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -69,6 +87,7 @@ class _Entry:
     version: int = 0
     running: bool = False
     last_persist: float = 0.0
+    unsaved: bool = False  # a terminal state the store has not taken yet
 
 
 class ProfileManager:
@@ -81,26 +100,38 @@ class ProfileManager:
         *,
         options: RunnerOptions | None = None,
         persist_interval_s: float = 1.0,
+        max_plan_samples: int = ProfilerConfig.max_plan_samples,
+        max_watch_streams: int = ProfilerConfig.max_watch_streams,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        if max_watch_streams < 1:
+            raise ValueError("max_watch_streams must be >= 1")
         self.store = store
         self.target_factory = target_factory
         self.max_concurrent = max_concurrent
         self.options = dataclasses.replace(options or RunnerOptions(), lease_dir=lease_dir)
         self.persist_interval_s = persist_interval_s
+        self.max_plan_samples = max_plan_samples
+        self.max_watch_streams = max_watch_streams
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
         self._queue: collections.deque[str] = collections.deque()
         self._workers: builtins.list[threading.Thread] = []
+        self._savers: builtins.list[threading.Thread] = []
+        self._stopping = threading.Event()  # set by shutdown(): savers make a last try
+        self._watches = 0
         self._closed = False
 
     # ------------------------------------------------------------ API
 
     def create(self, profile: Profile) -> Profile:
-        """Validate (the plan against the model's context when the spec is known), store
-        (idempotent by request_id) and queue a profile."""
-        validate_plan(profile.plan, known_spec(profile.model, profile.target.kind))
+        """Validate (the plan against the model's context when the spec is known, and its
+        size against `max_plan_samples`; the target's fields), store (idempotent by
+        request_id) and queue a profile."""
+        validate_target(profile.target)
+        spec = known_spec(profile.model, profile.target.kind)
+        validate_plan(profile.plan, spec, max_samples=self.max_plan_samples)
         with self._cond:
             if self._closed:
                 raise FailedPrecondition(SHUTTING_DOWN, "the profiler is shutting down")
@@ -161,16 +192,16 @@ class ProfileManager:
                 )
             else:
                 snapshot = None
-        if snapshot is not None:
-            self._persist(snapshot)
-            self._forget(profile_id)
+        if entry is not None and snapshot is not None:
+            self._save_terminal(entry, snapshot)
             return snapshot
         stored = self._load(profile_id)
         if stored.state.terminal:
             raise self._terminal_error(stored)
-        # Unfinished in the store but not run here (e.g. left by a crashed process).
+        # Unfinished in the store but not run here (e.g. left by a crashed process): the
+        # caller learns if the store does not take it (nothing here would retry it).
         stored = dataclasses.replace(stored, state=ProfileState.CANCELLED, end_time=utcnow())
-        self._persist(stored)
+        self.store.update_profile(stored)
         return stored
 
     def watch(
@@ -180,12 +211,46 @@ class ProfileManager:
         *,
         is_active: Callable[[], bool] | None = None,
         liveness_s: float = 1.0,
+        on_close: Callable[[Callable[[], None]], object] | None = None,
     ) -> Iterator[Profile]:
         """Snapshots: the current one, then one per change, until terminal or timeout.
 
+        At most `max_watch_streams` watches run at once: one more raises ResourceExhausted
+        WATCH_STREAMS_EXHAUSTED when it starts (its first `next`), before any snapshot.
+
         `is_active` (e.g. grpc's `context.is_active`) is asked at every wake-up and at
         least every `liveness_s` while nothing changes (a sleeping wait, not a poll of the
-        profile), so a watcher whose client went away does not hold a thread forever."""
+        profile), so a watcher whose client went away does not hold a thread forever.
+        `on_close` (e.g. grpc's `context.add_callback`) is given a function that wakes the
+        watch, so that it ends, and frees its slot, as soon as the client goes away."""
+        with self._cond:
+            if self._watches >= self.max_watch_streams:
+                raise ResourceExhausted(
+                    WATCH_STREAMS_EXHAUSTED,
+                    f"{self._watches} WatchProfile streams are open, the limit "
+                    f"(max_watch_streams, IDEALRT_MAX_WATCH_STREAMS) is "
+                    f"{self.max_watch_streams}: close one, or poll GetProfile",
+                )
+            self._watches += 1
+        try:
+            if on_close is not None:
+                on_close(self._wake)
+            yield from self._watch(profile_id, timeout, is_active, liveness_s)
+        finally:
+            with self._cond:
+                self._watches -= 1
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _watch(
+        self,
+        profile_id: str,
+        timeout: float | None,
+        is_active: Callable[[], bool] | None,
+        liveness_s: float,
+    ) -> Iterator[Profile]:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             entry = self._entries.get(profile_id)
@@ -239,6 +304,11 @@ class ProfileManager:
             workers = list(self._workers)
         for worker in workers:
             worker.join(timeout)
+        self._stopping.set()  # savers: one last try each (after the workers' own saves)
+        with self._cond:
+            savers = list(self._savers)
+        for saver in savers:
+            saver.join(timeout)
 
     # ------------------------------------------------------------ internals
 
@@ -283,7 +353,13 @@ class ProfileManager:
                 profile_id = self._queue.popleft()
                 entry = self._entries[profile_id]
                 entry.running = True
-            self._run(entry)
+            try:
+                self._run(entry)
+            except Exception:  # a thread's top: log it, and go on with the next profile
+                log.exception("profile_worker_error", profile_id=profile_id)
+                with self._cond:
+                    entry.running = False
+                    self._cond.notify_all()
 
     def _run(self, entry: _Entry) -> None:
         profile = entry.profile
@@ -320,11 +396,12 @@ class ProfileManager:
         if shutting_down:
             # Interrupted by shutdown, not by a user: leave it unfinished for resume.
             final = dataclasses.replace(final, state=ProfileState.QUEUED, end_time=None)
-        self._persist(final)
-        with self._cond:
-            self._set_locked(entry, final)
-            entry.running = False
-        self._forget(profile.id)
+            self._persist(final)
+            with self._cond:
+                self._set_locked(entry, final)
+                entry.running = False
+            return
+        self._save_terminal(entry, final)
 
     def _progress(self, entry: _Entry, profile: Profile) -> None:
         if profile.state.terminal:
@@ -345,14 +422,96 @@ class ProfileManager:
         self._cond.notify_all()
         return dataclasses.replace(profile)
 
-    def _persist(self, profile: Profile) -> None:
+    def _persist(self, profile: Profile) -> IdealrtError | None:
+        """Write a profile; the error when the store did not take it (logged: a transient
+        failure as a warning, any other with its traceback)."""
         try:
             self.store.update_profile(profile)
-        except Exception:
-            log.exception("profile_persist_failed", profile_id=profile.id)
+        except IdealrtError as exc:
+            if is_transient(exc):
+                log.warning(
+                    "profile_persist_deferred",
+                    profile_id=profile.id,
+                    state=profile.state.value,
+                    reason=exc.reason,
+                )
+            else:
+                log.exception("profile_persist_failed", profile_id=profile.id)
+            return exc
+        return None
+
+    def _save_terminal(self, entry: _Entry, final: Profile) -> None:
+        """Write a terminal state, then publish it (so a watcher does not outrun the store
+        when the store is up). When the store does not take it, publish it anyway and keep
+        the entry in memory (Get and Watch answer from it); a transient failure is retried
+        by a saver thread until the store takes it, any other answer is logged and the
+        entry stays (retrying would get the same answer)."""
+        failure = self._persist(final)
+        with self._cond:
+            self._set_locked(entry, final)
+            entry.running = False
+            entry.unsaved = failure is not None
+            if failure is not None and is_transient(failure):
+                saver = threading.Thread(
+                    target=self._save_until_stored,
+                    args=(entry, final, failure),
+                    name=f"profiler-saver-{final.id}",
+                    daemon=False,
+                )
+                self._savers = [s for s in self._savers if s.is_alive()] + [saver]
+                saver.start()
+        if failure is None:
+            self._forget(final.id)
+
+    def _save_until_stored(self, entry: _Entry, final: Profile, failure: IdealrtError) -> None:
+        """A saver thread: retry `final` with backoff (no window: until the store takes
+        it), waiting with the options' sleep on the shutdown event; at shutdown, one last
+        try. A failure that is not transient ends the retries (logged)."""
+        opts = self.options
+        policy = RetryPolicy(math.inf, opts.retry_base_s, opts.retry_cap_s)
+        outage = Outage(policy, opts.clock, random.Random(f"idealrt-save:{final.id}"))
+        try:
+            while True:
+                delay = outage.failed(failure) or 0.0  # never None: no window
+                stopping = opts.sleep(self._stopping, delay)
+                try:
+                    self.store.update_profile(final)
+                except IdealrtError as exc:
+                    if not is_transient(exc):
+                        log.exception("terminal_persist_rejected", profile_id=final.id)
+                        return
+                    if stopping:
+                        log.error(
+                            "terminal_state_not_stored",
+                            profile_id=final.id,
+                            state=final.state.value,
+                            attempts=outage.attempts,
+                            reason=exc.reason,
+                        )
+                        return
+                    failure = exc
+                    continue
+                break
+        except Exception:  # a thread's top: log, never die silently
+            log.exception("terminal_saver_crashed", profile_id=final.id)
+            return
+        log.info(
+            "terminal_state_stored",
+            profile_id=final.id,
+            state=final.state.value,
+            attempts=outage.attempts + 1,
+        )
+        with self._cond:
+            entry.unsaved = False
+        self._forget(final.id)
 
     def _forget(self, profile_id: str) -> None:
         with self._cond:
             entry = self._entries.get(profile_id)
-            if entry is not None and entry.profile.state.terminal and not entry.running:
+            if (
+                entry is not None
+                and entry.profile.state.terminal
+                and not entry.running
+                and not entry.unsaved
+            ):
                 del self._entries[profile_id]

@@ -38,37 +38,55 @@ import random
 from collections.abc import Iterable, Sequence
 
 from idealrt.core import catalog
-from idealrt.core.domain import ModelRef, ProfilePlan, TargetKind
-from idealrt.core.errors import InvalidArgument
+from idealrt.core.domain import LeasePolicy, ModelRef, ProfilePlan, Target, TargetKind
+from idealrt.core.errors import invalid
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.profiler.reasons import (
     PLAN_ADAPTIVE_GRID_TOO_SMALL,
+    PLAN_ADAPTIVE_MAX_SIZES_OUT_OF_RANGE,
     PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE,
+    PLAN_AXIS_TOO_LONG,
+    PLAN_BATCH_OUT_OF_RANGE,
     PLAN_BUDGET_OUT_OF_RANGE,
     PLAN_CI_OUT_OF_RANGE,
     PLAN_EXCEEDS_CONTEXT,
     PLAN_GRID_EMPTY,
+    PLAN_MAX_REPEATS_OUT_OF_RANGE,
+    PLAN_REPEATS_OUT_OF_RANGE,
+    PLAN_SEED_OUT_OF_RANGE,
     PLAN_SIZE_OUT_OF_RANGE,
     PLAN_SPREAD_EXCEEDS_BUDGET,
     PLAN_SPREAD_OUT_OF_RANGE,
+    PLAN_TOO_LARGE,
+    PLAN_VALUE_INVALID,
+    PLAN_WARMUPS_OUT_OF_RANGE,
+    TARGET_FIELD_TOO_LONG,
+    TARGET_OPTIONS_TOO_MANY,
 )
 
 __all__ = [
     "DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES",
     "MAX_ADAPTIVE_PROMPT_SIZES",
     "MAX_ADAPTIVE_TARGET_REL",
+    "MAX_AXIS_SIZES",
+    "MAX_BUDGET_S",
     "MAX_REPEATS",
     "MAX_SPREAD_S",
+    "MAX_TARGET_OPTIONS",
+    "MAX_TARGET_STRING",
+    "MAX_TOKENS",
     "MAX_WARMUPS",
     "Config",
     "configurations",
     "effective_max_prompt_sizes",
     "effective_max_repeats",
     "known_spec",
+    "planned_samples",
     "round_order",
     "sample_seed",
     "total_samples",
     "validate_plan",
+    "validate_target",
     "warmup_order",
 ]
 
@@ -79,6 +97,12 @@ MAX_ADAPTIVE_TARGET_REL = 0.5  # exclusive: a 50% half-width is no accuracy targ
 MAX_ADAPTIVE_PROMPT_SIZES = 64
 DEFAULT_ADAPTIVE_MAX_PROMPT_SIZES = 8  # plan.adaptive_max_prompt_sizes == 0
 MAX_SPREAD_S = 7 * 24 * 3600.0
+MAX_BUDGET_S = 30 * 24 * 3600.0
+MAX_AXIS_SIZES = 1024  # entries of one token axis (prompt_tokens, output_tokens, held-out)
+MAX_TOKENS = 1 << 20  # one token count (serving's own default limit of a prompt)
+MAX_TARGET_STRING = 4096  # characters of one target field (an address, URL, path, name)
+MAX_TARGET_OPTIONS = 64  # entries of target.options (keys and values are target strings)
+_INT64 = (-(2**63), 2**63 - 1)  # plan.seed travels as int64
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -90,29 +114,65 @@ class Config:
     heldout: bool = False
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_sizes(values: Sequence[int], field: str, *, required: bool) -> None:
+    if not isinstance(values, (tuple, list)):
+        raise invalid(field, PLAN_VALUE_INVALID, f"{field} must be a list of token counts")
     if required and not values:
-        raise InvalidArgument(
-            PLAN_GRID_EMPTY, f"{field} must list at least one size (each >= 1)", field=field
+        raise invalid(field, PLAN_GRID_EMPTY, f"{field} must list at least one size (each >= 1)")
+    if len(values) > MAX_AXIS_SIZES:
+        raise invalid(
+            field,
+            PLAN_AXIS_TOO_LONG,
+            f"{field} lists {len(values)} sizes; at most {MAX_AXIS_SIZES} are allowed",
         )
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidArgument(
+        if not _is_int(v) or not 1 <= v <= MAX_TOKENS:
+            raise invalid(
+                field,
                 PLAN_SIZE_OUT_OF_RANGE,
-                f"{field}[{i}] = {v!r}: every token count must be an integer >= 1",
-                field=field,
+                f"{field}[{i}] = {v!r}: every token count must be an integer in [1, {MAX_TOKENS}]",
             )
 
 
 def _check_range(value: float, field: str, low: float, high: float, reason: str) -> None:
-    if not (low <= value <= high):
-        raise InvalidArgument(
-            reason, f"{field} = {value!r} is outside the allowed range [{low}, {high}]", field=field
+    """An integer field in [low, high] (NaN, floats and bools are out of range too)."""
+    if not _is_int(value) or not (low <= value <= high):
+        raise invalid(
+            field, reason, f"{field} = {value!r} is outside the allowed range [{low}, {high}]"
         )
 
 
-def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
-    """Raise InvalidArgument (with `field` = "plan.<name>") unless the plan can be run.
+def planned_samples(plan: ProfilePlan) -> int:
+    """Every generation the plan may ask for: warm-ups of the grid, plus every measured
+    configuration (fit, held-out, and the adaptive additions at their cap) at its largest
+    number of repeats (`effective_max_repeats`: max repeats under until_ci_rel). Contention
+    re-measurements are not counted. Counted without expanding the grid, so that it is
+    cheap for any plan whose axes passed `_check_sizes`."""
+    p, o = set(plan.prompt_tokens), set(plan.output_tokens)
+    grid = len(p) * len(o)
+    if plan.holdout_prompt_tokens or plan.holdout_output_tokens:
+        hp = set(plan.holdout_prompt_tokens) or p
+        ho = set(plan.holdout_output_tokens) or o
+        grid += len(hp) * len(ho) - len(hp & p) * len(ho & o)  # points in the fit grid
+    added = effective_max_prompt_sizes(plan) * len(o)
+    return plan.warmups * grid + (grid + added) * effective_max_repeats(plan)
+
+
+def validate_plan(
+    plan: ProfilePlan, spec: ModelSpec | None = None, *, max_samples: int | None = None
+) -> None:
+    """Raise InvalidArgument (with `field` = "plan.<name>") unless the plan can be run:
+    every field's type and range (finite numbers only), the axes' lengths, and with
+    `max_samples` (ProfilerConfig.max_plan_samples) the number of samples it may ask for
+    (`planned_samples`, field "plan").
 
     With a resolved spec, every p + o of both grids must fit in `spec.max_positions`.
     """
@@ -120,15 +180,26 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
     _check_sizes(plan.output_tokens, "plan.output_tokens", required=True)
     _check_sizes(plan.holdout_prompt_tokens, "plan.holdout_prompt_tokens", required=False)
     _check_sizes(plan.holdout_output_tokens, "plan.holdout_output_tokens", required=False)
-    _check_range(plan.repeats, "plan.repeats", 1, MAX_REPEATS, "PLAN_REPEATS_OUT_OF_RANGE")
-    _check_range(plan.warmups, "plan.warmups", 0, MAX_WARMUPS, "PLAN_WARMUPS_OUT_OF_RANGE")
-    _check_range(plan.batch_size, "plan.batch_size", 1, MAX_BATCH, "PLAN_BATCH_OUT_OF_RANGE")
-    if not (0.0 <= plan.until_ci_rel < 1.0):
-        raise InvalidArgument(
+    _check_range(plan.repeats, "plan.repeats", 1, MAX_REPEATS, PLAN_REPEATS_OUT_OF_RANGE)
+    _check_range(plan.warmups, "plan.warmups", 0, MAX_WARMUPS, PLAN_WARMUPS_OUT_OF_RANGE)
+    _check_range(plan.batch_size, "plan.batch_size", 1, MAX_BATCH, PLAN_BATCH_OUT_OF_RANGE)
+    _check_range(plan.seed, "plan.seed", *_INT64, PLAN_SEED_OUT_OF_RANGE)
+    if not isinstance(plan.randomize, bool):
+        raise invalid(
+            "plan.randomize", PLAN_VALUE_INVALID, f"plan.randomize = {plan.randomize!r}: a bool"
+        )
+    if not isinstance(plan.lease, LeasePolicy):
+        raise invalid(
+            "plan.lease",
+            PLAN_VALUE_INVALID,
+            f"plan.lease = {plan.lease!r}: one of {', '.join(p.value for p in LeasePolicy)}",
+        )
+    if not _is_number(plan.until_ci_rel) or not (0.0 <= plan.until_ci_rel < 1.0):
+        raise invalid(
+            "plan.until_ci_rel",
             PLAN_CI_OUT_OF_RANGE,
             f"plan.until_ci_rel = {plan.until_ci_rel!r} must be in [0, 1) "
             "(0 disables; 0.01 means a CI half-width of 1% of the mean)",
-            field="plan.until_ci_rel",
         )
     if plan.max_repeats != 0:
         _check_range(
@@ -136,66 +207,107 @@ def validate_plan(plan: ProfilePlan, spec: ModelSpec | None = None) -> None:
             "plan.max_repeats",
             plan.repeats,
             MAX_REPEATS,
-            "PLAN_MAX_REPEATS_OUT_OF_RANGE",
+            PLAN_MAX_REPEATS_OUT_OF_RANGE,
         )
-    if plan.budget_s < 0:
-        raise InvalidArgument(
+    if not _is_number(plan.budget_s) or not (0.0 <= plan.budget_s <= MAX_BUDGET_S):
+        raise invalid(  # NaN and infinity fail the comparison
+            "plan.budget_s",
             PLAN_BUDGET_OUT_OF_RANGE,
-            f"plan.budget_s = {plan.budget_s!r} must be >= 0 (0 means unlimited)",
-            field="plan.budget_s",
+            f"plan.budget_s = {plan.budget_s!r} must be in [0, {MAX_BUDGET_S:g}] seconds "
+            "(0 means unlimited; at most 30 days)",
         )
     _validate_adaptive_and_spread(plan)
+    if max_samples is not None:
+        planned = planned_samples(plan)
+        if planned > max_samples:
+            raise invalid(
+                "plan",
+                PLAN_TOO_LARGE,
+                f"the plan asks for up to {planned} samples (warm-ups, every configuration "
+                "at its largest number of repeats, adaptive sizes at their cap), more than "
+                f"the limit of {max_samples} (ProfilerConfig.max_plan_samples, "
+                "IDEALRT_MAX_PLAN_SAMPLES): use fewer sizes, repeats or max_repeats",
+            )
     if spec is not None and spec.max_positions > 0:
         worst = max(configurations(plan), key=lambda c: c.prompt_tokens + c.output_tokens)
         if worst.prompt_tokens + worst.output_tokens > spec.max_positions:
             field = "plan.holdout_prompt_tokens" if worst.heldout else "plan.prompt_tokens"
-            raise InvalidArgument(
+            raise invalid(
+                field,
                 PLAN_EXCEEDS_CONTEXT,
                 f"p + o = {worst.prompt_tokens} + {worst.output_tokens} exceeds the model's "
                 f"max_positions {spec.max_positions} ({spec.name}); every prompt + output "
                 f"must be in [2, {spec.max_positions}]",
-                field=field,
             )
 
 
 def _validate_adaptive_and_spread(plan: ProfilePlan) -> None:
     target = plan.adaptive_target_rel
-    if not (0.0 <= target < MAX_ADAPTIVE_TARGET_REL):  # also rejects NaN
-        raise InvalidArgument(
+    if not _is_number(target) or not (0.0 <= target < MAX_ADAPTIVE_TARGET_REL):  # also NaN
+        raise invalid(
+            "plan.adaptive_target_rel",
             PLAN_ADAPTIVE_TARGET_OUT_OF_RANGE,
             f"plan.adaptive_target_rel = {target!r} must be in [0, {MAX_ADAPTIVE_TARGET_REL}) "
             "(0 disables adaptive planning; 0.02 asks for a 95% CI half-width of alpha(p) "
             "within 2% everywhere between the profiled prompt sizes)",
-            field="plan.adaptive_target_rel",
         )
     _check_range(
         plan.adaptive_max_prompt_sizes,
         "plan.adaptive_max_prompt_sizes",
         0,
         MAX_ADAPTIVE_PROMPT_SIZES,
-        "PLAN_ADAPTIVE_MAX_SIZES_OUT_OF_RANGE",
+        PLAN_ADAPTIVE_MAX_SIZES_OUT_OF_RANGE,
     )
     if target > 0 and len(set(plan.prompt_tokens)) < 2:
-        raise InvalidArgument(
+        raise invalid(
+            "plan.prompt_tokens",
             PLAN_ADAPTIVE_GRID_TOO_SMALL,
             "adaptive planning adds prompt sizes between profiled ones: plan.prompt_tokens "
             "must list at least two different sizes when plan.adaptive_target_rel > 0",
-            field="plan.prompt_tokens",
         )
     spread = plan.spread_s
-    if not (0.0 <= spread <= MAX_SPREAD_S):  # also rejects NaN
-        raise InvalidArgument(
+    if not _is_number(spread) or not (0.0 <= spread <= MAX_SPREAD_S):  # also rejects NaN
+        raise invalid(
+            "plan.spread_s",
             PLAN_SPREAD_OUT_OF_RANGE,
             f"plan.spread_s = {spread!r} is outside the allowed range [0, {MAX_SPREAD_S:g}] "
             "seconds (0 measures rounds back to back; at most 7 days)",
-            field="plan.spread_s",
         )
     if spread > 0 and plan.budget_s > 0 and spread >= plan.budget_s:
-        raise InvalidArgument(
+        raise invalid(
+            "plan.spread_s",
             PLAN_SPREAD_EXCEEDS_BUDGET,
             f"plan.spread_s = {spread!r} must be below plan.budget_s = {plan.budget_s!r}: "
             "the budget would end the run before its last rounds are due",
-            field="plan.spread_s",
+        )
+
+
+def validate_target(target: Target) -> None:
+    """Raise InvalidArgument (field "target.<name>") for a target field that is not a
+    string of at most MAX_TARGET_STRING characters, or options beyond MAX_TARGET_OPTIONS
+    entries. What the strings mean is checked by the target that uses them (an HTTP
+    target's base URL, tokenizer, options)."""
+    for name in ("address", "base_url", "api_model", "api_key_env", "tokenizer"):
+        _check_string(getattr(target, name), f"target.{name}")
+    if len(target.options) > MAX_TARGET_OPTIONS:
+        raise invalid(
+            "target.options",
+            TARGET_OPTIONS_TOO_MANY,
+            f"target.options has {len(target.options)} entries; at most {MAX_TARGET_OPTIONS} "
+            "are allowed",
+        )
+    for key, value in target.options.items():
+        _check_string(key, "target.options")
+        _check_string(value, f"target.options[{key!r}]")
+
+
+def _check_string(value: object, field: str) -> None:
+    if not isinstance(value, str) or len(value) > MAX_TARGET_STRING:
+        size = f"{len(value)} characters" if isinstance(value, str) else repr(type(value))
+        raise invalid(
+            field,
+            TARGET_FIELD_TOO_LONG,
+            f"{field} ({size}) must be a string of at most {MAX_TARGET_STRING} characters",
         )
 
 

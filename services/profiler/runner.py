@@ -8,9 +8,14 @@ Order of work:
  1. Validate the plan; take the device lease (plan.lease: WAIT or FAIL -> DEVICE_BUSY).
  2. Prepare the target (load the model), re-validate the plan against the resolved spec,
     fingerprint the environment.
- 3. Resume: samples already in the sink for this profile count. Accepted (OK) samples of
-    a (p, o, heldout) configuration are repeats already done; all stored samples seed the
-    contention baselines and tally.
+ 3. Resume: what the sink holds for this profile counts, per (configuration, repeat): a
+    repeat with an OK sample is done (a second OK sample of the same repeat, left by an
+    older version, is ignored), one with `max_retries + 1` CONTENDED samples and no OK
+    one was abandoned, one with fewer has used that many retries. The run continues each
+    configuration at its first unsettled repeat, so nothing stored is measured again; a
+    batch that reached the store before a crash but whose acknowledgement did not reach
+    the run is simply part of what the store holds. All stored samples seed the contention
+    baselines and tally.
  4. Warm-ups (stored, flagged WARMUP; redone on resume: the server may be cold).
  5. Rounds (see plan.py): each sample is bracketed by the monitors, judged for contention,
     and stored flagged OK / CONTENDED / NONCONFORMING. A contended or nonconforming sample
@@ -19,8 +24,17 @@ Order of work:
     profile (NONCONFORMING): a target that cannot produce exact lengths is broken.
  6. Samples go to the sink in batches (every `batch_samples` samples or `batch_interval_s`
     seconds, checked between samples) with batch id "<profile_id>-b<N>", N = number of
-    samples of the profile stored before the batch. A retried append is idempotent, and a
-    resumed run starts numbering at what the sink holds, so it never re-uses an id.
+    samples of the profile stored before the batch. A retried append sends the same
+    samples under the same id (the store takes it once), and a resumed run starts
+    numbering at what the sink holds, so it never re-uses an id.
+    Outages (_outage.py, RunnerOptions): a store call that fails UNAVAILABLE or
+    DEADLINE_EXCEEDED is retried with backoff for `outage_window_s`. Meanwhile measuring
+    goes on and samples wait in memory; at `max_buffered_samples` the run stops measuring
+    and waits for the store. A serving target that cannot be reached (TargetUnavailable)
+    is waited for the same way, and the interrupted generation is made again (same
+    configuration, repeat, seed) once the target has reloaded its model. Past the window
+    the profile ends FAILED (STORE_UNAVAILABLE / SERVING_UNAVAILABLE). Every wait is on
+    the cancel event, with the options' clock and sleep.
  7. Cancel (the event) is checked between samples: what was measured is stored, the
     profile ends CANCELLED. Persistent contention ends it INVALID with the evidence.
  8. Spread (plan.spread_s > 0, schedule.py): round r of the plan's grid starts at its
@@ -41,6 +55,13 @@ Order of work:
     (a fit sample whose prompt size is not in plan.prompt_tokens), their configurations
     rebuilt in the order added, so nothing is measured twice; a spread schedule restarts
     with the first unfinished round due at once and the later ones keeping their spacing.
+11. The end: SUCCEEDED only when every planned sample exists, i.e. repeats 0..n-1 of every
+    configuration each have one OK sample and the store took them all (n = plan.repeats,
+    or where the stopping rule stopped under until_ci_rel or the budget). A repeat
+    abandoned after contention makes the profile INVALID (CONTENTION, saying what is
+    missing); any other gap FAILED (INCOMPLETE: n of m samples missing, and where).
+    total_samples is then what was planned and measured (lower than the plan's upper
+    bound when precision or the budget stopped it early).
 
 Why one module, and a long one: a run is one idea, its state and the phases that advance
 it in the order above. `_RunState` holds everything a run changes as it goes (the profile
@@ -54,18 +75,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
 from idealrt.core.clock import utcnow
-from idealrt.core.domain import Profile, ProfileState, Sample, SampleFlag
-from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample, SampleFlag
+from idealrt.core.errors import FailedPrecondition, IdealrtError, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import STORE_UNAVAILABLE
+from idealrt.services.profiler._outage import Outage, is_transient
 from idealrt.services.profiler._runner_options import MonitorFactory as MonitorFactory
 from idealrt.services.profiler._runner_options import (
     RunnerOptions,
@@ -88,13 +112,20 @@ from idealrt.services.profiler.plan import (
     validate_plan,
     warmup_order,
 )
+from idealrt.services.profiler.reasons import INCOMPLETE, SERVING_UNAVAILABLE
 from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until
 from idealrt.services.profiler.stopping import StoppingRule, StopReason
-from idealrt.services.profiler.target import GenerationTarget
+from idealrt.services.profiler.target import GenerationTarget, TargetUnavailable
 
 __all__ = ["RunnerOptions", "SampleSink", "default_monitors", "error_text", "run_profile"]
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+# The store's own reason for "unreachable" (services/store/reasons.py), which a profile
+# that outlived the outage window reports too. A reason two areas use belongs in
+# idealrt.core.reasons; until it moves there, it is spelled here once.
 
 
 class _Cancelled(Exception):
@@ -111,6 +142,32 @@ class _Stop(Exception):
 
 
 @dataclasses.dataclass(eq=False)
+class _Repeats:
+    """One configuration's repeats: those with an OK sample (`done`), those given up after
+    `max_retries` contended re-measurements (`gave_up`), the failed attempts of repeats
+    not yet settled, and the first unsettled repeat (`next`)."""
+
+    done: set[int] = dataclasses.field(default_factory=set)
+    gave_up: set[int] = dataclasses.field(default_factory=set)
+    attempts: dict[int, int] = dataclasses.field(default_factory=dict)
+    next: int = 0
+
+    @property
+    def slots(self) -> int:
+        """Repeats used up: what the stopping rule counts against the cap."""
+        return len(self.done) + len(self.gave_up)
+
+    def settle(self, repeat: int, ok: bool) -> None:
+        (self.done if ok else self.gave_up).add(repeat)
+        self.attempts.pop(repeat, None)
+        self.advance()
+
+    def advance(self) -> None:
+        while self.next in self.done or self.next in self.gave_up:
+            self.next += 1
+
+
+@dataclasses.dataclass(eq=False)
 class _RunState:
     """Everything one run is given and everything it changes, by group (in field order):
 
@@ -120,20 +177,26 @@ class _RunState:
     Reported: `profile`, replaced (never mutated) at every change and handed, as a copy, to
     `on_progress`.
 
-    Storage: `buffer` holds samples measured and not yet stored; `stored` counts the
-    samples the sink holds for the profile (a resumed run's included), which numbers the
-    batch ids; `samples` are those samples themselves, in stored order, with the seq the
-    store gives them (contiguous from 0 in append order), read from the sink once at the
-    start and extended by every stored batch: what the adaptive planner fits. Kept for
-    adaptive plans only (`keeps_samples`); `last_flush` times the batch interval.
+    Storage: `inflight` is the batch being stored (under the id its first sample
+    numbers: retried unchanged until the store takes it), `buffer` the samples measured
+    after it; `stored` counts the samples the sink holds for the profile (a resumed run's
+    included), which numbers the batch ids; `samples` are those samples themselves, in
+    stored order, with the seq the store gives them (contiguous from 0 in append order),
+    read from the sink once at the start and extended by every stored batch: what the
+    adaptive planner fits. Kept for adaptive plans only (`keeps_samples`); `last_flush`
+    times the batch interval.
 
     Plan: `configs` to measure (the grid's, then those of each added prompt size, in the
-    order added), `totals` the accepted total_ns per configuration, `added` the adaptively
+    order added), `totals` the accepted total_ns per configuration, `reps` which of its
+    repeats are settled, `completed` the accepted samples in all, `added` the adaptively
     added prompt sizes in the order added.
 
     Judgement: the contention `detector` and its `monitors`, the stopping `rule` (made
     anew after the warm-ups: the budget starts there), and the tallies of nonconforming
     samples and abandoned repeats.
+
+    Outages: the current outage of the store and of the target (_outage.py), and per
+    dependency how many outages were ridden out and the longest (provenance "outage.*").
 
     Spread: the largest lag of a round's start behind its schedule, and the rounds started.
     """
@@ -147,6 +210,7 @@ class _RunState:
 
     profile: Profile
 
+    inflight: list[Sample] = dataclasses.field(default_factory=list)
     buffer: list[Sample] = dataclasses.field(default_factory=list)
     stored: int = 0
     samples: list[Sample] = dataclasses.field(default_factory=list)
@@ -154,6 +218,8 @@ class _RunState:
 
     configs: list[Config] = dataclasses.field(default_factory=list)
     totals: dict[Config, list[int]] = dataclasses.field(default_factory=dict)
+    reps: dict[Config, _Repeats] = dataclasses.field(default_factory=dict)
+    completed: int = 0
     added: list[int] = dataclasses.field(default_factory=list)
 
     detector: ContentionDetector = dataclasses.field(init=False)
@@ -162,12 +228,20 @@ class _RunState:
     nonconforming: int = 0
     abandoned: int = 0
 
+    store_outage: Outage = dataclasses.field(init=False)
+    target_outage: Outage = dataclasses.field(init=False)
+    outages: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    longest_outage_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
     spread_lag_s: float = 0.0
     spread_started: int = 0
 
     def __post_init__(self) -> None:
         self.detector = ContentionDetector(self.opts.contention)
         self.rule = StoppingRule(self.profile.plan, clock=self.opts.clock)
+        rng = random.Random(f"idealrt-backoff:{self.profile.id}")
+        self.store_outage = Outage(self.opts.retry, self.opts.clock, rng)
+        self.target_outage = Outage(self.opts.retry, self.opts.clock, rng)
 
     @property
     def keeps_samples(self) -> bool:
@@ -196,25 +270,152 @@ def _record(run: _RunState, entries: Mapping[str, str], **changes: Any) -> None:
     _update(run, provenance=dataclasses.replace(run.profile.provenance, entries=merged), **changes)
 
 
-def _flush(run: _RunState, force: bool = False) -> None:
-    due = time.monotonic() - run.last_flush >= run.opts.batch_interval_s
-    if not run.buffer or not (force or due or len(run.buffer) >= run.opts.batch_samples):
+# ------------------------------------------------------------ outages
+
+
+def _outage_failed(
+    run: _RunState, outage: Outage, exc: IdealrtError, what: str, reason: str, detail: str = ""
+) -> float:
+    """Record a failed call to `what` (the store, the target): the seconds to wait before
+    the next try; raises _Stop (FAILED, `reason`) once the outage window is spent."""
+    first = not outage.active
+    delay = outage.failed(exc)
+    if first:
+        run.log.warning(f"{what}_unavailable", reason=exc.reason, error=exc.message)
+    if delay is None:
+        run.log.error(f"{what}_outage_too_long", elapsed_s=outage.elapsed_s())
+        raise _Stop(ProfileState.FAILED, f"{reason}: the {what} was {outage.describe()}{detail}")
+    run.log.info(f"{what}_retry", attempt=outage.attempts, delay_s=round(delay, 3))
+    return delay
+
+
+def _pause(run: _RunState, delay: float) -> None:
+    """Wait `delay` seconds on the cancel event (the options' sleep)."""
+    if run.opts.sleep(run.cancel, delay):
+        raise _Cancelled
+
+
+def _outage_over(run: _RunState, outage: Outage, what: str) -> None:
+    if not outage.active:
         return
-    batch, batch_id = list(run.buffer), f"{run.profile.id}-b{run.stored}"
-    for attempt in range(run.opts.append_retries + 1):
+    elapsed = outage.elapsed_s()
+    run.log.info(f"{what}_back", elapsed_s=round(elapsed, 3), attempts=outage.attempts)
+    run.outages[what] += 1
+    run.longest_outage_s[what] = max(run.longest_outage_s.get(what, 0.0), elapsed)
+    outage.clear()
+
+
+def _store_call(run: _RunState, what: str, call: Callable[[], _T]) -> _T:
+    """An idempotent store call that waits out an outage (the run pauses meanwhile)."""
+    while True:
         try:
-            run.sink.append_samples(run.profile.id, batch_id, batch)
-            break
-        except Exception:
-            if attempt == run.opts.append_retries:
+            result = call()
+        except IdealrtError as exc:
+            if not is_transient(exc):
                 raise
-            run.log.warning("append_samples_retry", batch_id=batch_id, attempt=attempt)
-            time.sleep(0.2 * (attempt + 1))
+            _pause(run, _outage_failed(run, run.store_outage, exc, "store", STORE_UNAVAILABLE))
+            run.log.debug("store_call_retry", call=what)
+            continue
+        _outage_over(run, run.store_outage, "store")
+        return result
+
+
+def _target_call(run: _RunState, call: Callable[[], _T]) -> _T:
+    """A target call (prepare, one generation) that waits out TargetUnavailable and is
+    then made again: the target reloads what it lost."""
+    while True:
+        try:
+            result = call()
+        except TargetUnavailable as exc:
+            _pause(run, _outage_failed(run, run.target_outage, exc, "target", SERVING_UNAVAILABLE))
+            continue
+        _outage_over(run, run.target_outage, "target")
+        return result
+
+
+# ------------------------------------------------------------ storage
+
+
+def _unstored(run: _RunState) -> int:
+    return len(run.inflight) + len(run.buffer)
+
+
+def _append(run: _RunState, *, wait: bool) -> bool:
+    """Store `run.inflight` under its batch id; True once the store has it. In an outage
+    without `wait`: one try when the backoff says so, else False (keep measuring)."""
+    batch_id = f"{run.profile.id}-b{run.stored}"
+    while True:
+        if not wait and not run.store_outage.due():
+            return False
+        try:
+            run.sink.append_samples(run.profile.id, batch_id, run.inflight)
+        except IdealrtError as exc:
+            if not is_transient(exc):
+                raise
+            detail = f"; {_unstored(run)} measured samples are not stored"
+            delay = _outage_failed(run, run.store_outage, exc, "store", STORE_UNAVAILABLE, detail)
+            if not wait:
+                return False
+            _pause(run, delay)
+            continue
+        break
+    _outage_over(run, run.store_outage, "store")
     if run.keeps_samples:
-        run.samples.extend(dataclasses.replace(s, seq=run.stored + i) for i, s in enumerate(batch))
-    run.stored += len(batch)
-    run.buffer.clear()
-    run.last_flush = time.monotonic()
+        run.samples.extend(
+            dataclasses.replace(s, seq=run.stored + i) for i, s in enumerate(run.inflight)
+        )
+    run.stored += len(run.inflight)
+    run.inflight = []
+    return True
+
+
+def _flush(run: _RunState, force: bool = False, wait: bool = False) -> None:
+    """Store what is due (a full batch, the interval, or everything with `force`), in
+    batches of at most `batch_samples`. `wait`: until the store has it (or the window is
+    spent); without, an outage leaves the samples in memory, until `max_buffered_samples`
+    of them are: then it waits too (the run stops measuring)."""
+    size = max(1, run.opts.batch_samples)
+    limit = max(1, min(size, run.opts.max_buffered_samples))
+    while True:
+        if not run.inflight:
+            due = time.monotonic() - run.last_flush >= run.opts.batch_interval_s
+            if not run.buffer or not (force or due or len(run.buffer) >= limit):
+                return
+            run.inflight, run.buffer = run.buffer[:size], run.buffer[size:]
+        full = _unstored(run) >= run.opts.max_buffered_samples
+        if not _append(run, wait=wait or full):
+            return
+        run.last_flush = time.monotonic()
+
+
+def _final_flush(run: _RunState, state: ProfileState, error: str) -> tuple[ProfileState, str]:
+    """Store what is left; the state and error the profile ends with. A cancelled run
+    tries once (it does not wait out an outage): what the store did not take is counted
+    in provenance ("store.unstored_samples") and measured again if the profile resumes."""
+    cancelled = run.cancel.is_set()
+    if cancelled:
+        run.store_outage.retry_now()
+    try:
+        _flush(run, force=True, wait=not cancelled)
+    except _Stop as stop:  # the store stayed unreachable past the window
+        if state not in (ProfileState.FAILED, ProfileState.CANCELLED):
+            state, error = stop.state, stop.error
+    except _Cancelled:  # cancelled while waiting for the store
+        state, error = ProfileState.CANCELLED, ""
+    except Exception as exc:  # the run's top: whatever it is, the profile must end
+        run.log.exception("final_flush_failed")
+        if state != ProfileState.FAILED:
+            state, error = ProfileState.FAILED, f"STORE_WRITE_FAILED: {error_text(exc)}"
+    unstored = _unstored(run)
+    if unstored:
+        run.log.warning("samples_not_stored", count=unstored, state=state.value)
+        entries = {**run.profile.provenance.entries, "store.unstored_samples": str(unstored)}
+        run.profile = dataclasses.replace(
+            run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
+        )
+        if state == ProfileState.SUCCEEDED:  # cannot happen: success waits for the store
+            state, error = ProfileState.FAILED, f"{STORE_UNAVAILABLE}: {unstored} not stored"
+    return state, error
 
 
 def _check_cancel(run: _RunState) -> None:
@@ -225,14 +426,20 @@ def _check_cancel(run: _RunState) -> None:
 # ------------------------------------------------------------ one sample
 
 
-def _measure(run: _RunState, config: Config, repeat: int, seed: int) -> tuple[Sample, int]:
-    """One generation bracketed by the monitors. Token counts are checked here too,
-    whatever the target did: a wrong-length result is never kept as OK."""
+def _generate(
+    run: _RunState, config: Config, seed: int
+) -> tuple[Sample, int, ContentionObservation]:
     window = run.monitors.before()
     t0 = time.perf_counter_ns()
     sample = run.target.generate(config.prompt_tokens, config.output_tokens, seed)
     wall_ns = time.perf_counter_ns() - t0
-    observation = run.monitors.after(window)
+    return sample, wall_ns, run.monitors.after(window)
+
+
+def _measure(run: _RunState, config: Config, repeat: int, seed: int) -> tuple[Sample, int]:
+    """One generation bracketed by the monitors. Token counts are checked here too,
+    whatever the target did: a wrong-length result is never kept as OK."""
+    sample, wall_ns, observation = _target_call(run, lambda: _generate(run, config, seed))
     # decode_ns may be empty: a black-box API can report totals only (the serving
     # target itself insists on o - 1 steps); when present it must be complete.
     conforming = (
@@ -273,31 +480,56 @@ def _nonconforming(run: _RunState, config: Config, sample: Sample) -> None:
 
 def _prepare(run: _RunState) -> None:
     """Load the target, read what the sink holds (resume), fingerprint; sets the run's
-    configurations, totals, added sizes and stored samples."""
-    spec: ModelSpec | None = run.target.prepare()
+    configurations, totals, settled repeats, added sizes and stored samples."""
+    spec: ModelSpec | None = _target_call(run, run.target.prepare)
     validate_plan(run.profile.plan, spec)
     env = run.target.environment()
     run.monitors = run.opts.monitors(run.profile, env)
     plan = run.profile.plan
-    existing = run.sink.all_samples(run.profile.id)  # the only read: the run keeps the rest
+    pid = run.profile.id
+    # the only read: the run keeps the rest
+    existing = _store_call(run, "all_samples", lambda: run.sink.all_samples(pid))
     run.added = added_prompt_sizes(plan, existing)
     run.configs = configurations(plan, run.added)
     by_key = {(c.prompt_tokens, c.output_tokens, c.heldout): c for c in run.configs}
     run.totals = {c: [] for c in run.configs}
+    run.reps = {c: _Repeats() for c in run.configs}
     run.stored = len(existing)
     run.samples = existing if run.keeps_samples else []
+    contended: collections.Counter[tuple[Config, int]] = collections.Counter()
+    duplicates = 0
     for s in existing:
         c = by_key.get((s.prompt_tokens, s.output_tokens, s.heldout))
         if c is None:
             continue
+        if s.flag == SampleFlag.OK and s.repeat in run.reps[c].done:
+            duplicates += 1  # stored twice by an older version: counted once
+            continue
         run.detector.seed(c, s)
         if s.flag == SampleFlag.OK:
+            run.reps[c].done.add(s.repeat)
             run.totals[c].append(s.total_ns)
+        elif s.flag == SampleFlag.CONTENDED:
+            contended[(c, s.repeat)] += 1
         elif s.flag == SampleFlag.NONCONFORMING:
             run.nonconforming += 1
+    for (c, r), tries in contended.items():
+        rep = run.reps[c]
+        if r in rep.done:
+            continue
+        if tries > run.opts.contention.max_retries:
+            rep.gave_up.add(r)
+            run.abandoned += 1
+        else:
+            rep.attempts[r] = tries
+    for rep in run.reps.values():
+        rep.advance()
+    run.completed = sum(len(v) for v in run.totals.values())
     extra = dict(run.monitors.describe())
     extra["lease.device_key"] = device_key(run.profile.stack.device)
     extra["profile.resumed_samples"] = str(len(existing))
+    if duplicates:
+        extra["profile.resumed_duplicates"] = str(duplicates)
     if run.added:
         extra["profile.resumed_adaptive_sizes"] = ",".join(map(str, run.added))
     if run.monitors.gpu is not None:
@@ -308,9 +540,11 @@ def _prepare(run: _RunState) -> None:
         model_spec=spec or run.profile.model_spec,
         provenance=provenance,
         total_samples=total_samples(plan, len(run.added)),
-        completed_samples=sum(len(v) for v in run.totals.values()),
+        completed_samples=run.completed,
     )
-    run.log.info("profile_prepared", configs=len(run.configs), resumed=len(existing))
+    run.log.info(
+        "profile_prepared", configs=len(run.configs), resumed=len(existing), duplicates=duplicates
+    )
 
 
 def _warmups(run: _RunState) -> None:
@@ -333,7 +567,7 @@ def _spread_schedule(run: _RunState) -> SpreadSchedule | None:
     if plan.spread_s <= 0:
         return None
     rounds = effective_max_repeats(plan)
-    first = min(len(run.totals[c]) for c in configurations(plan))
+    first = min(run.reps[c].next for c in configurations(plan))
     if first >= rounds:
         return None
     schedule = SpreadSchedule(rounds, plan.spread_s, seed=plan.seed, clock=run.opts.clock)
@@ -364,18 +598,26 @@ def _wait_for_round(run: _RunState, schedule: SpreadSchedule, r: int) -> None:
 
 
 def _rounds(run: _RunState, schedule: SpreadSchedule | None = None) -> StopReason:
-    """Measure `run.configs` in randomized rounds until the stopping rule says stop."""
-    plan, policy, rule, totals = run.profile.plan, run.opts.contention, run.rule, run.totals
-    slots = {c: len(v) for c, v in totals.items()}
+    """Measure `run.configs` in randomized rounds until the stopping rule says stop. Round
+    r measures repeat r of every pending configuration whose first unsettled repeat is r
+    (after a resume, from the retries that repeat has used)."""
+    plan, policy, rule, totals, reps = (
+        run.profile.plan,
+        run.opts.contention,
+        run.rule,
+        run.totals,
+        run.reps,
+    )
     while True:
-        pending = rule.pending(totals, slots)
+        pending = rule.pending(totals, {c: reps[c].slots for c in totals})
         if not pending:
             return rule.reason(totals)
-        r = min(slots[c] for c in pending)
+        r = min(reps[c].next for c in pending)
         if schedule is not None and r < schedule.rounds:
             _wait_for_round(run, schedule, r)
+        include = [c for c in pending if reps[c].next == r]
         queue = collections.deque(
-            (c, 0) for c in round_order(run.configs, plan, r, [c for c in pending if slots[c] == r])
+            (c, reps[c].attempts.get(r, 0)) for c in round_order(run.configs, plan, r, include)
         )
         while queue:
             _check_cancel(run)
@@ -406,17 +648,17 @@ def _rounds(run: _RunState, schedule: SpreadSchedule | None = None) -> StopReaso
                     run.detector.accept(config, sample)
                     run.buffer.append(sample)
                     totals[config].append(sample.total_ns)
-                    slots[config] += 1
+                    reps[config].settle(r, ok=True)
+                    run.completed += 1
             if retry:
                 if attempt < policy.max_retries:
+                    reps[config].attempts[r] = attempt + 1
                     queue.append((config, attempt + 1))
                 else:
                     run.abandoned += 1
-                    slots[config] += 1
+                    reps[config].settle(r, ok=False)
             _flush(run)
-            run.profile = dataclasses.replace(
-                run.profile, completed_samples=sum(len(v) for v in totals.values())
-            )
+            run.profile = dataclasses.replace(run.profile, completed_samples=run.completed)
             _emit(run)
 
 
@@ -428,7 +670,7 @@ def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
         _check_cancel(run)
         # store what is measured (batches as before), so that run.samples is all of it:
         # the planner fits what the sink holds without reading it back
-        _flush(run, force=True)
+        _flush(run, force=True, wait=True)
         size = planner.next_size(run.samples, budget_spent=run.rule.budget_spent())
         if size is None:
             break
@@ -437,6 +679,7 @@ def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
         run.added.append(size)
         run.configs.extend(new)
         run.totals.update((c, []) for c in new)
+        run.reps.update((c, _Repeats()) for c in new)
         _record(run, planner.provenance(), total_samples=total_samples(plan, len(run.added)))
         run.log.info(
             "adaptive_size_added", p=size, rel_halfwidth=planner.added_rel[-1], added=run.added
@@ -450,6 +693,7 @@ def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
         for c in [c for c in run.configs if c.prompt_tokens in run.added and not run.totals[c]]:
             run.configs.remove(c)
             del run.totals[c]
+            del run.reps[c]
         kept = {c.prompt_tokens for c in run.totals}
         planner.drop_unmeasured([p for p in run.added if p not in kept])
         run.added = [p for p in run.added if p in kept]
@@ -459,9 +703,39 @@ def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
     return reason
 
 
+def _missing(run: _RunState, reason: StopReason) -> tuple[dict[Config, list[int]], int]:
+    """The planned repeats without an OK sample, per configuration, and how many repeats
+    were planned: repeats 0..n-1 of every configuration, n = plan.repeats or, where the
+    stopping rule stopped later (until_ci_rel) or earlier (the budget), the repeats it
+    settled."""
+    repeats = run.profile.plan.repeats
+    missing: dict[Config, list[int]] = {}
+    planned = 0
+    for c, rep in run.reps.items():
+        need = rep.slots if reason == StopReason.BUDGET else max(rep.slots, repeats)
+        planned += need
+        lacking = [r for r in range(need) if r not in rep.done]
+        if lacking:
+            missing[c] = lacking
+    return missing, planned
+
+
+def _describe_missing(missing: Mapping[Config, list[int]], shown: int = 5) -> str:
+    parts = []
+    for c, lacking in list(missing.items())[:shown]:
+        held = " held out" if c.heldout else ""
+        which = ",".join(map(str, lacking[:10])) + ("..." if len(lacking) > 10 else "")
+        parts.append(f"p={c.prompt_tokens} o={c.output_tokens}{held} repeats {which}")
+    if len(missing) > shown:
+        parts.append(f"and {len(missing) - shown} more configurations")
+    return "; ".join(parts)
+
+
 def _conclude(run: _RunState, reason: StopReason) -> None:
     """Record why the rounds stopped and the contention tallies; raise _Stop for a run
-    that is INVALID (contention) or FAILED (budget spent with configurations unmeasured)."""
+    that is INVALID (contention), or FAILED (budget spent with configurations unmeasured;
+    any other planned sample missing: INCOMPLETE). A run that passes has every planned
+    sample: total_samples becomes what was planned."""
     totals = run.totals
     entries = dict(run.profile.provenance.entries)
     entries["stopping.reason"] = reason.value
@@ -476,30 +750,72 @@ def _conclude(run: _RunState, reason: StopReason) -> None:
     run.profile = dataclasses.replace(
         run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
     )
-    missing = [c for c, v in totals.items() if not v]
-    if run.detector.persistent() or (missing and reason != StopReason.BUDGET):
+    unmeasured = [c for c, v in totals.items() if not v]
+    missing, planned = _missing(run, reason)
+    lost = sum(len(v) for v in missing.values())
+    abandoned = any(r in run.reps[c].gave_up for c, v in missing.items() for r in v)
+    if (
+        run.detector.persistent()
+        or (unmeasured and reason != StopReason.BUDGET)
+        or (abandoned and not unmeasured)
+    ):
         evidence = run.detector.evidence(run.abandoned)
+        if unmeasured:
+            evidence += f"; {len(unmeasured)} configurations have no uncontended sample"
         if missing:
-            evidence += f"; {len(missing)} configurations have no uncontended sample"
+            evidence += (
+                f"; {lost} of {planned} planned samples missing ({_describe_missing(missing)})"
+            )
         raise _Stop(ProfileState.INVALID, f"CONTENTION: {evidence}")
-    if missing:
+    if unmeasured:
         raise _Stop(
             ProfileState.FAILED,
             f"BUDGET_EXHAUSTED: budget_s={run.profile.plan.budget_s} spent with "
-            f"{len(missing)} of {len(totals)} configurations unmeasured",
+            f"{len(unmeasured)} of {len(totals)} configurations unmeasured",
         )
-    if reason == StopReason.PRECISION:
-        run.profile = dataclasses.replace(run.profile, total_samples=run.profile.completed_samples)
+    if missing:
+        raise _Stop(
+            ProfileState.FAILED,
+            f"{INCOMPLETE}: {lost} of {planned} planned samples missing "
+            f"({_describe_missing(missing)})",
+        )
+    run.profile = dataclasses.replace(run.profile, total_samples=planned, completed_samples=planned)
 
 
 # ------------------------------------------------------------ the whole run
 
 
 def _finish(run: _RunState, state: ProfileState, error: str = "") -> Profile:
+    """End the profile; provenance records the outages ridden out ("outage.*": the final
+    store write may have waited for one too)."""
+    if run.outages:
+        entries = dict(run.profile.provenance.entries)
+        for what, count in sorted(run.outages.items()):
+            entries[f"outage.{what}.count"] = str(count)
+            entries[f"outage.{what}.longest_s"] = f"{run.longest_outage_s[what]:.6g}"
+        run.profile = dataclasses.replace(
+            run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
+        )
     run.profile = dataclasses.replace(run.profile, state=state, error=error, end_time=utcnow())
     run.log.info("profile_finished", state=state.value, error=error or None)
     _emit(run)
     return run.profile
+
+
+def _record_target_environment(run: _RunState) -> None:
+    """The target's environment again at the end of the run (its counters, e.g. the HTTP
+    target's retries and errors, cover the whole run then), as `target.*` provenance."""
+    if "profile.start_time" not in run.profile.provenance.entries:  # never fingerprinted
+        return
+    try:
+        env = run.target.environment()
+    except Exception:  # a target that cannot describe itself must not lose the samples
+        run.log.exception("target_environment_failed")
+        return
+    entries = {**run.profile.provenance.entries, **{f"target.{k}": str(v) for k, v in env.items()}}
+    run.profile = dataclasses.replace(
+        run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
+    )
 
 
 def _execute(run: _RunState) -> Profile:
@@ -525,6 +841,10 @@ def _execute(run: _RunState) -> Profile:
         _update(run, state=ProfileState.RUNNING, start_time=run.profile.start_time or utcnow())
         run.log.info("profile_started", device=run.profile.stack.device)
         state, error = ProfileState.SUCCEEDED, ""
+        # a target that waits between retries (the HTTP target) waits on the run's cancel
+        bind_cancel = getattr(run.target, "bind_cancel", None)
+        if bind_cancel is not None:
+            bind_cancel(run.cancel)
         try:
             _prepare(run)
             _warmups(run)
@@ -538,14 +858,14 @@ def _execute(run: _RunState) -> Profile:
         except _Stop as stop:
             state, error = stop.state, stop.error
         except Exception as exc:
-            run.log.exception("profile_error")
-            state, error = ProfileState.FAILED, error_text(exc)
-        try:
-            _flush(run, force=True)
-        except Exception as exc:
-            run.log.exception("final_flush_failed")
-            if state != ProfileState.FAILED:
-                state, error = ProfileState.FAILED, f"STORE_WRITE_FAILED: {error_text(exc)}"
+            if run.cancel.is_set():  # e.g. the target's retry wait was cancelled
+                run.log.info("profile_cancelled_in_target", error=error_text(exc))
+                state, error = ProfileState.CANCELLED, ""
+            else:
+                run.log.exception("profile_error")
+                state, error = ProfileState.FAILED, error_text(exc)
+        _record_target_environment(run)
+        state, error = _final_flush(run, state, error)
         try:
             run.target.close()
         except Exception:

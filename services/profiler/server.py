@@ -7,11 +7,13 @@ from idealrt.clients.store import StoreClient
 from idealrt.core.config import ProfilerConfig
 from idealrt.core.domain import Profile
 from idealrt.core.errors import InvalidArgument
-from idealrt.core.grpc_server import GrpcServer, start_server
+from idealrt.core.grpc_server import UNARY_WORKERS, GrpcServer, start_server
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
+from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.manager import ProfileManager
 from idealrt.services.profiler.reasons import SERVING_TARGET_REQUIRED
+from idealrt.services.profiler.runner import RunnerOptions
 from idealrt.services.profiler.servicer import ProfilerServicer
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -46,12 +48,35 @@ def build_server(cfg: ProfilerConfig) -> tuple[GrpcServer, int]:
     if not cfg.store_target:
         raise ValueError("ProfilerConfig.store_target is required")
     store = StoreClient(cfg.store_target)
-    manager = ProfileManager(store, make_target_factory(cfg), cfg.lease_dir)
+    manager = ProfileManager(
+        store,
+        make_target_factory(cfg),
+        cfg.lease_dir,
+        options=RunnerOptions(
+            outage_window_s=cfg.outage_window_s,
+            contention=ContentionPolicy(use_monitors=cfg.contention_monitors),
+        ),
+        max_plan_samples=cfg.max_plan_samples,
+        max_watch_streams=cfg.max_watch_streams,
+    )
     servicer = ProfilerServicer(manager)
+    # WatchProfile is server-streaming, and on grpc's sync server every open stream holds a
+    # pool thread until it ends: unbounded, 16 watchers took every thread and the profiler
+    # stopped answering, health included. So the manager bounds open watches at
+    # cfg.max_watch_streams (one more is RESOURCE_EXHAUSTED at once) and the pool has that
+    # many threads plus UNARY_WORKERS for unary calls and health. Not grpc.aio: the whole
+    # profiler is threaded (the manager's workers and Condition-based watch, the runner,
+    # the blocking store and serving clients, the shared interceptor and health servicer);
+    # on an event loop every one of those calls would have to go to an executor, which
+    # again needs a bounded pool, and the interceptor and bootstrap shared with the other
+    # services would need async twins. An idle watch costs one sleeping thread that wakes
+    # on a change, a client's departure or its liveness check, so a bound of tens of
+    # streams is cheap; a dashboard with more watchers polls GetProfile.
     server = start_server(
         cfg.address,
         [lambda s: pbg.add_ProfilerServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
+        max_workers=cfg.max_watch_streams + UNARY_WORKERS,
         metrics_port=cfg.metrics_port,
     )
     server.on_stop.append(manager.shutdown)

@@ -45,7 +45,10 @@ class ProfilerServicer(pbg.ProfilerServiceServicer):
     def WatchProfile(
         self, request: pb.WatchProfileRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchProfileResponse]:
-        for prof in self.manager.watch(request.id, is_active=context.is_active):
+        watch = self.manager.watch(
+            request.id, is_active=context.is_active, on_close=context.add_callback
+        )
+        for prof in watch:
             yield pb.WatchProfileResponse(profile=cv.profile_to_pb(prof))
 
     def CancelProfile(

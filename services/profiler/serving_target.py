@@ -9,9 +9,17 @@ and the lead's gRPC serving client satisfy: load / generate / unload with the sa
   prompt_seed=seed) and exactly o output tokens. rpc_ns is measured around the call and
   kept apart from the server-side prefill/decode/total. Token counts that differ from the
   request (or a decode list that is not o - 1 long) give a Sample flagged NONCONFORMING.
-- Unavailable (the serving process died or restarts) or NotFound (it came back without our
-  model): re-prepare and retry, sleeping `retry_backoff_s` x attempt between tries; after
-  `max_reconnects` consecutive failures the last error is raised.
+- NotFound (the serving process came back without our model): reload at once and retry.
+  UNAVAILABLE or DEADLINE_EXCEEDED (it died, restarts, or the connection broke): reload
+  and retry, sleeping `retry_backoff_s` x attempt between tries (a blip). After
+  `max_reconnects` consecutive failures the error is raised, as `TargetUnavailable` when it
+  is transient: the runner then rides the outage out (backoff within its outage window,
+  waiting on the cancel event) and calls generate again with the same configuration,
+  repeat and seed, which reloads the model. A reload loads the same ModelRef on the same
+  StackSpec with the same max_context and uses the model id it returns; the model id of
+  the lost load is unloaded (best effort: gone with a restarted server). prepare() raises
+  `TargetUnavailable` too when serving is unreachable. FailedPrecondition (e.g.
+  DEVICE_UNAVAILABLE: no such device) and InvalidArgument are answers, never retried.
 - close() unloads the model, and closes the serving client too when `owns_serving` (a
   client made for this one target); never for a shared in-process registry.
 """
@@ -26,12 +34,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+import structlog
+
 from idealrt.core.domain import ModelRef, Profile, Sample, SampleFlag, StackSpec
-from idealrt.core.errors import NotFound, Unavailable
+from idealrt.core.errors import IdealrtError, NotFound, Unavailable
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.profiler._outage import is_transient
 from idealrt.services.profiler.plan import configurations
+from idealrt.services.profiler.target import TargetUnavailable
 
 __all__ = ["GenerationResultLike", "LoadedModelLike", "ServingApi", "ServingTarget"]
+
+log = structlog.get_logger(__name__)
 
 
 class LoadedModelLike(Protocol):
@@ -109,21 +123,48 @@ class ServingTarget:
         self.loads = 0
         self.server_env: dict[str, str] | None = None
         self.reconnects = 0
+        self._lost: list[str] = []  # model ids of loads a reload replaced
         plan_configs = configurations(profile.plan)
         self.max_context = max(c.prompt_tokens + c.output_tokens for c in plan_configs)
 
     def prepare(self) -> ModelSpec | None:
         self.loads += 1
-        loaded: LoadedModelLike = self.serving.load(
-            self.profile.model,
-            self.profile.stack,
-            max_context=self.max_context,
-            request_id=f"{self.profile.id}-load-{self.loads}",
-        )
+        try:
+            loaded: LoadedModelLike = self.serving.load(
+                self.profile.model,
+                self.profile.stack,
+                max_context=self.max_context,
+                request_id=f"{self.profile.id}-load-{self.loads}",
+            )
+        except IdealrtError as exc:
+            if is_transient(exc):
+                raise TargetUnavailable.wrap(exc) from exc
+            raise
         self.loaded = loaded
+        self._unload_lost()
         if self.server_env is None:
             self.server_env = self._server_environment()
         return loaded.spec
+
+    def _lose_model(self) -> None:
+        """The model may be gone (or unreachable): the next call reloads it."""
+        if self.loaded is not None:
+            self._lost.append(self.loaded.model_id)
+        self.loaded = None
+
+    def _unload_lost(self) -> None:
+        """Unload the models of earlier loads that a reload replaced (a server that only
+        lost the connection still holds them; a restarted one answers NotFound)."""
+        lost, self._lost = self._lost, []
+        for model_id in lost:
+            try:
+                self.serving.unload(model_id)
+            except NotFound:
+                pass  # gone with the process that held it
+            except IdealrtError as exc:  # cleanup only: measuring goes on without it
+                log.warning(
+                    "lost_model_not_unloaded", model_id=model_id, reason=exc.reason, error=str(exc)
+                )
 
     def _server_environment(self) -> dict[str, str]:
         fetch = getattr(self.serving, "environment", None)
@@ -155,11 +196,21 @@ class ServingTarget:
                 )
                 rpc_ns = time.perf_counter_ns() - t0
                 return self._to_sample(result, prompt_tokens, output_tokens, rpc_ns)
-            except (Unavailable, NotFound):
+            except NotFound:
                 failures += 1
-                self.loaded = None
+                self._lose_model()
                 if failures > self.max_reconnects:
                     raise
+                self.reconnects += 1
+            except IdealrtError as exc:
+                if not is_transient(exc):
+                    raise
+                failures += 1
+                self._lose_model()
+                if failures > self.max_reconnects:
+                    if isinstance(exc, TargetUnavailable):
+                        raise
+                    raise TargetUnavailable.wrap(exc) from exc
                 self.reconnects += 1
                 time.sleep(self.retry_backoff_s * failures)
 
@@ -210,6 +261,8 @@ class ServingTarget:
             # NotFound/Unavailable: the serving process already dropped it, or is gone.
             with contextlib.suppress(Unavailable, NotFound):
                 self.serving.unload(loaded.model_id)
+        if self.unload_on_close:
+            self._unload_lost()
         closer = getattr(self.serving, "close", None)
         if self.owns_serving and callable(closer):
             closer()

@@ -5,9 +5,27 @@ from __future__ import annotations
 from typing import Protocol
 
 from idealrt.core.domain import Sample
+from idealrt.core.errors import IdealrtError, Unavailable
 from idealrt.core.model_spec import ModelSpec
 
-__all__ = ["GenerationTarget"]
+__all__ = ["GenerationTarget", "TargetUnavailable"]
+
+
+class TargetUnavailable(Unavailable):
+    """What a target raises (from prepare or generate) when its backend is unreachable for
+    now but may come back: the serving process died and restarts, the connection broke.
+
+    The runner rides it out: it retries the same call (for generate: the same
+    configuration, repeat and seed, so nothing is counted twice) with backoff within
+    `RunnerOptions.outage_window_s`, and the target reloads whatever it lost on the next
+    call. Any other error from a target ends the profile FAILED at once."""
+
+    @classmethod
+    def wrap(cls, exc: IdealrtError) -> TargetUnavailable:
+        """The same reason, message and field, marked as worth riding out."""
+        if isinstance(exc, TargetUnavailable):
+            return exc
+        return cls(exc.reason, exc.message, field=exc.field)
 
 
 class GenerationTarget(Protocol):

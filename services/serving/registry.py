@@ -18,7 +18,6 @@ import builtins
 import contextlib
 import dataclasses
 import importlib
-import os
 import random
 import threading
 import time
@@ -28,39 +27,43 @@ from pathlib import Path
 
 from idealrt.core import catalog, paging
 from idealrt.core.clock import utcnow
+from idealrt.core.config import ServingConfig
 from idealrt.core.domain import Backend, ModelRef, StackSpec
 from idealrt.core.errors import (
     FailedPrecondition,
     Internal,
-    InvalidArgument,
     NotFound,
     Unimplemented,
     invalid,
 )
 from idealrt.core.hf_config import spec_from_hf_config
-from idealrt.core.model_spec import (
-    ModelSpec,
-    check_fits_context,
-    check_max_context,
-    resolve_max_context,
-)
-from idealrt.core.reasons import CPU_CORES_INVALID, NONCONFORMING_GENERATION, OUTPUT_TOKENS_INVALID
+from idealrt.core.model_spec import ModelSpec, check_max_context, resolve_max_context
+from idealrt.core.reasons import NONCONFORMING_GENERATION
 from idealrt.core.serving_contract import GenerationResult, LoadedModel
 from idealrt.services.serving.backends.base import (
     Backend as BackendProtocol,
 )
 from idealrt.services.serving.backends.base import BackendFactory
+from idealrt.services.serving.checkpoints import checkpoint_files
 from idealrt.services.serving.reasons import (
     BACKEND_INVALID,
     BACKEND_NOT_IMPLEMENTED,
-    BATCH_SIZE_INVALID,
     DEPENDENCY_MISSING,
     MODEL_NOT_LOADED,
     MODEL_UNSPECIFIED,
     PROMPT_EMPTY,
     PROMPT_LENGTH_MISMATCH,
     TOKEN_OUT_OF_RANGE,
-    WEIGHTS_NOT_FOUND,
+)
+from idealrt.services.serving.validate import (
+    MAX_BATCH_SIZE,
+    ServingLimits,
+    check_generation_request,
+    check_model_ref,
+    check_spec_size,
+    check_stack_options,
+    check_stack_sizes,
+    shown,
 )
 
 __all__ = [
@@ -75,7 +78,6 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-MAX_BATCH_SIZE = 64
 
 _MODULES = {
     Backend.PYTORCH: "pytorch_backend",
@@ -155,13 +157,10 @@ class _Entry:
 
 def resolve_spec(model: ModelRef) -> tuple[str, ModelSpec]:
     """(display name, spec) of a ModelRef: its spec, else its catalog name, else the
-    config.json of its weights directory."""
-    if model.weights_path and not Path(model.weights_path).exists():
-        raise invalid(
-            "model.weights_path",
-            WEIGHTS_NOT_FOUND,
-            f"no file or directory at {model.weights_path!r}",
-        )
+    config.json of its weights directory. A weights path must hold a checkpoint
+    (`checkpoints.checkpoint_files`: headers probed, nothing loaded)."""
+    if model.weights_path:
+        checkpoint_files(model.weights_path)
     if model.spec is not None:
         return model.name or model.spec.name, model.spec
     if model.name:
@@ -180,13 +179,18 @@ _PAGE_KIND = "models"  # the listing's kind in its page tokens (idealrt.core.pag
 
 
 class ModelRegistry:
+    """`limits`: what one request may ask for (`validate.ServingLimits`; by default those
+    of a default ServingConfig on this process' CPUs)."""
+
     def __init__(
         self,
         backends: BackendTable | None = None,
         *,
         new_id: Callable[[], str] = lambda: f"m-{uuid.uuid4().hex[:12]}",
+        limits: ServingLimits | None = None,
     ) -> None:
         self._backends = backends or _DEFAULT
+        self.limits = limits or ServingLimits.from_config(ServingConfig())
         self._new_id = new_id
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -198,8 +202,10 @@ class ModelRegistry:
     def load(
         self, model: ModelRef, stack: StackSpec, max_context: int = 0, request_id: str = ""
     ) -> LoadedModel:
-        """Load `model` on `stack`. Idempotent by request_id while that model is loaded."""
+        """Load `model` on `stack`. Idempotent by request_id while that model is loaded.
+        Every size in the request is checked (`validate`) before any backend work."""
         check_max_context(max_context)  # first, and before any request_id replay
+        check_model_ref(model, stack)
         try:
             backend_kind = Backend(stack.backend)
         except ValueError:
@@ -208,6 +214,7 @@ class ModelRegistry:
                 BACKEND_INVALID,
                 f"stack.backend must be one of {', '.join(b.value for b in Backend)}",
             ) from None
+        cores = check_stack_options(stack, self.limits)
         with self._load_lock:
             if request_id:
                 with self._lock:
@@ -215,9 +222,12 @@ class ModelRegistry:
                 if prior is not None:
                     return prior.model
             name, spec = resolve_spec(model)
+            check_spec_size(spec, self.limits)
             max_context = resolve_max_context(spec, max_context)
+            check_stack_sizes(stack, spec, max_context)
             backend = self._backends.factory(backend_kind)()
-            _pin_if_asked(stack)
+            if cores is not None:
+                _pin(cores)
             t0 = time.perf_counter_ns()
             try:
                 memory = backend.load(spec, stack, model.weights_path, model.seed, max_context)
@@ -251,7 +261,7 @@ class ModelRegistry:
         with self._lock:
             entry = self._entries.get(model_id)
         if entry is None:
-            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {model_id!r}", field="model_id")
+            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {shown(model_id)}", field="model_id")
         return entry
 
     def get(self, model_id: str) -> LoadedModel:
@@ -264,7 +274,7 @@ class ModelRegistry:
             if entry is not None and entry.model.request_id:
                 self._by_request.pop(entry.model.request_id, None)
         if entry is None:
-            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {model_id!r}", field="model_id")
+            raise NotFound(MODEL_NOT_LOADED, f"no loaded model {shown(model_id)}", field="model_id")
         with entry.lock:
             entry.unloaded = True
             entry.backend.unload()
@@ -290,24 +300,21 @@ class ModelRegistry:
         batch_size: int = 1,
     ) -> GenerationResult:
         """One exact-length greedy generation. The prompt is `prompt_ids`, or
-        `prompt_length` tokens drawn uniformly from the vocabulary with `prompt_seed`."""
+        `prompt_length` tokens drawn uniformly from the vocabulary with `prompt_seed`.
+        Every size is checked against the limits and max_context before the prompt is
+        built (`validate.check_generation_request`)."""
         entry = self._entry(model_id)
         spec, max_context = entry.model.spec, entry.model.max_context
-        if not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise invalid(
-                "batch_size",
-                BATCH_SIZE_INVALID,
-                f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}",
-            )
-        if output_tokens < 1:
-            raise invalid(
-                "output_tokens",
-                OUTPUT_TOKENS_INVALID,
-                f"output_tokens must be >= 1, got {output_tokens}",
-            )
+        p = check_generation_request(
+            prompt_ids_given=bool(prompt_ids),
+            n_ids=len(prompt_ids or ()),
+            prompt_length=prompt_length,
+            output_tokens=output_tokens,
+            batch_size=batch_size,
+            max_context=max_context,
+            limits=self.limits,
+        )
         ids = self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
-        p = len(ids)
-        check_fits_context(p, output_tokens, max_context)
         with entry.lock:
             if entry.unloaded:
                 raise NotFound(
@@ -374,25 +381,10 @@ class ModelRegistry:
         return [e.model for e in page], token
 
 
-def _pin_if_asked(stack: StackSpec) -> None:
-    """Stack option `cores` ("0-3,6"): pin this serving process (all threads) to those cores
-    before the backend creates its thread pools. Cores outside the process's allowed set are
-    refused with INVALID_ARGUMENT."""
-    raw = stack.options.get("cores", "").strip()
-    if not raw:
-        return
-    from idealrt.core.affinity import parse_cores, pin_to_cores
-    from idealrt.core.fingerprint import current_affinity
+def _pin(cores: frozenset[int]) -> None:
+    """Stack option `cores` ("0-3,6", checked by `validate.check_stack_options`): pin this
+    serving process (all threads) to those cores before the backend creates its thread
+    pools."""
+    from idealrt.core.affinity import pin_to_cores
 
-    try:
-        cores = parse_cores(raw)
-    except InvalidArgument as err:
-        raise InvalidArgument(err.reason, err.message, field="stack.options.cores") from None
-    allowed = current_affinity() | frozenset(range(os.cpu_count() or 1))
-    if not cores <= allowed:
-        raise InvalidArgument(
-            CPU_CORES_INVALID,
-            f"stack.options.cores {raw!r} names cores outside 0-{(os.cpu_count() or 1) - 1}",
-            field="stack.options.cores",
-        )
     pin_to_cores(cores)

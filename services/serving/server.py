@@ -6,6 +6,7 @@ from idealrt.core.config import ServingConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.services.serving.registry import ModelRegistry
 from idealrt.services.serving.servicer import ServingServicer
+from idealrt.services.serving.validate import ServingLimits
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
@@ -15,7 +16,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ServingService"].full_name
 
 
 def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
-    registry = ModelRegistry()
+    # the limits are read once, here: cpus is the affinity the server started with
+    registry = ModelRegistry(limits=ServingLimits.from_config(cfg))
     servicer = ServingServicer(registry)
     # Few workers: generations are serialized per model anyway, and extra threads would only
     # compete with the measurement for cores.

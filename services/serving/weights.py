@@ -12,9 +12,9 @@ so loading never holds a second copy of the model.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from collections.abc import Callable, Iterator
+import pickle
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,16 @@ from typing import Any
 import torch
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
+from idealrt.services.serving.checkpoints import FIELD, checkpoint_files, not_a_checkpoint
 from idealrt.services.serving.decoder.model import Decoder
 from idealrt.services.serving.reasons import (
     DEPENDENCY_MISSING,
     FAMILY_UNSUPPORTED,
     WEIGHTS_MISMATCH,
-    WEIGHTS_NOT_FOUND,
 )
 
 __all__ = ["FIELD", "hf_rules", "load_weights_", "open_tensors"]
 
-FIELD = "model.weights_path"
 Transform = Callable[[list[torch.Tensor]], torch.Tensor]
 Rule = tuple[str, list[str], Transform]
 
@@ -192,49 +191,55 @@ class _Tensors:
         return self._getters[key]()
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise InvalidArgument(
-            WEIGHTS_NOT_FOUND, f"no file or directory at {str(path)!r}", field=FIELD
-        )
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            weight_map = json.loads((path / index).read_text())["weight_map"]
-            return [path / f for f in sorted(set(weight_map.values()))]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return [path / single]
-    raise InvalidArgument(
-        WEIGHTS_NOT_FOUND,
-        f"{str(path)!r} holds no model.safetensors, pytorch_model.bin or their index",
-        field=FIELD,
-    )
+def _open_safetensors(f: Path, stack: ExitStack) -> dict[str, Callable[[], torch.Tensor]]:
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise FailedPrecondition(
+            DEPENDENCY_MISSING,
+            "reading .safetensors needs the safetensors package: pip install idealrt[transformers]",
+        ) from None
+    try:
+        handle: Any = stack.enter_context(safe_open(str(f), framework="pt"))
+        names = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise not_a_checkpoint(f, f"safetensors cannot open it ({e})") from None
+
+    def get(name: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise not_a_checkpoint(f, f"tensor {name!r} cannot be read ({e})") from None
+
+    return {k: functools.partial(get, k) for k in names}
+
+
+def _open_torch(f: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # weights_only refuses anything but tensors and containers (UnpicklingError); a
+        # corrupt archive is a RuntimeError of torch's zip reader
+        raise not_a_checkpoint(f, f"torch.load cannot read it ({str(e)[:200]})") from None
+    if not isinstance(sd, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise not_a_checkpoint(f, "it does not hold a state dict (tensor name -> tensor)")
+    return {k: functools.partial(_same, v) for k, v in sd.items()}
 
 
 @contextmanager
 def open_tensors(path: str | os.PathLike[str]) -> Iterator[_Tensors]:
-    """The tensors stored at `path` (a file or a Hugging Face directory), lazily."""
+    """The tensors stored at `path` (a file or a Hugging Face directory), lazily;
+    InvalidArgument WEIGHTS_NOT_FOUND / WEIGHTS_INVALID (`checkpoints`) when `path` does
+    not hold a readable checkpoint."""
     getters: dict[str, Callable[[], torch.Tensor]] = {}
     with ExitStack() as stack:
-        for f in _weight_files(Path(path)):
+        for f in checkpoint_files(path):
             if f.suffix == ".safetensors":
-                try:
-                    from safetensors import safe_open
-                except ImportError:
-                    raise FailedPrecondition(
-                        DEPENDENCY_MISSING,
-                        "reading .safetensors needs the safetensors package: "
-                        "pip install idealrt[transformers]",
-                    ) from None
-                handle: Any = stack.enter_context(safe_open(str(f), framework="pt"))
-                for k in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    getters[k] = functools.partial(handle.get_tensor, k)
+                getters.update(_open_safetensors(f, stack))
             else:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                for k, v in sd.items():
-                    getters[k] = functools.partial(_same, v)
+                getters.update(_open_torch(f))
         yield _Tensors(getters)
 
 

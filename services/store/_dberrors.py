@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from idealrt.core.errors import Unavailable
-from idealrt.services.store.reasons import STORE_UNAVAILABLE
+from idealrt.core.reasons import STORE_UNAVAILABLE
 from idealrt.services.store.url import StoreUrl
 
 __all__ = ["unavailable_on_db_error"]

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from idealrt.core import paging
+from idealrt.core.costmodel import validate as costmodel_validate
 from idealrt.core.domain import (
     ContentionObservation,
     CostModel,
@@ -28,10 +30,10 @@ from idealrt.core.domain import (
 )
 from idealrt.core.errors import invalid
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.reasons import TIMESTAMP_INVALID
 from idealrt.services.store import _serde
 from idealrt.services.store.reasons import (
     ID_INVALID,
-    TIMESTAMP_INVALID,
     VALUE_INVALID,
     VALUE_OUT_OF_RANGE,
 )
@@ -43,10 +45,14 @@ __all__ = [
     "check_profile",
     "check_request_id",
     "check_samples",
+    "check_seq_cursor",
     "check_state",
 ]
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# Tokens this store issues are a few hundred characters (kind, a filter of at most ID_LEN,
+# a time and an id); a longer one is not ours, and is refused before it is decoded, so a
+# hostile token cannot nest deep enough to exhaust the JSON parser's recursion.
 _INT64_MAX = 2**63 - 1
 _INT32_MAX = 2**31 - 1
 
@@ -85,6 +91,18 @@ def check_request_id(
             f"{field} must be a {empty}printable string of at most {REQUEST_ID_LEN} characters",
         )
     return value
+
+
+def check_seq_cursor(cursor: list[Any]) -> int:
+    """The cursor of a samples page: one int64 sequence number >= 0."""
+    if (
+        len(cursor) != 1
+        or isinstance(cursor[0], bool)
+        or not isinstance(cursor[0], int)
+        or not 0 <= cursor[0] <= _INT64_MAX
+    ):
+        raise paging.invalid_token()
+    return cursor[0]
 
 
 def _int(value: object, field: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
@@ -221,7 +239,7 @@ def check_cost_model(cm: object) -> CostModel:
             f"alpha_knots_p and alpha_knots_s differ in length "
             f"({len(normalized.alpha_knots_p)} vs {len(normalized.alpha_knots_s)})",
         )
-    return dataclasses.replace(
+    checked = dataclasses.replace(
         normalized,
         id=check_id(cm.id, "id", allow_empty=True),
         request_id=check_request_id(cm.request_id),
@@ -230,3 +248,7 @@ def check_cost_model(cm: object) -> CostModel:
         name=_text(cm.name, "name", NAME_LEN),
         create_time=_time(cm.create_time, "create_time"),
     )
+    # the model's own consistency (finite numbers, knots, ranges, kind): a record every
+    # later estimate on it can evaluate
+    costmodel_validate.check_cost_model(checked)
+    return checked

@@ -229,7 +229,8 @@ class Store:
             try:
                 after_time = _serde.from_jsonable(datetime, cursor[0])
                 after_id = _validate.check_id(cursor[1], "page_token")
-            except (TypeError, ValueError, IndexError, InvalidArgument):
+            # OverflowError: a time that leaves years 1..9999 when converted to UTC
+            except (TypeError, ValueError, OverflowError, IndexError, InvalidArgument):
                 raise paging.invalid_token() from None
             query = query.where(sa.or_(ct < after_time, sa.and_(ct == after_time, tid < after_id)))
         query = query.order_by(ct.desc(), tid.desc()).limit(size + 1)
@@ -301,9 +302,7 @@ class Store:
         cursor = paging.decode_token(page_token, "samples", profile_id)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         if cursor is not None:
-            if len(cursor) != 1 or isinstance(cursor[0], bool) or not isinstance(cursor[0], int):
-                raise paging.invalid_token()
-            query = query.where(samples.c.seq > cursor[0])
+            query = query.where(samples.c.seq > _validate.check_seq_cursor(cursor))
         with self._tx(write=False) as conn:
             _queries.get_profile(conn, profile_id, "profile_id")
             rows = list(conn.execute(query.order_by(samples.c.seq).limit(size + 1)).mappings())

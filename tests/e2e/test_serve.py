@@ -20,9 +20,7 @@ from idealrt.core.config import DEFAULT_PORTS, standalone_env
 IDEALRT = Path(sys.executable).with_name("idealrt")
 
 
-def _serve(
-    args: list[str], env: dict[str, str], cwd: Path
-) -> tuple[subprocess.Popen[str], int]:
+def _serve(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [str(IDEALRT), "serve", *args],
         env=env,

@@ -37,6 +37,7 @@ from idealrt.services.serving.backends.pytorch_backend import (
     check_generation,
     warm_up,
 )
+from idealrt.services.serving.checkpoints import not_a_checkpoint
 from idealrt.services.serving.decoder import torch_dtype
 from idealrt.services.serving.decoder.hf_convert import hf_config, import_transformers
 from idealrt.services.serving.reasons import ALREADY_LOADED, MODEL_NOT_LOADED, WEIGHTS_NOT_FOUND
@@ -51,6 +52,22 @@ _ATTN = ("sdpa", "eager")
 def _kv_bytes(spec: ModelSpec, dtype: torch.dtype, tokens: int, batch: int) -> int:
     elem = torch.empty((), dtype=dtype, device="meta").element_size()
     return 2 * spec.layers * spec.kv_heads_effective * spec.head_dim * tokens * batch * elem
+
+
+def _hf_pretrained(cls: Any, weights_path: str, **kw: Any) -> Any:
+    """`cls.from_pretrained(weights_path)`; a directory transformers cannot read (a config
+    that is not JSON or names an unknown model_type, weights of other shapes, a corrupt
+    file) is InvalidArgument WEIGHTS_INVALID, not an internal error. The registry probed
+    the files' framing before (`checkpoints`); this is what only transformers can tell."""
+    try:
+        return cls.from_pretrained(weights_path, **kw)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        # OSError: a missing or unreadable file; ValueError/KeyError: a config transformers
+        # does not understand; RuntimeError: state dict shapes that do not fit the config
+        why = f"transformers cannot load it ({type(e).__name__}: {str(e)[:300]})"
+        raise not_a_checkpoint(weights_path, why) from e
 
 
 class TransformersBackend:
@@ -89,7 +106,7 @@ class TransformersBackend:
                 f"weights); {weights_path!r} is not one",
                 field="model.weights_path",
             )
-        config = tf.AutoConfig.from_pretrained(weights_path) if weights_path else hf_config(spec)
+        config = _hf_pretrained(tf.AutoConfig, weights_path) if weights_path else hf_config(spec)
         with torch.device("meta"):
             meta = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
         weights = sum(p.numel() * p.element_size() for p in meta.parameters())
@@ -99,9 +116,8 @@ class TransformersBackend:
             torch.set_num_threads(opts.threads)
         kw = {"attn_implementation": attn} if attn else {}
         if weights_path:
-            model = tf.AutoModelForCausalLM.from_pretrained(weights_path, dtype=dtype, **kw).to(
-                device
-            )
+            model = _hf_pretrained(tf.AutoModelForCausalLM, weights_path, dtype=dtype, **kw)
+            model = model.to(device)
         else:
             fork = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=fork), torch.device(device):

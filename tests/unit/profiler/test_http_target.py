@@ -36,6 +36,9 @@ from idealrt.services.profiler.prompts import PromptBuilder, load_tokenizer
 from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until, spread_offsets
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+# The error tests below are about what one failed attempt maps to; retries (on by default
+# for 408, 429, 5xx, connection errors, timeouts and broken streams) are test_http_retries.py's.
+ONE_ATTEMPT = HttpOptions(max_attempts=1)
 
 
 def _fixture(name: str) -> ModuleType:
@@ -362,7 +365,7 @@ def test_missing_key_fails_in_prepare(
 
 
 def test_connection_refused_is_unavailable(targets: list[HttpTarget], tok_path: Path) -> None:
-    t = _target(targets, _refused_url(), tok_path)
+    t = _target(targets, _refused_url(), tok_path, options=ONE_ATTEMPT)
     with pytest.raises(Unavailable) as e:
         t.prepare()
     assert e.value.reason == "API_UNREACHABLE"
@@ -389,7 +392,7 @@ def test_http_status_errors(
     reason: str,
 ) -> None:
     api = api_factory(fail_statuses=[status])
-    t = _target(targets, api.base_url, tok_path)
+    t = _target(targets, api.base_url, tok_path, options=ONE_ATTEMPT)
     with pytest.raises(error) as e:
         t.generate(4, 2, seed=0)
     assert getattr(e.value, "reason", None) == reason
@@ -425,7 +428,7 @@ def test_connection_dropped_before_a_response_is_resent_once(
     api_factory: Any, targets: list[HttpTarget], tok_path: Path
 ) -> None:
     api = api_factory(drop_requests=1)
-    t = _target(targets, api.base_url, tok_path)
+    t = _target(targets, api.base_url, tok_path, options=ONE_ATTEMPT)
     assert t.generate(4, 2, seed=0).flag == SampleFlag.OK
     assert t.resends == 1 and len(api.completions()) == 2
     api.config.drop_requests = 2
@@ -439,7 +442,7 @@ def test_error_event_inside_the_stream(
     api_factory: Any, targets: list[HttpTarget], tok_path: Path
 ) -> None:
     api = api_factory(stream_error_after=1)
-    t = _target(targets, api.base_url, tok_path)
+    t = _target(targets, api.base_url, tok_path, options=ONE_ATTEMPT)
     with pytest.raises(Unavailable) as e:
         t.generate(4, 3, seed=0)
     assert e.value.reason == "API_STREAM_ERROR" and "generation failed" in str(e.value)
@@ -449,7 +452,8 @@ def test_read_timeout_is_unavailable(
     api_factory: Any, targets: list[HttpTarget], tok_path: Path
 ) -> None:
     api = api_factory(prefill_s=1.0)
-    t = _target(targets, api.base_url, tok_path, options=HttpOptions(read_timeout_s=0.1))
+    opts = HttpOptions(read_timeout_s=0.1, max_attempts=1)
+    t = _target(targets, api.base_url, tok_path, options=opts)
     with pytest.raises(Unavailable) as e:
         t.generate(4, 2, seed=0)
     assert e.value.reason == "API_TIMEOUT"
