@@ -22,6 +22,7 @@ from idealrt.core.costmodel.fit import (
     fit_prepared,
     usable_samples,
 )
+from idealrt.core.costmodel.options import DEFAULT_CONFIDENCE
 from idealrt.core.costmodel.predict import alpha_at, predict_runtime
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, IdealrtError
@@ -76,7 +77,7 @@ def _bounds(values: FloatArray, confidence: float, axis: int = 0) -> tuple[Float
 
 
 def intervals(
-    cm: CostModel, replicates: Sequence[CostModel], confidence: float = 0.95
+    cm: CostModel, replicates: Sequence[CostModel], confidence: float = DEFAULT_CONFIDENCE
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals: "beta0", "beta1", "overhead" (denoised models only) and
     "alpha@<p>" at each of cm's knots. Empty with fewer than 2 replicates."""
@@ -103,7 +104,7 @@ def predict_interval(
     replicates: Sequence[CostModel],
     p: npt.ArrayLike,
     o: npt.ArrayLike,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> tuple[FloatArray, FloatArray]:
     """Percentile interval (low, high) of the predicted runtime at (p, o), broadcast like
     predict_runtime, over the bootstrap replicates."""

@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.reasons import INVALID_FIT_OPTIONS
 
-__all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "FitOptions"]
+__all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "DEFAULT_CONFIDENCE", "FitOptions"]
 
 CENTRES = ("median", "trimmed")
-# bootstrap replicates behind every interval (fits, comparisons, adaptive planning)
+# bootstrap replicates behind every interval (fits, comparisons, adaptive planning), and
+# the level of those intervals
 DEFAULT_BOOTSTRAP = 200
+DEFAULT_CONFIDENCE = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class FitOptions:
     beta_linear: bool = True
     max_knots: int = 12
     seed: int = 0
-    confidence: float = 0.95
+    confidence: float = DEFAULT_CONFIDENCE
     kfold: int = 5
     knot_z: float = 2.5
     knot_rel_tol: float = 0.002

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from idealrt.core.costmodel.estimate import validate_queries
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
-from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
@@ -51,7 +51,7 @@ class Comparison:
     significant: bool  # the interval excludes 1
     a_total_s: float
     b_total_s: float
-    confidence: float = 0.95
+    confidence: float = DEFAULT_CONFIDENCE
     a_replicates: int = 0
     b_replicates: int = 0
 
@@ -83,7 +83,7 @@ def compare_fits(
     workload_p: npt.ArrayLike,
     workload_o: npt.ArrayLike,
     *,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> Comparison:
     """Ratio of A's to B's total workload runtime, with the bootstrap percentile interval."""
     if not 0.0 < confidence < 1.0:
@@ -134,7 +134,7 @@ def compare(
     n_boot: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     *,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
     options: FitOptions | None = None,
 ) -> Comparison:
     """Fit A and B (with `n_boot` bootstrap replicates each, independent seeds derived from

@@ -53,7 +53,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates, usable_samples
-from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE
 from idealrt.core.costmodel.predict import alpha_at
 from idealrt.core.domain import CostModel, ProfilePlan, Sample, SampleFlag
 from idealrt.core.errors import IdealrtError, InvalidArgument
@@ -70,7 +70,7 @@ __all__ = [
     "assess",
 ]
 
-CONFIDENCE = 0.95
+CONFIDENCE = DEFAULT_CONFIDENCE
 
 
 @dataclasses.dataclass(frozen=True)
