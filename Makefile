@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 BUF_DIR := .cache/buf
 BUF := $(BUF_DIR)/node_modules/.bin/buf
 
-.PHONY: all demo test lint typecheck protos protos-check buf-lint bench install clean up
+.PHONY: all demo test lint typecheck protos protos-check buf-lint bench fuzz faults install clean up
 
 all: test
 
@@ -51,6 +51,20 @@ test: $(STAMP) lint protos-check
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# Long property-based fuzz of every RPC (tests/fuzz; `make test` runs its short fixed-seed
+# profile); FUZZ_EXAMPLES per RPC; the counts go to bench/results/fuzz.json.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz IDEALRT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	IDEALRT_FUZZ_REPORT=bench/results/fuzz.json \
+	bash scripts/test.sh tests/fuzz -m fuzz -o timeout=0
+
+# Kills and outages of real service processes (tests/e2e/test_faults.py, ~3 min): a
+# profile on a shared 2-core machine can end INVALID from other load, so they run here,
+# not in `make test`.
+faults: $(STAMP)
+	bash scripts/test.sh tests/e2e/test_faults.py -m faults
 
 clean:
 	rm -rf $(VENV) .idealrt .cache build *.egg-info

@@ -11,4 +11,9 @@ if ! bash scripts/pg-test-server.sh find >/dev/null 2>&1; then
   fi
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-.venv/bin/pytest "$@"
+# the fault suite (real kills, `make faults`) is left out unless asked for with -m
+if [[ " $* " == *" -m "* ]]; then
+  .venv/bin/pytest "$@"
+else
+  .venv/bin/pytest -m "not faults" "$@"
+fi
