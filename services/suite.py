@@ -57,17 +57,20 @@ def start_suite(
     serving_target: str = "",
     resume: bool = True,
     contention_monitors: bool | None = None,
+    contention_checks: bool | None = None,
 ) -> Suite:
     """Start store, serving, metrics and profiler; `serving_target` replaces the local
     serving as the profiler's default endpoint when given. `contention_monitors`: see
     ProfilerConfig (None: $IDEALRT_CONTENTION_MONITORS, default on; off only for test
-    suites on shared machines)."""
+    suites on shared machines); `contention_checks` likewise
+    ($IDEALRT_CONTENTION_CHECKS)."""
     from idealrt.services.metrics.server import build_server as build_metrics
     from idealrt.services.profiler.server import build_server as build_profiler
     from idealrt.services.serving.server import build_server as build_serving
     from idealrt.services.store.server import build_server as build_store
 
     ports = ports or {}
+    env_cfg = ProfilerConfig.from_env()
     data_dir.mkdir(parents=True, exist_ok=True)
     servers: list[GrpcServer] = []
 
@@ -93,9 +96,12 @@ def start_suite(
                 store_target=store_target,
                 serving_target=serving_target or serving_addr,
                 data_dir=data_dir,
-                contention_monitors=ProfilerConfig.from_env().contention_monitors
+                contention_monitors=env_cfg.contention_monitors
                 if contention_monitors is None
                 else contention_monitors,
+                contention_checks=env_cfg.contention_checks
+                if contention_checks is None
+                else contention_checks,
             )
         )
         servers.append(profiler)

@@ -21,13 +21,15 @@ def _quiet_logs() -> None:
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """All four services, each its own gRPC server on a free loopback port. Its profiles run
-    unpinned on a shared machine, where other processes' CPU time is expected and says
-    nothing about them: the monitor rule is off (it is tested with injected contention in
-    tests/unit/profiler); the rules on the samples' own times still judge every sample."""
+    unpinned on a shared machine, where other load is expected and says nothing about what
+    these tests check (the pipeline, not contention): contention checks are off, so other
+    load cannot make a profile INVALID at random. Contention detection is tested with
+    injected contention in tests/unit/profiler (test_contention, test_runner,
+    test_real_serving)."""
     from idealrt.services.suite import start_suite
 
     data = tmp_path_factory.mktemp("suite")
-    s = start_suite(data_dir=Path(data), contention_monitors=False)
+    s = start_suite(data_dir=Path(data), contention_monitors=False, contention_checks=False)
     try:
         yield s
     finally:

@@ -54,7 +54,9 @@ def build_server(cfg: ProfilerConfig) -> tuple[GrpcServer, int]:
         cfg.lease_dir,
         options=RunnerOptions(
             outage_window_s=cfg.outage_window_s,
-            contention=ContentionPolicy(use_monitors=cfg.contention_monitors),
+            contention=ContentionPolicy(
+                enabled=cfg.contention_checks, use_monitors=cfg.contention_monitors
+            ),
         ),
         max_plan_samples=cfg.max_plan_samples,
         max_watch_streams=cfg.max_watch_streams,

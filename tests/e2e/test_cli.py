@@ -30,10 +30,11 @@ class Cli:
 
 @pytest.fixture
 def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
-    """The CLI's embedded suite profiles unpinned on a shared machine: other processes' CPU
-    time is no evidence about its samples, so the monitor rule is off (see tests/conftest.py
-    `suite`); the rules on the samples' own times still apply."""
+    """The CLI's embedded suite profiles unpinned on a shared machine, where other load says
+    nothing about what these tests check: contention checks are off (see tests/conftest.py
+    `suite`; contention detection has tests of its own with injected contention)."""
     monkeypatch.setenv("IDEALRT_CONTENTION_MONITORS", "0")
+    monkeypatch.setenv("IDEALRT_CONTENTION_CHECKS", "0")
     return Cli(tmp_path / "data", capsys)
 
 

@@ -5,7 +5,8 @@ must have exactly one OK sample in the store (nothing missing, nothing duplicate
 the store's final profile must equal what the profiler reported last (no terminal state
 lost). A slow store (a TCP proxy delaying every chunk) must not slow the measurement.
 
-The profiler runs with IDEALRT_CONTENTION_MONITORS=0 (a shared machine) and a short
+The profiler runs with IDEALRT_CONTENTION_MONITORS=0 and IDEALRT_CONTENTION_CHECKS=0 (a
+shared machine; these tests are about outages, not contention) and a short
 IDEALRT_OUTAGE_WINDOW_S. "Mid-profile" is known without timing: the test waits until the
 profiler reports some completed samples, and checks afterwards that the kill left work
 undone. Every process is killed in a finally (the `services` fixture).
@@ -94,6 +95,7 @@ class Stack:
             "IDEALRT_STORE_TARGET": store_target or self.addr("store"),
             "IDEALRT_SERVING_TARGET": self.addr("serving"),
             "IDEALRT_CONTENTION_MONITORS": "0",  # a shared machine (see tests/conftest.py)
+            "IDEALRT_CONTENTION_CHECKS": "0",
             "IDEALRT_OUTAGE_WINDOW_S": str(window_s),
         }
         self.profiler = self.up("profiler")

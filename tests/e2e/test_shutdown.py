@@ -306,6 +306,7 @@ def test_profiler_checkpoints_its_profile_and_a_restart_finishes_it(
         "IDEALRT_STORE_TARGET": store.target,
         "IDEALRT_SERVING_TARGET": serving.target,
         "IDEALRT_CONTENTION_MONITORS": "0",  # a shared machine (see tests/conftest.py `suite`)
+        "IDEALRT_CONTENTION_CHECKS": "0",
     }
     profiler = services("profiler", env, address=f"127.0.0.1:{port}")
     client = ProfilerClient(f"127.0.0.1:{port}", timeout=30)

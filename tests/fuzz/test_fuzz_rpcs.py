@@ -239,7 +239,9 @@ def _pending_profile(store: StoreClient) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    suite = start_suite(data_dir=tmp_path_factory.mktemp("fuzz"), contention_monitors=False)
+    suite = start_suite(
+        data_dir=tmp_path_factory.mktemp("fuzz"), contention_monitors=False, contention_checks=False
+    )
     channels = {k: grpc.insecure_channel(a) for k, a in suite.addresses().items()}
     stubs = {}
     for key, (mod, grpc_mod) in MODULES.items():
