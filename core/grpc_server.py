@@ -100,6 +100,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             if isinstance(exc, IdealrtError):
                 finish(start, exc.code.name, rid)
                 context.abort_with_status(abort_status(exc))
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                # the client went away mid-stream (its request iterator raised): nothing
+                # failed here, and there is nobody to answer
+                finish(start, "CANCELLED", rid)
+                return
             log.error("rpc_internal_error", method=method, exc_info=exc)
             finish(start, "INTERNAL", rid)
             context.abort_with_status(_internal_status())
