@@ -437,3 +437,56 @@ def test_an_error_echoing_a_huge_input_still_arrives_as_that_error(served: Serve
     caps the message (core.grpc_server.MAX_MESSAGE_CHARS), so the client gets the
     INVALID_ARGUMENT itself, not RESOURCE_EXHAUSTED for oversized trailing metadata."""
     _refused(served, _cost(accelerator="x" * 70_000)(served), "UNKNOWN_ACCELERATOR", "accelerator")
+
+
+# ---- issue 11: failures surface (missing spec, unusable energy readings) -----------------
+
+
+def test_cost_without_a_spec_to_use_is_a_failed_precondition(served: Served) -> None:
+    """A cost model with no profile to take a spec from, and no model_spec in the request:
+    FAILED_PRECONDITION MODEL_SPEC_MISSING (it used to price one accelerator silently)."""
+    orphan, _ = served.store.create_cost_model(
+        replace(served.cost_model, id="", request_id="", profile_id="")
+    )
+    req = pb.ComputeCostRequest(
+        cost_model_id=orphan.id, queries=served.queries(), accelerator=ACCEL
+    )
+    _refused(
+        served,
+        lambda stub: stub.ComputeCost(req, timeout=60),
+        "MODEL_SPEC_MISSING",
+        "model_spec",
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+
+def test_unusable_energy_readings_are_a_labelled_field(served: Served) -> None:
+    """The cost model's profile is not SUCCEEDED, so its samples cannot be read for energy:
+    the cost is still answered (energy from TDP) and energy_error says why."""
+    pending, _ = served.store.create_profile(
+        Profile(
+            id="",
+            model=ModelRef(name="gpt2"),
+            stack=StackSpec(backend=Backend.PYTORCH, device="cpu", dtype="fp32"),
+            plan=ProfilePlan(prompt_tokens=(1,), output_tokens=(1,)),
+        )
+    )
+    cm, _ = served.store.create_cost_model(
+        replace(served.cost_model, id="", request_id="", profile_id=pending.id)
+    )
+    req = pb.ComputeCostRequest(
+        cost_model_id=cm.id, queries=served.queries(), accelerator=ACCEL, model_spec=SPEC
+    )
+    got = served.stub.ComputeCost(req, timeout=60)
+    assert got.energy_source == "tdp"
+    assert got.energy_error.startswith("PROFILE_NOT_SUCCEEDED")
+
+
+def test_pareto_without_cost_models_is_refused(served: Served) -> None:
+    req = pb.ComputeParetoRequest(queries=served.queries(), accuracy_csv="a,0.5\n")
+    _refused(
+        served,
+        lambda stub: stub.ComputePareto(req, timeout=60),
+        "COST_MODEL_IDS_REQUIRED",
+        "cost_model_ids",
+    )
