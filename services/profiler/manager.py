@@ -14,8 +14,12 @@ watch), executed by a bounded pool of worker threads.
 - create() refuses a plan beyond `max_plan_samples` samples (plan.py `planned_samples`)
   and target fields beyond their sizes (plan.py `validate_target`).
 - Progress is written to the store at most every `persist_interval_s` and at every state
-  change, outside any timed region; a progress write the store does not take is skipped
-  (the next one carries the latest). A terminal state is always written eventually: when
+  change, by a thread of its own (`_ProgressWriter`), so that a slow store never holds up
+  the measuring thread; when writes fall behind, only the latest snapshot of a profile is
+  written. A progress write the store does not take is skipped (the next one carries the
+  latest). Before a profile's terminal (or, at shutdown, QUEUED) state is written, its
+  pending progress is dropped and a progress write under way is waited for, so a stale
+  RUNNING never lands after it. A terminal state is always written eventually: when
   the store does not take it (UNAVAILABLE / DEADLINE_EXCEEDED), a thread retries with
   backoff (the options' retry_base_s / retry_cap_s, full jitter, waiting with the options'
   sleep) until it does, and until then the profile stays in memory, so that Get and
@@ -80,6 +84,68 @@ class ProfileStore(Protocol):
     def unfinished_profiles(self) -> list[Profile]: ...
 
 
+class _ProgressWriter:
+    """Writes progress snapshots with `persist` on one thread (started at the first):
+    the latest per profile, in the order the profiles were first put."""
+
+    def __init__(self, persist: Callable[[Profile], object]) -> None:
+        self.persist = persist
+        self._cond = threading.Condition()
+        self._pending: dict[str, Profile] = {}
+        self._writing: str | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def put(self, profile: Profile) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._pending[profile.id] = profile
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="profiler-progress-writer", daemon=False
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def settle(self, profile_id: str) -> None:
+        """Drop the pending snapshot of `profile_id` and wait out a write of it under way."""
+        with self._cond:
+            self._pending.pop(profile_id, None)
+            while self._writing == profile_id:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Stop: what is pending is dropped (progress only; states that matter are
+        written by their own calls), a write under way finishes."""
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                profile_id = next(iter(self._pending))
+                profile = self._pending.pop(profile_id)
+                self._writing = profile_id
+            try:
+                self.persist(profile)  # logs what the store did not take
+            except Exception:  # the thread's top: log, and write the next one
+                log.exception("progress_writer_error", profile_id=profile_id)
+            finally:
+                with self._cond:
+                    self._writing = None
+                    self._cond.notify_all()
+
+
 @dataclasses.dataclass
 class _Entry:
     profile: Profile
@@ -122,6 +188,7 @@ class ProfileManager:
         self._stopping = threading.Event()  # set by shutdown(): savers make a last try
         self._watches = 0
         self._closed = False
+        self._progress_writer = _ProgressWriter(self._persist)
 
     # ------------------------------------------------------------ API
 
@@ -304,6 +371,7 @@ class ProfileManager:
             workers = list(self._workers)
         for worker in workers:
             worker.join(timeout)
+        self._progress_writer.close()
         self._stopping.set()  # savers: one last try each (after the workers' own saves)
         with self._cond:
             savers = list(self._savers)
@@ -396,6 +464,7 @@ class ProfileManager:
         if shutting_down:
             # Interrupted by shutdown, not by a user: leave it unfinished for resume.
             final = dataclasses.replace(final, state=ProfileState.QUEUED, end_time=None)
+            self._progress_writer.settle(final.id)
             self._persist(final)
             with self._cond:
                 self._set_locked(entry, final)
@@ -414,7 +483,7 @@ class ProfileManager:
                 entry.last_persist = time.monotonic()
             else:
                 return
-        self._persist(profile)
+        self._progress_writer.put(profile)
 
     def _set_locked(self, entry: _Entry, profile: Profile) -> Profile:
         entry.profile = profile
@@ -446,6 +515,7 @@ class ProfileManager:
         the entry in memory (Get and Watch answer from it); a transient failure is retried
         by a saver thread until the store takes it, any other answer is logged and the
         entry stays (retrying would get the same answer)."""
+        self._progress_writer.settle(final.id)
         failure = self._persist(final)
         with self._cond:
             self._set_locked(entry, final)

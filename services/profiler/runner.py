@@ -23,16 +23,18 @@ Order of work:
     times; then that repeat is abandoned. `max_nonconforming` nonconforming samples fail the
     profile (NONCONFORMING): a target that cannot produce exact lengths is broken.
  6. Samples go to the sink in batches (every `batch_samples` samples or `batch_interval_s`
-    seconds, checked between samples) with batch id "<profile_id>-b<N>", N = number of
+    seconds, checked between samples), stored off the measuring thread by a SampleWriter
+    (_sample_writer.py) in order, with batch id "<profile_id>-b<N>", N = number of
     samples of the profile stored before the batch. A retried append sends the same
     samples under the same id (the store takes it once), and a resumed run starts
-    numbering at what the sink holds, so it never re-uses an id.
+    numbering at what the sink holds, so it never re-uses an id. A slow store does not
+    slow the run: measuring goes on while batches are stored.
     Outages (_outage.py, RunnerOptions): a store call that fails UNAVAILABLE or
     DEADLINE_EXCEEDED is retried with backoff for `outage_window_s`. Meanwhile measuring
-    goes on and samples wait in memory; at `max_buffered_samples` the run stops measuring
-    and waits for the store. A serving target that cannot be reached (TargetUnavailable)
-    is waited for the same way, and the interrupted generation is made again (same
-    configuration, repeat, seed) once the target has reloaded its model. Past the window
+    goes on and samples wait in memory; at `max_buffered_samples` unstored samples the run
+    stops measuring and waits for the writer. A serving target that cannot be reached
+    (TargetUnavailable) is waited for the same way, and the interrupted generation is made
+    again (same configuration, repeat, seed) once the target has reloaded its model. Past the window
     the profile ends FAILED (STORE_UNAVAILABLE / SERVING_UNAVAILABLE). Every wait is on
     the cancel event, with the options' clock and sleep.
  7. Cancel (the event) is checked between samples: what was measured is stored, the
@@ -97,6 +99,7 @@ from idealrt.services.profiler._runner_options import (
     default_monitors,
     error_text,
 )
+from idealrt.services.profiler._sample_writer import SampleWriter, StoreGaveUp
 from idealrt.services.profiler.adaptive import AdaptivePlanner, added_prompt_sizes
 from idealrt.services.profiler.contention import ContentionDetector
 from idealrt.services.profiler.fingerprint import collect_fingerprint
@@ -177,14 +180,13 @@ class _RunState:
     Reported: `profile`, replaced (never mutated) at every change and handed, as a copy, to
     `on_progress`.
 
-    Storage: `inflight` is the batch being stored (under the id its first sample
-    numbers: retried unchanged until the store takes it), `buffer` the samples measured
-    after it; `stored` counts the samples the sink holds for the profile (a resumed run's
-    included), which numbers the batch ids; `samples` are those samples themselves, in
+    Storage: `buffer` holds the samples measured since the last batch was handed to the
+    `writer` (which stores batches on its own thread, numbers their ids and rides out
+    store outages: _sample_writer.py); `samples` are the samples the sink holds, in
     stored order, with the seq the store gives them (contiguous from 0 in append order),
-    read from the sink once at the start and extended by every stored batch: what the
-    adaptive planner fits. Kept for adaptive plans only (`keeps_samples`); `last_flush`
-    times the batch interval.
+    read from the sink once at the start and extended with what the writer stored: what
+    the adaptive planner fits. Kept for adaptive plans only (`keeps_samples`);
+    `last_flush` times the batch interval.
 
     Plan: `configs` to measure (the grid's, then those of each added prompt size, in the
     order added), `totals` the accepted total_ns per configuration, `reps` which of its
@@ -210,9 +212,8 @@ class _RunState:
 
     profile: Profile
 
-    inflight: list[Sample] = dataclasses.field(default_factory=list)
     buffer: list[Sample] = dataclasses.field(default_factory=list)
-    stored: int = 0
+    writer: SampleWriter = dataclasses.field(init=False)
     samples: list[Sample] = dataclasses.field(default_factory=list)
     last_flush: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -242,6 +243,15 @@ class _RunState:
         rng = random.Random(f"idealrt-backoff:{self.profile.id}")
         self.store_outage = Outage(self.opts.retry, self.opts.clock, rng)
         self.target_outage = Outage(self.opts.retry, self.opts.clock, rng)
+        self.writer = SampleWriter(
+            self.sink,
+            self.profile.id,
+            outage=Outage(self.opts.retry, self.opts.clock, rng),
+            sleep=self.opts.sleep,
+            cancel=self.cancel,
+            log=self.log,
+            keep=self.keeps_samples,
+        )
 
     @property
     def keeps_samples(self) -> bool:
@@ -337,75 +347,55 @@ def _target_call(run: _RunState, call: Callable[[], _T]) -> _T:
 
 
 def _unstored(run: _RunState) -> int:
-    return len(run.inflight) + len(run.buffer)
+    return len(run.buffer) + run.writer.unstored()
 
 
-def _append(run: _RunState, *, wait: bool) -> bool:
-    """Store `run.inflight` under its batch id; True once the store has it. In an outage
-    without `wait`: one try when the backoff says so, else False (keep measuring)."""
-    batch_id = f"{run.profile.id}-b{run.stored}"
-    while True:
-        if not wait and not run.store_outage.due():
-            return False
-        try:
-            run.sink.append_samples(run.profile.id, batch_id, run.inflight)
-        except IdealrtError as exc:
-            if not is_transient(exc):
-                raise
-            detail = f"; {_unstored(run)} measured samples are not stored"
-            delay = _outage_failed(run, run.store_outage, exc, "store", STORE_UNAVAILABLE, detail)
-            if not wait:
-                return False
-            _pause(run, delay)
-            continue
-        break
-    _outage_over(run, run.store_outage, "store")
-    if run.keeps_samples:
-        run.samples.extend(
-            dataclasses.replace(s, seq=run.stored + i) for i, s in enumerate(run.inflight)
-        )
-    run.stored += len(run.inflight)
-    run.inflight = []
-    return True
+def _raise_store_failure(run: _RunState) -> None:
+    """The writer's reason to stop, as the run's: FAILED STORE_UNAVAILABLE past the
+    outage window, the store's own error otherwise."""
+    failure = run.writer.failure()
+    if isinstance(failure, StoreGaveUp):
+        raise _Stop(ProfileState.FAILED, f"{STORE_UNAVAILABLE}: {failure}")
+    if failure is not None:
+        raise failure
 
 
 def _flush(run: _RunState, force: bool = False, wait: bool = False) -> None:
-    """Store what is due (a full batch, the interval, or everything with `force`), in
-    batches of at most `batch_samples`. `wait`: until the store has it (or the window is
-    spent); without, an outage leaves the samples in memory, until `max_buffered_samples`
-    of them are: then it waits too (the run stops measuring)."""
+    """Hand what is due (a full batch, the interval, or everything with `force`) to the
+    writer, in batches of at most `batch_samples`. `wait`: until the store has everything
+    (or the writer stopped); without, measuring goes on, until `max_buffered_samples`
+    samples are unstored: then it waits for the writer to store a batch."""
+    _raise_store_failure(run)
     size = max(1, run.opts.batch_samples)
     limit = max(1, min(size, run.opts.max_buffered_samples))
-    while True:
-        if not run.inflight:
-            due = time.monotonic() - run.last_flush >= run.opts.batch_interval_s
-            if not run.buffer or not (force or due or len(run.buffer) >= limit):
-                return
-            run.inflight, run.buffer = run.buffer[:size], run.buffer[size:]
-        full = _unstored(run) >= run.opts.max_buffered_samples
-        if not _append(run, wait=wait or full):
-            return
+    due = time.monotonic() - run.last_flush >= run.opts.batch_interval_s
+    if run.buffer and (force or due or len(run.buffer) >= limit):
+        for i in range(0, len(run.buffer), size):
+            run.writer.submit(run.buffer[i : i + size])
+        run.buffer = []
         run.last_flush = time.monotonic()
+    if wait:
+        run.writer.drain()
+    else:
+        run.writer.wait_for_room(run.opts.max_buffered_samples - len(run.buffer))
+    _raise_store_failure(run)
 
 
 def _final_flush(run: _RunState, state: ProfileState, error: str) -> tuple[ProfileState, str]:
     """Store what is left; the state and error the profile ends with. A cancelled run
-    tries once (it does not wait out an outage): what the store did not take is counted
-    in provenance ("store.unstored_samples") and measured again if the profile resumes."""
-    cancelled = run.cancel.is_set()
-    if cancelled:
-        run.store_outage.retry_now()
+    tries once (the writer does not wait out an outage then): what the store did not take
+    is counted in provenance ("store.unstored_samples") and measured again if the profile
+    resumes."""
     try:
-        _flush(run, force=True, wait=not cancelled)
+        _flush(run, force=True, wait=True)
     except _Stop as stop:  # the store stayed unreachable past the window
         if state not in (ProfileState.FAILED, ProfileState.CANCELLED):
             state, error = stop.state, stop.error
-    except _Cancelled:  # cancelled while waiting for the store
-        state, error = ProfileState.CANCELLED, ""
     except Exception as exc:  # the run's top: whatever it is, the profile must end
         run.log.exception("final_flush_failed")
         if state != ProfileState.FAILED:
             state, error = ProfileState.FAILED, f"STORE_WRITE_FAILED: {error_text(exc)}"
+    run.writer.close()
     unstored = _unstored(run)
     if unstored:
         run.log.warning("samples_not_stored", count=unstored, state=state.value)
@@ -494,7 +484,7 @@ def _prepare(run: _RunState) -> None:
     by_key = {(c.prompt_tokens, c.output_tokens, c.heldout): c for c in run.configs}
     run.totals = {c: [] for c in run.configs}
     run.reps = {c: _Repeats() for c in run.configs}
-    run.stored = len(existing)
+    run.writer.stored = len(existing)
     run.samples = existing if run.keeps_samples else []
     contended: collections.Counter[tuple[Config, int]] = collections.Counter()
     duplicates = 0
@@ -671,6 +661,7 @@ def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
         # store what is measured (batches as before), so that run.samples is all of it:
         # the planner fits what the sink holds without reading it back
         _flush(run, force=True, wait=True)
+        run.samples.extend(run.writer.take_stored())
         size = planner.next_size(run.samples, budget_spent=run.rule.budget_spent())
         if size is None:
             break
@@ -788,6 +779,11 @@ def _conclude(run: _RunState, reason: StopReason) -> None:
 def _finish(run: _RunState, state: ProfileState, error: str = "") -> Profile:
     """End the profile; provenance records the outages ridden out ("outage.*": the final
     store write may have waited for one too)."""
+    if run.writer.outages:
+        run.outages["store"] += run.writer.outages
+        run.longest_outage_s["store"] = max(
+            run.longest_outage_s.get("store", 0.0), run.writer.longest_outage_s
+        )
     if run.outages:
         entries = dict(run.profile.provenance.entries)
         for what, count in sorted(run.outages.items()):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import os
 import queue
 import socket
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -429,12 +429,18 @@ def test_a_slow_store_does_not_slow_the_measurement(
     services: Start, proxy_factory: Callable[[tuple[str, int], float], DelayProxy]
 ) -> None:
     """Store writes are off the measurement path: a profile whose profiler reaches the
-    store through a proxy that delays every chunk by 500 ms measures the same decode steps
-    as one without it (same serving process, run one after the other in this test). The
-    bound is generous (median decode step < 1.5 x the direct run's), and no decode step
-    holds the proxy's delay (max < 250 ms: tiny-gpt2 steps are far below a millisecond).
-    The run itself is slower (4 repeats here, ~40 s): progress persists and batch appends
-    happen between samples, on the runner's thread, so each sample waits for one."""
+    store through a proxy that delays every chunk by 500 ms finishes SUCCEEDED with every
+    planned sample once, like one without it (same serving process, run one after the
+    other in this test), and no decode step holds the proxy's delay (max < 250 ms:
+    tiny-gpt2 steps are far below a millisecond). The two runs' median decode steps are
+    not compared: one after the other on a shared machine, they differ by the machine's
+    load (1.7x seen with the unit suite running beside), not by the store. Nor does the
+    run pause for the store between samples: batch appends and progress
+    writes go on their own threads (runner SampleWriter, manager _ProgressWriter), so the
+    gaps between consecutive samples' start times stay below the proxy's delay (a store
+    call through it takes >= 1 s). On the measuring thread, every batch boundary and
+    every progress write (one a second) would leave such a gap; the bound allows a tenth
+    of the gaps to exceed it, for a stall of this shared machine."""
     stack = Stack(services, window_s=60)
     proxy = proxy_factory(("127.0.0.1", stack.ports["store"]), 0.5)
     slow_env = {**stack.profiler_env, "IDEALRT_STORE_TARGET": f"127.0.0.1:{proxy.port}"}
@@ -444,7 +450,19 @@ def test_a_slow_store_does_not_slow_the_measurement(
     delayed = _finished(slow.target, _create(slow.target, plan).id)
     fast_ok = assert_exactly_once_and_stored(stack.addr("store"), direct, "direct")
     slow_ok = assert_exactly_once_and_stored(stack.addr("store"), delayed, "via the slow proxy")
-    fast, slow_steps = _decode_steps(fast_ok), _decode_steps(slow_ok)
-    medians = (statistics.median(slow_steps), statistics.median(fast))
+    assert len(fast_ok) == len(slow_ok)
+    slow_steps = _decode_steps(slow_ok)
     assert max(slow_steps) < 250_000_000, max(slow_steps)
-    assert medians[0] < 1.5 * medians[1], medians
+    gaps = _start_gaps_s(stack.addr("store"), delayed.id)
+    paused = [g for g in gaps if g >= 0.5]
+    assert len(gaps) >= 20 and len(paused) <= len(gaps) // 10, (len(gaps), paused)
+
+
+def _start_gaps_s(store: str, profile_id: str) -> list[float]:
+    """Seconds between the start times of consecutive samples (all flags, stored order)."""
+    st = StoreClient(store, timeout=30)
+    try:
+        starts = [s.start_time for s in st.all_samples(profile_id) if s.start_time is not None]
+    finally:
+        st.close()
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]

@@ -3,8 +3,10 @@ crashes and resumes; SUCCEEDED only when every planned sample exists.
 
 The store is the real one (SQLite in memory). A crash of the profiler (kill -9) is
 simulated by a sink wrapper that raises a BaseException right after the store committed an
-append (the answer never reaches the run, and nothing of the run's own error handling
-runs: the runner catches Exception only); a real store cannot be told to do that on cue.
+append (the answer never reaches the run: the sample writer's thread stops there and hands
+the exception to the run, which raises it out of run_profile, and nothing of the run's own
+error handling runs: the runner catches Exception only); a real store cannot be told to do
+that on cue.
 Contention is injected by monitors that report foreign CPU time for chosen generations.
 """
 
