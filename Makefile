@@ -60,9 +60,8 @@ fuzz: $(STAMP)
 	IDEALRT_FUZZ_REPORT=bench/results/fuzz.json \
 	bash scripts/test.sh tests/fuzz -m fuzz -o timeout=0
 
-# Kills and outages of real service processes (tests/e2e/test_faults.py, ~3 min): a
-# profile on a shared 2-core machine can end INVALID from other load, so they run here,
-# not in `make test`.
+# Kills and outages of real service processes alone (tests/e2e/test_faults.py, ~2.5 min;
+# `make test` runs them too).
 faults: $(STAMP)
 	bash scripts/test.sh tests/e2e/test_faults.py -m faults
 

@@ -106,7 +106,10 @@ def render_profile_job(spec: ProfileJobSpec) -> dict[str, Any]:
         spec,
         "serving",
         SERVING_PORT,
-        {"IDEALRT_SERVING_ADDRESS": f"0.0.0.0:{SERVING_PORT}"},
+        # plaintext on the pod's address (explicitly: IDEALRT_INSECURE): only this pod
+        # calls it (the profiling NetworkPolicy admits no ingress) and kubelet's gRPC
+        # startup probe cannot speak TLS
+        {"IDEALRT_SERVING_ADDRESS": f"0.0.0.0:{SERVING_PORT}", "IDEALRT_INSECURE": "1"},
         _guaranteed(spec.cpu, spec.memory, {spec.gpu_resource: spec.gpus}),
     )
     profiler = _sidecar(
@@ -115,6 +118,7 @@ def render_profile_job(spec: ProfileJobSpec) -> dict[str, Any]:
         PROFILER_PORT,
         {
             "IDEALRT_PROFILER_ADDRESS": f"0.0.0.0:{PROFILER_PORT}",
+            "IDEALRT_INSECURE": "1",  # as the serving sidecar's
             "IDEALRT_SERVING_TARGET": f"127.0.0.1:{SERVING_PORT}",
             "IDEALRT_STORE_TARGET": spec.store,
             "IDEALRT_RESUME": "0",  # never resume other runs' unfinished profiles

@@ -16,6 +16,7 @@ from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.tls import TlsConfig
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 
@@ -116,9 +117,17 @@ def _queries(p: Sequence[int], o: Sequence[int]) -> list[pb.Query]:
 
 
 class MetricsClient:
-    def __init__(self, target: str | grpc.Channel, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
+        idealrt.core.tls) or a channel the caller owns."""
         self._own = isinstance(target, str)
-        self._channel = open_channel(target) if isinstance(target, str) else target
+        self._channel = open_channel(target, tls) if isinstance(target, str) else target
         self._stub = pbg.MetricsServiceStub(self._channel)
         self.timeout = timeout
 

@@ -19,6 +19,7 @@ from idealrt.core.grpc_client import (
     open_channel,
     request_id_or_new,
 )
+from idealrt.core.tls import TlsConfig
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 
@@ -59,10 +60,13 @@ class ProfilerClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         watch_reconnect_window_s: float = WATCH_RECONNECT_WINDOW_S,
+        tls: TlsConfig | None = None,
     ) -> None:
+        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
+        idealrt.core.tls) or a channel the caller owns."""
         self.watch_reconnect_window_s = watch_reconnect_window_s
         self._own = isinstance(target, str)
-        self._channel = open_channel(target) if isinstance(target, str) else target
+        self._channel = open_channel(target, tls) if isinstance(target, str) else target
         self._stub = pbg.ProfilerServiceStub(self._channel)
         self.timeout = timeout
 

@@ -11,6 +11,7 @@ from idealrt.core.clock import utcnow
 from idealrt.core.domain import ModelRef, StackSpec
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
 from idealrt.core.serving_contract import GenerationResult, LoadedModel, MemoryReport
+from idealrt.core.tls import TlsConfig
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
@@ -36,9 +37,17 @@ def _loaded_from_pb(m: pb.LoadedModel) -> LoadedModel:
 
 
 class ServingClient:
-    def __init__(self, target: str | grpc.Channel, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
+        idealrt.core.tls) or a channel the caller owns."""
         self._own = isinstance(target, str)
-        self._channel = open_channel(target) if isinstance(target, str) else target
+        self._channel = open_channel(target, tls) if isinstance(target, str) else target
         self._stub = pbg.ServingServiceStub(self._channel)
         self.timeout = timeout
 

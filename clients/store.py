@@ -10,6 +10,7 @@ import grpc
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
+from idealrt.core.tls import TlsConfig
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
 
@@ -17,9 +18,17 @@ __all__ = ["StoreClient"]
 
 
 class StoreClient:
-    def __init__(self, target: str | grpc.Channel, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
+        idealrt.core.tls) or a channel the caller owns."""
         self._own = isinstance(target, str)
-        self._channel = open_channel(target) if isinstance(target, str) else target
+        self._channel = open_channel(target, tls) if isinstance(target, str) else target
         self._stub = pbg.StoreServiceStub(self._channel)
         self.timeout = timeout
 

@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from idealrt.core.tls import TlsConfig, insecure_from_env
+
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_PORTS",
@@ -70,6 +72,12 @@ class ServingConfig:
     max_threads: int = 0
     max_prompt_tokens: int = 1 << 20
 
+    # transport security (IDEALRT_TLS_*, IDEALRT_HEALTH_PORT; idealrt.core.tls): default
+    # plaintext, which start_server allows on loopback only unless allow_insecure
+    # (IDEALRT_INSECURE=1)
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    allow_insecure: bool = False
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
         e = _env(env)
@@ -79,6 +87,8 @@ class ServingConfig:
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             max_threads=_int(e, "IDEALRT_MAX_THREADS", cls.max_threads, lo=0),
             max_prompt_tokens=_int(e, "IDEALRT_MAX_PROMPT_TOKENS", cls.max_prompt_tokens),
+            tls=TlsConfig.from_env(e),
+            allow_insecure=insecure_from_env(e),
         )
 
 
@@ -89,6 +99,10 @@ class StoreConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "info"
     metrics_port: int = 0
+
+    # transport security: as ServingConfig.tls / allow_insecure
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    allow_insecure: bool = False
 
     @property
     def resolved_url(self) -> str:
@@ -103,6 +117,8 @@ class StoreConfig:
             data_dir=Path(e.get("IDEALRT_DATA_DIR", str(DEFAULT_DATA_DIR))),
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
+            tls=TlsConfig.from_env(e),
+            allow_insecure=insecure_from_env(e),
         )
 
 
@@ -130,6 +146,19 @@ class ProfilerConfig:
     # accepted as measured; for test suites whose subject is not contention, on a shared
     # machine where other load would make their profiles INVALID at random)
     contention_checks: bool = True
+    # store writes (sample batches, progress) on threads of their own, so that a slow
+    # store does not pause the run (IDEALRT_BACKGROUND_WRITES=0: between samples, on the
+    # measuring thread; the embedded suite does that, as there the store and the serving
+    # being measured share the profiler's process, its CPU and its GIL)
+    background_writes: bool = True
+    # outbound HTTP targets (IDEALRT_OUTBOUND_CONFIG, a TOML file): the named API
+    # credentials and the hosts each namespace may reach (services/profiler/outbound.py);
+    # None: no credentials and no hosts (the embedded suite, on loopback, allows loopback)
+    outbound_config: Path | None = None
+
+    # transport security: as ServingConfig.tls / allow_insecure
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    allow_insecure: bool = False
 
     @property
     def lease_dir(self) -> Path:
@@ -151,6 +180,12 @@ class ProfilerConfig:
             outage_window_s=_float(e, "IDEALRT_OUTAGE_WINDOW_S", cls.outage_window_s),
             contention_monitors=e.get("IDEALRT_CONTENTION_MONITORS", "1") != "0",
             contention_checks=e.get("IDEALRT_CONTENTION_CHECKS", "1") != "0",
+            background_writes=e.get("IDEALRT_BACKGROUND_WRITES", "1") != "0",
+            outbound_config=Path(e["IDEALRT_OUTBOUND_CONFIG"])
+            if e.get("IDEALRT_OUTBOUND_CONFIG")
+            else None,
+            tls=TlsConfig.from_env(e),
+            allow_insecure=insecure_from_env(e),
         )
 
 
@@ -166,6 +201,10 @@ class MetricsConfig:
     max_json_bytes: int = 16 << 20
     max_json_depth: int = 32
 
+    # transport security: as ServingConfig.tls / allow_insecure
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    allow_insecure: bool = False
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MetricsConfig:
         e = _env(env)
@@ -177,6 +216,8 @@ class MetricsConfig:
             max_queries_per_call=_int(e, "IDEALRT_MAX_QUERIES_PER_CALL", cls.max_queries_per_call),
             max_json_bytes=_int(e, "IDEALRT_MAX_JSON_BYTES", cls.max_json_bytes),
             max_json_depth=_int(e, "IDEALRT_MAX_JSON_DEPTH", cls.max_json_depth),
+            tls=TlsConfig.from_env(e),
+            allow_insecure=insecure_from_env(e),
         )
 
 

@@ -17,7 +17,12 @@ from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
 from idealrt.core.errors import InvalidArgument, invalid
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
-from idealrt.core.reasons import DURATION_INVALID, MODEL_REQUIRED, TIMESTAMP_INVALID
+from idealrt.core.reasons import (
+    API_KEY_ENV_RETIRED,
+    DURATION_INVALID,
+    MODEL_REQUIRED,
+    TIMESTAMP_INVALID,
+)
 
 __all__ = [
     "cost_model_from_pb",
@@ -373,19 +378,27 @@ def target_to_pb(t: d.Target) -> rpb.Target:
         address=t.address,
         base_url=t.base_url,
         api_model=t.api_model,
-        api_key_env=t.api_key_env,
+        credential=t.credential,
         tokenizer=t.tokenizer,
         options=dict(t.options),
     )
 
 
 def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
+    if m.api_key_env:  # the field's value is not echoed: it names a server variable
+        raise invalid(
+            f"{field}.api_key_env",
+            API_KEY_ENV_RETIRED,
+            f"{field}.api_key_env is no longer accepted: a caller may not choose which of the "
+            f"server's variables is sent where; name a credential configured on the profiler "
+            f"({field}.credential) instead",
+        )
     return d.Target(
         kind=_from(_TARGET, m.kind, f"{field}.kind", rpb.TargetKind),
         address=m.address,
         base_url=m.base_url,
         api_model=m.api_model,
-        api_key_env=m.api_key_env,
+        credential=m.credential,
         tokenizer=m.tokenizer,
         options=dict(m.options),
     )

@@ -103,7 +103,9 @@ class Target:
     address: str = ""  # serving: host:port ("" = the profiler's configured serving)
     base_url: str = ""  # http
     api_model: str = ""  # http: model name sent to the API
-    api_key_env: str = ""  # http: NAME of the env var holding the key (never the key)
+    # http: id of an API credential the profiler's operator configured (outbound.py: its
+    # namespaces and the base URLs it may be sent to); never a key, nor a variable's name
+    credential: str = ""
     tokenizer: str = ""  # http: local tokenizer path used to build exact-length prompts
     # http: stream ("1"/"0"), prompt_format ("text"/"token_ids"), eos_dialects ("vllm,none"),
     # connect_timeout_s, read_timeout_s

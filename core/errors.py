@@ -17,6 +17,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "Unavailable",
     "Unimplemented",
@@ -59,6 +60,10 @@ class FailedPrecondition(IdealrtError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(IdealrtError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(IdealrtError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -82,6 +87,7 @@ _BY_CODE: dict[grpc.StatusCode, type[IdealrtError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        PermissionDenied,
         ResourceExhausted,
         Unavailable,
         Unimplemented,

@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from idealrt.core.errors import IdealrtError, error_for_code
+from idealrt.core.tls import TlsConfig, channel_credentials
 from idealrt.metrics.v1 import metrics_service_pb2
 from idealrt.profiler.v1 import profiler_service_pb2
 from idealrt.serving.v1 import serving_service_pb2
@@ -106,23 +107,25 @@ def service_config() -> str:
 _SERVICE_CONFIG = service_config()
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel to `address` with the retry policy above. Reconnection backs off
-    like the retries do (from 0.1 s, not grpc's default 1 s), so that a retry finds a server
-    that has just come back."""
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-            # a request is retried only while grpc still holds all of it
-            ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 5000),
-        ],
-    )
+def open_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A channel to `address` with the retry policy above: secure when `tls` has a client
+    side (`ca_file` to verify the server, `client_cert_file`/`client_key_file` for mTLS;
+    see idealrt.core.tls), plaintext otherwise. Reconnection backs off like the retries do
+    (from 0.1 s, not grpc's default 1 s), so that a retry finds a server that has just come
+    back."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        # a request is retried only while grpc still holds all of it
+        ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+    if tls is not None and tls.client_tls:
+        return grpc.secure_channel(address, channel_credentials(tls), options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def request_id_or_new(request_id: str) -> str:

@@ -7,6 +7,7 @@ INTERNAL "internal error" and is logged with its traceback. One `rpc_finished` l
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import threading
 import time
@@ -24,8 +25,16 @@ from grpc_status import rpc_status
 
 from idealrt.core.errors import DOMAIN, IdealrtError
 from idealrt.core.observability import rpc_metrics, serve_metrics
+from idealrt.core.tls import ENV_VARS, INSECURE_VAR, TlsConfig, server_credentials
 
-__all__ = ["UNARY_WORKERS", "ErrorInterceptor", "GrpcServer", "abort_status", "start_server"]
+__all__ = [
+    "UNARY_WORKERS",
+    "ErrorInterceptor",
+    "GrpcServer",
+    "abort_status",
+    "is_loopback",
+    "start_server",
+]
 
 log = structlog.get_logger("idealrt.grpc")
 
@@ -180,8 +189,11 @@ class GrpcServer:
         port: int,
         health_servicer: health.HealthServicer,
         service_names: Sequence[str],
+        health_server: grpc.Server | None = None,
     ) -> None:
         self.server = server
+        # the plaintext health-only listener (TlsConfig.health_port), if any
+        self.health_server = health_server
         self.port = port
         self.health = health_servicer
         self.service_names = tuple(service_names)
@@ -204,6 +216,8 @@ class GrpcServer:
         self.health.enter_graceful_shutdown()
         log.info("server_draining", port=self.port, grace_s=grace_s)
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         for fn in self.on_stop:
             fn()
         log.info("server_stopped", port=self.port)
@@ -242,6 +256,26 @@ class GrpcServer:
             self.server.stop(0)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a listen address ("host:port", "[::1]:port", "unix:...") is reachable from
+    this machine only: 127.0.0.0/8, ::1, localhost, or a unix socket."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0] if ":" in address else address
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" (every interface), 0.0.0.0-like names, other host names
+        return False
+
+
+def _health_address(address: str, port: int) -> str:
+    host = address.rpartition(":")[0] if ":" in address else ""
+    return f"{host or '0.0.0.0'}:{port}"
+
+
 def start_server(
     address: str,
     register: Sequence[Register],
@@ -249,12 +283,30 @@ def start_server(
     *,
     max_workers: int = UNARY_WORKERS,
     metrics_port: int = 0,
+    tls: TlsConfig | None = None,
+    allow_insecure: bool = False,
 ) -> GrpcServer:
     """Build and start a server on `address` ("127.0.0.1:0" picks a free port) with a pool
     of `max_workers` threads (see UNARY_WORKERS); Prometheus metrics on `metrics_port`
-    when > 0."""
+    when > 0.
+
+    With `tls.cert_file` the port is TLS (mTLS when `tls.client_ca_file` is set; the files
+    are reloaded when they change, see idealrt.core.tls); without, plaintext, which is
+    refused on a non-loopback address unless `allow_insecure` (IDEALRT_INSECURE=1, read by
+    the service's config). `tls.health_port` > 0 adds a plaintext listener on the same
+    host that serves only grpc.health.v1, for Kubernetes' probes (they cannot speak TLS)."""
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    tls = tls or TlsConfig()
+    if not tls.server_tls and not allow_insecure and not is_loopback(address):
+        raise ValueError(
+            f"refusing to listen on {address} without TLS: it is not a loopback address. "
+            f"Set {ENV_VARS['cert_file']} and {ENV_VARS['key_file']} (and "
+            f"{ENV_VARS['client_ca_file']} for mTLS), or {INSECURE_VAR}=1 to allow "
+            "plaintext on purpose"
+        )
+    # credentials first: a missing or broken certificate fails before anything is bound
+    credentials = server_credentials(tls) if tls.server_tls else None
     serve_metrics(metrics_port)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
@@ -270,14 +322,38 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
+    health_server = None
+    if tls.health_port:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_address = _health_address(address, tls.health_port)
+        try:
+            if health_server.add_insecure_port(health_address) == 0:
+                raise RuntimeError(f"could not bind {health_address}")
+        except RuntimeError as exc:
+            server.stop(0)
+            raise RuntimeError(f"could not bind the health port {health_address}: {exc}") from None
     server.start()
+    if health_server is not None:
+        health_server.start()
     for name in (*service_names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("server_started", address=address, port=port, services=list(service_names))
-    return GrpcServer(server, port, health_servicer, service_names)
+    log.info(
+        "server_started",
+        address=address,
+        port=port,
+        services=list(service_names),
+        tls=tls.server_tls,
+        mtls=tls.mtls,
+        health_port=tls.health_port,
+    )
+    return GrpcServer(server, port, health_servicer, service_names, health_server)
 
 
 def serve_until_sigterm(service: str, server: GrpcServer, port: int) -> int:

@@ -2,6 +2,7 @@
 shared domain: model specs, the catalog, the cost-model mathematics, config, converters,
 paging; and every reason that more than one area raises."""
 
+API_KEY_ENV_RETIRED = "API_KEY_ENV_RETIRED"
 CONFIG_INVALID = "CONFIG_INVALID"
 CONFIG_NOT_FOUND = "CONFIG_NOT_FOUND"
 CONFIG_UNSUPPORTED = "CONFIG_UNSUPPORTED"

@@ -11,9 +11,6 @@ if ! bash scripts/pg-test-server.sh find >/dev/null 2>&1; then
   fi
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# the fault suite (real kills, `make faults`) is left out unless asked for with -m
-if [[ " $* " == *" -m "* ]]; then
-  .venv/bin/pytest "$@"
-else
-  .venv/bin/pytest -m "not faults" "$@"
-fi
+# everything, the fault suite (real kills, tests/e2e/test_faults.py) included; `make fuzz`
+# and `make faults` select with -m
+.venv/bin/pytest "$@"

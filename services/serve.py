@@ -11,7 +11,9 @@ __all__ = ["DEFAULT_PORTS", "serve_service"]
 
 def serve_service(service: str, **flags: str) -> int:
     """Run one service in the foreground until SIGTERM. `flags`: address, store_target,
-    serving_target, store_url, data_dir (`standalone_env`); empty ones are not set."""
+    serving_target, store_url, data_dir (`standalone_env`); empty ones are not set.
+    Transport security comes from the environment, as in a deployment: IDEALRT_TLS_*
+    (idealrt.core.tls) and IDEALRT_INSECURE=1 (plaintext on a non-loopback address)."""
     from idealrt.core import config as c
 
     env = standalone_env(service, flags)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from idealrt.clients.cli._parse import duration_s, int_list, percent
 from idealrt.clients.cli._render import err_console
-from idealrt.clients.cli._session import Session, open_session
+from idealrt.clients.cli._session import Session, client_tls, open_session
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import IdealrtError
 
@@ -47,6 +47,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    """The client side of TLS, for commands that connect to a deployed suite (the
+    embedded one is plaintext on loopback and ignores them)."""
+    p.add_argument(
+        "--ca",
+        default="",
+        help="PEM CA the services' certificates must chain to (default $IDEALRT_TLS_CA; "
+        "given, the connections use TLS)",
+    )
+    p.add_argument(
+        "--cert",
+        default="",
+        help="PEM client certificate for mTLS (default $IDEALRT_TLS_CLIENT_CERT)",
+    )
+    p.add_argument(
+        "--key",
+        default="",
+        help="PEM private key of --cert (default $IDEALRT_TLS_CLIENT_KEY)",
+    )
+
+
 def _queries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int_list)
     p.add_argument("--output-tokens", type=int_list)
@@ -67,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _common(p)
+        if session:
+            _tls_args(p)
         p.set_defaults(fn=fn, needs_session=session)
         return p
 
@@ -141,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-kind", choices=["serving", "http"], default="serving")
     p.add_argument("--base-url", default="", help="http: OpenAI-compatible base URL")
     p.add_argument("--api-model", default="", help="http: model name for the API")
-    p.add_argument("--api-key-env", default="", help="http: env var holding the API key")
+    p.add_argument(
+        "--credential",
+        default="",
+        help="http: id of an API credential configured on the profiler (IDEALRT_OUTBOUND_CONFIG)",
+    )
     p.add_argument("--tokenizer", default="", help="http: local tokenizer directory")
     p.add_argument(
         "--target-option",
@@ -266,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics=args.metrics,
             store=args.store,
             serving_target=getattr(args, "target", "") or "",
+            tls=client_tls(args.ca, args.cert, args.key),
         ) as session:
             return int(args.fn(args, session))
     except IdealrtError as err:

@@ -92,7 +92,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
             kind=TargetKind.HTTP,
             base_url=args.base_url or "",
             api_model=args.api_model or "",
-            api_key_env=args.api_key_env or "",
+            credential=args.credential or "",
             tokenizer=args.tokenizer or "",
             options=_options(getattr(args, "target_option", None), "profile.target.options"),
         )

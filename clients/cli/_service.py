@@ -44,15 +44,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from idealrt.services.serve import serve_service
 
-    return serve_service(
-        args.service,
-        address=args.address,
-        store_target=args.store_target,
-        serving_target=args.serving_target,
-        store_url=args.store_url,
-        # only what was given: otherwise the service's own IDEALRT_DATA_DIR holds
-        data_dir=str(args.data_dir) if args.data_dir_given else "",
-    )
+    try:
+        return serve_service(
+            args.service,
+            address=args.address,
+            store_target=args.store_target,
+            serving_target=args.serving_target,
+            store_url=args.store_url,
+            # only what was given: otherwise the service's own IDEALRT_DATA_DIR holds
+            data_dir=str(args.data_dir) if args.data_dir_given else "",
+        )
+    except ValueError as exc:  # configuration (TLS files, a plaintext public address)
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_models(args: argparse.Namespace) -> int:

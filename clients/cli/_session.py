@@ -13,8 +13,9 @@ from idealrt.clients.metrics import MetricsClient
 from idealrt.clients.profiler import ProfilerClient
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
+from idealrt.core.tls import ENV_VARS, TlsConfig
 
-__all__ = ["Session", "open_session"]
+__all__ = ["Session", "client_tls", "open_session"]
 
 
 @dataclass
@@ -27,6 +28,26 @@ class Session:
     embedded: bool
 
 
+def client_tls(ca: str = "", cert: str = "", key: str = "") -> TlsConfig | None:
+    """The client side of TLS from --ca/--cert/--key, each defaulting to its IDEALRT_TLS_*
+    variable; None when none is set (plaintext)."""
+    ca = ca or os.environ.get(ENV_VARS["ca_file"], "")
+    cert = cert or os.environ.get(ENV_VARS["client_cert_file"], "")
+    key = key or os.environ.get(ENV_VARS["client_key_file"], "")
+    if bool(cert) != bool(key):
+        raise SystemExit(
+            f"give both --cert and --key (or {ENV_VARS['client_cert_file']} and "
+            f"{ENV_VARS['client_key_file']}), or neither"
+        )
+    if not (ca or cert):
+        return None
+    return TlsConfig(
+        ca_file=Path(ca) if ca else None,
+        client_cert_file=Path(cert) if cert else None,
+        client_key_file=Path(key) if key else None,
+    )
+
+
 @contextlib.contextmanager
 def open_session(
     *,
@@ -36,12 +57,22 @@ def open_session(
     metrics: str = "",
     store: str = "",
     serving_target: str = "",
+    tls: TlsConfig | None = None,
 ) -> Iterator[Session]:
+    """Clients of a deployed suite (TLS when `tls` has a client side), or of the embedded
+    one (plaintext on loopback: `tls` does not apply)."""
     profiler = profiler or os.environ.get("IDEALRT_PROFILER", "")
     metrics = metrics or os.environ.get("IDEALRT_METRICS", "")
     store = store or os.environ.get("IDEALRT_STORE", "")
     if profiler and metrics and store:
-        clients = (ProfilerClient(profiler), MetricsClient(metrics), StoreClient(store))
+        try:
+            clients = (
+                ProfilerClient(profiler, tls=tls),
+                MetricsClient(metrics, tls=tls),
+                StoreClient(store, tls=tls),
+            )
+        except ValueError as exc:  # an unreadable or invalid --ca/--cert/--key
+            raise SystemExit(f"error: {exc}") from None
         try:
             yield Session(
                 *clients,

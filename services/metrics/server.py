@@ -19,13 +19,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MetricsService"].full_name
 def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
     if not cfg.store_target:
         raise ValueError("MetricsConfig.store_target is required")
-    store = StoreClient(cfg.store_target)
+    # mTLS between the suite's services: the client side of cfg.tls (ca_file,
+    # client_cert_file/client_key_file); plaintext when it has none
+    store = StoreClient(cfg.store_target, tls=cfg.tls)
     servicer = MetricsServicer(MetricsEngine(store, limits=RequestLimits.from_config(cfg)))
     server = start_server(
         cfg.address,
         [lambda s: pbg.add_MetricsServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         metrics_port=cfg.metrics_port,
+        tls=cfg.tls,
+        allow_insecure=cfg.allow_insecure,
     )
     server.on_stop.append(store.close)
     return server, server.port

@@ -6,6 +6,12 @@ on `_HttpClient`.
 
 Retries and the send-once-more are one idea with the attempt they repeat: what an attempt
 raises decides whether it is retried, and every attempt is timed on its own.
+
+Outbound checks (outbound.py): with a policy, connections go through `_CheckedBackend`,
+which resolves the host itself, refuses (PERMISSION_DENIED, not retried) when an address is
+not one the namespace may reach, and connects to the checked address (TLS still verifies
+the host name). When a proxy from the environment applies (trust_env), httpx's own
+transport is used: the proxy resolves the name, and only the host allow-list applies.
 """
 
 from __future__ import annotations
@@ -16,20 +22,20 @@ import email.utils
 import ipaddress
 import itertools
 import json
-import os
 import random
 import threading
+import urllib.request
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpcore
 import httpx
 import structlog
 
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Sample
 from idealrt.core.errors import (
-    FailedPrecondition,
     IdealrtError,
     InvalidArgument,
     ResourceExhausted,
@@ -44,10 +50,10 @@ from idealrt.services.profiler._openai_stream import (
     redact_url,
     to_sample,
 )
+from idealrt.services.profiler.outbound import Credential, OutboundPolicy
 from idealrt.services.profiler.reasons import (
     API_AUTH_FAILED,
     API_ERROR_BUDGET_EXHAUSTED,
-    API_KEY_MISSING,
     API_RATE_LIMITED,
     API_REJECTED_REQUEST,
     API_RETRY_CANCELLED,
@@ -144,12 +150,56 @@ def _transport_kind(exc: httpx.HTTPError) -> str:
     return "transport"
 
 
+class _CheckedBackend(httpcore.SyncBackend):
+    """Resolves, checks (`check(host, port, addresses)` raises to refuse) and connects to
+    the checked addresses, in order."""
+
+    def __init__(
+        self,
+        check: Callable[[str, int, list[str]], None],
+        resolve: Callable[[str, int], list[str]],
+    ) -> None:
+        self.check = check
+        self.resolve = resolve
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            addresses = self.resolve(host, port)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        self.check(host, port, addresses)
+        last: Exception = httpcore.ConnectError(f"{host} resolves to no address")
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                last = exc
+        raise last
+
+
+def _env_proxy_applies(url: str) -> bool:
+    host = httpx.URL(url).host
+    scheme = httpx.URL(url).scheme
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
+
+
 class _HttpClient:
     """Requests to the API at `base_url`; the state it uses is set by HttpTarget.__init__."""
 
     base_url: str
     api_model: str
-    api_key_env: str
+    credential: Credential | None
+    outbound: OutboundPolicy | None
+    namespace: str
+    _last_key: str
     options: HttpOptions
     _transport: httpx.BaseTransport | None
     _client: httpx.Client | None
@@ -167,6 +217,27 @@ class _HttpClient:
     retry_wait_s: float
     errors: collections.Counter[str]
 
+    def _checked_transport(self) -> httpx.BaseTransport | None:
+        """A transport whose connections pass the outbound policy (None: httpx's own)."""
+        policy = self.outbound
+        if policy is None or self._transport is not None:
+            return self._transport
+        trust_env = self.options.trust_env and not _is_loopback(self.base_url)
+        if trust_env and _env_proxy_applies(self.base_url):
+            return None
+        namespace = self.namespace
+
+        def check(host: str, port: int, addresses: list[str]) -> None:
+            policy.check_address(namespace, host, port, addresses)
+
+        transport = httpx.HTTPTransport(
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        )
+        # httpx takes no network backend; its pool (httpcore.ConnectionPool) does
+        # (tests/unit/profiler/test_outbound.py connects through it)
+        transport._pool._network_backend = _CheckedBackend(check, policy.resolve)
+        return transport
+
     def _http(self) -> httpx.Client:
         if self._client is None:
             if self._owns_cancel:
@@ -176,7 +247,7 @@ class _HttpClient:
                     self.options.read_timeout_s, connect=self.options.connect_timeout_s
                 ),
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                transport=self._transport,
+                transport=self._checked_transport(),
                 # a proxy from the environment never applies to a loopback API
                 trust_env=self.options.trust_env and not _is_loopback(self.base_url),
             )
@@ -184,22 +255,14 @@ class _HttpClient:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env, "")
-            if not key:
-                raise FailedPrecondition(
-                    API_KEY_MISSING,
-                    f"environment variable {self.api_key_env} (profile.target.api_key_env) "
-                    "is not set or empty; it must hold the API key",
-                    field="profile.target.api_key_env",
-                )
-            headers["Authorization"] = f"Bearer {key}"
+        if self.credential is not None:
+            self._last_key = self.credential.read()  # now: a rotated Secret takes effect
+            headers["Authorization"] = f"Bearer {self._last_key}"
         return headers
 
     def _scrub(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            text = text.replace(key, "[redacted]")
+        if self._last_key:
+            text = text.replace(self._last_key, "[redacted]")
         return text.replace(self.base_url, redact_url(self.base_url))
 
     def _transport_error(self, exc: httpx.HTTPError) -> IdealrtError:
@@ -240,7 +303,7 @@ class _HttpClient:
             return InvalidArgument(
                 API_AUTH_FAILED,
                 f"the API at {where} refused the credentials (HTTP {status}): {msg}",
-                field="profile.target.api_key_env",
+                field="profile.target.credential",
             )
         if status >= 500:
             return _Transient(

@@ -75,7 +75,11 @@ class RunnerOptions:
     unreachable measuring goes on and samples wait in memory, at most
     `max_buffered_samples` of them; at that many the run stops measuring until the store
     takes them. `sleep(event, seconds)` is every backoff wait: it blocks on the cancel
-    event (True when cancelled; tests substitute it with the clock)."""
+    event (True when cancelled; tests substitute it with the clock).
+
+    background_writes: sample batches and progress go to the store on threads of their
+    own (ProfilerConfig.background_writes; False: between samples, on the measuring
+    thread, for a profiler in one process with the serving it measures)."""
 
     lease_dir: Path = Path(".idealrt/leases")
     lease_timeout_s: float | None = None  # WAIT policy: give up (DEVICE_BUSY) after this
@@ -91,6 +95,7 @@ class RunnerOptions:
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
     max_buffered_samples: int = 1024
+    background_writes: bool = True
 
     @property
     def retry(self) -> RetryPolicy:

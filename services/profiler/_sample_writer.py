@@ -19,6 +19,13 @@ The writer stops for good, keeping what it holds as unstored, when
 
 The runner looks at `failure()` between samples. Everything shared with the measuring
 thread is under one Condition; waits on it end when the writer stores a batch or stops.
+
+Inline (`background=False`): no thread; the measuring thread stores in `pump`, between
+samples, as the runner calls it. That is for a profiler that shares its process with the
+serving it measures and the store it writes (the embedded suite): there a write on
+another thread would run during a timed generation and take the CPU and the GIL from it.
+In an outage the inline writer makes one try when the backoff says so and otherwise
+returns, so measuring goes on; `wait_for_room` and `drain` wait out the backoff.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ class StoreGaveUp(Exception):
 class SampleWriter:
     """One run's writer. `stored` (set before the first `submit`) is what the sink already
     holds for the profile; `keep`: collect the stored samples with their seq (contiguous
-    from 0 in append order) for `take_stored` (the adaptive planner fits them)."""
+    from 0 in append order) for `take_stored` (the adaptive planner fits them);
+    `background`: a thread of its own (else inline, see the module docstring)."""
 
     def __init__(
         self,
@@ -62,6 +70,7 @@ class SampleWriter:
         cancel: threading.Event,
         log: FilteringBoundLogger,
         keep: bool = False,
+        background: bool = True,
     ) -> None:
         self.sink = sink
         self.profile_id = profile_id
@@ -70,6 +79,7 @@ class SampleWriter:
         self.cancel = cancel
         self.log = log
         self.keep = keep
+        self.background = background
         self.stored = 0
         self.outages = 0  # outages ridden out, and the longest (provenance "outage.store.*")
         self.longest_outage_s = 0.0
@@ -81,22 +91,30 @@ class SampleWriter:
         self._stopped = False
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._delay = 0.0  # the backoff after the last failed try
 
     # ------------------------------------------------------------ the measuring thread
 
     def submit(self, batch: Sequence[Sample]) -> None:
-        """Queue one batch (stored after those before it); starts the thread at the first."""
+        """Queue one batch (stored after those before it); a background writer starts its
+        thread at the first."""
         if not batch:
             return
         with self._cond:
             self._queue.append(list(batch))
             self._queued += len(batch)
-            if self._thread is None and not self._stopped:
+            if self.background and self._thread is None and not self._stopped:
                 self._thread = threading.Thread(
                     target=self._loop, name=f"profiler-writer-{self.profile_id}", daemon=False
                 )
                 self._thread.start()
             self._cond.notify_all()
+
+    def pump(self) -> None:
+        """Inline: store what is queued now, unless the store is out and the backoff says
+        wait (then return: measuring goes on). Background: nothing to do."""
+        if not self.background:
+            self._inline(block=False)
 
     def unstored(self) -> int:
         """Samples handed over that the store has not acknowledged (in flight included)."""
@@ -105,12 +123,19 @@ class SampleWriter:
 
     def wait_for_room(self, limit: int) -> None:
         """Block while `limit` or more samples are unstored and the writer goes on."""
+        limit = max(1, limit)
+        if not self.background:
+            self._inline(block=True, until=limit)
+            return
         with self._cond:
-            while self._queued >= max(1, limit) and not self._stopped:
+            while self._queued >= limit and not self._stopped:
                 self._cond.wait()
 
     def drain(self) -> None:
         """Block until everything handed over is stored, or the writer stopped."""
+        if not self.background:
+            self._inline(block=True, until=1)
+            return
         with self._cond:
             while self._queued and not self._stopped:
                 self._cond.wait()
@@ -137,6 +162,24 @@ class SampleWriter:
         if thread is not None:
             thread.join()
 
+    def _inline(self, *, block: bool, until: int = 0) -> None:
+        """Store queued batches in this thread while `until` or more samples are unstored
+        (`until` 0: all that can be stored now). Not blocking: one try when the backoff
+        is due, else return."""
+        while self._queue and not self._stopped and self._queued >= until:
+            if not block and not self.outage.due():
+                return
+            outcome = self._try(self._queue[0], self.stored)
+            if outcome is None:  # a transient failure: back off
+                if not block:
+                    return
+                self.sleep(self.cancel, self._delay)  # cancelled: one more try, then stop
+                continue
+            if not outcome:
+                self._stopped = True
+                return
+            self._stored_first()
+
     # ------------------------------------------------------------ the writer's thread
 
     def _loop(self) -> None:
@@ -159,48 +202,58 @@ class SampleWriter:
                 if not self._queue:
                     return
                 batch, first = self._queue[0], self.stored
-            if not self._store(batch, first):
+            outcome = self._try(batch, first)
+            while outcome is None:  # a transient failure: back off, and try again
+                self.sleep(self.cancel, self._delay)  # cancelled: one more try, then stop
+                outcome = self._try(batch, first)
+            if not outcome:
                 return
-            with self._cond:
-                self._queue.popleft()
-                self._queued -= len(batch)
-                self.stored += len(batch)
-                if self.keep:
-                    self._kept.extend(
-                        dataclasses.replace(s, seq=first + i) for i, s in enumerate(batch)
-                    )
-                self._cond.notify_all()
+            self._stored_first()
 
-    def _store(self, batch: list[Sample], first: int) -> bool:
-        """Append one batch, riding out an outage; False when the writer must stop (the
-        reason, if any, in `_failure`)."""
+    # ------------------------------------------------------------ either
+
+    def _stored_first(self) -> None:
+        """The store took the first queued batch."""
+        with self._cond:
+            batch = self._queue.popleft()
+            first = self.stored
+            self._queued -= len(batch)
+            self.stored += len(batch)
+            if self.keep:
+                self._kept.extend(
+                    dataclasses.replace(s, seq=first + i) for i, s in enumerate(batch)
+                )
+            self._cond.notify_all()
+
+    def _try(self, batch: list[Sample], first: int) -> bool | None:
+        """One append of `batch` under its id: True stored; None a transient failure to
+        retry after `_delay` s; False the writer must stop (the reason, if any, in
+        `_failure`: the window is spent or the store refused; none when cancelled)."""
         batch_id = f"{self.profile_id}-b{first}"
-        while True:
-            try:
-                self.sink.append_samples(self.profile_id, batch_id, batch)
-            except IdealrtError as exc:
-                if not is_transient(exc):
-                    with self._cond:
-                        self._failure = exc
-                    return False
-                if not self.outage.active:
-                    self.log.warning("store_unavailable", reason=exc.reason, error=exc.message)
-                delay = self.outage.failed(exc)
-                if delay is None:
-                    with self._cond:
-                        self._failure = StoreGaveUp(
-                            f"the store was {self.outage.describe()}; "
-                            f"{self._queued} measured samples are not stored"
-                        )
-                    self.log.error("store_outage_too_long", elapsed_s=self.outage.elapsed_s())
-                    return False
-                if self.cancel.is_set():
-                    self.log.info("store_not_retried_cancelled", batch_id=batch_id)
-                    return False
-                self.log.info("store_retry", attempt=self.outage.attempts, delay_s=round(delay, 3))
-                self.sleep(self.cancel, delay)  # cancelled: one more try, then stop
-                continue
-            break
+        try:
+            self.sink.append_samples(self.profile_id, batch_id, batch)
+        except IdealrtError as exc:
+            if not is_transient(exc):
+                with self._cond:
+                    self._failure = exc
+                return False
+            if not self.outage.active:
+                self.log.warning("store_unavailable", reason=exc.reason, error=exc.message)
+            delay = self.outage.failed(exc)
+            if delay is None:
+                with self._cond:
+                    self._failure = StoreGaveUp(
+                        f"the store was {self.outage.describe()}; "
+                        f"{self._queued} measured samples are not stored"
+                    )
+                self.log.error("store_outage_too_long", elapsed_s=self.outage.elapsed_s())
+                return False
+            if self.cancel.is_set():
+                self.log.info("store_not_retried_cancelled", batch_id=batch_id)
+                return False
+            self.log.info("store_retry", attempt=self.outage.attempts, delay_s=round(delay, 3))
+            self._delay = delay
+            return None
         if self.outage.active:
             elapsed = self.outage.elapsed_s()
             self.log.info("store_back", elapsed_s=round(elapsed, 3), attempts=self.outage.attempts)

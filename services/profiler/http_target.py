@@ -58,10 +58,13 @@ start_time, which identifies the stored Sample); `environment()` sums them up
 
 Errors: connection refused/reset, timeouts, 5xx and broken streams -> Unavailable; 429 ->
 ResourceExhausted; other 4xx -> InvalidArgument with the API's own message. The API key is
-read from `os.environ[api_key_env]` for each request and sent as `Authorization: Bearer`;
-it is never stored on the target, logged, or put into errors (scrubbed from API messages
-that echo it) or provenance. The probe of prepare() is not retried: an API that cannot be
-reached at the start fails the profile at once.
+that of the profile's credential (outbound.py: configured by the profiler's operator,
+bound to namespaces and base URLs; never a variable the caller names), read for each
+request and sent as `Authorization: Bearer`; it is never logged, or put into errors
+(scrubbed from API messages that echo it) or provenance (which names the credential id).
+`from_profile` checks the base URL and the credential against the outbound policy, and
+every connection is checked again (the host's addresses). The probe of prepare() is not
+retried: an API that cannot be reached at the start fails the profile at once.
 
 httpx's sync client, one keep-alive connection, blocking reads: no busy-waiting.
 """
@@ -88,11 +91,16 @@ from idealrt.services.profiler._http_options import (
     http_options,
 )
 from idealrt.services.profiler._openai_stream import redact_url
+from idealrt.services.profiler.outbound import (
+    DEFAULT_NAMESPACE,
+    Credential,
+    OutboundPolicy,
+    parse_base_url,
+)
 from idealrt.services.profiler.prompts import PromptBuilder, PromptTokenizer, load_tokenizer
 from idealrt.services.profiler.reasons import (
     API_MODEL_REQUIRED,
     API_REJECTED_REQUEST,
-    BASE_URL_INVALID,
     BASE_URL_REQUIRED,
     TARGET_KIND_MISMATCH,
 )
@@ -121,7 +129,9 @@ class HttpTarget(_HttpClient):
         api_model: str,
         tokenizer: str | PromptTokenizer,
         *,
-        api_key_env: str = "",
+        credential: Credential | None = None,
+        outbound: OutboundPolicy | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
         options: HttpOptions | None = None,
         transport: httpx.BaseTransport | None = None,
         cancel: threading.Event | None = None,
@@ -129,13 +139,7 @@ class HttpTarget(_HttpClient):
         clock: Callable[[], int] = time.perf_counter_ns,
         rng: random.Random | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise InvalidArgument(
-                BASE_URL_INVALID,
-                f"base_url {redact_url(base_url)!r} must start with http:// or https:// "
-                "(e.g. http://127.0.0.1:8000/v1)",
-                field="profile.target.base_url",
-            )
+        parse_base_url(base_url)  # http(s), a host, no userinfo: INVALID_ARGUMENT otherwise
         if not api_model:
             raise InvalidArgument(
                 API_MODEL_REQUIRED,
@@ -144,7 +148,10 @@ class HttpTarget(_HttpClient):
             )
         self.base_url = base_url.rstrip("/")
         self.api_model = api_model
-        self.api_key_env = api_key_env
+        self.credential = credential
+        self.outbound = outbound
+        self.namespace = namespace
+        self._last_key = ""
         self.options = options or HttpOptions()
         self._tokenizer_ref = tokenizer
         self._transport = transport
@@ -174,7 +181,16 @@ class HttpTarget(_HttpClient):
         self.retry_log: list[RetryRecord] = []
 
     @classmethod
-    def from_profile(cls, profile: Profile, *, cancel: threading.Event | None = None) -> HttpTarget:
+    def from_profile(
+        cls,
+        profile: Profile,
+        outbound: OutboundPolicy,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        cancel: threading.Event | None = None,
+    ) -> HttpTarget:
+        """The target of `profile`, if the outbound policy lets `namespace` reach its base
+        URL (and send its credential there): PERMISSION_DENIED otherwise."""
         t = profile.target
         if t.kind != TargetKind.HTTP:
             raise InvalidArgument(
@@ -190,14 +206,19 @@ class HttpTarget(_HttpClient):
             )
         if not t.tokenizer:
             load_tokenizer("")  # raises TOKENIZER_REQUIRED
-        return cls(
+        target = cls(  # the fields first: their errors say what is missing
             t.base_url,
             t.api_model,
             t.tokenizer,
-            api_key_env=t.api_key_env,
+            outbound=outbound,
+            namespace=namespace,
             options=http_options(t.options),
             cancel=cancel,
         )
+        url = outbound.check_url(namespace, t.base_url)
+        if t.credential:
+            target.credential = outbound.credential(namespace, t.credential, url)
+        return target
 
     def bind_cancel(self, cancel: threading.Event) -> None:
         """Wait between retries on `cancel` (the run's event): setting it ends the wait."""
@@ -272,8 +293,8 @@ class HttpTarget(_HttpClient):
             if self._locked
             else "not negotiated",
         }
-        if self.api_key_env:
-            env["http.api_key_env"] = self.api_key_env  # the variable's name only
+        if self.credential is not None:
+            env["http.credential"] = self.credential.id  # the id only
         if self._builder is not None:
             tok = self._builder.tokenizer
             env["http.tokenizer"] = tok.name

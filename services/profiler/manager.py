@@ -12,7 +12,9 @@ watch), executed by a bounded pool of worker threads.
   `max_watch_streams` watches are open at once (each holds a server thread for its
   life); one more is ResourceExhausted WATCH_STREAMS_EXHAUSTED at once.
 - create() refuses a plan beyond `max_plan_samples` samples (plan.py `planned_samples`)
-  and target fields beyond their sizes (plan.py `validate_target`).
+  and target fields beyond their sizes (plan.py `validate_target`), and hands the profile
+  to `admit` (the server's: an HTTP target's base URL and credential against the outbound
+  policy, outbound.py), all before anything is stored.
 - Progress is written to the store at most every `persist_interval_s` and at every state
   change, by a thread of its own (`_ProgressWriter`), so that a slow store never holds up
   the measuring thread; when writes fall behind, only the latest snapshot of a profile is
@@ -86,10 +88,12 @@ class ProfileStore(Protocol):
 
 class _ProgressWriter:
     """Writes progress snapshots with `persist` on one thread (started at the first):
-    the latest per profile, in the order the profiles were first put."""
+    the latest per profile, in the order the profiles were first put. Not `background`:
+    at once, in the caller's thread (RunnerOptions.background_writes)."""
 
-    def __init__(self, persist: Callable[[Profile], object]) -> None:
+    def __init__(self, persist: Callable[[Profile], object], background: bool = True) -> None:
         self.persist = persist
+        self.background = background
         self._cond = threading.Condition()
         self._pending: dict[str, Profile] = {}
         self._writing: str | None = None
@@ -97,6 +101,9 @@ class _ProgressWriter:
         self._thread: threading.Thread | None = None
 
     def put(self, profile: Profile) -> None:
+        if not self.background:
+            self.persist(profile)
+            return
         with self._cond:
             if self._closed:
                 return
@@ -168,6 +175,7 @@ class ProfileManager:
         persist_interval_s: float = 1.0,
         max_plan_samples: int = ProfilerConfig.max_plan_samples,
         max_watch_streams: int = ProfilerConfig.max_watch_streams,
+        admit: Callable[[Profile], None] | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
@@ -180,6 +188,7 @@ class ProfileManager:
         self.persist_interval_s = persist_interval_s
         self.max_plan_samples = max_plan_samples
         self.max_watch_streams = max_watch_streams
+        self.admit = admit
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
         self._queue: collections.deque[str] = collections.deque()
@@ -188,7 +197,9 @@ class ProfileManager:
         self._stopping = threading.Event()  # set by shutdown(): savers make a last try
         self._watches = 0
         self._closed = False
-        self._progress_writer = _ProgressWriter(self._persist)
+        self._progress_writer = _ProgressWriter(
+            self._persist, background=self.options.background_writes
+        )
 
     # ------------------------------------------------------------ API
 
@@ -199,6 +210,8 @@ class ProfileManager:
         validate_target(profile.target)
         spec = known_spec(profile.model, profile.target.kind)
         validate_plan(profile.plan, spec, max_samples=self.max_plan_samples)
+        if self.admit is not None:
+            self.admit(profile)
         with self._cond:
             if self._closed:
                 raise FailedPrecondition(SHUTTING_DOWN, "the profiler is shutting down")

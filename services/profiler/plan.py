@@ -41,6 +41,7 @@ from idealrt.core import catalog
 from idealrt.core.domain import LeasePolicy, ModelRef, ProfilePlan, Target, TargetKind
 from idealrt.core.errors import invalid
 from idealrt.core.model_spec import ModelSpec
+from idealrt.services.profiler.outbound import parse_base_url
 from idealrt.services.profiler.reasons import (
     PLAN_ADAPTIVE_GRID_TOO_SMALL,
     PLAN_ADAPTIVE_MAX_SIZES_OUT_OF_RANGE,
@@ -287,8 +288,10 @@ def validate_target(target: Target) -> None:
     string of at most MAX_TARGET_STRING characters, or options beyond MAX_TARGET_OPTIONS
     entries. What the strings mean is checked by the target that uses them (an HTTP
     target's base URL, tokenizer, options)."""
-    for name in ("address", "base_url", "api_model", "api_key_env", "tokenizer"):
+    for name in ("address", "base_url", "api_model", "credential", "tokenizer"):
         _check_string(getattr(target, name), f"target.{name}")
+    if target.base_url:
+        parse_base_url(target.base_url)  # never stored with user:password@ in it
     if len(target.options) > MAX_TARGET_OPTIONS:
         raise invalid(
             "target.options",

@@ -23,12 +23,14 @@ Order of work:
     times; then that repeat is abandoned. `max_nonconforming` nonconforming samples fail the
     profile (NONCONFORMING): a target that cannot produce exact lengths is broken.
  6. Samples go to the sink in batches (every `batch_samples` samples or `batch_interval_s`
-    seconds, checked between samples), stored off the measuring thread by a SampleWriter
-    (_sample_writer.py) in order, with batch id "<profile_id>-b<N>", N = number of
-    samples of the profile stored before the batch. A retried append sends the same
-    samples under the same id (the store takes it once), and a resumed run starts
-    numbering at what the sink holds, so it never re-uses an id. A slow store does not
-    slow the run: measuring goes on while batches are stored.
+    seconds, checked between samples), stored by a SampleWriter (_sample_writer.py) in
+    order, with batch id "<profile_id>-b<N>", N = number of samples of the profile stored
+    before the batch. A retried append sends the same samples under the same id (the
+    store takes it once), and a resumed run starts numbering at what the sink holds, so it
+    never re-uses an id. With `background_writes` (the default) the writer has a thread of
+    its own and a slow store does not slow the run: measuring goes on while batches are
+    stored; without (the embedded suite, where store and serving share this process),
+    batches are stored between samples on the measuring thread.
     Outages (_outage.py, RunnerOptions): a store call that fails UNAVAILABLE or
     DEADLINE_EXCEEDED is retried with backoff for `outage_window_s`. Meanwhile measuring
     goes on and samples wait in memory; at `max_buffered_samples` unstored samples the run
@@ -251,6 +253,7 @@ class _RunState:
             cancel=self.cancel,
             log=self.log,
             keep=self.keeps_samples,
+            background=self.opts.background_writes,
         )
 
     @property
@@ -377,6 +380,7 @@ def _flush(run: _RunState, force: bool = False, wait: bool = False) -> None:
     if wait:
         run.writer.drain()
     else:
+        run.writer.pump()
         run.writer.wait_for_room(run.opts.max_buffered_samples - len(run.buffer))
     _raise_store_failure(run)
 

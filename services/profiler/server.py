@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
 from idealrt.core.config import ProfilerConfig
-from idealrt.core.domain import Profile
+from idealrt.core.domain import Profile, TargetKind
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.grpc_server import UNARY_WORKERS, GrpcServer, start_server
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.manager import ProfileManager
+from idealrt.services.profiler.outbound import DEFAULT_NAMESPACE, OutboundPolicy
 from idealrt.services.profiler.reasons import SERVING_TARGET_REQUIRED
 from idealrt.services.profiler.runner import RunnerOptions
 from idealrt.services.profiler.servicer import ProfilerServicer
@@ -22,14 +25,30 @@ __all__ = ["SERVICE_NAME", "build_server", "make_target_factory"]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfilerService"].full_name
 
 
-def make_target_factory(cfg: ProfilerConfig):  # type: ignore[no-untyped-def]
-    def factory(profile: Profile) -> GenerationTarget:
-        from idealrt.core.domain import TargetKind
+def admit_outbound(outbound: OutboundPolicy) -> Callable[[Profile], None]:
+    """The manager's `admit`: an HTTP target's base URL and credential checked against the
+    outbound policy when the profile is created (PERMISSION_DENIED before it is stored);
+    every profile is in DEFAULT_NAMESPACE until the store keeps namespaces."""
 
+    def admit(profile: Profile) -> None:
+        t = profile.target
+        if t.kind != TargetKind.HTTP or not t.base_url:
+            return  # the target checks the rest (BASE_URL_REQUIRED, ...) when it runs
+        url = outbound.check_url(DEFAULT_NAMESPACE, t.base_url)
+        if t.credential:
+            outbound.credential(DEFAULT_NAMESPACE, t.credential, url)
+
+    return admit
+
+
+def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = None):  # type: ignore[no-untyped-def]
+    policy = outbound if outbound is not None else OutboundPolicy.load(cfg.outbound_config)
+
+    def factory(profile: Profile) -> GenerationTarget:
         if profile.target.kind == TargetKind.HTTP:
             from idealrt.services.profiler.http_target import HttpTarget
 
-            return HttpTarget.from_profile(profile)
+            return HttpTarget.from_profile(profile, policy)
         address = profile.target.address or cfg.serving_target
         if not address:
             raise InvalidArgument(
@@ -39,27 +58,37 @@ def make_target_factory(cfg: ProfilerConfig):  # type: ignore[no-untyped-def]
             )
         from idealrt.services.profiler.serving_target import ServingTarget
 
-        return ServingTarget(ServingClient(address), profile, owns_serving=True)
+        return ServingTarget(ServingClient(address, tls=cfg.tls), profile, owns_serving=True)
 
     return factory
 
 
-def build_server(cfg: ProfilerConfig) -> tuple[GrpcServer, int]:
+def build_server(
+    cfg: ProfilerConfig, outbound: OutboundPolicy | None = None
+) -> tuple[GrpcServer, int]:
+    """`outbound`: where HTTP targets may go (None: cfg.outbound_config, whose file must
+    parse: a profiler does not start with half a policy)."""
     if not cfg.store_target:
         raise ValueError("ProfilerConfig.store_target is required")
-    store = StoreClient(cfg.store_target)
+    if outbound is None:
+        outbound = OutboundPolicy.load(cfg.outbound_config)
+    # mTLS between the suite's services: the client side of cfg.tls (ca_file,
+    # client_cert_file/client_key_file); plaintext when it has none
+    store = StoreClient(cfg.store_target, tls=cfg.tls)
     manager = ProfileManager(
         store,
-        make_target_factory(cfg),
+        make_target_factory(cfg, outbound),
         cfg.lease_dir,
         options=RunnerOptions(
             outage_window_s=cfg.outage_window_s,
+            background_writes=cfg.background_writes,
             contention=ContentionPolicy(
                 enabled=cfg.contention_checks, use_monitors=cfg.contention_monitors
             ),
         ),
         max_plan_samples=cfg.max_plan_samples,
         max_watch_streams=cfg.max_watch_streams,
+        admit=admit_outbound(outbound),
     )
     servicer = ProfilerServicer(manager)
     # WatchProfile is server-streaming, and on grpc's sync server every open stream holds a
@@ -80,6 +109,8 @@ def build_server(cfg: ProfilerConfig) -> tuple[GrpcServer, int]:
         [SERVICE_NAME],
         max_workers=cfg.max_watch_streams + UNARY_WORKERS,
         metrics_port=cfg.metrics_port,
+        tls=cfg.tls,
+        allow_insecure=cfg.allow_insecure,
     )
     server.on_stop.append(manager.shutdown)
     server.on_stop.append(store.close)

@@ -26,6 +26,8 @@ def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
         [lambda s: pbg.add_ServingServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         metrics_port=cfg.metrics_port,
+        tls=cfg.tls,
+        allow_insecure=cfg.allow_insecure,
         max_workers=4,
     )
     server.on_stop.append(registry.close)

@@ -23,6 +23,8 @@ def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServ
         [lambda s: pbg.add_StoreServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         metrics_port=cfg.metrics_port,
+        tls=cfg.tls,
+        allow_insecure=cfg.allow_insecure,
     )
     if store is None:
         server.on_stop.append(st.close)

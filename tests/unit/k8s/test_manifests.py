@@ -19,6 +19,7 @@ import yaml
 
 from idealrt.clients.cli import build_parser
 from idealrt.core.config import MetricsConfig, ProfilerConfig, StoreConfig
+from idealrt.core.tls import TlsConfig
 from idealrt.services.serve import DEFAULT_PORTS
 
 Doc = dict[str, Any]
@@ -195,8 +196,12 @@ def test_each_service_runs_its_module_on_its_default_port(load: Callable[[str], 
         (c,) = d["spec"]["template"]["spec"]["containers"]
         assert c["command"] == ["python", "-m", f"idealrt.services.{name}"]
         assert by_name(c["ports"])["grpc"]["containerPort"] == DEFAULT_PORTS[name]
+        # the gRPC port is TLS, which the kubelet's gRPC probes cannot speak: they go to
+        # the plaintext health-only port the service opens on IDEALRT_HEALTH_PORT
+        health = int(env_of(c)["IDEALRT_HEALTH_PORT"])
+        assert by_name(c["ports"])["health"]["containerPort"] == health
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[kind]["grpc"]["port"] == DEFAULT_PORTS[name], (name, kind)
+            assert c[kind]["grpc"]["port"] == health, (name, kind)
         assert c["envFrom"] == [{"configMapRef": {"name": "idealrt-config"}}]
 
 
@@ -237,6 +242,41 @@ def test_configmap_configures_the_services(load: Callable[[str], list[Doc]]) -> 
     dep = _deployments(load)["profiler"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert "/var/lib/idealrt" in {m["mountPath"] for m in c["volumeMounts"]}
+
+
+def test_every_service_mounts_the_tls_secret_and_points_its_config_at_it(
+    load: Callable[[str], list[Doc]],
+) -> None:
+    """Each service container mounts the TLS Secret read-only as a whole directory (a
+    subPath mount would not follow cert-manager's rotation), and its IDEALRT_TLS_* name
+    files of that mount, with the Secret's keys: read by the services' own config code,
+    that is TLS on the server with mTLS required, and the client side for calls to the
+    other services."""
+    for name, dep in _deployments(load).items():
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        (vol,) = [v for v in pod["volumes"] if "secret" in v]
+        assert vol["secret"]["secretName"] == "idealrt-tls", name
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+        assert mount["readOnly"] is True and "subPath" not in mount, name
+        root = Path(mount["mountPath"])
+        env = env_of(c)
+        cfg = TlsConfig.from_env(env)
+        files = [
+            (cfg.cert_file, "tls.crt"),
+            (cfg.key_file, "tls.key"),
+            (cfg.client_ca_file, "ca.crt"),
+            (cfg.ca_file, "ca.crt"),
+            (cfg.client_cert_file, "tls.crt"),
+            (cfg.client_key_file, "tls.key"),
+        ]
+        for path, key in files:
+            assert path is not None and path.parent == root and path.name == key, (name, path)
+        assert cfg.server_tls and cfg.mtls and cfg.client_tls, name
+        assert "IDEALRT_INSECURE" not in env, name
+        # the service's own config reads them the same way
+        cfg_cls = {"store": StoreConfig, "profiler": ProfilerConfig, "metrics": MetricsConfig}
+        assert cfg_cls[name].from_env(env).tls == cfg, name
 
 
 def test_store_url_comes_from_the_secret(load: Callable[[str], list[Doc]]) -> None:

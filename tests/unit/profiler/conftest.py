@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +27,7 @@ from idealrt.core.domain import (
     Profile,
     ProfilePlan,
     Sample,
+    SampleFlag,
     StackSpec,
 )
 from idealrt.core.model_spec import ModelSpec
@@ -123,9 +126,15 @@ class ScriptedMonitors(MonitorSet):
         return obs
 
 
+# the store-write mode quiet_options gives by default (the `write_mode` fixture sets it)
+_WRITES = {"background": True}
+
+
 def quiet_options(lease_dir: Path, **kw: Any) -> RunnerOptions:
     """Runner options for synthetic runs: no real monitors (the shared CI machine's noise
-    is not what these tests are about), immediate retries."""
+    is not what these tests are about), immediate retries; store writes in background
+    or inline as the `write_mode` fixture says (background without it)."""
+    kw.setdefault("background_writes", _WRITES["background"])
     policy = kw.pop("contention", ContentionPolicy(retry_backoff_s=0.0))
     return RunnerOptions(
         lease_dir=lease_dir,
@@ -155,6 +164,24 @@ def make_profile(store: Store | None = None, **plan_kw: Any) -> Profile:
     return profile
 
 
+def ok_per_repeat(store: Store, profile_id: str) -> Counter[tuple[int, int, bool, int]]:
+    """The stored OK samples per (p, o, heldout, repeat): exactly once is all 1s."""
+    return Counter(
+        (s.prompt_tokens, s.output_tokens, s.heldout, s.repeat)
+        for s in store.all_samples(profile_id)
+        if s.flag == SampleFlag.OK
+    )
+
+
+def wait_until(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll `pred` (a bounded loop: AssertionError naming `what` after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached: {what}")
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def store() -> Iterator[Store]:
     s = open_store("sqlite://")
@@ -162,6 +189,18 @@ def store() -> Iterator[Store]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(params=["background", "inline"])
+def write_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test with store writes on the writer's thread and inline (between samples,
+    RunnerOptions.background_writes=False): modules about storage use both
+    (`pytestmark = pytest.mark.usefixtures("write_mode")`)."""
+    _WRITES["background"] = request.param == "background"
+    try:
+        yield request.param
+    finally:
+        _WRITES["background"] = True
 
 
 @pytest.fixture
@@ -186,6 +225,8 @@ class Kit:
     TINY_SPEC = TINY_SPEC
     quiet_options = staticmethod(quiet_options)
     make_profile = staticmethod(make_profile)
+    ok_per_repeat = staticmethod(ok_per_repeat)
+    wait_until = staticmethod(wait_until)
 
 
 @pytest.fixture

@@ -21,13 +21,16 @@ from typing import Any
 import grpc
 import pytest
 
-from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample, SampleFlag
+from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample
 from idealrt.core.errors import IdealrtError
 from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.monitors import MonitorSet, Window
 from idealrt.services.profiler.plan import Config, configurations, round_order, sample_seed
 from idealrt.services.profiler.runner import run_profile
 from idealrt.services.store.repository import Store
+
+# every test with store writes in background and inline (conftest `write_mode`)
+pytestmark = pytest.mark.usefixtures("write_mode")
 
 
 class Crash(BaseException):
@@ -97,14 +100,6 @@ def run(kit: Any, sink: Any, lease_dir: Path, profile: Profile, target: Any, **k
     )
 
 
-def ok_per_repeat(store: Store, profile_id: str) -> Counter[tuple[int, int, bool, int]]:
-    return Counter(
-        (s.prompt_tokens, s.output_tokens, s.heldout, s.repeat)
-        for s in store.all_samples(profile_id)
-        if s.flag == SampleFlag.OK
-    )
-
-
 def test_a_batch_stored_before_a_crash_but_never_acknowledged_is_not_measured_again(  # type: ignore[no-untyped-def]
     kit, store, lease_dir
 ) -> None:
@@ -121,7 +116,7 @@ def test_a_batch_stored_before_a_crash_but_never_acknowledged_is_not_measured_ag
     final = run(kit, resumed, lease_dir, profile, second, batch_samples=3)
     assert final.state == ProfileState.SUCCEEDED, final.error
     assert final.provenance.entries["profile.resumed_samples"] == "12"
-    counts = ok_per_repeat(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert len(counts) == 12 and set(counts.values()) == {1}
     # the resumed run re-did the warm-ups, then only what the store did not hold
     assert len(second.calls) == 4 + (12 - 8)
@@ -148,7 +143,7 @@ def test_an_append_whose_answer_was_lost_is_sent_again_and_stored_once(
     assert ids[2] == ids[3]  # the same batch, under the same id
     stored = store.all_samples(profile.id)
     assert [s.seq for s in stored] == list(range(16))
-    counts = ok_per_repeat(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert len(counts) == 12 and set(counts.values()) == {1}
 
 
@@ -185,12 +180,12 @@ def test_an_abandoned_repeat_is_not_measured_twice_after_a_resume(kit, store, le
         monitors=lambda p, env: ForeignCpuOn(first, seeds),
     )
     assert stopped.state == ProfileState.CANCELLED
-    before = ok_per_repeat(store, profile.id)
+    before = kit.ok_per_repeat(store, profile.id)
     v = (victim.prompt_tokens, victim.output_tokens, victim.heldout)
     assert before[(*v, 2)] == 1 and before[(*v, 1)] == 0
     second = kit.SyntheticTarget()
     final = run(kit, store, lease_dir, profile, second)
-    counts = ok_per_repeat(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert set(counts.values()) == {1}  # no (configuration, repeat) twice
     victim_seeds = {sample_seed(plan, victim, r, a) for r in range(3) for a in range(4)}
     assert not victim_seeds & {c.seed for c in second.calls}  # its settled repeats: left
@@ -243,7 +238,7 @@ def test_precision_and_budget_stops_end_with_completed_equal_to_total(
     target.noise = noise
     final = run(kit, store, lease_dir, profile, target, contention=ContentionPolicy(enabled=False))
     assert final.state == ProfileState.SUCCEEDED, final.error
-    per_config = Counter((p, o) for p, o, _h, _r in ok_per_repeat(store, profile.id))
+    per_config = Counter((p, o) for p, o, _h, _r in kit.ok_per_repeat(store, profile.id))
     assert sorted(per_config.values()) == [3, 3, 7, 7]
     assert final.completed_samples == final.total_samples == 20
 

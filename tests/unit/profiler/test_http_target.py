@@ -32,6 +32,7 @@ from idealrt.core.errors import (
 from idealrt.services.profiler import _openai_stream as sse
 from idealrt.services.profiler import http_target, prompts, schedule
 from idealrt.services.profiler.http_target import HttpOptions, HttpTarget
+from idealrt.services.profiler.outbound import Credential, OutboundPolicy
 from idealrt.services.profiler.prompts import PromptBuilder, load_tokenizer
 from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until, spread_offsets
 
@@ -327,41 +328,52 @@ def test_token_id_prompts(api_factory: Any, targets: list[HttpTarget], tok_path:
 # ---------------------------------------------------------------- keys and errors
 
 
+def _credential(key_file: Path, base_url: str) -> Credential:
+    return Credential(
+        id="test-api", namespaces=frozenset({"default"}), base_urls=(base_url,), key_file=key_file
+    )
+
+
 def test_api_key_is_sent_as_bearer_and_never_leaks(
-    api_factory: Any, targets: list[HttpTarget], tok_path: Path, monkeypatch: pytest.MonkeyPatch
+    api_factory: Any, targets: list[HttpTarget], tok_path: Path, tmp_path: Path
 ) -> None:
     secret = "sk-test-0123456789abcdef"
-    monkeypatch.setenv("IDEALRT_TEST_API_KEY", secret)
+    key_file = tmp_path / "api-key"
+    key_file.write_text(secret + "\n")
     api = api_factory(api_key=secret)
-    t = _target(targets, api.base_url, tok_path, api_key_env="IDEALRT_TEST_API_KEY")
+    t = _target(targets, api.base_url, tok_path, credential=_credential(key_file, api.base_url))
     t.prepare()
     assert t.generate(4, 2, seed=0).flag == SampleFlag.OK
     assert api.completions()[0].headers["Authorization"] == f"Bearer {secret}"
     env = t.environment()
-    assert secret not in repr(env) and env["http.api_key_env"] == "IDEALRT_TEST_API_KEY"
-    assert secret not in repr(vars(t))
+    assert secret not in repr(env) and env["http.credential"] == "test-api"
+    # a rotated key file (a Secret updated in place) takes effect at the next request;
     # a wrong key: the API's 401 echoes it; the error must not
     wrong = "sk-wrong-fedcba9876543210"
-    monkeypatch.setenv("IDEALRT_TEST_API_KEY", wrong)
+    key_file.write_text(wrong)
     with pytest.raises(InvalidArgument) as e:
         t.generate(4, 2, seed=0)
-    assert e.value.reason == "API_AUTH_FAILED"
+    assert e.value.reason == "API_AUTH_FAILED" and e.value.field == "profile.target.credential"
     assert wrong not in str(e.value) and "[redacted]" in str(e.value)
-    monkeypatch.delenv("IDEALRT_TEST_API_KEY")
+    key_file.unlink()
     with pytest.raises(FailedPrecondition) as e2:
         t.generate(4, 2, seed=0)
-    assert e2.value.reason == "API_KEY_MISSING"
+    assert e2.value.reason == "CREDENTIAL_UNREADABLE"
+    assert str(key_file) not in str(e2.value)  # the path is the operator's, in the log only
 
 
-def test_missing_key_fails_in_prepare(
-    api_factory: Any, targets: list[HttpTarget], tok_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_unreadable_credential_fails_in_prepare(
+    api_factory: Any, targets: list[HttpTarget], tok_path: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("IDEALRT_TEST_UNSET_KEY", raising=False)
     api = api_factory()
-    t = _target(targets, api.base_url, tok_path, api_key_env="IDEALRT_TEST_UNSET_KEY")
+    missing = tmp_path / "no-such-key"
+    t = _target(targets, api.base_url, tok_path, credential=_credential(missing, api.base_url))
     with pytest.raises(FailedPrecondition) as e:
         t.prepare()
-    assert e.value.reason == "API_KEY_MISSING" and e.value.field == "profile.target.api_key_env"
+    assert (
+        e.value.reason == "CREDENTIAL_UNREADABLE" and e.value.field == "profile.target.credential"
+    )
+    assert str(missing) not in str(e.value)
 
 
 def test_connection_refused_is_unavailable(targets: list[HttpTarget], tok_path: Path) -> None:
@@ -484,14 +496,21 @@ def test_mock_transport_and_url_redaction(tok_path: Path) -> None:
         )
 
     t = HttpTarget(
-        "https://user:pw@api.example/v1", "m", str(tok_path), transport=httpx.MockTransport(handler)
+        "https://api.example/v1?k=secret",
+        "m",
+        str(tok_path),
+        transport=httpx.MockTransport(handler),
     )
     try:
         s = t.generate(3, 2, seed=0)
     finally:
         t.close()
     assert s.flag == SampleFlag.OK and s.prefill_ns == 0  # not an event stream: total only
-    assert t.environment()["http.base_url"] == "https://api.example/v1"
+    assert "secret" not in t.environment()["http.base_url"]
+    # userinfo never gets this far: refused, and not echoed
+    with pytest.raises(InvalidArgument) as e:
+        HttpTarget("https://user:pw@api.example/v1", "m", str(tok_path))
+    assert e.value.reason == "BASE_URL_USERINFO" and "pw" not in str(e.value)
 
 
 # ---------------------------------------------------------------- through the runner
@@ -568,11 +587,11 @@ def test_from_profile(tok_path: Path) -> None:
             base_url="http://127.0.0.1:1/v1/",
             api_model="m",
             tokenizer=str(tok_path),
-            api_key_env="K",
-        )
+        ),
+        OutboundPolicy.loopback(),
     )
     try:
-        assert (t.base_url, t.api_model, t.api_key_env) == ("http://127.0.0.1:1/v1", "m", "K")
+        assert (t.base_url, t.api_model, t.credential) == ("http://127.0.0.1:1/v1", "m", None)
     finally:
         t.close()
     cases = [
@@ -587,7 +606,7 @@ def test_from_profile(tok_path: Path) -> None:
     ]
     for target, reason in cases:
         with pytest.raises(InvalidArgument) as e:
-            HttpTarget.from_profile(_profile(**target))
+            HttpTarget.from_profile(_profile(**target), OutboundPolicy.loopback())
         assert e.value.reason == reason, target
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from idealrt.core.domain import ModelRef, Profile, ProfileState, Sample, SampleFlag, StackSpec
+import pytest
+
+from idealrt.core.domain import ModelRef, Profile, ProfileState, Sample, StackSpec
 from idealrt.core.errors import FailedPrecondition, NotFound, Unavailable
 from idealrt.core.model_spec import ModelSpec
 from idealrt.core.serving_contract import GenerationResult
@@ -28,6 +28,9 @@ from idealrt.services.profiler.manager import ProfileManager
 from idealrt.services.profiler.runner import run_profile
 from idealrt.services.profiler.serving_target import ServingTarget
 from idealrt.services.store.repository import Store
+
+# every test with store writes in background and inline (conftest `write_mode`)
+pytestmark = pytest.mark.usefixtures("write_mode")
 
 
 class FakeTime:
@@ -93,15 +96,6 @@ class FlakyStore:
         return self.store.all_samples(profile_id)
 
 
-def measured_once(store: Store, profile_id: str) -> Counter[tuple[int, int, bool, int]]:
-    """OK samples per (p, o, heldout, repeat)."""
-    return Counter(
-        (s.prompt_tokens, s.output_tokens, s.heldout, s.repeat)
-        for s in store.all_samples(profile_id)
-        if s.flag == SampleFlag.OK
-    )
-
-
 def options(kit: Any, lease_dir: Path, ft: FakeTime, **kw: Any) -> Any:
     return kit.quiet_options(lease_dir, clock=ft.clock, sleep=ft.sleep, **kw)
 
@@ -117,14 +111,6 @@ def run(
         on_progress=lambda p: None,
         options=options(kit, lease_dir, ft, **kw),
     )
-
-
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached: {what}")
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------ the store
@@ -156,7 +142,7 @@ def test_a_store_outage_within_the_window_loses_and_repeats_nothing(kit, store, 
     final = run(kit, sink, lease_dir, profile, target, ft, batch_samples=2, max_buffered_samples=5)
     assert final.state == ProfileState.SUCCEEDED, final.error
     assert ft.t >= 40.0 and ft.t < 300.0  # rode it out, within the window
-    counts = measured_once(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert len(counts) == 12 and set(counts.values()) == {1}
     assert len(target.calls) == 4 + 12  # nothing measured twice
     seqs = [s.seq for s in store.all_samples(profile.id)]
@@ -196,14 +182,14 @@ def test_a_store_outage_longer_than_the_window_fails_and_is_saved_once_back(  # 
         # the store does not have it yet; the manager answers from memory meanwhile
         assert m.get(p.id).state == ProfileState.FAILED
         assert not store.get_profile(p.id).state.terminal
-        wait_until(lambda: len([u for u in sink.updates if u[0].terminal]) >= 3, "retries")
+        kit.wait_until(lambda: len([u for u in sink.updates if u[0].terminal]) >= 3, "retries")
         back.set()
-        wait_until(lambda: store.get_profile(p.id).state.terminal, "FAILED stored")
+        kit.wait_until(lambda: store.get_profile(p.id).state.terminal, "FAILED stored")
         saved = store.get_profile(p.id)
         assert saved.state == ProfileState.FAILED
         assert saved.error.startswith("STORE_UNAVAILABLE: ")
-        wait_until(lambda: m.get(p.id) == saved, "the manager forgets it once stored")
-        counts = measured_once(store, p.id)
+        kit.wait_until(lambda: m.get(p.id) == saved, "the manager forgets it once stored")
+        counts = kit.ok_per_repeat(store, p.id)
         assert set(counts.values()) <= {1}
     finally:
         back.set()
@@ -228,7 +214,7 @@ def test_a_failing_final_save_is_retried_until_it_lands(kit, store, lease_dir) -
     try:
         p = m.create(kit.make_profile())
         assert list(m.watch(p.id, timeout=30))[-1].state == ProfileState.SUCCEEDED
-        wait_until(lambda: store.get_profile(p.id).state.terminal, "SUCCEEDED stored")
+        kit.wait_until(lambda: store.get_profile(p.id).state.terminal, "SUCCEEDED stored")
         assert store.get_profile(p.id).state == ProfileState.SUCCEEDED
         terminal = [taken for state, taken in sink.updates if state.terminal]
         assert terminal == [False] * 4 + [True]
@@ -365,7 +351,7 @@ def test_a_serving_restart_within_the_window_reloads_and_measures_each_repeat_on
     final = run(kit, store, lease_dir, profile, serving_target(kit, serving, profile), ft)
     assert final.state == ProfileState.SUCCEEDED, final.error
     assert 30.0 <= ft.t < 300.0
-    counts = measured_once(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert len(counts) == 12 and set(counts.values()) == {1}
     # the interrupted generation was made again, same (p, o, seed), and answered once
     interrupted = serving.generates[9][1:]

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from idealrt.core.domain import Profile, ProfileState, SampleFlag
+from idealrt.core.domain import Profile, ProfileState
 from idealrt.services.profiler.manager import ProfileManager
 from idealrt.services.profiler.runner import run_profile
 from idealrt.services.store.repository import Store
@@ -50,22 +49,6 @@ class HeldStore:
         return self.store.update_profile(profile)
 
 
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached: {what}")
-        time.sleep(0.005)
-
-
-def ok_per_repeat(store: Store, profile_id: str) -> Counter[tuple[int, int, bool, int]]:
-    return Counter(
-        (s.prompt_tokens, s.output_tokens, s.heldout, s.repeat)
-        for s in store.all_samples(profile_id)
-        if s.flag == SampleFlag.OK
-    )
-
-
 def test_measuring_goes_on_while_an_append_is_held_up_to_the_buffer_bound(  # type: ignore[no-untyped-def]
     kit, store, lease_dir
 ) -> None:
@@ -91,7 +74,7 @@ def test_measuring_goes_on_while_an_append_is_held_up_to_the_buffer_bound(  # ty
         assert sink.held.wait(20)
         # the first batch (2 samples) is held in the store; measuring goes on until 6
         # samples are unstored, and there it waits
-        wait_until(lambda: len(target.calls) == 6, "6 generations while the append is held")
+        kit.wait_until(lambda: len(target.calls) == 6, "6 generations while the append is held")
         time.sleep(0.2)  # give a run that ignored the bound the chance to show it
         assert len(target.calls) == 6
         assert store.count_samples(profile.id) == 0
@@ -103,7 +86,7 @@ def test_measuring_goes_on_while_an_append_is_held_up_to_the_buffer_bound(  # ty
     assert final.state == ProfileState.SUCCEEDED, final.error
     assert len(target.calls) == 16
     assert [s.seq for s in store.all_samples(profile.id)] == list(range(16))
-    counts = ok_per_repeat(store, profile.id)
+    counts = kit.ok_per_repeat(store, profile.id)
     assert len(counts) == 12 and set(counts.values()) == {1}
 
 
@@ -132,15 +115,55 @@ def test_a_held_progress_write_does_not_hold_the_run_nor_land_after_the_end(  # 
     try:
         p = m.create(kit.make_profile())
         assert sink.held.wait(20)
-        wait_until(lambda: bool(targets) and len(targets[0].calls) == 16, "every generation")
+        kit.wait_until(lambda: bool(targets) and len(targets[0].calls) == 16, "every generation")
         assert not store.get_profile(p.id).state.terminal  # the end waits for the write
         sink.release.set()
         final = list(m.watch(p.id, timeout=30))[-1]
         assert final.state == ProfileState.SUCCEEDED, final.error
-        wait_until(lambda: store.get_profile(p.id).state.terminal, "SUCCEEDED stored")
+        kit.wait_until(lambda: store.get_profile(p.id).state.terminal, "SUCCEEDED stored")
         assert store.get_profile(p.id).state == ProfileState.SUCCEEDED
         assert sink.updates[-1] == ProfileState.SUCCEEDED
         assert sink.updates.count(ProfileState.SUCCEEDED) == 1
     finally:
         sink.release.set()
         m.shutdown(timeout=20)
+
+
+def test_inline_writes_store_between_samples_on_the_measuring_thread(  # type: ignore[no-untyped-def]
+    kit, store, lease_dir
+) -> None:
+    """background_writes=False (the embedded suite, whose store and serving share the
+    profiler's process): a held append holds the run at the batch that blocked, because
+    the write is made between samples, never beside a timed generation."""
+    profile = kit.make_profile(store)
+    first_batch = f"{profile.id}-b0"
+    sink = HeldStore(store, lambda call, arg: call == "append" and arg == first_batch)
+    target = kit.SyntheticTarget()
+    result: list[Profile] = []
+    options = kit.quiet_options(
+        lease_dir, batch_samples=2, max_buffered_samples=6, background_writes=False
+    )
+    runner = threading.Thread(
+        target=lambda: result.append(
+            run_profile(
+                profile,
+                target,
+                sink,
+                cancel=threading.Event(),
+                on_progress=lambda p: None,
+                options=options,
+            )
+        )
+    )
+    runner.start()
+    try:
+        assert sink.held.wait(20)
+        time.sleep(0.2)  # give a run that wrote on another thread the chance to show it
+        assert len(target.calls) == 2
+        assert [t.name for t in threading.enumerate() if t.name.startswith("profiler-writer")] == []
+    finally:
+        sink.release.set()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert result[0].state == ProfileState.SUCCEEDED, result[0].error
+    assert [s.seq for s in store.all_samples(profile.id)] == list(range(16))

@@ -70,7 +70,7 @@ def _full_profile() -> Profile:
             address="",
             base_url="http://127.0.0.1:8000/v1",
             api_model="gpt2",
-            api_key_env="OPENAI_KEY",
+            credential="openai-prod",
             tokenizer="/tok",
         ),
         state=ProfileState.RUNNING,

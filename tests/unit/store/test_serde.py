@@ -58,7 +58,7 @@ SPEC = ModelSpec(
                 randomize=False,
             ),
         ),
-        (Target, Target(TargetKind.HTTP, base_url="http://x/v1", api_key_env="KEY")),
+        (Target, Target(TargetKind.HTTP, base_url="http://x/v1", credential="api")),
         (ContentionObservation, ContentionObservation(0.5, 2, 1410.0, 61.5, 4, 12.25, "nvml")),
         (
             CostModel,

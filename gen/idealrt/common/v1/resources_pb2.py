@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from idealrt.common.v1 import common_pb2 as idealrt_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!idealrt/common/v1/resources.proto\x12\x11idealrt.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eidealrt/common/v1/common.proto\"\xc0\x03\n\x0bProfilePlan\x12\x15\n\rprompt_tokens\x18\x01 \x03(\x05\x12\x15\n\routput_tokens\x18\x02 \x03(\x05\x12\x0f\n\x07repeats\x18\x03 \x01(\x05\x12\x0f\n\x07warmups\x18\x04 \x01(\x05\x12\x1d\n\x15holdout_prompt_tokens\x18\x05 \x03(\x05\x12\x1d\n\x15holdout_output_tokens\x18\x06 \x03(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x11\n\trandomize\x18\x08 \x01(\x08\x12\x14\n\x0cuntil_ci_rel\x18\t \x01(\x01\x12\x13\n\x0bmax_repeats\x18\n \x01(\x05\x12)\n\x06\x62udget\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x05lease\x18\x0c \x01(\x0e\x32\x1e.idealrt.common.v1.LeasePolicy\x12\x12\n\nbatch_size\x18\r \x01(\x05\x12\x1b\n\x13\x61\x64\x61ptive_target_rel\x18\x0e \x01(\x01\x12!\n\x19\x61\x64\x61ptive_max_prompt_sizes\x18\x0f \x01(\x05\x12)\n\x06spread\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xfc\x01\n\x06Target\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.idealrt.common.v1.TargetKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x11\n\tapi_model\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12\x37\n\x07options\x18\x07 \x03(\x0b\x32&.idealrt.common.v1.Target.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x05\n\x07Profile\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.idealrt.common.v1.ModelRef\x12+\n\x05stack\x18\x03 \x01(\x0b\x32\x1c.idealrt.common.v1.StackSpec\x12,\n\x04plan\x18\x04 \x01(\x0b\x32\x1e.idealrt.common.v1.ProfilePlan\x12)\n\x06target\x18\x05 \x01(\x0b\x32\x19.idealrt.common.v1.Target\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.idealrt.common.v1.ProfileState\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63ompleted_samples\x18\x0b \x01(\x03\x12\x15\n\rtotal_samples\x18\x0c \x01(\x03\x12\r\n\x05\x65rror\x18\r \x01(\t\x12>\n\nprovenance\x18\x0e \x03(\x0b\x32*.idealrt.common.v1.Profile.ProvenanceEntry\x12\x30\n\nmodel_spec\x18\x0f \x01(\x0b\x32\x1c.idealrt.common.v1.ModelSpec\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\nFitQuality\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x05\x12\x10\n\x08mean_rel\x18\x03 \x01(\x01\x12\x0f\n\x07p95_rel\x18\x04 \x01(\x01\x12\x0f\n\x07max_rel\x18\x05 \x01(\x01\"%\n\x08Interval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\"\x82\x06\n\tCostModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x15\n\ralpha_knots_p\x18\x03 \x03(\x05\x12\x1b\n\x13\x61lpha_knots_seconds\x18\x04 \x03(\x01\x12\x15\n\rbeta0_seconds\x18\x05 \x01(\x01\x12\x15\n\rbeta1_seconds\x18\x06 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12\x0c\n\x04kind\x18\n \x01(\t\x12.\n\x07quality\x18\x0b \x01(\x0b\x32\x1d.idealrt.common.v1.FitQuality\x12>\n\tintervals\x18\x0c \x03(\x0b\x32+.idealrt.common.v1.CostModel.IntervalsEntry\x12\x1f\n\x17valid_prompt_tokens_min\x18\r \x01(\x05\x12\x1f\n\x17valid_prompt_tokens_max\x18\x0e \x01(\x05\x12\x1f\n\x17valid_output_tokens_min\x18\x0f \x01(\x05\x12\x1f\n\x17valid_output_tokens_max\x18\x10 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x12 \x01(\t\x12+\n\x05stack\x18\x13 \x01(\x0b\x32\x1c.idealrt.common.v1.StackSpec\x12\x41\n\x0b\x66it_options\x18\x14 \x03(\x0b\x32,.idealrt.common.v1.CostModel.FitOptionsEntry\x1aM\n\x0eIntervalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.idealrt.common.v1.Interval:\x02\x38\x01\x1a\x31\n\x0f\x46itOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*Y\n\x0bLeasePolicy\x12\x1c\n\x18LEASE_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11LEASE_POLICY_WAIT\x10\x01\x12\x15\n\x11LEASE_POLICY_FAIL\x10\x02*X\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13TARGET_KIND_SERVING\x10\x01\x12\x14\n\x10TARGET_KIND_HTTP\x10\x02*\xd1\x01\n\x0cProfileState\x12\x1d\n\x19PROFILE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROFILE_STATE_QUEUED\x10\x01\x12\x19\n\x15PROFILE_STATE_RUNNING\x10\x02\x12\x1b\n\x17PROFILE_STATE_SUCCEEDED\x10\x03\x12\x18\n\x14PROFILE_STATE_FAILED\x10\x04\x12\x1b\n\x17PROFILE_STATE_CANCELLED\x10\x05\x12\x19\n\x15PROFILE_STATE_INVALID\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!idealrt/common/v1/resources.proto\x12\x11idealrt.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eidealrt/common/v1/common.proto\"\xc0\x03\n\x0bProfilePlan\x12\x15\n\rprompt_tokens\x18\x01 \x03(\x05\x12\x15\n\routput_tokens\x18\x02 \x03(\x05\x12\x0f\n\x07repeats\x18\x03 \x01(\x05\x12\x0f\n\x07warmups\x18\x04 \x01(\x05\x12\x1d\n\x15holdout_prompt_tokens\x18\x05 \x03(\x05\x12\x1d\n\x15holdout_output_tokens\x18\x06 \x03(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x11\n\trandomize\x18\x08 \x01(\x08\x12\x14\n\x0cuntil_ci_rel\x18\t \x01(\x01\x12\x13\n\x0bmax_repeats\x18\n \x01(\x05\x12)\n\x06\x62udget\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x05lease\x18\x0c \x01(\x0e\x32\x1e.idealrt.common.v1.LeasePolicy\x12\x12\n\nbatch_size\x18\r \x01(\x05\x12\x1b\n\x13\x61\x64\x61ptive_target_rel\x18\x0e \x01(\x01\x12!\n\x19\x61\x64\x61ptive_max_prompt_sizes\x18\x0f \x01(\x05\x12)\n\x06spread\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x94\x02\n\x06Target\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.idealrt.common.v1.TargetKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x11\n\tapi_model\x18\x04 \x01(\t\x12\x17\n\x0b\x61pi_key_env\x18\x05 \x01(\tB\x02\x18\x01\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12\x37\n\x07options\x18\x07 \x03(\x0b\x32&.idealrt.common.v1.Target.OptionsEntry\x12\x12\n\ncredential\x18\x08 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x05\n\x07Profile\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.idealrt.common.v1.ModelRef\x12+\n\x05stack\x18\x03 \x01(\x0b\x32\x1c.idealrt.common.v1.StackSpec\x12,\n\x04plan\x18\x04 \x01(\x0b\x32\x1e.idealrt.common.v1.ProfilePlan\x12)\n\x06target\x18\x05 \x01(\x0b\x32\x19.idealrt.common.v1.Target\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.idealrt.common.v1.ProfileState\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63ompleted_samples\x18\x0b \x01(\x03\x12\x15\n\rtotal_samples\x18\x0c \x01(\x03\x12\r\n\x05\x65rror\x18\r \x01(\t\x12>\n\nprovenance\x18\x0e \x03(\x0b\x32*.idealrt.common.v1.Profile.ProvenanceEntry\x12\x30\n\nmodel_spec\x18\x0f \x01(\x0b\x32\x1c.idealrt.common.v1.ModelSpec\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\nFitQuality\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x05\x12\x10\n\x08mean_rel\x18\x03 \x01(\x01\x12\x0f\n\x07p95_rel\x18\x04 \x01(\x01\x12\x0f\n\x07max_rel\x18\x05 \x01(\x01\"%\n\x08Interval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\"\x82\x06\n\tCostModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x15\n\ralpha_knots_p\x18\x03 \x03(\x05\x12\x1b\n\x13\x61lpha_knots_seconds\x18\x04 \x03(\x01\x12\x15\n\rbeta0_seconds\x18\x05 \x01(\x01\x12\x15\n\rbeta1_seconds\x18\x06 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12\x0c\n\x04kind\x18\n \x01(\t\x12.\n\x07quality\x18\x0b \x01(\x0b\x32\x1d.idealrt.common.v1.FitQuality\x12>\n\tintervals\x18\x0c \x03(\x0b\x32+.idealrt.common.v1.CostModel.IntervalsEntry\x12\x1f\n\x17valid_prompt_tokens_min\x18\r \x01(\x05\x12\x1f\n\x17valid_prompt_tokens_max\x18\x0e \x01(\x05\x12\x1f\n\x17valid_output_tokens_min\x18\x0f \x01(\x05\x12\x1f\n\x17valid_output_tokens_max\x18\x10 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x12 \x01(\t\x12+\n\x05stack\x18\x13 \x01(\x0b\x32\x1c.idealrt.common.v1.StackSpec\x12\x41\n\x0b\x66it_options\x18\x14 \x03(\x0b\x32,.idealrt.common.v1.CostModel.FitOptionsEntry\x1aM\n\x0eIntervalsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.idealrt.common.v1.Interval:\x02\x38\x01\x1a\x31\n\x0f\x46itOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*Y\n\x0bLeasePolicy\x12\x1c\n\x18LEASE_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11LEASE_POLICY_WAIT\x10\x01\x12\x15\n\x11LEASE_POLICY_FAIL\x10\x02*X\n\nTargetKind\x12\x1b\n\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13TARGET_KIND_SERVING\x10\x01\x12\x14\n\x10TARGET_KIND_HTTP\x10\x02*\xd1\x01\n\x0cProfileState\x12\x1d\n\x19PROFILE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROFILE_STATE_QUEUED\x10\x01\x12\x19\n\x15PROFILE_STATE_RUNNING\x10\x02\x12\x1b\n\x17PROFILE_STATE_SUCCEEDED\x10\x03\x12\x18\n\x14PROFILE_STATE_FAILED\x10\x04\x12\x1b\n\x17PROFILE_STATE_CANCELLED\x10\x05\x12\x19\n\x15PROFILE_STATE_INVALID\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TARGET_OPTIONSENTRY']._loaded_options = None
   _globals['_TARGET_OPTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_TARGET'].fields_by_name['api_key_env']._loaded_options = None
+  _globals['_TARGET'].fields_by_name['api_key_env']._serialized_options = b'\030\001'
   _globals['_PROFILE_PROVENANCEENTRY']._loaded_options = None
   _globals['_PROFILE_PROVENANCEENTRY']._serialized_options = b'8\001'
   _globals['_COSTMODEL_INTERVALSENTRY']._loaded_options = None
   _globals['_COSTMODEL_INTERVALSENTRY']._serialized_options = b'8\001'
   _globals['_COSTMODEL_FITOPTIONSENTRY']._loaded_options = None
   _globals['_COSTMODEL_FITOPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_LEASEPOLICY']._serialized_start=2412
-  _globals['_LEASEPOLICY']._serialized_end=2501
-  _globals['_TARGETKIND']._serialized_start=2503
-  _globals['_TARGETKIND']._serialized_end=2591
-  _globals['_PROFILESTATE']._serialized_start=2594
-  _globals['_PROFILESTATE']._serialized_end=2803
+  _globals['_LEASEPOLICY']._serialized_start=2436
+  _globals['_LEASEPOLICY']._serialized_end=2525
+  _globals['_TARGETKIND']._serialized_start=2527
+  _globals['_TARGETKIND']._serialized_end=2615
+  _globals['_PROFILESTATE']._serialized_start=2618
+  _globals['_PROFILESTATE']._serialized_end=2827
   _globals['_PROFILEPLAN']._serialized_start=154
   _globals['_PROFILEPLAN']._serialized_end=602
   _globals['_TARGET']._serialized_start=605
-  _globals['_TARGET']._serialized_end=857
-  _globals['_TARGET_OPTIONSENTRY']._serialized_start=811
-  _globals['_TARGET_OPTIONSENTRY']._serialized_end=857
-  _globals['_PROFILE']._serialized_start=860
-  _globals['_PROFILE']._serialized_end=1500
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1451
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1500
-  _globals['_FITQUALITY']._serialized_start=1502
-  _globals['_FITQUALITY']._serialized_end=1598
-  _globals['_INTERVAL']._serialized_start=1600
-  _globals['_INTERVAL']._serialized_end=1637
-  _globals['_COSTMODEL']._serialized_start=1640
-  _globals['_COSTMODEL']._serialized_end=2410
-  _globals['_COSTMODEL_INTERVALSENTRY']._serialized_start=2282
-  _globals['_COSTMODEL_INTERVALSENTRY']._serialized_end=2359
-  _globals['_COSTMODEL_FITOPTIONSENTRY']._serialized_start=2361
-  _globals['_COSTMODEL_FITOPTIONSENTRY']._serialized_end=2410
+  _globals['_TARGET']._serialized_end=881
+  _globals['_TARGET_OPTIONSENTRY']._serialized_start=835
+  _globals['_TARGET_OPTIONSENTRY']._serialized_end=881
+  _globals['_PROFILE']._serialized_start=884
+  _globals['_PROFILE']._serialized_end=1524
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1475
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1524
+  _globals['_FITQUALITY']._serialized_start=1526
+  _globals['_FITQUALITY']._serialized_end=1622
+  _globals['_INTERVAL']._serialized_start=1624
+  _globals['_INTERVAL']._serialized_end=1661
+  _globals['_COSTMODEL']._serialized_start=1664
+  _globals['_COSTMODEL']._serialized_end=2434
+  _globals['_COSTMODEL_INTERVALSENTRY']._serialized_start=2306
+  _globals['_COSTMODEL_INTERVALSENTRY']._serialized_end=2383
+  _globals['_COSTMODEL_FITOPTIONSENTRY']._serialized_start=2385
+  _globals['_COSTMODEL_FITOPTIONSENTRY']._serialized_end=2434
 # @@protoc_insertion_point(module_scope)

@@ -84,7 +84,7 @@ class ProfilePlan(_message.Message):
     def __init__(self, prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., warmups: _Optional[int] = ..., holdout_prompt_tokens: _Optional[_Iterable[int]] = ..., holdout_output_tokens: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., randomize: _Optional[bool] = ..., until_ci_rel: _Optional[float] = ..., max_repeats: _Optional[int] = ..., budget: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[LeasePolicy, str]] = ..., batch_size: _Optional[int] = ..., adaptive_target_rel: _Optional[float] = ..., adaptive_max_prompt_sizes: _Optional[int] = ..., spread: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("kind", "address", "base_url", "api_model", "api_key_env", "tokenizer", "options")
+    __slots__ = ("kind", "address", "base_url", "api_model", "api_key_env", "tokenizer", "options", "credential")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Target(_message.Message):
     API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     kind: TargetKind
     address: str
     base_url: str
@@ -106,7 +107,8 @@ class Target(_message.Message):
     api_key_env: str
     tokenizer: str
     options: _containers.ScalarMap[str, str]
-    def __init__(self, kind: _Optional[_Union[TargetKind, str]] = ..., address: _Optional[str] = ..., base_url: _Optional[str] = ..., api_model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., tokenizer: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    credential: str
+    def __init__(self, kind: _Optional[_Union[TargetKind, str]] = ..., address: _Optional[str] = ..., base_url: _Optional[str] = ..., api_model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., tokenizer: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class Profile(_message.Message):
     __slots__ = ("id", "model", "stack", "plan", "target", "state", "request_id", "create_time", "start_time", "end_time", "completed_samples", "total_samples", "error", "provenance", "model_spec")
