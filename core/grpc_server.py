@@ -197,6 +197,10 @@ class GrpcServer:
         self.port = port
         self.health = health_servicer
         self.service_names = tuple(service_names)
+        # run when the drain begins (NOT_SERVING already, RPCs still answered): a service
+        # stops its own long work there, so that it neither goes on through the grace
+        # period nor holds streams open until it ends
+        self.on_drain: list[Callable[[], None]] = []
         self.on_stop: list[Callable[[], None]] = []  # run after the server has drained
         self._stopped = False
         self._stop_lock = threading.Lock()
@@ -205,8 +209,10 @@ class GrpcServer:
         """Stop gracefully: health says NOT_SERVING for every service (for good: a later
         `set` is ignored), new RPCs are refused, in-flight ones get `grace_s` to finish
         (those still running then are cancelled: UNAVAILABLE to their clients, which
-        retry or reconnect), and then the `on_stop` hooks run in order (a service
-        checkpoints its work and closes its clients there). A second call returns at once."""
+        retry or reconnect), and then the `on_stop` hooks run in order (a service closes
+        its clients there). The `on_drain` hooks run first, once health says NOT_SERVING
+        and before the grace period (the profiler checkpoints its running profiles there,
+        which also ends their watch streams). A second call returns at once."""
         with self._stop_lock:
             if self._stopped:
                 return
@@ -215,6 +221,8 @@ class GrpcServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.enter_graceful_shutdown()
         log.info("server_draining", port=self.port, grace_s=grace_s)
+        for fn in self.on_drain:
+            fn()
         self.server.stop(grace_s).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()

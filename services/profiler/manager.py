@@ -46,7 +46,13 @@ import structlog
 from idealrt.core.clock import utcnow
 from idealrt.core.config import ProfilerConfig
 from idealrt.core.domain import Profile, ProfileState, Sample
-from idealrt.core.errors import FailedPrecondition, IdealrtError, NotFound, ResourceExhausted
+from idealrt.core.errors import (
+    FailedPrecondition,
+    IdealrtError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from idealrt.core.reasons import PROFILE_NOT_FOUND, PROFILE_TERMINAL
 from idealrt.services.profiler._outage import Outage, RetryPolicy, is_transient
 from idealrt.services.profiler.plan import (
@@ -338,11 +344,20 @@ class ProfileManager:
             yield self._load(profile_id)
             return
         seen = -1
+        last: Profile | None = None
         while True:
             with self._cond:
                 while entry.version == seen:
                     if self._closed and not entry.running:
-                        return  # shut down: it will not change here any more
+                        # shut down mid-profile: it will not change here any more, and a
+                        # plain end would read as "done"; UNAVAILABLE makes a client
+                        # reconnect (ProfilerClient.watch) to the restarted profiler
+                        raise Unavailable(
+                            SHUTTING_DOWN,
+                            f"the profiler is shutting down; profile {profile_id} is "
+                            "checkpointed and resumes when it is back: watch again",
+                            field="id",
+                        )
                     if is_active is not None and not is_active():
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -353,6 +368,9 @@ class ProfileManager:
                     self._cond.wait(remaining)
                 seen = entry.version
                 snapshot = dataclasses.replace(entry.profile)
+            if snapshot == last:
+                continue  # a write that changed nothing a watcher sees (a checkpoint)
+            last = snapshot
             yield snapshot
             if snapshot.state.terminal:
                 return
@@ -476,7 +494,7 @@ class ProfileManager:
             shutting_down = self._closed and final.state == ProfileState.CANCELLED
         if shutting_down:
             # Interrupted by shutdown, not by a user: leave it unfinished for resume.
-            final = dataclasses.replace(final, state=ProfileState.QUEUED, end_time=None)
+            final = dataclasses.replace(final, state=ProfileState.QUEUED, end_time=None, error="")
             self._progress_writer.settle(final.id)
             self._persist(final)
             with self._cond:

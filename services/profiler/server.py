@@ -112,7 +112,9 @@ def build_server(
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
     )
-    server.on_stop.append(manager.shutdown)
+    # at the drain's start: running profiles are checkpointed at once (not measured on
+    # through the grace period), and their watch streams end, so the drain is short
+    server.on_drain.append(manager.shutdown)
     server.on_stop.append(store.close)
     if cfg.resume:
         manager.resume_unfinished()

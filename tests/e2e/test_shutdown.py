@@ -191,7 +191,7 @@ def test_profiler_checkpoints_its_profile_and_a_restart_finishes_it(
                 model=ModelRef(name="tiny-gpt2"),
                 stack=StackSpec(device="cpu", options={"threads": "1"}),
                 plan=ProfilePlan(
-                    prompt_tokens=(8, 64), output_tokens=(2, 128), repeats=200, batch_size=8
+                    prompt_tokens=(8, 64), output_tokens=(2, 128), repeats=60, batch_size=8
                 ),
             )
         )
