@@ -14,7 +14,14 @@ import numpy.typing as npt
 from idealrt.core import convert as cv
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel
-from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
+from idealrt.core.grpc_client import (
+    DEFAULT_TIMEOUT_S,
+    Token,
+    call,
+    open_channel,
+    request_id_or_new,
+    with_token,
+)
 from idealrt.core.model_spec import ModelSpec
 from idealrt.core.tls import TlsConfig
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
@@ -123,11 +130,14 @@ class MetricsClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         tls: TlsConfig | None = None,
+        token: Token | None = None,
     ) -> None:
         """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns."""
+        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
+        returns the current one) sent on every call."""
         self._own = isinstance(target, str)
         self._channel = open_channel(target, tls) if isinstance(target, str) else target
+        self._channel = with_token(self._channel, token)
         self._stub = pbg.MetricsServiceStub(self._channel)
         self.timeout = timeout
 

@@ -14,10 +14,12 @@ from idealrt.core.domain import Profile
 from idealrt.core.errors import Unavailable
 from idealrt.core.grpc_client import (
     DEFAULT_TIMEOUT_S,
+    Token,
     call,
     call_stream,
     open_channel,
     request_id_or_new,
+    with_token,
 )
 from idealrt.core.tls import TlsConfig
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
@@ -61,12 +63,15 @@ class ProfilerClient:
         *,
         watch_reconnect_window_s: float = WATCH_RECONNECT_WINDOW_S,
         tls: TlsConfig | None = None,
+        token: Token | None = None,
     ) -> None:
         """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns."""
+        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
+        returns the current one) sent on every call."""
         self.watch_reconnect_window_s = watch_reconnect_window_s
         self._own = isinstance(target, str)
         self._channel = open_channel(target, tls) if isinstance(target, str) else target
+        self._channel = with_token(self._channel, token)
         self._stub = pbg.ProfilerServiceStub(self._channel)
         self.timeout = timeout
 

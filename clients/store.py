@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.grpc_client import DEFAULT_TIMEOUT_S, call, open_channel, request_id_or_new
+from idealrt.core.grpc_client import (
+    DEFAULT_TIMEOUT_S,
+    Token,
+    call,
+    open_channel,
+    request_id_or_new,
+    with_token,
+)
 from idealrt.core.tls import TlsConfig
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
@@ -24,11 +31,14 @@ class StoreClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         *,
         tls: TlsConfig | None = None,
+        token: Token | None = None,
     ) -> None:
         """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns."""
+        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
+        returns the current one) sent on every call."""
         self._own = isinstance(target, str)
         self._channel = open_channel(target, tls) if isinstance(target, str) else target
+        self._channel = with_token(self._channel, token)
         self._stub = pbg.StoreServiceStub(self._channel)
         self.timeout = timeout
 
@@ -60,9 +70,16 @@ class StoreClient:
         return cv.profile_from_pb(r.profile)
 
     def list_profiles(
-        self, page_size: int = 0, page_token: str = "", state: ProfileState | None = None
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        state: ProfileState | None = None,
+        namespaces: Iterable[str] = (),
     ) -> tuple[list[Profile], str]:
-        req = pb.ListProfilesRequest(page_size=page_size, page_token=page_token)
+        """`namespaces`: only profiles in these (empty: every one the caller may read)."""
+        req = pb.ListProfilesRequest(
+            page_size=page_size, page_token=page_token, namespaces=list(namespaces)
+        )
         if state is not None:
             req.states.append(cv.profile_state_to_pb(state))
         r = call(self._stub.ListProfiles, req, self.timeout)
@@ -130,12 +147,20 @@ class StoreClient:
         return cv.cost_model_from_pb(r.cost_model)
 
     def list_cost_models(
-        self, page_size: int = 0, page_token: str = "", profile_id: str = ""
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        profile_id: str = "",
+        namespaces: Iterable[str] = (),
     ) -> tuple[list[CostModel], str]:
+        """`namespaces`: only cost models in these (empty: every one the caller may read)."""
         r = call(
             self._stub.ListCostModels,
             pb.ListCostModelsRequest(
-                page_size=page_size, page_token=page_token, profile_id=profile_id
+                page_size=page_size,
+                page_token=page_token,
+                profile_id=profile_id,
+                namespaces=list(namespaces),
             ),
             self.timeout,
         )

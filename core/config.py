@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from idealrt.core.auth import AuthConfig
 from idealrt.core.tls import TlsConfig, insecure_from_env
 
 __all__ = [
@@ -77,6 +78,10 @@ class ServingConfig:
     # (IDEALRT_INSECURE=1)
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     allow_insecure: bool = False
+    # who may call (IDEALRT_AUTH_*, idealrt.core.auth): off by default, every caller is
+    # then ANONYMOUS_ADMIN; service_token_file (IDEALRT_SERVICE_TOKEN_FILE) is the token
+    # this service presents to the ones it calls
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
@@ -89,6 +94,7 @@ class ServingConfig:
             max_prompt_tokens=_int(e, "IDEALRT_MAX_PROMPT_TOKENS", cls.max_prompt_tokens),
             tls=TlsConfig.from_env(e),
             allow_insecure=insecure_from_env(e),
+            auth=AuthConfig.from_env(e),
         )
 
 
@@ -103,6 +109,8 @@ class StoreConfig:
     # transport security: as ServingConfig.tls / allow_insecure
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     allow_insecure: bool = False
+    # authentication: as ServingConfig.auth
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @property
     def resolved_url(self) -> str:
@@ -119,6 +127,7 @@ class StoreConfig:
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             tls=TlsConfig.from_env(e),
             allow_insecure=insecure_from_env(e),
+            auth=AuthConfig.from_env(e),
         )
 
 
@@ -155,10 +164,15 @@ class ProfilerConfig:
     # credentials and the hosts each namespace may reach (services/profiler/outbound.py);
     # None: no credentials and no hosts (the embedded suite, on loopback, allows loopback)
     outbound_config: Path | None = None
+    # per-namespace quotas (IDEALRT_QUOTAS_FILE, TOML: services/profiler/quotas.py);
+    # None: no limits
+    quotas_file: Path | None = None
 
     # transport security: as ServingConfig.tls / allow_insecure
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     allow_insecure: bool = False
+    # authentication: as ServingConfig.auth
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @property
     def lease_dir(self) -> Path:
@@ -184,8 +198,10 @@ class ProfilerConfig:
             outbound_config=Path(e["IDEALRT_OUTBOUND_CONFIG"])
             if e.get("IDEALRT_OUTBOUND_CONFIG")
             else None,
+            quotas_file=Path(e["IDEALRT_QUOTAS_FILE"]) if e.get("IDEALRT_QUOTAS_FILE") else None,
             tls=TlsConfig.from_env(e),
             allow_insecure=insecure_from_env(e),
+            auth=AuthConfig.from_env(e),
         )
 
 
@@ -204,6 +220,8 @@ class MetricsConfig:
     # transport security: as ServingConfig.tls / allow_insecure
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     allow_insecure: bool = False
+    # authentication: as ServingConfig.auth
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MetricsConfig:
@@ -218,6 +236,7 @@ class MetricsConfig:
             max_json_depth=_int(e, "IDEALRT_MAX_JSON_DEPTH", cls.max_json_depth),
             tls=TlsConfig.from_env(e),
             allow_insecure=insecure_from_env(e),
+            auth=AuthConfig.from_env(e),
         )
 
 

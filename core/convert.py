@@ -17,6 +17,7 @@ from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import domain as d
 from idealrt.core.errors import InvalidArgument, invalid
 from idealrt.core.model_spec import Activation, ModelSpec, Norm, Positional
+from idealrt.core.namespaces import check_namespace
 from idealrt.core.reasons import (
     API_KEY_ENV_RETIRED,
     DURATION_INVALID,
@@ -428,6 +429,7 @@ def profile_to_pb(p: d.Profile) -> rpb.Profile:
         total_samples=p.total_samples,
         error=p.error,
         provenance=dict(p.provenance.entries),
+        namespace=p.namespace,
     )
     if p.model_spec is not None:
         msg.model_spec.CopyFrom(spec_to_pb(p.model_spec))
@@ -435,7 +437,8 @@ def profile_to_pb(p: d.Profile) -> rpb.Profile:
 
 
 def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False) -> d.Profile:
-    """`new=True` for client-created profiles: state and progress are the server's."""
+    """`new=True` for client-created profiles: state and progress are the server's (the
+    namespace is the client's, `new` or not). An empty namespace is "default"."""
     return d.Profile(
         id="" if new else m.id,
         model=model_ref_from_pb(m.model, f"{field}.model"),
@@ -454,6 +457,7 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
         model_spec=spec_from_pb(m.model_spec, f"{field}.model_spec")
         if m.HasField("model_spec") and not new
         else None,
+        namespace=check_namespace(m.namespace, f"{field}.namespace"),
     )
 
 
@@ -487,6 +491,7 @@ def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
         create_time=ts_to_pb(cm.create_time),
         model_name=cm.model_name,
         fit_options=cm.fit_options,
+        namespace=cm.namespace,
     )
     for k, (lo, hi) in cm.intervals.items():
         msg.intervals[k].low = lo
@@ -497,6 +502,7 @@ def cost_model_to_pb(cm: d.CostModel) -> rpb.CostModel:
 
 
 def cost_model_from_pb(m: rpb.CostModel, field: str = "cost_model") -> d.CostModel:
+    """An empty namespace is "default"."""
     return d.CostModel(
         id=m.id,
         profile_id=m.profile_id,
@@ -522,4 +528,5 @@ def cost_model_from_pb(m: rpb.CostModel, field: str = "cost_model") -> d.CostMod
         model_name=m.model_name,
         stack=stack_from_pb(m.stack, f"{field}.stack") if m.HasField("stack") else None,
         fit_options=dict(m.fit_options),
+        namespace=check_namespace(m.namespace, f"{field}.namespace"),
     )

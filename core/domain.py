@@ -12,7 +12,12 @@ from datetime import datetime
 
 from idealrt.core.model_spec import ModelSpec
 
+# Every stored object (profile, its samples, cost model) belongs to one namespace, a DNS
+# label (`idealrt.core.namespaces` checks it); objects created without one live here.
+DEFAULT_NAMESPACE = "default"
+
 __all__ = [
+    "DEFAULT_NAMESPACE",
     "Backend",
     "ContentionObservation",
     "CostModel",
@@ -155,6 +160,8 @@ class Profile:
     error: str = ""
     provenance: Provenance = dataclasses.field(default_factory=Provenance)
     model_spec: ModelSpec | None = None  # resolved spec actually measured
+    # set at creation, never changed: its samples and cost models belong to it too
+    namespace: str = DEFAULT_NAMESPACE
 
 
 class SampleFlag(enum.StrEnum):
@@ -243,3 +250,5 @@ class CostModel:
     # the FitOptions of the fit (name -> value as text), to re-derive its bootstrap
     # replicates exactly; empty where not fitted here or stored before this field existed
     fit_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    # set at creation, never changed; equal to its profile's when profile_id names one
+    namespace: str = DEFAULT_NAMESPACE

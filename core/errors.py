@@ -19,6 +19,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "error_for_code",
@@ -64,6 +65,12 @@ class PermissionDenied(IdealrtError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(IdealrtError):
+    """No valid credentials: a missing, malformed, unknown, expired or badly signed token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ResourceExhausted(IdealrtError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -88,6 +95,7 @@ _BY_CODE: dict[grpc.StatusCode, type[IdealrtError]] = {
         AlreadyExists,
         FailedPrecondition,
         PermissionDenied,
+        Unauthenticated,
         ResourceExhausted,
         Unavailable,
         Unimplemented,

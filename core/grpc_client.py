@@ -12,15 +12,22 @@ design). Creates are idempotent on their request_id: the clients fill in a fresh
 (`request_id_or_new`) when the caller gives none, so a retry replays rather than duplicates.
 A server-streaming RPC (WatchProfile) is retried only before its first response message;
 after that, `ProfilerClient.watch` reconnects itself.
+
+Authentication: given a token (a string, or a callable such as `idealrt.core.auth.
+TokenFile` that returns the current one), a channel sends `authorization: Bearer <token>`
+metadata on every call (`with_token`, a client interceptor). Per-call metadata rather than
+grpc call credentials, which grpc sends only over TLS channels: the embedded suite's
+loopback channels are plaintext.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import uuid
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2
@@ -37,6 +44,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "NOT_RETRIED",
     "RETRY_POLICY",
+    "Token",
     "all_methods",
     "call",
     "call_stream",
@@ -45,6 +53,7 @@ __all__ = [
     "request_id_or_new",
     "retried_methods",
     "service_config",
+    "with_token",
 ]
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -107,12 +116,74 @@ def service_config() -> str:
 _SERVICE_CONFIG = service_config()
 
 
-def open_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+# a bearer token, or what returns the current one (a token file re-read when it changes)
+Token: TypeAlias = str | Callable[[], str]
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call's metadata."""
+
+    def __init__(self, token: Token) -> None:
+        self._token = token
+
+    def _details(self, details: Any) -> _CallDetails:
+        token = self._token() if callable(self._token) else self._token
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"] + [
+            ("authorization", f"Bearer {token}")
+        ]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def with_token(channel: grpc.Channel, token: Token | None) -> grpc.Channel:
+    """`channel` sending `authorization: Bearer <token>` on every call (unchanged when
+    `token` is None). Closing the returned channel closes `channel`."""
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, _BearerInterceptor(token))
+
+
+def open_channel(
+    address: str, tls: TlsConfig | None = None, token: Token | None = None
+) -> grpc.Channel:
     """A channel to `address` with the retry policy above: secure when `tls` has a client
     side (`ca_file` to verify the server, `client_cert_file`/`client_key_file` for mTLS;
     see idealrt.core.tls), plaintext otherwise. Reconnection backs off like the retries do
     (from 0.1 s, not grpc's default 1 s), so that a retry finds a server that has just come
-    back."""
+    back. `token`: sent as a bearer token on every call (`with_token`)."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -124,8 +195,10 @@ def open_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
     if tls is not None and tls.client_tls:
-        return grpc.secure_channel(address, channel_credentials(tls), options=options)
-    return grpc.insecure_channel(address, options=options)
+        channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return with_token(channel, token)
 
 
 def request_id_or_new(request_id: str) -> str:

@@ -3,6 +3,10 @@
 `ErrorInterceptor` maps `IdealrtError` to `google.rpc.Status` carrying
 `ErrorInfo(reason, domain="idealrt", metadata={"field": ...})`; any other exception becomes
 INTERNAL "internal error" and is logged with its traceback. One `rpc_finished` line per RPC.
+Given an enabled `Authenticator` (idealrt.core.auth), it also authenticates every RPC but
+health and reflection from its `authorization: Bearer <token>` metadata before the handler
+runs (UNAUTHENTICATED otherwise), and the handler runs as that principal
+(`idealrt.core.auth.current_principal()`; a streaming handler for its whole iteration).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from idealrt.core.auth import Authenticator, Principal, acting_as
 from idealrt.core.errors import DOMAIN, IdealrtError
 from idealrt.core.observability import rpc_metrics, serve_metrics
 from idealrt.core.tls import ENV_VARS, INSECURE_VAR, TlsConfig, server_credentials
 
 __all__ = [
     "UNARY_WORKERS",
+    "UNAUTHENTICATED_METHODS",
     "ErrorInterceptor",
     "GrpcServer",
     "abort_status",
@@ -74,13 +80,37 @@ def _internal_status() -> grpc.Status:
     return rpc_status.to_status(st)
 
 
+# services whose RPCs need no token: Kubernetes' probes and grpcurl-style discovery
+UNAUTHENTICATED_METHODS = (
+    f"/{health.SERVICE_NAME}/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+def _bearer(context: grpc.ServicerContext) -> str | None:
+    """The `authorization` metadata value; two of them are as malformed as a bad one."""
+    values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+    if len(values) > 1:
+        return "malformed: repeated"
+    if not values:
+        return None
+    value = values[0]
+    return value if isinstance(value, str) else "malformed: binary"
+
+
 def _request_id(request: Any) -> str:
     rid = getattr(request, "request_id", "")
     return rid if isinstance(rid, str) else ""
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps domain errors to rich statuses and logs one `rpc_finished` line per RPC."""
+    """Maps domain errors to rich statuses and logs one `rpc_finished` line per RPC; with
+    an enabled `auth`, authenticates each RPC (UNAUTHENTICATED_METHODS excepted) before its
+    handler runs and runs the handler as the caller's principal."""
+
+    def __init__(self, auth: Authenticator | None = None) -> None:
+        self._auth = auth if auth is not None and auth.enabled else None
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -89,8 +119,19 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
+        auth = None if method.startswith(UNAUTHENTICATED_METHODS) else self._auth
 
         metrics = rpc_metrics()
+
+        def principal_of(context: grpc.ServicerContext) -> Principal | None:
+            if auth is None:
+                return None
+            try:
+                return auth.authenticate(_bearer(context))
+            except IdealrtError as exc:
+                # what was wrong (never the token) and from where
+                log.warning("auth_failed", method=method, error=exc.message, peer=context.peer())
+                raise
 
         def finish(start: float, code: str, request_id: str) -> None:
             seconds = time.perf_counter() - start
@@ -127,7 +168,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 rid = _request_id(request) if not hasattr(request, "__next__") else ""
                 try:
-                    resp = fn(request, context)
+                    principal = principal_of(context)
+                    if principal is None:
+                        resp = fn(request, context)
+                    else:
+                        with acting_as(principal):
+                            resp = fn(request, context)
                 except Exception as exc:
                     if is_abort(exc):
                         raise
@@ -143,7 +189,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 rid = _request_id(request)
                 try:
-                    yield from fn(request, context)
+                    principal = principal_of(context)
+                    if principal is None:
+                        yield from fn(request, context)
+                    else:
+                        yield from _iterate_as(principal, fn(request, context))
                 except Exception as exc:
                     if is_abort(exc):
                         raise
@@ -178,6 +228,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _iterate_as(principal: Principal, it: Iterator[Any]) -> Iterator[Any]:
+    """A handler's response stream with each step run as `principal` (grpc may resume a
+    stream from a different thread, so the contextvar is set per step, not once)."""
+    try:
+        while True:
+            with acting_as(principal):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            with acting_as(principal):
+                close()
 
 
 class GrpcServer:
@@ -293,6 +361,7 @@ def start_server(
     metrics_port: int = 0,
     tls: TlsConfig | None = None,
     allow_insecure: bool = False,
+    auth: Authenticator | None = None,
 ) -> GrpcServer:
     """Build and start a server on `address` ("127.0.0.1:0" picks a free port) with a pool
     of `max_workers` threads (see UNARY_WORKERS); Prometheus metrics on `metrics_port`
@@ -302,7 +371,10 @@ def start_server(
     are reloaded when they change, see idealrt.core.tls); without, plaintext, which is
     refused on a non-loopback address unless `allow_insecure` (IDEALRT_INSECURE=1, read by
     the service's config). `tls.health_port` > 0 adds a plaintext listener on the same
-    host that serves only grpc.health.v1, for Kubernetes' probes (they cannot speak TLS)."""
+    host that serves only grpc.health.v1, for Kubernetes' probes (they cannot speak TLS).
+
+    `auth` (enabled: a tokens file or a JWKS configured) authenticates every RPC but health
+    and reflection; None or not enabled: every caller is ANONYMOUS_ADMIN."""
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     tls = tls or TlsConfig()
@@ -318,7 +390,7 @@ def start_server(
     serve_metrics(metrics_port)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -360,6 +432,7 @@ def start_server(
         tls=tls.server_tls,
         mtls=tls.mtls,
         health_port=tls.health_port,
+        auth=auth is not None and auth.enabled,
     )
     return GrpcServer(server, port, health_servicer, service_names, health_server)
 

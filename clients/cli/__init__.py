@@ -14,7 +14,7 @@ from pathlib import Path
 
 from idealrt.clients.cli._parse import duration_s, int_list, percent
 from idealrt.clients.cli._render import err_console
-from idealrt.clients.cli._session import Session, client_tls, open_session
+from idealrt.clients.cli._session import Session, client_tls, client_token, open_session
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import IdealrtError
 
@@ -66,6 +66,12 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="PEM private key of --cert (default $IDEALRT_TLS_CLIENT_KEY)",
     )
+    p.add_argument(
+        "--token-file",
+        default="",
+        help="file holding the bearer token sent to the services (default "
+        "$IDEALRT_TOKEN_FILE, else the token in $IDEALRT_TOKEN)",
+    )
 
 
 def _queries_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +81,7 @@ def _queries_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from idealrt.clients.cli import _demo, _metrics, _profile, _service
+    from idealrt.clients.cli import _demo, _metrics, _profile, _service, _token
 
     root = argparse.ArgumentParser(prog="idealrt", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -113,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2")
 
     add("models", _service.cmd_models, "the architecture catalog", session=False)
+    add(
+        "token-hash",
+        _token.cmd_token_hash,
+        "print the sha256 of a token read from stdin, for IDEALRT_AUTH_TOKENS_FILE",
+        session=False,
+    )
 
     p = add("profile", _profile.cmd_profile, "measure a model on a stack over a grid")
     p.add_argument("--model", default="", help="catalog name (see `idealrt models`)")
@@ -294,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store=args.store,
             serving_target=getattr(args, "target", "") or "",
             tls=client_tls(args.ca, args.cert, args.key),
+            token=client_token(args.token_file),
         ) as session:
             return int(args.fn(args, session))
     except IdealrtError as err:

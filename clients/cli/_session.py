@@ -13,9 +13,12 @@ from idealrt.clients.metrics import MetricsClient
 from idealrt.clients.profiler import ProfilerClient
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
+from idealrt.core.auth import CLIENT_TOKEN_FILE_VAR, CLIENT_TOKEN_VAR
+from idealrt.core.auth import client_token as _client_token
+from idealrt.core.grpc_client import Token
 from idealrt.core.tls import ENV_VARS, TlsConfig
 
-__all__ = ["Session", "client_tls", "open_session"]
+__all__ = ["Session", "client_tls", "client_token", "open_session"]
 
 
 @dataclass
@@ -48,6 +51,17 @@ def client_tls(ca: str = "", cert: str = "", key: str = "") -> TlsConfig | None:
     )
 
 
+def client_token(token_file: str = "") -> Token | None:
+    """The bearer token from --token-file, else the file named by IDEALRT_TOKEN_FILE, else
+    IDEALRT_TOKEN; None when none is set (no token is sent)."""
+    try:
+        return _client_token(token_file)
+    except ValueError as exc:  # the message names the file or variable, never the token
+        raise SystemExit(
+            f"error: {exc} (--token-file, {CLIENT_TOKEN_FILE_VAR} or {CLIENT_TOKEN_VAR})"
+        ) from None
+
+
 @contextlib.contextmanager
 def open_session(
     *,
@@ -58,18 +72,20 @@ def open_session(
     store: str = "",
     serving_target: str = "",
     tls: TlsConfig | None = None,
+    token: Token | None = None,
 ) -> Iterator[Session]:
-    """Clients of a deployed suite (TLS when `tls` has a client side), or of the embedded
-    one (plaintext on loopback: `tls` does not apply)."""
+    """Clients of a deployed suite (TLS when `tls` has a client side; `token` sent as the
+    bearer token of every call), or of the embedded one (plaintext on loopback, no
+    authentication: `tls` and `token` do not apply)."""
     profiler = profiler or os.environ.get("IDEALRT_PROFILER", "")
     metrics = metrics or os.environ.get("IDEALRT_METRICS", "")
     store = store or os.environ.get("IDEALRT_STORE", "")
     if profiler and metrics and store:
         try:
             clients = (
-                ProfilerClient(profiler, tls=tls),
-                MetricsClient(metrics, tls=tls),
-                StoreClient(store, tls=tls),
+                ProfilerClient(profiler, tls=tls, token=token),
+                MetricsClient(metrics, tls=tls, token=token),
+                StoreClient(store, tls=tls, token=token),
             )
         except ValueError as exc:  # an unreadable or invalid --ca/--cert/--key
             raise SystemExit(f"error: {exc}") from None

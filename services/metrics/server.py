@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from idealrt.clients.store import StoreClient
+from idealrt.core.auth import Authenticator
 from idealrt.core.config import MetricsConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
@@ -21,7 +22,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         raise ValueError("MetricsConfig.store_target is required")
     # mTLS between the suite's services: the client side of cfg.tls (ca_file,
     # client_cert_file/client_key_file); plaintext when it has none
-    store = StoreClient(cfg.store_target, tls=cfg.tls)
+    store = StoreClient(cfg.store_target, tls=cfg.tls, token=cfg.auth.service_token())
     servicer = MetricsServicer(MetricsEngine(store, limits=RequestLimits.from_config(cfg)))
     server = start_server(
         cfg.address,
@@ -30,6 +31,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         metrics_port=cfg.metrics_port,
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
+        auth=Authenticator(cfg.auth),
     )
     server.on_stop.append(store.close)
     return server, server.port

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
+from idealrt.core.auth import Authenticator
 from idealrt.core.config import ProfilerConfig
 from idealrt.core.domain import Profile, TargetKind
 from idealrt.core.errors import InvalidArgument
@@ -58,7 +59,11 @@ def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = N
             )
         from idealrt.services.profiler.serving_target import ServingTarget
 
-        return ServingTarget(ServingClient(address, tls=cfg.tls), profile, owns_serving=True)
+        return ServingTarget(
+            ServingClient(address, tls=cfg.tls, token=cfg.auth.service_token()),
+            profile,
+            owns_serving=True,
+        )
 
     return factory
 
@@ -74,7 +79,7 @@ def build_server(
         outbound = OutboundPolicy.load(cfg.outbound_config)
     # mTLS between the suite's services: the client side of cfg.tls (ca_file,
     # client_cert_file/client_key_file); plaintext when it has none
-    store = StoreClient(cfg.store_target, tls=cfg.tls)
+    store = StoreClient(cfg.store_target, tls=cfg.tls, token=cfg.auth.service_token())
     manager = ProfileManager(
         store,
         make_target_factory(cfg, outbound),
@@ -111,6 +116,7 @@ def build_server(
         metrics_port=cfg.metrics_port,
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
+        auth=Authenticator(cfg.auth),
     )
     # at the drain's start: running profiles are checkpointed at once (not measured on
     # through the grace period), and their watch streams end, so the drain is short

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from idealrt.core.auth import Authenticator
 from idealrt.core.config import ServingConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.services.serving.registry import ModelRegistry
@@ -28,6 +29,7 @@ def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
         metrics_port=cfg.metrics_port,
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
+        auth=Authenticator(cfg.auth),
         max_workers=4,
     )
     server.on_stop.append(registry.close)

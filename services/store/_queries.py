@@ -1,10 +1,16 @@
 """In-transaction lookups for `Store`: rows by id, the idempotency checks that compare a
 replayed create or sample batch with what was stored, and the comparison bodies they use.
-Each takes an open connection; the caller owns the transaction."""
+Each takes an open connection; the caller owns the transaction.
+
+`namespaces` (a visibility set, see `idealrt.core.namespaces`: None is every namespace)
+narrows a lookup: a row outside it is NOT_FOUND with exactly the error of a missing id, so
+its existence never leaks. A replayed request_id whose stored object is in another namespace
+is REQUEST_ID_REUSED without naming that object (request ids are unique store-wide)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -22,7 +28,26 @@ __all__ = [
     "get_profile",
     "mutable",
     "profile_by_request",
+    "visible",
 ]
+
+
+def visible(column: sa.Column[Any], namespaces: frozenset[str] | None) -> sa.ColumnElement[bool]:
+    """The WHERE clause of a visibility set on a namespace column."""
+    if namespaces is None:
+        return sa.true()
+    if not namespaces:
+        return sa.false()
+    return column.in_(sorted(namespaces))
+
+
+def _reused_elsewhere(request_id: str, kind: str) -> AlreadyExists:
+    return AlreadyExists(
+        REQUEST_ID_REUSED,
+        f"request_id {request_id!r} was already used for another {kind}; use a new request_id "
+        f"for a new {kind}",
+        field="request_id",
+    )
 
 
 def _profile_not_found(profile_id: str, field: str) -> NotFound:
@@ -54,6 +79,8 @@ def profile_by_request(conn: sa.Connection, p: Profile) -> Profile | None:
     if row is None:
         return None
     existing = _rows.profile_from_row(row)
+    if existing.namespace != p.namespace:
+        raise _reused_elsewhere(p.request_id, "profile")
     if _request_body(existing) != _request_body(p):
         raise AlreadyExists(
             REQUEST_ID_REUSED,
@@ -64,8 +91,17 @@ def profile_by_request(conn: sa.Connection, p: Profile) -> Profile | None:
     return existing
 
 
-def get_profile(conn: sa.Connection, profile_id: str, field: str, *, lock: bool = False) -> Profile:
-    query = sa.select(profiles).where(profiles.c.id == profile_id)
+def get_profile(
+    conn: sa.Connection,
+    profile_id: str,
+    field: str,
+    *,
+    lock: bool = False,
+    namespaces: frozenset[str] | None = None,
+) -> Profile:
+    query = sa.select(profiles).where(
+        profiles.c.id == profile_id, visible(profiles.c.namespace, namespaces)
+    )
     row = conn.execute(query.with_for_update() if lock else query).mappings().first()
     if row is None:
         raise _profile_not_found(profile_id, field)
@@ -113,6 +149,8 @@ def cost_model_by_request(conn: sa.Connection, cm: CostModel) -> CostModel | Non
     if row is None:
         return None
     existing = _rows.cost_model_from_row(row)
+    if existing.namespace != cm.namespace:
+        raise _reused_elsewhere(cm.request_id, "cost model")
     if _cost_model_body(existing) != _cost_model_body(dataclasses.replace(cm, id="")):
         raise AlreadyExists(
             REQUEST_ID_REUSED,
@@ -123,10 +161,13 @@ def cost_model_by_request(conn: sa.Connection, cm: CostModel) -> CostModel | Non
     return existing
 
 
-def get_cost_model(conn: sa.Connection, cm_id: str) -> CostModel:
-    row = conn.execute(
-        sa.select(cost_models).where(cost_models.c.id == cm_id)
-    ).mappings().first()  # fmt: skip
+def get_cost_model(
+    conn: sa.Connection, cm_id: str, namespaces: frozenset[str] | None = None
+) -> CostModel:
+    query = sa.select(cost_models).where(
+        cost_models.c.id == cm_id, visible(cost_models.c.namespace, namespaces)
+    )
+    row = conn.execute(query).mappings().first()
     if row is None:
         raise NotFound(COST_MODEL_NOT_FOUND, f"no cost model with id {cm_id!r}", field="id")
     return _rows.cost_model_from_row(row)

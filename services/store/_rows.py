@@ -45,7 +45,9 @@ _PROFILE_PAYLOAD: dict[str, Any] = {
     "model_spec": ModelSpec | None,
 }
 # Stored as columns, not in the cost model's payload.
-_COST_MODEL_COLUMNS = ("id", "request_id", "profile_id", "kind", "name", "create_time")
+_COST_MODEL_COLUMNS = (
+    "id", "request_id", "profile_id", "kind", "name", "create_time", "namespace",
+)  # fmt: skip
 _DEFAULT_CONTENTION = _serde.to_jsonable(ContentionObservation())
 
 
@@ -67,6 +69,7 @@ def profile_row(p: Profile, *, update_time: datetime) -> dict[str, Any]:
         "total_samples": p.total_samples,
         "error": p.error,
         "payload": _serde.dumps(payload),
+        "namespace": p.namespace,
     }
 
 
@@ -87,6 +90,7 @@ def profile_from_row(row: Mapping[str, Any] | RowMapping) -> Profile:
         completed_samples=row["completed_samples"],
         total_samples=row["total_samples"],
         error=row["error"],
+        namespace=row["namespace"],
         **parts,
     )
 
@@ -142,6 +146,7 @@ def cost_model_row(cm: CostModel) -> dict[str, Any]:
         "name": cm.name,
         "create_time": cm.create_time,
         "payload": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+        "namespace": cm.namespace,
     }
 
 
@@ -154,6 +159,7 @@ def cost_model_from_row(row: Mapping[str, Any] | RowMapping) -> CostModel:
         kind=row["kind"],
         name=row["name"],
         create_time=None,
+        namespace=row["namespace"],
     )
     cm: CostModel = _serde.from_jsonable(CostModel, payload)
     return dataclasses.replace(cm, create_time=row["create_time"])

@@ -30,6 +30,7 @@ from idealrt.core.domain import (
 )
 from idealrt.core.errors import invalid
 from idealrt.core.model_spec import ModelSpec
+from idealrt.core.namespaces import check_namespace
 from idealrt.core.reasons import TIMESTAMP_INVALID
 from idealrt.services.store import _serde
 from idealrt.services.store.reasons import (
@@ -42,6 +43,7 @@ from idealrt.services.store.schema import ID_LEN, NAME_LEN, REQUEST_ID_LEN
 __all__ = [
     "check_cost_model",
     "check_id",
+    "check_namespaces",
     "check_profile",
     "check_request_id",
     "check_samples",
@@ -157,6 +159,16 @@ def check_state(value: object, field: str = "state") -> ProfileState:
         ) from None
 
 
+def check_namespaces(namespaces: object) -> frozenset[str] | None:
+    """A visibility set given to a Store method: None (every namespace) or a set of valid
+    namespaces (empty: none at all)."""
+    if namespaces is None:
+        return None
+    if not isinstance(namespaces, frozenset | set):
+        raise invalid("namespaces", VALUE_INVALID, "namespaces must be a set of namespaces or None")
+    return frozenset(check_namespace(n, "namespaces") for n in namespaces)
+
+
 def check_profile(p: object) -> Profile:
     if not isinstance(p, Profile):
         raise invalid("profile", VALUE_INVALID, "profile must be a Profile")
@@ -177,6 +189,7 @@ def check_profile(p: object) -> Profile:
         completed_samples=_int(p.completed_samples, "completed_samples"),
         total_samples=_int(p.total_samples, "total_samples"),
         error=_text(p.error, "error"),
+        namespace=check_namespace(p.namespace, "namespace"),
     )
 
 
@@ -247,6 +260,7 @@ def check_cost_model(cm: object) -> CostModel:
         kind=_nonempty(_text(cm.kind, "kind", 32), "kind"),
         name=_text(cm.name, "name", NAME_LEN),
         create_time=_time(cm.create_time, "create_time"),
+        namespace=check_namespace(cm.namespace, "namespace"),
     )
     # the model's own consistency (finite numbers, knots, ranges, kind): a record every
     # later estimate on it can evaluate

@@ -18,6 +18,17 @@ Database connection failures surface as Unavailable STORE_UNAVAILABLE.
 Pages (AIP-158): page_size 0 means the default; larger than the maximum is coerced to the
 maximum; negative is InvalidArgument. Profiles and cost models list newest first
 (create_time, id descending); samples in seq order.
+
+Namespaces: a profile or cost model is created in its `namespace` and stays there; its
+samples belong to it. Reads (get, list, samples, counts) and the lookups of writes (update,
+append, a cost model's profile) take `namespaces`, a visibility set (None: every namespace,
+as before namespaces existed; an empty set: none): an object outside it is NOT_FOUND exactly
+as if it did not exist (same reason, message and field), and lists are filtered. An update
+never moves an object: the stored namespace wins and the namespace in the request is
+ignored (a client that predates namespaces sends "default" for everything). A cost model
+that names a profile must be in the profile's namespace (InvalidArgument NAMESPACE_MISMATCH).
+Authorization is the caller's: which set to pass, and whether it may write in a namespace.
+Ids and request ids are unique store-wide, not per namespace.
 """
 
 from __future__ import annotations
@@ -37,13 +48,14 @@ from sqlalchemy.exc import IntegrityError
 from idealrt.core import paging
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, invalid
 from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.store import _queries, _rows, _serde, _validate
 from idealrt.services.store._dberrors import unavailable_on_db_error
 from idealrt.services.store.reasons import (
     BATCH_ID_INVALID,
     COST_MODEL_ALREADY_EXISTS,
+    NAMESPACE_MISMATCH,
     PROFILE_ALREADY_EXISTS,
     STORE_CLOSED,
 )
@@ -66,6 +78,7 @@ __all__ = [
 PROFILE_PAGE = (50, 1000)
 SAMPLE_PAGE = (1000, 10000)
 _UNFINISHED = (ProfileState.QUEUED.value, ProfileState.RUNNING.value)
+Namespaces = frozenset[str] | None  # a visibility set: None is every namespace
 
 
 def open_store(url: str) -> Store:
@@ -83,6 +96,15 @@ def open_store(url: str) -> Store:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def _listing_filter(base: str, namespaces: Namespaces) -> str:
+    """A page token's filter: `base` alone for every namespace (tokens issued before
+    namespaces stay valid), else `base` and a short digest of the set (a set of many
+    63-character names would not fit a token)."""
+    if namespaces is None:
+        return base
+    return f"{base}|ns:{_serde.digest(sorted(namespaces))[:16]}"
 
 
 class Store:
@@ -153,19 +175,26 @@ class Store:
                 PROFILE_ALREADY_EXISTS, f"a profile with id {p.id!r} exists", field="id"
             ) from None
 
-    def get_profile(self, profile_id: str) -> Profile:
-        _validate.check_id(profile_id, "id")
+    def get_profile(
+        self, profile_id: str, namespaces: Namespaces = None, *, field: str = "id"
+    ) -> Profile:
+        """`field` names the id in errors (a caller looking up the profile of another
+        request's `profile_id` passes "profile_id")."""
+        _validate.check_id(profile_id, field)
+        ns = _validate.check_namespaces(namespaces)
         with self._tx(write=False) as conn:
-            return _queries.get_profile(conn, profile_id, "id")
+            return _queries.get_profile(conn, profile_id, field, namespaces=ns)
 
-    def update_profile(self, profile: Profile) -> Profile:
+    def update_profile(self, profile: Profile, namespaces: Namespaces = None) -> Profile:
         """Write the mutable fields (state, counters, start/end time, error, provenance,
-        model_spec); model/stack/plan/target/request_id/create_time are kept as stored.
-        A terminal profile is final: only an identical update (a retry) is accepted."""
+        model_spec); model/stack/plan/target/request_id/create_time/namespace are kept as
+        stored. A terminal profile is final: only an identical update (a retry) is
+        accepted. A profile outside `namespaces` is NOT_FOUND."""
         p = _validate.check_profile(profile)
         _validate.check_id(p.id, "id")
+        ns = _validate.check_namespaces(namespaces)
         with self._tx(write=True) as conn:
-            current = _queries.get_profile(conn, p.id, "id", lock=True)
+            current = _queries.get_profile(conn, p.id, "id", lock=True, namespaces=ns)
             updated = dataclasses.replace(
                 current,
                 state=p.state,
@@ -186,28 +215,36 @@ class Store:
                     field="state",
                 )
             row = _rows.profile_row(updated, update_time=utcnow())
-            del row["id"], row["request_id"], row["create_time"]
+            del row["id"], row["request_id"], row["create_time"], row["namespace"]
             conn.execute(profiles.update().where(profiles.c.id == p.id).values(row))
             return _queries.get_profile(conn, p.id, "id")
 
     def list_profiles(
-        self, page_size: int, page_token: str, state: ProfileState | None = None
+        self,
+        page_size: int,
+        page_token: str,
+        state: ProfileState | None = None,
+        namespaces: Namespaces = None,
     ) -> tuple[list[Profile], str]:
-        """Newest first. Returns (profiles, next_page_token); "" when there are no more."""
+        """Newest first, only those in `namespaces`. Returns (profiles, next_page_token);
+        "" when there are no more."""
         size = paging.page_size(page_size, *PROFILE_PAGE)
-        filt = "" if state is None else _validate.check_state(state).value
-        query = sa.select(profiles)
+        ns = _validate.check_namespaces(namespaces)
+        state_filt = "" if state is None else _validate.check_state(state).value
+        query = sa.select(profiles).where(_queries.visible(profiles.c.namespace, ns))
         if state is not None:
-            query = query.where(profiles.c.state == filt)
+            query = query.where(profiles.c.state == state_filt)
+        filt = _listing_filter(state_filt, ns)
         return self._newest_first(
             profiles, query, size, page_token, "profiles", filt, _rows.profile_from_row
         )
 
-    def unfinished_profiles(self) -> list[Profile]:
+    def unfinished_profiles(self, namespaces: Namespaces = None) -> list[Profile]:
         """QUEUED and RUNNING profiles, oldest first (to resume at profiler start-up)."""
+        ns = _validate.check_namespaces(namespaces)
         query = (
             sa.select(profiles)
-            .where(profiles.c.state.in_(_UNFINISHED))
+            .where(profiles.c.state.in_(_UNFINISHED), _queries.visible(profiles.c.namespace, ns))
             .order_by(profiles.c.create_time, profiles.c.id)
         )
         with self._tx(write=False) as conn:
@@ -246,14 +283,22 @@ class Store:
 
     # ---- samples -----------------------------------------------------------------------
 
-    def append_samples(self, profile_id: str, batch_id: str, samples_: Sequence[Sample]) -> int:
+    def append_samples(
+        self,
+        profile_id: str,
+        batch_id: str,
+        samples_: Sequence[Sample],
+        namespaces: Namespaces = None,
+    ) -> int:
         """Append a batch atomically, assigning contiguous seq numbers; returns its size.
-        Idempotent on (profile_id, batch_id). A finished profile takes no new batches."""
+        Idempotent on (profile_id, batch_id). A finished profile takes no new batches; one
+        outside `namespaces` is NOT_FOUND."""
         _validate.check_id(profile_id, "profile_id")
         _validate.check_request_id(batch_id, "batch_id", allow_empty=False, reason=BATCH_ID_INVALID)
         batch = _validate.check_samples(samples_)
+        ns = _validate.check_namespaces(namespaces)
         with self._tx(write=True) as conn:
-            profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True)
+            profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True, namespaces=ns)
             prior = conn.execute(
                 sa.select(sample_batches.c.first_seq, sample_batches.c.count).where(
                     sample_batches.c.profile_id == profile_id,
@@ -294,52 +339,68 @@ class Store:
             return len(batch)
 
     def list_samples(
-        self, profile_id: str, page_size: int, page_token: str
+        self, profile_id: str, page_size: int, page_token: str, namespaces: Namespaces = None
     ) -> tuple[list[Sample], str]:
-        """In seq order. Returns (samples, next_page_token); "" when there are no more."""
+        """In seq order. Returns (samples, next_page_token); "" when there are no more. A
+        profile outside `namespaces` is NOT_FOUND."""
         _validate.check_id(profile_id, "profile_id")
+        ns = _validate.check_namespaces(namespaces)
         size = paging.page_size(page_size, *SAMPLE_PAGE)
         cursor = paging.decode_token(page_token, "samples", profile_id)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         if cursor is not None:
             query = query.where(samples.c.seq > _validate.check_seq_cursor(cursor))
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
             rows = list(conn.execute(query.order_by(samples.c.seq).limit(size + 1)).mappings())
         items = [_rows.sample_from_row(r) for r in rows[:size]]
         if len(rows) <= size:
             return items, ""
         return items, paging.encode_token("samples", profile_id, [items[-1].seq])
 
-    def all_samples(self, profile_id: str) -> list[Sample]:
+    def all_samples(self, profile_id: str, namespaces: Namespaces = None) -> list[Sample]:
         """Every sample of the profile, in seq order."""
         _validate.check_id(profile_id, "profile_id")
+        ns = _validate.check_namespaces(namespaces)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
             rows = conn.execute(query.order_by(samples.c.seq)).mappings()
             return [_rows.sample_from_row(r) for r in rows]
 
-    def count_samples(self, profile_id: str) -> int:
+    def count_samples(self, profile_id: str, namespaces: Namespaces = None) -> int:
         _validate.check_id(profile_id, "profile_id")
+        ns = _validate.check_namespaces(namespaces)
         query = sa.select(sa.func.count()).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id")
+            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
             return int(conn.execute(query).scalar_one())
 
     # ---- cost models -------------------------------------------------------------------
 
-    def create_cost_model(self, cost_model: CostModel) -> tuple[CostModel, bool]:
+    def create_cost_model(
+        self, cost_model: CostModel, namespaces: Namespaces = None
+    ) -> tuple[CostModel, bool]:
         """Store a fitted cost model; returns (stored, created). Idempotent on request_id.
-        A non-empty profile_id must name a stored profile."""
+        A non-empty profile_id must name a stored profile in `namespaces` (else NOT_FOUND),
+        and the cost model must be in that profile's namespace (else NAMESPACE_MISMATCH)."""
         cm = _validate.check_cost_model(cost_model)
+        ns = _validate.check_namespaces(namespaces)
         cm = dataclasses.replace(cm, id=cm.id or _new_id("cm"), create_time=utcnow())
         try:
             with self._tx(write=True) as conn:
                 if cm.request_id and (existing := _queries.cost_model_by_request(conn, cm)):
                     return existing, False
                 if cm.profile_id:
-                    _queries.get_profile(conn, cm.profile_id, "profile_id")
+                    profile = _queries.get_profile(conn, cm.profile_id, "profile_id", namespaces=ns)
+                    if profile.namespace != cm.namespace:
+                        raise invalid(
+                            "namespace",
+                            NAMESPACE_MISMATCH,
+                            f"a cost model's namespace must be its profile's: profile "
+                            f"{cm.profile_id} is in namespace {profile.namespace!r}, the cost "
+                            f"model in {cm.namespace!r}",
+                        )
                 conn.execute(cost_models.insert().values(_rows.cost_model_row(cm)))
                 return _queries.get_cost_model(conn, cm.id), True
         except IntegrityError:
@@ -350,21 +411,28 @@ class Store:
                 COST_MODEL_ALREADY_EXISTS, f"a cost model with id {cm.id!r} exists", field="id"
             ) from None
 
-    def get_cost_model(self, cost_model_id: str) -> CostModel:
+    def get_cost_model(self, cost_model_id: str, namespaces: Namespaces = None) -> CostModel:
         _validate.check_id(cost_model_id, "id")
+        ns = _validate.check_namespaces(namespaces)
         with self._tx(write=False) as conn:
-            return _queries.get_cost_model(conn, cost_model_id)
+            return _queries.get_cost_model(conn, cost_model_id, ns)
 
     def list_cost_models(
-        self, page_size: int, page_token: str, profile_id: str = ""
+        self,
+        page_size: int,
+        page_token: str,
+        profile_id: str = "",
+        namespaces: Namespaces = None,
     ) -> tuple[list[CostModel], str]:
-        """Newest first, optionally only those fitted to `profile_id`."""
+        """Newest first, only those in `namespaces`, optionally only those fitted to
+        `profile_id` (a profile outside `namespaces` simply lists nothing)."""
         _validate.check_id(profile_id, "profile_id", allow_empty=True)
+        ns = _validate.check_namespaces(namespaces)
         size = paging.page_size(page_size, *PROFILE_PAGE)
-        query = sa.select(cost_models)
+        query = sa.select(cost_models).where(_queries.visible(cost_models.c.namespace, ns))
         if profile_id:
             query = query.where(cost_models.c.profile_id == profile_id)
         return self._newest_first(
-            cost_models, query, size, page_token, "cost_models", profile_id,
-            _rows.cost_model_from_row,
+            cost_models, query, size, page_token, "cost_models",
+            _listing_filter(profile_id, ns), _rows.cost_model_from_row,
         )  # fmt: skip

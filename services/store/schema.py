@@ -9,8 +9,15 @@ newer idealrt. Opening an up-to-date database is one SELECT.
 
 Adding a migration: append `(N, "what it does", fn)` to MIGRATIONS and bump SCHEMA_VERSION;
 never edit an applied one. `_create_v1` builds its tables from `_v1_metadata()`, a frozen
-copy of the v1 shape; the module-level tables below describe the *current* shape (equal to
-v1 until a migration changes a table, at which point declare them separately).
+copy of the v1 shape; the module-level tables below describe the *current* shape
+(`_current_metadata()`: v1 plus what later migrations added), and a fresh database reaches
+it through the same migrations as an old one.
+
+Versions: 1 the tables; 2 namespaces: a NOT NULL `namespace` column (server default
+'default', so every existing row lands in the default namespace) on profiles and cost_models,
+with (namespace, ...) indexes for listing one namespace newest first. Samples and sample
+batches carry no namespace of their own: they belong to their profile, and every read of
+them goes through it.
 
 Conventions: times are UTCDateTime (PostgreSQL timestamptz; SQLite fixed-width text in UTC,
 which sorts chronologically); JSON payloads are TEXT (see `_serde`); sample decode steps are
@@ -28,7 +35,9 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 
 from idealrt.core.clock import utcnow
+from idealrt.core.domain import DEFAULT_NAMESPACE
 from idealrt.core.errors import FailedPrecondition
+from idealrt.core.namespaces import NAMESPACE_MAX_LEN
 from idealrt.services.store._serde import to_utc
 from idealrt.services.store.reasons import SCHEMA_TOO_NEW
 from idealrt.services.store.url import SQLITE_BEGIN_OPTION
@@ -47,7 +56,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ID_LEN = 64
 REQUEST_ID_LEN = 256
 NAME_LEN = 256
@@ -141,8 +150,38 @@ def _v1_metadata() -> sa.MetaData:
     return md
 
 
-# The current shape (== v1).
-metadata = _v1_metadata()
+def _namespace_column() -> sa.Column[str]:
+    return sa.Column(
+        "namespace",
+        sa.String(NAMESPACE_MAX_LEN),
+        nullable=False,
+        server_default=DEFAULT_NAMESPACE,
+    )
+
+
+def _current_metadata() -> sa.MetaData:
+    """v1 plus what migrations 2.. added (keep in step with them: a test compares this
+    with a migrated database)."""
+    md = _v1_metadata()
+    prof, cms = md.tables["profiles"], md.tables["cost_models"]
+    # v2: namespaces
+    prof.append_column(_namespace_column())
+    cms.append_column(_namespace_column())
+    sa.Index(
+        "ix_profiles_namespace_create_time_id", prof.c.namespace, prof.c.create_time, prof.c.id
+    )
+    sa.Index(
+        "ix_profiles_namespace_state_create_time_id",
+        prof.c.namespace, prof.c.state, prof.c.create_time, prof.c.id,
+    )  # fmt: skip
+    sa.Index(
+        "ix_cost_models_namespace_create_time_id", cms.c.namespace, cms.c.create_time, cms.c.id
+    )
+    return md
+
+
+# The current shape.
+metadata = _current_metadata()
 schema_version = metadata.tables["schema_version"]
 profiles = metadata.tables["profiles"]
 sample_batches = metadata.tables["sample_batches"]
@@ -156,9 +195,31 @@ def _create_v1(conn: sa.Connection) -> None:
     md.create_all(conn, tables=tables, checkfirst=False)  # a clashing table is an error
 
 
+def _add_namespaces_v2(conn: sa.Connection) -> None:
+    """profiles.namespace and cost_models.namespace, NOT NULL DEFAULT 'default' (existing
+    rows take the default: one ALTER each on SQLite and PostgreSQL, no row rewrite on
+    PostgreSQL 11+), and the listing indexes. Frozen: it spells out its own DDL."""
+    for table in ("profiles", "cost_models"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE {table} ADD COLUMN namespace VARCHAR(63) DEFAULT 'default' NOT NULL"
+        )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_profiles_namespace_create_time_id ON profiles (namespace, create_time, id)"
+    )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_profiles_namespace_state_create_time_id "
+        "ON profiles (namespace, state, create_time, id)"
+    )
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_cost_models_namespace_create_time_id "
+        "ON cost_models (namespace, create_time, id)"
+    )
+
+
 Migration = tuple[int, str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "profiles, samples, sample_batches, cost_models", _create_v1),
+    (2, "namespaces of profiles and cost models (existing rows: default)", _add_namespaces_v2),
 )
 assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from idealrt.core.auth import Authenticator
 from idealrt.core.config import StoreConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.services.store.repository import Store, open_store
@@ -25,6 +26,7 @@ def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServ
         metrics_port=cfg.metrics_port,
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
+        auth=Authenticator(cfg.auth),
     )
     if store is None:
         server.on_stop.append(st.close)

@@ -255,8 +255,9 @@ def test_every_service_mounts_the_tls_secret_and_points_its_config_at_it(
     for name, dep in _deployments(load).items():
         pod = dep["spec"]["template"]["spec"]
         (c,) = pod["containers"]
-        (vol,) = [v for v in pod["volumes"] if "secret" in v]
-        assert vol["secret"]["secretName"] == "idealrt-tls", name
+        (vol,) = [
+            v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "idealrt-tls"
+        ]
         (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
         assert mount["readOnly"] is True and "subPath" not in mount, name
         root = Path(mount["mountPath"])
@@ -277,6 +278,38 @@ def test_every_service_mounts_the_tls_secret_and_points_its_config_at_it(
         # the service's own config reads them the same way
         cfg_cls = {"store": StoreConfig, "profiler": ProfilerConfig, "metrics": MetricsConfig}
         assert cfg_cls[name].from_env(env).tls == cfg, name
+
+
+def test_every_service_mounts_the_auth_secret_and_points_its_config_at_it(
+    load: Callable[[str], list[Doc]],
+) -> None:
+    """Each service mounts the Secret idealrt-auth read-only as a whole directory (updates
+    reach the files, which the services reload), its IDEALRT_AUTH_TOKENS_FILE and
+    IDEALRT_AUTH_BINDINGS_FILE name files of that mount, and the services' own config reads
+    them so (authentication on). The profiler and the metrics service mount their own
+    token from a Secret of their own and present it to the store (IDEALRT_SERVICE_TOKEN_FILE);
+    the store calls nobody."""
+    cfg_cls = {"store": StoreConfig, "profiler": ProfilerConfig, "metrics": MetricsConfig}
+
+    def mount_of(pod: Doc, c: Doc, secret: str) -> Path:
+        (vol,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+        assert mount["readOnly"] is True and "subPath" not in mount, secret
+        return Path(mount["mountPath"])
+
+    for name, dep in _deployments(load).items():
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        root = mount_of(pod, c, "idealrt-auth")
+        auth = cfg_cls[name].from_env(env_of(c)).auth
+        assert auth.enabled, name
+        assert auth.tokens_file == root / "tokens.toml", name
+        assert auth.bindings_file == root / "bindings.toml", name
+        if name == "store":
+            assert auth.service_token_file is None
+            continue
+        token_root = mount_of(pod, c, f"idealrt-{name}-token")
+        assert auth.service_token_file == token_root / "token", name
 
 
 def test_store_url_comes_from_the_secret(load: Callable[[str], list[Doc]]) -> None:

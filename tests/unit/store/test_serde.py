@@ -74,6 +74,7 @@ SPEC = ModelSpec(
                 valid_prompt_tokens=(1, 64),
                 create_time=datetime(2026, 1, 1, tzinfo=UTC),
                 stack=StackSpec(),
+                namespace="team-a",
             ),
         ),
     ],

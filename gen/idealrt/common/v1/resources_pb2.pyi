@@ -111,7 +111,7 @@ class Target(_message.Message):
     def __init__(self, kind: _Optional[_Union[TargetKind, str]] = ..., address: _Optional[str] = ..., base_url: _Optional[str] = ..., api_model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., tokenizer: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("id", "model", "stack", "plan", "target", "state", "request_id", "create_time", "start_time", "end_time", "completed_samples", "total_samples", "error", "provenance", "model_spec")
+    __slots__ = ("id", "model", "stack", "plan", "target", "state", "request_id", "create_time", "start_time", "end_time", "completed_samples", "total_samples", "error", "provenance", "model_spec", "namespace")
     class ProvenanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class Profile(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: _common_pb2.ModelRef
     stack: _common_pb2.StackSpec
@@ -149,7 +150,8 @@ class Profile(_message.Message):
     error: str
     provenance: _containers.ScalarMap[str, str]
     model_spec: _common_pb2.ModelSpec
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., plan: _Optional[_Union[ProfilePlan, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., state: _Optional[_Union[ProfileState, str]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_samples: _Optional[int] = ..., total_samples: _Optional[int] = ..., error: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
+    namespace: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., plan: _Optional[_Union[ProfilePlan, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., state: _Optional[_Union[ProfileState, str]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_samples: _Optional[int] = ..., total_samples: _Optional[int] = ..., error: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class FitQuality(_message.Message):
     __slots__ = ("method", "points", "mean_rel", "p95_rel", "max_rel")
@@ -174,7 +176,7 @@ class Interval(_message.Message):
     def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class CostModel(_message.Message):
-    __slots__ = ("id", "profile_id", "alpha_knots_p", "alpha_knots_seconds", "beta0_seconds", "beta1_seconds", "overhead_seconds", "request_id", "name", "kind", "quality", "intervals", "valid_prompt_tokens_min", "valid_prompt_tokens_max", "valid_output_tokens_min", "valid_output_tokens_max", "create_time", "model_name", "stack", "fit_options")
+    __slots__ = ("id", "profile_id", "alpha_knots_p", "alpha_knots_seconds", "beta0_seconds", "beta1_seconds", "overhead_seconds", "request_id", "name", "kind", "quality", "intervals", "valid_prompt_tokens_min", "valid_prompt_tokens_max", "valid_output_tokens_min", "valid_output_tokens_max", "create_time", "model_name", "stack", "fit_options", "namespace")
     class IntervalsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +211,7 @@ class CostModel(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     FIT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     id: str
     profile_id: str
     alpha_knots_p: _containers.RepeatedScalarFieldContainer[int]
@@ -229,4 +232,5 @@ class CostModel(_message.Message):
     model_name: str
     stack: _common_pb2.StackSpec
     fit_options: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., profile_id: _Optional[str] = ..., alpha_knots_p: _Optional[_Iterable[int]] = ..., alpha_knots_seconds: _Optional[_Iterable[float]] = ..., beta0_seconds: _Optional[float] = ..., beta1_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., quality: _Optional[_Union[FitQuality, _Mapping]] = ..., intervals: _Optional[_Mapping[str, Interval]] = ..., valid_prompt_tokens_min: _Optional[int] = ..., valid_prompt_tokens_max: _Optional[int] = ..., valid_output_tokens_min: _Optional[int] = ..., valid_output_tokens_max: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., fit_options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    namespace: str
+    def __init__(self, id: _Optional[str] = ..., profile_id: _Optional[str] = ..., alpha_knots_p: _Optional[_Iterable[int]] = ..., alpha_knots_seconds: _Optional[_Iterable[float]] = ..., beta0_seconds: _Optional[float] = ..., beta1_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., quality: _Optional[_Union[FitQuality, _Mapping]] = ..., intervals: _Optional[_Mapping[str, Interval]] = ..., valid_prompt_tokens_min: _Optional[int] = ..., valid_prompt_tokens_max: _Optional[int] = ..., valid_output_tokens_min: _Optional[int] = ..., valid_output_tokens_max: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_name: _Optional[str] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., fit_options: _Optional[_Mapping[str, str]] = ..., namespace: _Optional[str] = ...) -> None: ...

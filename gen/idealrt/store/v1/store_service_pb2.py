@@ -26,7 +26,7 @@ from idealrt.common.v1 import common_pb2 as idealrt_dot_common_dot_v1_dot_common
 from idealrt.common.v1 import resources_pb2 as idealrt_dot_common_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$idealrt/store/v1/store_service.proto\x12\x10idealrt.store.v1\x1a\x1eidealrt/common/v1/common.proto\x1a!idealrt/common/v1/resources.proto\"W\n\x14\x43reateProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07profile\x18\x02 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"U\n\x15\x43reateProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x11GetProfileRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x12GetProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"C\n\x14UpdateProfileRequest\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"D\n\x15UpdateProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"m\n\x13ListProfilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x06states\x18\x03 \x03(\x0e\x32\x1f.idealrt.common.v1.ProfileState\"]\n\x14ListProfilesResponse\x12,\n\x08profiles\x18\x01 \x03(\x0b\x32\x1a.idealrt.common.v1.Profile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x14\x41ppendSamplesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12*\n\x07samples\x18\x03 \x03(\x0b\x32\x19.idealrt.common.v1.Sample\"@\n\x15\x41ppendSamplesResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x15\n\rtotal_samples\x18\x02 \x01(\x03\"O\n\x12ListSamplesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x13ListSamplesResponse\x12*\n\x07samples\x18\x01 \x03(\x0b\x32\x19.idealrt.common.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x16\x43reateCostModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\ncost_model\x18\x02 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\"\\\n\x17\x43reateCostModelResponse\x12\x30\n\ncost_model\x18\x01 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x13GetCostModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x14GetCostModelResponse\x12\x30\n\ncost_model\x18\x01 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\"R\n\x15ListCostModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\"d\n\x16ListCostModelsResponse\x12\x31\n\x0b\x63ost_models\x18\x01 \x03(\x0b\x32\x1c.idealrt.common.v1.CostModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x06\n\x0cStoreService\x12`\n\rCreateProfile\x12&.idealrt.store.v1.CreateProfileRequest\x1a\'.idealrt.store.v1.CreateProfileResponse\x12W\n\nGetProfile\x12#.idealrt.store.v1.GetProfileRequest\x1a$.idealrt.store.v1.GetProfileResponse\x12`\n\rUpdateProfile\x12&.idealrt.store.v1.UpdateProfileRequest\x1a\'.idealrt.store.v1.UpdateProfileResponse\x12]\n\x0cListProfiles\x12%.idealrt.store.v1.ListProfilesRequest\x1a&.idealrt.store.v1.ListProfilesResponse\x12`\n\rAppendSamples\x12&.idealrt.store.v1.AppendSamplesRequest\x1a\'.idealrt.store.v1.AppendSamplesResponse\x12Z\n\x0bListSamples\x12$.idealrt.store.v1.ListSamplesRequest\x1a%.idealrt.store.v1.ListSamplesResponse\x12\x66\n\x0f\x43reateCostModel\x12(.idealrt.store.v1.CreateCostModelRequest\x1a).idealrt.store.v1.CreateCostModelResponse\x12]\n\x0cGetCostModel\x12%.idealrt.store.v1.GetCostModelRequest\x1a&.idealrt.store.v1.GetCostModelResponse\x12\x63\n\x0eListCostModels\x12\'.idealrt.store.v1.ListCostModelsRequest\x1a(.idealrt.store.v1.ListCostModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$idealrt/store/v1/store_service.proto\x12\x10idealrt.store.v1\x1a\x1eidealrt/common/v1/common.proto\x1a!idealrt/common/v1/resources.proto\"W\n\x14\x43reateProfileRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07profile\x18\x02 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"U\n\x15\x43reateProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x11GetProfileRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x12GetProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"C\n\x14UpdateProfileRequest\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"D\n\x15UpdateProfileResponse\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.idealrt.common.v1.Profile\"\x81\x01\n\x13ListProfilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x06states\x18\x03 \x03(\x0e\x32\x1f.idealrt.common.v1.ProfileState\x12\x12\n\nnamespaces\x18\x04 \x03(\t\"]\n\x14ListProfilesResponse\x12,\n\x08profiles\x18\x01 \x03(\x0b\x32\x1a.idealrt.common.v1.Profile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x14\x41ppendSamplesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12*\n\x07samples\x18\x03 \x03(\x0b\x32\x19.idealrt.common.v1.Sample\"@\n\x15\x41ppendSamplesResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x15\n\rtotal_samples\x18\x02 \x01(\x03\"O\n\x12ListSamplesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x13ListSamplesResponse\x12*\n\x07samples\x18\x01 \x03(\x0b\x32\x19.idealrt.common.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x16\x43reateCostModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\ncost_model\x18\x02 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\"\\\n\x17\x43reateCostModelResponse\x12\x30\n\ncost_model\x18\x01 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x13GetCostModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x14GetCostModelResponse\x12\x30\n\ncost_model\x18\x01 \x01(\x0b\x32\x1c.idealrt.common.v1.CostModel\"f\n\x15ListCostModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\"d\n\x16ListCostModelsResponse\x12\x31\n\x0b\x63ost_models\x18\x01 \x03(\x0b\x32\x1c.idealrt.common.v1.CostModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf4\x06\n\x0cStoreService\x12`\n\rCreateProfile\x12&.idealrt.store.v1.CreateProfileRequest\x1a\'.idealrt.store.v1.CreateProfileResponse\x12W\n\nGetProfile\x12#.idealrt.store.v1.GetProfileRequest\x1a$.idealrt.store.v1.GetProfileResponse\x12`\n\rUpdateProfile\x12&.idealrt.store.v1.UpdateProfileRequest\x1a\'.idealrt.store.v1.UpdateProfileResponse\x12]\n\x0cListProfiles\x12%.idealrt.store.v1.ListProfilesRequest\x1a&.idealrt.store.v1.ListProfilesResponse\x12`\n\rAppendSamples\x12&.idealrt.store.v1.AppendSamplesRequest\x1a\'.idealrt.store.v1.AppendSamplesResponse\x12Z\n\x0bListSamples\x12$.idealrt.store.v1.ListSamplesRequest\x1a%.idealrt.store.v1.ListSamplesResponse\x12\x66\n\x0f\x43reateCostModel\x12(.idealrt.store.v1.CreateCostModelRequest\x1a).idealrt.store.v1.CreateCostModelResponse\x12]\n\x0cGetCostModel\x12%.idealrt.store.v1.GetCostModelRequest\x1a&.idealrt.store.v1.GetCostModelResponse\x12\x63\n\x0eListCostModels\x12\'.idealrt.store.v1.ListCostModelsRequest\x1a(.idealrt.store.v1.ListCostModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,30 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEPROFILEREQUEST']._serialized_end=468
   _globals['_UPDATEPROFILERESPONSE']._serialized_start=470
   _globals['_UPDATEPROFILERESPONSE']._serialized_end=538
-  _globals['_LISTPROFILESREQUEST']._serialized_start=540
-  _globals['_LISTPROFILESREQUEST']._serialized_end=649
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=651
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=744
-  _globals['_APPENDSAMPLESREQUEST']._serialized_start=746
-  _globals['_APPENDSAMPLESREQUEST']._serialized_end=850
-  _globals['_APPENDSAMPLESRESPONSE']._serialized_start=852
-  _globals['_APPENDSAMPLESRESPONSE']._serialized_end=916
-  _globals['_LISTSAMPLESREQUEST']._serialized_start=918
-  _globals['_LISTSAMPLESREQUEST']._serialized_end=997
-  _globals['_LISTSAMPLESRESPONSE']._serialized_start=999
-  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1089
-  _globals['_CREATECOSTMODELREQUEST']._serialized_start=1091
-  _globals['_CREATECOSTMODELREQUEST']._serialized_end=1185
-  _globals['_CREATECOSTMODELRESPONSE']._serialized_start=1187
-  _globals['_CREATECOSTMODELRESPONSE']._serialized_end=1279
-  _globals['_GETCOSTMODELREQUEST']._serialized_start=1281
-  _globals['_GETCOSTMODELREQUEST']._serialized_end=1314
-  _globals['_GETCOSTMODELRESPONSE']._serialized_start=1316
-  _globals['_GETCOSTMODELRESPONSE']._serialized_end=1388
-  _globals['_LISTCOSTMODELSREQUEST']._serialized_start=1390
-  _globals['_LISTCOSTMODELSREQUEST']._serialized_end=1472
-  _globals['_LISTCOSTMODELSRESPONSE']._serialized_start=1474
-  _globals['_LISTCOSTMODELSRESPONSE']._serialized_end=1574
-  _globals['_STORESERVICE']._serialized_start=1577
-  _globals['_STORESERVICE']._serialized_end=2461
+  _globals['_LISTPROFILESREQUEST']._serialized_start=541
+  _globals['_LISTPROFILESREQUEST']._serialized_end=670
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=672
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=765
+  _globals['_APPENDSAMPLESREQUEST']._serialized_start=767
+  _globals['_APPENDSAMPLESREQUEST']._serialized_end=871
+  _globals['_APPENDSAMPLESRESPONSE']._serialized_start=873
+  _globals['_APPENDSAMPLESRESPONSE']._serialized_end=937
+  _globals['_LISTSAMPLESREQUEST']._serialized_start=939
+  _globals['_LISTSAMPLESREQUEST']._serialized_end=1018
+  _globals['_LISTSAMPLESRESPONSE']._serialized_start=1020
+  _globals['_LISTSAMPLESRESPONSE']._serialized_end=1110
+  _globals['_CREATECOSTMODELREQUEST']._serialized_start=1112
+  _globals['_CREATECOSTMODELREQUEST']._serialized_end=1206
+  _globals['_CREATECOSTMODELRESPONSE']._serialized_start=1208
+  _globals['_CREATECOSTMODELRESPONSE']._serialized_end=1300
+  _globals['_GETCOSTMODELREQUEST']._serialized_start=1302
+  _globals['_GETCOSTMODELREQUEST']._serialized_end=1335
+  _globals['_GETCOSTMODELRESPONSE']._serialized_start=1337
+  _globals['_GETCOSTMODELRESPONSE']._serialized_end=1409
+  _globals['_LISTCOSTMODELSREQUEST']._serialized_start=1411
+  _globals['_LISTCOSTMODELSREQUEST']._serialized_end=1513
+  _globals['_LISTCOSTMODELSRESPONSE']._serialized_start=1515
+  _globals['_LISTCOSTMODELSRESPONSE']._serialized_end=1615
+  _globals['_STORESERVICE']._serialized_start=1618
+  _globals['_STORESERVICE']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

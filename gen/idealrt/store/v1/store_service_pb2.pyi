@@ -49,14 +49,16 @@ class UpdateProfileResponse(_message.Message):
     def __init__(self, profile: _Optional[_Union[_resources_pb2.Profile, _Mapping]] = ...) -> None: ...
 
 class ListProfilesRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "states")
+    __slots__ = ("page_size", "page_token", "states", "namespaces")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     states: _containers.RepeatedScalarFieldContainer[_resources_pb2.ProfileState]
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_resources_pb2.ProfileState, str]]] = ...) -> None: ...
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_resources_pb2.ProfileState, str]]] = ..., namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListProfilesResponse(_message.Message):
     __slots__ = ("profiles", "next_page_token")
@@ -131,14 +133,16 @@ class GetCostModelResponse(_message.Message):
     def __init__(self, cost_model: _Optional[_Union[_resources_pb2.CostModel, _Mapping]] = ...) -> None: ...
 
 class ListCostModelsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "profile_id")
+    __slots__ = ("page_size", "page_token", "profile_id", "namespaces")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     profile_id: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., profile_id: _Optional[str] = ...) -> None: ...
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., profile_id: _Optional[str] = ..., namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListCostModelsResponse(_message.Message):
     __slots__ = ("cost_models", "next_page_token")
