@@ -19,9 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from idealrt.core.domain import DEFAULT_NAMESPACE
-from idealrt.core.errors import invalid
-from idealrt.core.reasons import NAMESPACE_INVALID
+from idealrt.core.auth import ALL_NAMESPACES, Role, current_principal
+from idealrt.core.domain import DEFAULT_NAMESPACE, CostModel, Profile
+from idealrt.core.errors import NotFound, invalid
+from idealrt.core.reasons import COST_MODEL_NOT_FOUND, NAMESPACE_INVALID, PROFILE_NOT_FOUND
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -86,3 +87,60 @@ def intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[s
     if b is None:
         return a
     return a & b
+
+
+# ------------------------------------------------------------ visibility of stored objects
+#
+# The domain of every service decides with these what the current RPC's principal
+# (core/auth.py) may see and change: an object in a namespace the caller cannot read is
+# NOT_FOUND with exactly the error of a missing id (the store's own, from the same
+# constructors), so its existence never leaks; a reader who tries to change it gets
+# PERMISSION_DENIED (Principal.require).
+
+
+def profile_not_found(profile_id: str, field: str = "id") -> NotFound:
+    """The one "no such profile" error (the store's, and every service's for a profile
+    the caller may not see)."""
+    return NotFound(PROFILE_NOT_FOUND, f"no profile with id {profile_id!r}", field=field)
+
+
+def cost_model_not_found(cm_id: str, field: str = "id") -> NotFound:
+    """The one "no such cost model" error (see profile_not_found)."""
+    return NotFound(COST_MODEL_NOT_FOUND, f"no cost model with id {cm_id!r}", field=field)
+
+
+def readable() -> frozenset[str] | None:
+    """The namespaces the current principal may read (None: every one)."""
+    return current_principal().namespaces(Role.READER)
+
+
+def may_read(namespace: str) -> bool:
+    role = current_principal().role_in(namespace)
+    return role is not None and role >= Role.READER
+
+
+def visible_profile(profile: Profile, field: str = "id") -> Profile:
+    """`profile`, or NOT_FOUND as if it did not exist when the caller may not read it."""
+    if not may_read(profile.namespace):
+        raise profile_not_found(profile.id, field)
+    return profile
+
+
+def visible_cost_model(cm: CostModel, field: str = "id") -> CostModel:
+    """`cm`, or NOT_FOUND as if it did not exist when the caller may not read it."""
+    if not may_read(cm.namespace):
+        raise cost_model_not_found(cm.id, field)
+    return cm
+
+
+def require_writer(namespace: str) -> None:
+    """PERMISSION_DENIED unless the current principal may write in `namespace`."""
+    current_principal().require(namespace, Role.WRITER)
+
+
+def require_operator() -> None:
+    """PERMISSION_DENIED unless the current principal is an admin of every namespace
+    ("*"): the suite's own services (their service tokens) and its operators. Serving's
+    LoadModel, UnloadModel and Generate act on devices and models that every namespace
+    shares, so no team's role is enough for them; the profiler calls them for the teams."""
+    current_principal().require(ALL_NAMESPACES, Role.ADMIN)

@@ -34,10 +34,11 @@ from idealrt.core.costmodel.estimate import (
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.costmodel.validate import check_cost_model
-from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
+from idealrt.core.domain import DEFAULT_NAMESPACE, CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
+from idealrt.core.namespaces import readable, require_writer, visible_cost_model, visible_profile
 from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
 from idealrt.services.metrics import validate
 from idealrt.services.metrics.compare import Comparison, compare
@@ -93,7 +94,12 @@ class MetricsStore(Protocol):
     def create_cost_model(self, cm: CostModel) -> tuple[CostModel, bool]: ...
     def get_cost_model(self, id: str) -> CostModel: ...
     def list_cost_models(
-        self, page_size: int = 0, page_token: str = "", profile_id: str = ""
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        profile_id: str = "",
+        *,
+        namespaces: frozenset[str] = ...,
     ) -> tuple[list[CostModel], str]: ...
 
 
@@ -248,7 +254,8 @@ class MetricsEngine:
     ) -> tuple[Profile, list[Sample]]:
         if not profile_id:
             raise InvalidArgument(PROFILE_ID_REQUIRED, "profile_id is required", field="profile_id")
-        prof = self.store.get_profile(profile_id)
+        # NOT_FOUND, as if it did not exist, when the caller may not read its namespace
+        prof = visible_profile(self.store.get_profile(profile_id), field="profile_id")
         if prof.state == ProfileState.INVALID and not allow_invalid:
             raise FailedPrecondition(
                 PROFILE_INVALID,
@@ -271,8 +278,10 @@ class MetricsEngine:
     ) -> CostModel:
         validate.check_fit_options(options)
         prof, samples = self._fit_samples(profile_id)
+        require_writer(prof.namespace)  # the model is stored beside its profile
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
         _usable(cm, "fit", profile_id)
+        cm.namespace = prof.namespace
         cm.fit_options = options.to_record()
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-{prof.stack.backend.value}-{prof.stack.device}"
@@ -310,12 +319,18 @@ class MetricsEngine:
             raise InvalidArgument(
                 COST_MODEL_ID_REQUIRED, "cost_model_id is required", field="cost_model_id"
             )
-        return self.store.get_cost_model(id)
+        return visible_cost_model(self.store.get_cost_model(id))
 
     def list_models(
         self, page_size: int, page_token: str, profile_id: str = ""
     ) -> tuple[list[CostModel], str]:
-        return self.store.list_cost_models(page_size, page_token, profile_id)
+        """A page of the cost models in the namespaces the caller may read."""
+        visible = readable()
+        if visible is None:
+            return self.store.list_cost_models(page_size, page_token, profile_id)
+        if not visible:
+            return [], ""
+        return self.store.list_cost_models(page_size, page_token, profile_id, namespaces=visible)
 
     # ---- estimating ----
 
@@ -391,8 +406,10 @@ class MetricsEngine:
         validate.check_quantile(quantile)
         # black-box API measurements are contended by nature: INVALID profiles are accepted
         prof, samples = self._fit_samples(profile_id, allow_invalid=True)
+        require_writer(prof.namespace)
         cm = denoise(samples, method, quantile, profile_id=profile_id)  # type: ignore[arg-type]
         _usable(cm, f"{method} denoising", profile_id)
+        cm.namespace = prof.namespace
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-denoised-{method}"
         cm.model_name = prof.model.name
@@ -540,6 +557,7 @@ class MetricsEngine:
         from idealrt.services.metrics.helm import import_helm
 
         validate.check_import_kind(kind)
+        require_writer(DEFAULT_NAMESPACE)  # imported models are stored in "default"
         models = import_helm(doc)
         for name, cm in models.items():
             cm.name = name

@@ -49,11 +49,16 @@ from idealrt.core.domain import Profile, ProfileState, Sample
 from idealrt.core.errors import (
     FailedPrecondition,
     IdealrtError,
-    NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from idealrt.core.reasons import PROFILE_NOT_FOUND, PROFILE_TERMINAL
+from idealrt.core.namespaces import (
+    profile_not_found,
+    readable,
+    require_writer,
+    visible_profile,
+)
+from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.profiler._outage import Outage, RetryPolicy, is_transient
 from idealrt.services.profiler.plan import (
     known_spec,
@@ -61,6 +66,7 @@ from idealrt.services.profiler.plan import (
     validate_plan,
     validate_target,
 )
+from idealrt.services.profiler.quotas import Quotas, usage_of
 from idealrt.services.profiler.reasons import SHUTTING_DOWN, WATCH_STREAMS_EXHAUSTED
 from idealrt.services.profiler.runner import RunnerOptions, error_text, run_profile
 from idealrt.services.profiler.target import GenerationTarget
@@ -80,7 +86,12 @@ class ProfileStore(Protocol):
     def update_profile(self, profile: Profile) -> object: ...
 
     def list_profiles(
-        self, page_size: int, page_token: str, state: ProfileState | None = None
+        self,
+        page_size: int,
+        page_token: str,
+        state: ProfileState | None = None,
+        *,
+        namespaces: frozenset[str] = ...,
     ) -> tuple[builtins.list[Profile], str]: ...
 
     def append_samples(self, profile_id: str, batch_id: str, samples: Sequence[Sample]) -> int: ...
@@ -182,6 +193,7 @@ class ProfileManager:
         max_plan_samples: int = ProfilerConfig.max_plan_samples,
         max_watch_streams: int = ProfilerConfig.max_watch_streams,
         admit: Callable[[Profile], None] | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
@@ -195,6 +207,8 @@ class ProfileManager:
         self.max_plan_samples = max_plan_samples
         self.max_watch_streams = max_watch_streams
         self.admit = admit
+        self.quotas = quotas or Quotas()
+        self._create_lock = threading.Lock()  # a quota's check and the create it allows
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
         self._queue: collections.deque[str] = collections.deque()
@@ -216,11 +230,20 @@ class ProfileManager:
         validate_target(profile.target)
         spec = known_spec(profile.model, profile.target.kind)
         validate_plan(profile.plan, spec, max_samples=self.max_plan_samples)
+        require_writer(profile.namespace)
         if self.admit is not None:
             self.admit(profile)
         with self._cond:
             if self._closed:
                 raise FailedPrecondition(SHUTTING_DOWN, "the profiler is shutting down")
+        with self._create_lock:
+            return self._create_within_quota(profile)
+
+    def _create_within_quota(self, profile: Profile) -> Profile:
+        if self.quotas.enabled:
+            ns = profile.namespace
+            usage = usage_of(self._namespace_profiles(ns), ns, utcnow())
+            self.quotas.check_create(ns, usage, total_samples(profile.plan))
         fresh = dataclasses.replace(
             profile,
             state=ProfileState.QUEUED,
@@ -238,17 +261,25 @@ class ProfileManager:
         return self.get(stored.id)  # live progress when it already runs here
 
     def get(self, profile_id: str) -> Profile:
+        """The profile (live when it runs here); NOT_FOUND, as if it did not exist, when
+        the caller may not read its namespace."""
         with self._cond:
             entry = self._entries.get(profile_id)
-            if entry is not None:
-                return dataclasses.replace(entry.profile)
-        return self._load(profile_id)
+            found = dataclasses.replace(entry.profile) if entry is not None else None
+        return visible_profile(found if found is not None else self._load(profile_id))
 
     def list(
         self, page_size: int = 50, page_token: str = "", state: ProfileState | None = None
     ) -> tuple[builtins.list[Profile], str]:
-        """A page from the store, with live progress for the profiles this manager runs."""
-        page, token = self.store.list_profiles(page_size, page_token, state)
+        """A page from the store, with live progress for the profiles this manager runs;
+        only the namespaces the caller may read."""
+        visible = readable()
+        if visible is not None and not visible:
+            return [], ""
+        if visible is None:
+            page, token = self.store.list_profiles(page_size, page_token, state)
+        else:
+            page, token = self.store.list_profiles(page_size, page_token, state, namespaces=visible)
         with self._cond:
             live = [
                 dataclasses.replace(self._entries[p.id].profile) if p.id in self._entries else p
@@ -259,7 +290,9 @@ class ProfileManager:
     def cancel(self, profile_id: str) -> Profile:
         """Cancel a queued or running profile (NotFound; FailedPrecondition if finished).
         A running one stops between samples, keeping its samples; the returned snapshot
-        may still say RUNNING until it has."""
+        may still say RUNNING until it has. NOT_FOUND when the caller may not read its
+        namespace, PERMISSION_DENIED when it may read but not write there."""
+        require_writer(self.get(profile_id).namespace)
         with self._cond:
             entry = self._entries.get(profile_id)
             if entry is not None:
@@ -319,6 +352,7 @@ class ProfileManager:
                 )
             self._watches += 1
         try:
+            self.get(profile_id)  # NOT_FOUND unless the caller may read it
             if on_close is not None:
                 on_close(self._wake)
             yield from self._watch(profile_id, timeout, is_active, liveness_s)
@@ -422,8 +456,26 @@ class ProfileManager:
     def _load(self, profile_id: str) -> Profile:
         profile = self.store.get_profile(profile_id)
         if profile is None:  # a store that returns None instead of raising
-            raise NotFound(PROFILE_NOT_FOUND, f"no profile with id {profile_id!r}", field="id")
+            raise profile_not_found(profile_id)
         return profile
+
+    def _namespace_profiles(self, namespace: str) -> builtins.list[Profile]:
+        """Every profile of `namespace` (the store's pages), live where it runs here: what
+        its quotas count."""
+        out: builtins.list[Profile] = []
+        token = ""
+        while True:
+            page, token = self.store.list_profiles(
+                500, token, None, namespaces=frozenset({namespace})
+            )
+            out.extend(page)
+            if not token:
+                break
+        with self._cond:
+            return [
+                dataclasses.replace(self._entries[p.id].profile) if p.id in self._entries else p
+                for p in out
+            ]
 
     def _enqueue(self, profile: Profile) -> None:
         with self._cond:

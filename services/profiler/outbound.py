@@ -38,8 +38,7 @@ loopback) uses `OutboundPolicy.loopback()`: loopback hosts, no credentials.
 
 Not modelled: a proxy from the environment (HttpOptions.trust_env) resolves the name
 itself, so the address rule then applies to the proxy's address, not the API's; the host
-allow-list still applies. Namespaces: every profile is in DEFAULT_NAMESPACE until the
-store keeps namespaces (issue 13's identity part).
+allow-list still applies. The namespace checked is the profile's (Profile.namespace).
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ from typing import Any
 import httpx
 import structlog
 
+from idealrt.core.domain import DEFAULT_NAMESPACE
 from idealrt.core.errors import FailedPrecondition, PermissionDenied, invalid
 from idealrt.services.profiler.reasons import (
     BASE_URL_INVALID,
@@ -70,7 +70,6 @@ __all__ = ["DEFAULT_NAMESPACE", "Credential", "OutboundPolicy", "parse_base_url"
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_NAMESPACE = "default"
 _URL_FIELD = "profile.target.base_url"
 _CREDENTIAL_FIELD = "profile.target.credential"
 

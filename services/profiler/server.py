@@ -15,7 +15,8 @@ from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.manager import ProfileManager
-from idealrt.services.profiler.outbound import DEFAULT_NAMESPACE, OutboundPolicy
+from idealrt.services.profiler.outbound import OutboundPolicy
+from idealrt.services.profiler.quotas import Quotas
 from idealrt.services.profiler.reasons import SERVING_TARGET_REQUIRED
 from idealrt.services.profiler.runner import RunnerOptions
 from idealrt.services.profiler.servicer import ProfilerServicer
@@ -28,16 +29,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProfilerService"].full_name
 
 def admit_outbound(outbound: OutboundPolicy) -> Callable[[Profile], None]:
     """The manager's `admit`: an HTTP target's base URL and credential checked against the
-    outbound policy when the profile is created (PERMISSION_DENIED before it is stored);
-    every profile is in DEFAULT_NAMESPACE until the store keeps namespaces."""
+    outbound policy of the profile's namespace when the profile is created
+    (PERMISSION_DENIED before it is stored)."""
 
     def admit(profile: Profile) -> None:
         t = profile.target
         if t.kind != TargetKind.HTTP or not t.base_url:
             return  # the target checks the rest (BASE_URL_REQUIRED, ...) when it runs
-        url = outbound.check_url(DEFAULT_NAMESPACE, t.base_url)
+        url = outbound.check_url(profile.namespace, t.base_url)
         if t.credential:
-            outbound.credential(DEFAULT_NAMESPACE, t.credential, url)
+            outbound.credential(profile.namespace, t.credential, url)
 
     return admit
 
@@ -49,7 +50,7 @@ def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = N
         if profile.target.kind == TargetKind.HTTP:
             from idealrt.services.profiler.http_target import HttpTarget
 
-            return HttpTarget.from_profile(profile, policy)
+            return HttpTarget.from_profile(profile, policy, namespace=profile.namespace)
         address = profile.target.address or cfg.serving_target
         if not address:
             raise InvalidArgument(
@@ -94,6 +95,7 @@ def build_server(
         max_plan_samples=cfg.max_plan_samples,
         max_watch_streams=cfg.max_watch_streams,
         admit=admit_outbound(outbound),
+        quotas=Quotas.load(cfg.quotas_file),
     )
     servicer = ProfilerServicer(manager)
     # WatchProfile is server-streaming, and on grpc's sync server every open stream holds a

@@ -38,6 +38,7 @@ from idealrt.core.errors import (
 )
 from idealrt.core.hf_config import spec_from_hf_config
 from idealrt.core.model_spec import ModelSpec, check_max_context, resolve_max_context
+from idealrt.core.namespaces import require_operator
 from idealrt.core.reasons import NONCONFORMING_GENERATION
 from idealrt.core.serving_contract import GenerationResult, LoadedModel
 from idealrt.services.serving.backends.base import (
@@ -203,7 +204,9 @@ class ModelRegistry:
         self, model: ModelRef, stack: StackSpec, max_context: int = 0, request_id: str = ""
     ) -> LoadedModel:
         """Load `model` on `stack`. Idempotent by request_id while that model is loaded.
-        Every size in the request is checked (`validate`) before any backend work."""
+        Every size in the request is checked (`validate`) before any backend work. Only
+        an operator (core.namespaces.require_operator) loads models."""
+        require_operator()
         check_max_context(max_context)  # first, and before any request_id replay
         check_model_ref(model, stack)
         try:
@@ -268,7 +271,9 @@ class ModelRegistry:
         return self._entry(model_id).model
 
     def unload(self, model_id: str) -> LoadedModel:
-        """Unload a model (after its running generation, if any, finishes)."""
+        """Unload a model (after its running generation, if any, finishes); only an
+        operator may (core.namespaces.require_operator)."""
+        require_operator()
         with self._lock:
             entry = self._entries.pop(model_id, None)
             if entry is not None and entry.model.request_id:
@@ -302,7 +307,9 @@ class ModelRegistry:
         """One exact-length greedy generation. The prompt is `prompt_ids`, or
         `prompt_length` tokens drawn uniformly from the vocabulary with `prompt_seed`.
         Every size is checked against the limits and max_context before the prompt is
-        built (`validate.check_generation_request`)."""
+        built (`validate.check_generation_request`). Only an operator may generate (a
+        generation takes the shared device)."""
+        require_operator()
         entry = self._entry(model_id)
         spec, max_context = entry.model.spec, entry.model.max_context
         p = check_generation_request(

@@ -16,9 +16,9 @@ import sqlalchemy as sa
 
 from idealrt.core.domain import CostModel, Profile, Sample
 from idealrt.core.errors import AlreadyExists, NotFound
-from idealrt.core.reasons import PROFILE_NOT_FOUND
+from idealrt.core.namespaces import cost_model_not_found, profile_not_found
 from idealrt.services.store import _rows, _serde
-from idealrt.services.store.reasons import BATCH_ID_REUSED, COST_MODEL_NOT_FOUND, REQUEST_ID_REUSED
+from idealrt.services.store.reasons import BATCH_ID_REUSED, REQUEST_ID_REUSED
 from idealrt.services.store.schema import cost_models, profiles, samples
 
 __all__ = [
@@ -51,7 +51,7 @@ def _reused_elsewhere(request_id: str, kind: str) -> AlreadyExists:
 
 
 def _profile_not_found(profile_id: str, field: str) -> NotFound:
-    return NotFound(PROFILE_NOT_FOUND, f"no profile with id {profile_id!r}", field=field)
+    return profile_not_found(profile_id, field)
 
 
 def _request_body(p: Profile) -> str:
@@ -169,5 +169,5 @@ def get_cost_model(
     )
     row = conn.execute(query).mappings().first()
     if row is None:
-        raise NotFound(COST_MODEL_NOT_FOUND, f"no cost model with id {cm_id!r}", field="id")
+        raise cost_model_not_found(cm_id)
     return _rows.cost_model_from_row(row)

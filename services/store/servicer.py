@@ -8,6 +8,11 @@ write needs the writer role in the object's namespace: for a create, the namespa
 request; for an update or an append, the stored one (`_write_scope`), which the request
 cannot change. A namespace the caller can see but not write is PERMISSION_DENIED
 (NAMESPACE_FORBIDDEN).
+
+UpdateProfile and AppendSamples are the profiler's write path: only an operator (an admin
+of every namespace: the suite's services with their service tokens) may call them
+(core.namespaces.require_operator), so no team can forge samples into a profile, or move
+its state, behind the profiler's back. With authentication off every caller is one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import grpc
 from idealrt.core import convert as cv
 from idealrt.core.auth import Role, current_principal
 from idealrt.core.errors import InvalidArgument
-from idealrt.core.namespaces import check_namespace_filter, intersect
+from idealrt.core.namespaces import check_namespace_filter, intersect, require_operator
 from idealrt.services.store.reasons import TOO_MANY_STATES
 from idealrt.services.store.repository import Store
 from idealrt.store.v1 import store_service_pb2 as pb
@@ -74,6 +79,7 @@ class StoreServicer(pbg.StoreServiceServicer):
     def UpdateProfile(
         self, request: pb.UpdateProfileRequest, context: grpc.ServicerContext
     ) -> pb.UpdateProfileResponse:
+        require_operator()
         prof = cv.profile_from_pb(request.profile)
         updated = self.store.update_profile(prof, self._write_scope(prof.id, "id"))
         return pb.UpdateProfileResponse(profile=cv.profile_to_pb(updated))
@@ -94,6 +100,7 @@ class StoreServicer(pbg.StoreServiceServicer):
     def AppendSamples(
         self, request: pb.AppendSamplesRequest, context: grpc.ServicerContext
     ) -> pb.AppendSamplesResponse:
+        require_operator()
         samples = [cv.sample_from_pb(s, f"samples[{i}]") for i, s in enumerate(request.samples)]
         scope = self._write_scope(request.profile_id, "profile_id")
         n = self.store.append_samples(request.profile_id, request.batch_id, samples, scope)

@@ -22,7 +22,14 @@ from grpc_status import rpc_status
 from idealrt.clients.store import StoreClient
 from idealrt.common.v1 import resources_pb2 as rpb
 from idealrt.core import convert as cv
-from idealrt.core.auth import AuthConfig, Principal, Role, acting_as, token_sha256
+from idealrt.core.auth import (
+    ANONYMOUS_ADMIN,
+    AuthConfig,
+    Principal,
+    Role,
+    acting_as,
+    token_sha256,
+)
 from idealrt.core.config import StoreConfig
 from idealrt.core.domain import (
     DEFAULT_NAMESPACE,
@@ -502,35 +509,35 @@ def test_writes_need_the_writer_role_in_the_objects_namespace(
             with pytest.raises(PermissionDenied) as info:
                 getattr(sv, method)(req, ctx)
             assert info.value.reason == "NAMESPACE_FORBIDDEN", method
-    with acting_as(_principal(team_b=Role.WRITER)):  # team-a is invisible: NOT_FOUND
+    with acting_as(_principal(team_b=Role.WRITER)):
         empty_sv = StoreServicer(empty)
+        # the profiler's write path: a team's writer may not use it at all, and the answer
+        # is the same whether the profile exists (in another namespace) or not
         for method, req in [
             ("UpdateProfile", pb.UpdateProfileRequest(profile=running)),
             ("AppendSamples", append),
         ]:
             hidden = _error(lambda m=method, r=req: getattr(sv, m)(r, ctx))
-            assert hidden[0] is NotFound
+            assert hidden[0] is PermissionDenied
             assert hidden == _error(lambda m=method, r=req: getattr(empty_sv, m)(r, ctx))
         with pytest.raises(PermissionDenied):
             sv.CreateProfile(create, ctx)
         # a cost model in its own namespace for a profile it cannot see: missing
         other = pb.CreateCostModelRequest(cost_model=cv.cost_model_to_pb(_cm(pa.id, "team-b")))
         assert _error(lambda: sv.CreateCostModel(other, ctx))[0] is NotFound
-        # the stored namespace wins: naming team-b in the update does not reach team-a
-        moved = cv.profile_to_pb(dataclasses.replace(pa, namespace="team-b"))
-        assert (
-            _error(lambda: sv.UpdateProfile(pb.UpdateProfileRequest(profile=moved), ctx))[0]
-            is NotFound
-        )
     with acting_as(_principal(team_a=Role.WRITER)):
+        with pytest.raises(PermissionDenied):  # a team's writer: not the profiler
+            sv.AppendSamples(append, ctx)
+        assert sv.CreateProfile(create, ctx).profile.namespace == "team-a"
+        assert sv.CreateCostModel(fit, ctx).cost_model.namespace == "team-a"
+    with acting_as(ANONYMOUS_ADMIN):  # an operator (the profiler's service identity)
+        # the stored namespace wins: naming team-b in the update does not move it
         moved = cv.profile_to_pb(
             dataclasses.replace(pa, state=ProfileState.RUNNING, namespace="team-b")
         )
         updated = sv.UpdateProfile(pb.UpdateProfileRequest(profile=moved), ctx).profile
         assert (updated.namespace, updated.state) == ("team-a", rpb.PROFILE_STATE_RUNNING)
         assert sv.AppendSamples(append, ctx).total_samples == 4
-        assert sv.CreateProfile(create, ctx).profile.namespace == "team-a"
-        assert sv.CreateCostModel(fit, ctx).cost_model.namespace == "team-a"
     assert sv.store.get_profile(pb_.id) == pb_  # untouched
 
 
