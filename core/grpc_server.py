@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from idealrt.core.auth import Authenticator, Principal, acting_as
+from idealrt.core.auth import Authenticator, Principal, acting_as, audit
 from idealrt.core.errors import DOMAIN, IdealrtError
 from idealrt.core.observability import rpc_metrics, serve_metrics
 from idealrt.core.tls import ENV_VARS, INSECURE_VAR, TlsConfig, server_credentials
@@ -104,6 +104,58 @@ def _request_id(request: Any) -> str:
     return rid if isinstance(rid, str) else ""
 
 
+# the RPCs that write (by name), each audited: who, what, where, how it ended
+WRITE_PREFIXES = (
+    "Create",
+    "Update",
+    "Append",
+    "Cancel",
+    "Fit",
+    "Denoise",
+    "Import",
+    "Load",
+    "Unload",
+)
+_OBJECT_FIELDS = ("profile", "cost_model", "model")
+_ID_FIELDS = ("id", "profile_id", "cost_model_id", "model_id")
+
+
+def is_write(method: str) -> bool:
+    return method.rsplit("/", 1)[-1].startswith(WRITE_PREFIXES)
+
+
+def _object_of(request: Any, response: Any) -> tuple[str, str]:
+    """(object id, namespace) of a write: the stored object of the response when there
+    is one, else the ids and namespace the request names."""
+    for msg in (response, request):
+        fields = getattr(getattr(msg, "DESCRIPTOR", None), "fields_by_name", {})
+        for name in _OBJECT_FIELDS:
+            if name in fields and msg.HasField(name):
+                obj = getattr(msg, name)
+                oid = getattr(obj, "id", "") or getattr(obj, "model_id", "")
+                return str(oid), str(getattr(obj, "namespace", ""))
+    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+    for name in _ID_FIELDS:
+        if name in fields and getattr(request, name):
+            return str(getattr(request, name)), ""
+    return "", ""
+
+
+# the subject of an audit line whose caller did not authenticate
+NOBODY = Principal("(unauthenticated)", {}, kind="unauthenticated")
+
+
+def _audit(
+    method: str, principal: Principal | None, request: Any, response: Any, outcome: str
+) -> None:
+    object_id, namespace = _object_of(request, response)
+    if principal is None:
+        audit(method, namespace, object_id, outcome)
+    else:
+        with acting_as(principal):
+            audit(method, namespace, object_id, outcome)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to rich statuses and logs one `rpc_finished` line per RPC; with
     an enabled `auth`, authenticates each RPC (UNAUTHENTICATED_METHODS excepted) before its
@@ -122,6 +174,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         auth = None if method.startswith(UNAUTHENTICATED_METHODS) else self._auth
 
         metrics = rpc_metrics()
+        audited = is_write(method)
 
         def principal_of(context: grpc.ServicerContext) -> Principal | None:
             if auth is None:
@@ -166,7 +219,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def inner(request: Any, context: grpc.ServicerContext) -> Any:
                 start = time.perf_counter()
-                rid = _request_id(request) if not hasattr(request, "__next__") else ""
+                streamed = hasattr(request, "__next__")
+                rid = _request_id(request) if not streamed else ""
+                principal: Principal | None = None
                 try:
                     principal = principal_of(context)
                     if principal is None:
@@ -177,9 +232,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:
                     if is_abort(exc):
                         raise
+                    if audited:
+                        code = exc.code.name if isinstance(exc, IdealrtError) else "INTERNAL"
+                        who = principal if principal is not None or auth is None else NOBODY
+                        _audit(method, who, None if streamed else request, None, code)
                     handle(exc, context, start, rid)
                     raise
                 finish(start, "OK", rid)
+                if audited:
+                    _audit(method, principal, None if streamed else request, resp, "OK")
                 return resp
 
             return inner

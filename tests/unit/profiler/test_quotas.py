@@ -96,3 +96,45 @@ def test_no_file_no_limits(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad.write_text("[a\n")
     with pytest.raises(ValueError, match=str(bad)):
         Quotas.load(bad)
+
+
+def test_the_manager_refuses_a_create_over_quota_before_storing_it(  # type: ignore[no-untyped-def]
+    kit, store, lease_dir
+) -> None:
+    """A real SQLite store and manager; the device lease is held by the test, so created
+    profiles stay QUEUED (active) for as long as it needs."""
+    import dataclasses
+
+    from idealrt.services.profiler.lease import acquire_lease
+    from idealrt.services.profiler.manager import ProfileManager
+
+    quotas = Quotas.from_toml(
+        "[team-a]\nmax_concurrent_profiles = 1\n[team-c]\nmax_planned_samples = 20\n"
+    )
+    lease = acquire_lease(lease_dir, "cpu", profile_id="the-test")
+    m = ProfileManager(
+        store,
+        lambda p: kit.SyntheticTarget(),
+        lease_dir,
+        options=kit.quiet_options(lease_dir),
+        quotas=quotas,
+    )
+    try:
+        first = m.create(dataclasses.replace(kit.make_profile(), namespace="team-a"))
+        assert first.state == ProfileState.QUEUED and first.total_samples == 12
+        with pytest.raises(ResourceExhausted) as e:
+            m.create(dataclasses.replace(kit.make_profile(), namespace="team-a"))
+        assert "max_concurrent_profiles=1: 1 profiles QUEUED or RUNNING" in str(e.value)
+        assert len(store.list_profiles(100, "")[0]) == 1  # nothing stored for it
+        # another namespace has no such quota
+        m.create(dataclasses.replace(kit.make_profile(), namespace="team-b"))
+        m.cancel(first.id)
+        kit.wait_until(lambda: store.get_profile(first.id).state.terminal, "cancel stored")
+        m.create(dataclasses.replace(kit.make_profile(), namespace="team-a"))  # room again
+        # planned samples: 12 + 12 > 20 while the first is not CANCELLED/FAILED
+        m.create(dataclasses.replace(kit.make_profile(), namespace="team-c"))
+        with pytest.raises(ResourceExhausted, match="max_planned_samples=20: 12 samples"):
+            m.create(dataclasses.replace(kit.make_profile(), namespace="team-c"))
+    finally:
+        lease.release()
+        m.shutdown(timeout=20)
