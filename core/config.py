@@ -31,6 +31,9 @@ def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
 
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 def _int(e: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
     """An integer setting >= lo from the environment; ValueError naming the variable."""
     raw = e.get(name, "")
@@ -66,6 +69,9 @@ def default_store_url(data_dir: Path = DEFAULT_DATA_DIR) -> str:
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
     address: str = "127.0.0.1:0"
+    # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
+    # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus; 0 = disabled
     # limits of what one request may ask for (IDEALRT_MAX_THREADS: 0 = the cores this
@@ -93,6 +99,9 @@ class ServingConfig:
             max_threads=_int(e, "IDEALRT_MAX_THREADS", cls.max_threads, lo=0),
             max_prompt_tokens=_int(e, "IDEALRT_MAX_PROMPT_TOKENS", cls.max_prompt_tokens),
             tls=TlsConfig.from_env(e),
+            max_message_bytes=_int(
+                e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
+            ),
             allow_insecure=insecure_from_env(e),
             auth=AuthConfig.from_env(e),
         )
@@ -101,6 +110,9 @@ class ServingConfig:
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
     address: str = "127.0.0.1:0"
+    # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
+    # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     store_url: str = ""  # "" -> sqlite under data_dir
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "info"
@@ -126,6 +138,9 @@ class StoreConfig:
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             tls=TlsConfig.from_env(e),
+            max_message_bytes=_int(
+                e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
+            ),
             allow_insecure=insecure_from_env(e),
             auth=AuthConfig.from_env(e),
         )
@@ -134,6 +149,9 @@ class StoreConfig:
 @dataclasses.dataclass(frozen=True)
 class ProfilerConfig:
     address: str = "127.0.0.1:0"
+    # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
+    # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     store_target: str = ""  # host:port of the store service
     serving_target: str = ""  # default serving endpoint for profiles without an address
     data_dir: Path = DEFAULT_DATA_DIR  # leases live under data_dir/leases
@@ -200,6 +218,9 @@ class ProfilerConfig:
             else None,
             quotas_file=Path(e["IDEALRT_QUOTAS_FILE"]) if e.get("IDEALRT_QUOTAS_FILE") else None,
             tls=TlsConfig.from_env(e),
+            max_message_bytes=_int(
+                e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
+            ),
             allow_insecure=insecure_from_env(e),
             auth=AuthConfig.from_env(e),
         )
@@ -208,6 +229,9 @@ class ProfilerConfig:
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     address: str = "127.0.0.1:0"
+    # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
+    # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     store_target: str = ""
     log_level: str = "info"
     metrics_port: int = 0
@@ -235,6 +259,9 @@ class MetricsConfig:
             max_json_bytes=_int(e, "IDEALRT_MAX_JSON_BYTES", cls.max_json_bytes),
             max_json_depth=_int(e, "IDEALRT_MAX_JSON_DEPTH", cls.max_json_depth),
             tls=TlsConfig.from_env(e),
+            max_message_bytes=_int(
+                e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
+            ),
             allow_insecure=insecure_from_env(e),
             auth=AuthConfig.from_env(e),
         )

@@ -423,6 +423,7 @@ def start_server(
     tls: TlsConfig | None = None,
     allow_insecure: bool = False,
     auth: Authenticator | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
 ) -> GrpcServer:
     """Build and start a server on `address` ("127.0.0.1:0" picks a free port) with a pool
     of `max_workers` threads (see UNARY_WORKERS); Prometheus metrics on `metrics_port`
@@ -453,8 +454,8 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorInterceptor(auth)],
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
     for reg in register:

@@ -32,6 +32,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
+        max_message_bytes=cfg.max_message_bytes,
     )
     server.on_stop.append(store.close)
     return server, server.port

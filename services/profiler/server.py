@@ -119,6 +119,7 @@ def build_server(
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
+        max_message_bytes=cfg.max_message_bytes,
     )
     # at the drain's start: running profiles are checkpointed at once (not measured on
     # through the grace period), and their watch streams end, so the drain is short

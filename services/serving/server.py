@@ -30,6 +30,7 @@ def build_server(cfg: ServingConfig) -> tuple[GrpcServer, int]:
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
+        max_message_bytes=cfg.max_message_bytes,
         max_workers=4,
     )
     server.on_stop.append(registry.close)

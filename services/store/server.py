@@ -27,6 +27,7 @@ def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServ
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
+        max_message_bytes=cfg.max_message_bytes,
     )
     if store is None:
         server.on_stop.append(st.close)

@@ -23,3 +23,32 @@ def test_switches_are_read_from_the_environment() -> None:
     assert not cfg.background_writes
     assert not cfg.contention_checks and not cfg.contention_monitors
     assert cfg.outage_window_s == 12.5
+
+
+def test_max_message_bytes_is_configured_and_enforced_by_a_real_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """IDEALRT_MAX_MESSAGE_BYTES: a store server on 127.0.0.1 refuses a larger request with
+    RESOURCE_EXHAUSTED before its handler runs (nothing is stored)."""
+    import grpc
+    import pytest
+
+    from idealrt.core.config import StoreConfig
+    from idealrt.services.store.server import build_server
+    from idealrt.store.v1 import store_service_pb2 as pb
+    from idealrt.store.v1 import store_service_pb2_grpc as pbg
+
+    env = {"IDEALRT_MAX_MESSAGE_BYTES": "4096", "IDEALRT_STORE_URL": f"sqlite:///{tmp_path}/s.db"}
+    cfg = StoreConfig.from_env(env)
+    assert cfg.max_message_bytes == 4096
+    with pytest.raises(ValueError, match="IDEALRT_MAX_MESSAGE_BYTES"):
+        StoreConfig.from_env({"IDEALRT_MAX_MESSAGE_BYTES": "10"})
+    server, port = build_server(cfg)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pbg.StoreServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetProfile(pb.GetProfileRequest(id="x" * 5000), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.ListProfiles(pb.ListProfilesRequest(), timeout=10).profiles == []
+    finally:
+        channel.close()
+        server.stop(0)
