@@ -326,13 +326,19 @@ class Store:
                     first_seq=first,
                     count=len(batch),
                     create_time=utcnow(),
+                    namespace=profile.namespace,
                 )
             )
             if batch:
                 conn.execute(
                     samples.insert(),
                     [
-                        _rows.sample_row(s, profile_id=profile_id, batch_id=batch_id, seq=first + i)
+                        {
+                            **_rows.sample_row(
+                                s, profile_id=profile_id, batch_id=batch_id, seq=first + i
+                            ),
+                            "namespace": profile.namespace,
+                        }
                         for i, s in enumerate(batch)
                     ],
                 )

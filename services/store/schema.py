@@ -165,8 +165,8 @@ def _current_metadata() -> sa.MetaData:
     md = _v1_metadata()
     prof, cms = md.tables["profiles"], md.tables["cost_models"]
     # v2: namespaces
-    prof.append_column(_namespace_column())
-    cms.append_column(_namespace_column())
+    for table in (prof, cms, md.tables["sample_batches"], md.tables["samples"]):
+        table.append_column(_namespace_column())
     sa.Index(
         "ix_profiles_namespace_create_time_id", prof.c.namespace, prof.c.create_time, prof.c.id
     )
@@ -196,10 +196,12 @@ def _create_v1(conn: sa.Connection) -> None:
 
 
 def _add_namespaces_v2(conn: sa.Connection) -> None:
-    """profiles.namespace and cost_models.namespace, NOT NULL DEFAULT 'default' (existing
-    rows take the default: one ALTER each on SQLite and PostgreSQL, no row rewrite on
-    PostgreSQL 11+), and the listing indexes. Frozen: it spells out its own DDL."""
-    for table in ("profiles", "cost_models"):
+    """A namespace column on every table (profiles, cost_models, and, copied from their
+    profile when appended, sample_batches and samples), NOT NULL DEFAULT 'default'
+    (existing rows take the default, which is their profile's: before v2 every profile is
+    in 'default'; one ALTER each on SQLite and PostgreSQL, no row rewrite on PostgreSQL
+    11+), and the listing indexes. Frozen: it spells out its own DDL."""
+    for table in ("profiles", "cost_models", "sample_batches", "samples"):
         conn.exec_driver_sql(
             f"ALTER TABLE {table} ADD COLUMN namespace VARCHAR(63) DEFAULT 'default' NOT NULL"
         )
@@ -219,7 +221,7 @@ def _add_namespaces_v2(conn: sa.Connection) -> None:
 Migration = tuple[int, str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "profiles, samples, sample_batches, cost_models", _create_v1),
-    (2, "namespaces of profiles and cost models (existing rows: default)", _add_namespaces_v2),
+    (2, "a namespace column on every table (existing rows: default)", _add_namespaces_v2),
 )
 assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 

@@ -638,3 +638,28 @@ def test_tokens_of_one_namespace_over_a_server(tmp_path: Path, make_profile: Mak
     finally:
         channel.close()
         server.stop(0)
+
+
+def test_every_table_keeps_the_namespace_of_its_rows(
+    store: Store, make_profile: MakeProfile, make_sample: MakeSample
+) -> None:
+    """Sample batches and samples carry their profile's namespace (a column on every
+    table), read back with SQL from the store's own engine."""
+    p, _ = store.create_profile(make_profile(namespace="team-a"))
+    store.append_samples(p.id, "b0", [make_sample(i) for i in range(3)])
+    with store._engine.connect() as conn:  # the real database, bypassing the repository
+        got = {
+            table: conn.execute(
+                sa.text(f"SELECT DISTINCT namespace FROM {table} WHERE profile_id = :p"),
+                {"p": p.id},
+            )
+            .scalars()
+            .all()
+            for table in ("samples", "sample_batches")
+        }
+        (own,) = (
+            conn.execute(sa.text("SELECT namespace FROM profiles WHERE id = :p"), {"p": p.id})
+            .scalars()
+            .all()
+        )
+    assert got == {"samples": ["team-a"], "sample_batches": ["team-a"]} and own == "team-a"
