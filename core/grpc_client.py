@@ -34,6 +34,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from idealrt.core.errors import IdealrtError, error_for_code
+from idealrt.core.rotating_channel import RotatingChannel, file_stamp
 from idealrt.core.tls import TlsConfig, channel_credentials
 from idealrt.metrics.v1 import metrics_service_pb2
 from idealrt.profiler.v1 import profiler_service_pb2
@@ -194,8 +195,13 @@ def open_channel(
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
+    channel: grpc.Channel
     if tls is not None and tls.client_tls:
-        channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
+        # a renewed client certificate or CA on disk is used from the next call on
+        channel = RotatingChannel(
+            lambda: grpc.secure_channel(address, channel_credentials(tls), options=options),
+            lambda: file_stamp([tls.ca_file, tls.client_cert_file, tls.client_key_file]),
+        )
     else:
         channel = grpc.insecure_channel(address, options=options)
     return with_token(channel, token)

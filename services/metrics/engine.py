@@ -38,7 +38,13 @@ from idealrt.core.domain import DEFAULT_NAMESPACE, CostModel, Profile, ProfileSt
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from idealrt.core.logging import get_logger
 from idealrt.core.model_spec import ModelSpec, resolve_max_context
-from idealrt.core.namespaces import readable, require_writer, visible_cost_model, visible_profile
+from idealrt.core.namespaces import (
+    profile_not_found,
+    readable,
+    require_writer,
+    visible_cost_model,
+    visible_profile,
+)
 from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
 from idealrt.services.metrics import validate
 from idealrt.services.metrics.compare import Comparison, compare
@@ -254,8 +260,13 @@ class MetricsEngine:
     ) -> tuple[Profile, list[Sample]]:
         if not profile_id:
             raise InvalidArgument(PROFILE_ID_REQUIRED, "profile_id is required", field="profile_id")
-        # NOT_FOUND, as if it did not exist, when the caller may not read its namespace
-        prof = visible_profile(self.store.get_profile(profile_id), field="profile_id")
+        # NOT_FOUND, as if it did not exist, when the caller may not read its namespace:
+        # missing or hidden, the same error (field profile_id in both)
+        try:
+            stored = self.store.get_profile(profile_id)
+        except NotFound:
+            raise profile_not_found(profile_id, field="profile_id") from None
+        prof = visible_profile(stored, field="profile_id")
         if prof.state == ProfileState.INVALID and not allow_invalid:
             raise FailedPrecondition(
                 PROFILE_INVALID,

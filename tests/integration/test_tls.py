@@ -388,6 +388,61 @@ def test_rotated_certificate_is_served_to_new_connections_without_restart(
     assert [e["log_level"] for e in logs if e["event"] == "tls_reload_failed"] == ["error"]
 
 
+def test_a_long_lived_client_follows_its_rotated_client_certificate(
+    tmp_path: Path, pki: Callable[[str], Ca], servers: list[GrpcServer]
+) -> None:
+    """Real: one StoreClient (one channel object, as a running profiler holds) to an mTLS
+    store. Its client certificate and key files are replaced on disk by ones a new client
+    CA issued, and the store is restarted on the same port trusting only that new CA (so
+    the client must make a new connection, a new handshake). The same client object goes
+    on working: its next calls use a channel made from the new files. With the channel
+    made once (grpc's own), the reconnect presents the old certificate and is refused."""
+    server_ca, old_clients, new_clients = pki("server-ca"), pki("old-clients"), pki("new-clients")
+    crt, key = server_ca.issue(tmp_path, "store")
+    port = _free_port()
+
+    def store(client_ca: Path) -> GrpcServer:
+        server, _ = build_store(
+            StoreConfig(
+                address=f"127.0.0.1:{port}",
+                data_dir=tmp_path / "store",
+                tls=TlsConfig(cert_file=crt, key_file=key, client_ca_file=client_ca),
+            )
+        )
+        servers.append(server)
+        return server
+
+    first = store(old_clients.path)
+    live = tmp_path / "live"
+    live.mkdir()
+    my_crt, my_key = old_clients.issue(live, "me", client=True)
+    target = f"127.0.0.1:{port}"
+    client = StoreClient(
+        target,
+        timeout=TIMEOUT_S,
+        tls=TlsConfig(ca_file=server_ca.path, client_cert_file=my_crt, client_key_file=my_key),
+    )
+    try:
+        assert client.list_profiles()[0] == []
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        new_crt, new_key = new_clients.issue(staged, "me", client=True)
+        _replace(new_key, my_key)
+        _replace(new_crt, my_crt)
+        first.stop(0)
+        store(new_clients.path)  # trusts only the new client CA
+
+        def served() -> bool:
+            try:
+                return client.list_profiles()[0] == []
+            except Unavailable:
+                return False
+
+        assert _poll(served)
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------ health port
 
 
