@@ -161,6 +161,8 @@ class ProfilerConfig:
     # limits: samples one plan may ask for; WatchProfile streams open at once (beyond:
     # RESOURCE_EXHAUSTED, so streams never take every worker and unary calls keep theirs)
     max_plan_samples: int = 200_000
+    # the largest prompt or output length (tokens) a plan may ask for
+    max_plan_tokens: int = 1 << 20
     max_watch_streams: int = 64
     # how long a profile rides out an unreachable store or serving (retries with
     # exponential backoff and jitter) before it ends FAILED
@@ -208,6 +210,7 @@ class ProfilerConfig:
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             resume=e.get("IDEALRT_RESUME", "1") != "0",
             max_plan_samples=_int(e, "IDEALRT_MAX_PLAN_SAMPLES", cls.max_plan_samples),
+            max_plan_tokens=_int(e, "IDEALRT_MAX_PLAN_TOKENS", cls.max_plan_tokens),
             max_watch_streams=_int(e, "IDEALRT_MAX_WATCH_STREAMS", cls.max_watch_streams),
             outage_window_s=_float(e, "IDEALRT_OUTAGE_WINDOW_S", cls.outage_window_s),
             contention_monitors=e.get("IDEALRT_CONTENTION_MONITORS", "1") != "0",

@@ -192,6 +192,7 @@ class ProfileManager:
         persist_interval_s: float = 1.0,
         max_plan_samples: int = ProfilerConfig.max_plan_samples,
         max_watch_streams: int = ProfilerConfig.max_watch_streams,
+        max_plan_tokens: int = ProfilerConfig.max_plan_tokens,
         admit: Callable[[Profile], None] | None = None,
         quotas: Quotas | None = None,
     ) -> None:
@@ -206,6 +207,7 @@ class ProfileManager:
         self.persist_interval_s = persist_interval_s
         self.max_plan_samples = max_plan_samples
         self.max_watch_streams = max_watch_streams
+        self.max_plan_tokens = max_plan_tokens
         self.admit = admit
         self.quotas = quotas or Quotas()
         self._create_lock = threading.Lock()  # a quota's check and the create it allows
@@ -229,7 +231,9 @@ class ProfileManager:
         request_id) and queue a profile."""
         validate_target(profile.target)
         spec = known_spec(profile.model, profile.target.kind)
-        validate_plan(profile.plan, spec, max_samples=self.max_plan_samples)
+        validate_plan(
+            profile.plan, spec, max_samples=self.max_plan_samples, max_tokens=self.max_plan_tokens
+        )
         require_writer(profile.namespace)
         if self.admit is not None:
             self.admit(profile)

@@ -123,7 +123,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_sizes(values: Sequence[int], field: str, *, required: bool) -> None:
+def _check_sizes(
+    values: Sequence[int], field: str, *, required: bool, max_tokens: int = MAX_TOKENS
+) -> None:
     if not isinstance(values, (tuple, list)):
         raise invalid(field, PLAN_VALUE_INVALID, f"{field} must be a list of token counts")
     if required and not values:
@@ -135,11 +137,12 @@ def _check_sizes(values: Sequence[int], field: str, *, required: bool) -> None:
             f"{field} lists {len(values)} sizes; at most {MAX_AXIS_SIZES} are allowed",
         )
     for i, v in enumerate(values):
-        if not _is_int(v) or not 1 <= v <= MAX_TOKENS:
+        if not _is_int(v) or not 1 <= v <= max_tokens:
             raise invalid(
                 field,
                 PLAN_SIZE_OUT_OF_RANGE,
-                f"{field}[{i}] = {v!r}: every token count must be an integer in [1, {MAX_TOKENS}]",
+                f"{field}[{i}] = {v!r}: every token count must be an integer in [1, {max_tokens}]"
+                + ("" if max_tokens == MAX_TOKENS else " (IDEALRT_MAX_PLAN_TOKENS)"),
             )
 
 
@@ -168,19 +171,26 @@ def planned_samples(plan: ProfilePlan) -> int:
 
 
 def validate_plan(
-    plan: ProfilePlan, spec: ModelSpec | None = None, *, max_samples: int | None = None
+    plan: ProfilePlan,
+    spec: ModelSpec | None = None,
+    *,
+    max_samples: int | None = None,
+    max_tokens: int = MAX_TOKENS,
 ) -> None:
     """Raise InvalidArgument (with `field` = "plan.<name>") unless the plan can be run:
     every field's type and range (finite numbers only), the axes' lengths, and with
     `max_samples` (ProfilerConfig.max_plan_samples) the number of samples it may ask for
-    (`planned_samples`, field "plan").
+    (`planned_samples`, field "plan"); every token count at most `max_tokens`
+    (ProfilerConfig.max_plan_tokens: the largest prompt or output length a plan may ask
+    for, at most MAX_TOKENS).
 
     With a resolved spec, every p + o of both grids must fit in `spec.max_positions`.
     """
-    _check_sizes(plan.prompt_tokens, "plan.prompt_tokens", required=True)
-    _check_sizes(plan.output_tokens, "plan.output_tokens", required=True)
-    _check_sizes(plan.holdout_prompt_tokens, "plan.holdout_prompt_tokens", required=False)
-    _check_sizes(plan.holdout_output_tokens, "plan.holdout_output_tokens", required=False)
+    top = min(max_tokens, MAX_TOKENS)
+    _check_sizes(plan.prompt_tokens, "plan.prompt_tokens", required=True, max_tokens=top)
+    _check_sizes(plan.output_tokens, "plan.output_tokens", required=True, max_tokens=top)
+    for axis in ("holdout_prompt_tokens", "holdout_output_tokens"):
+        _check_sizes(getattr(plan, axis), f"plan.{axis}", required=False, max_tokens=top)
     _check_range(plan.repeats, "plan.repeats", 1, MAX_REPEATS, PLAN_REPEATS_OUT_OF_RANGE)
     _check_range(plan.warmups, "plan.warmups", 0, MAX_WARMUPS, PLAN_WARMUPS_OUT_OF_RANGE)
     _check_range(plan.batch_size, "plan.batch_size", 1, MAX_BATCH, PLAN_BATCH_OUT_OF_RANGE)

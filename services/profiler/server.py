@@ -94,6 +94,7 @@ def build_server(
         ),
         max_plan_samples=cfg.max_plan_samples,
         max_watch_streams=cfg.max_watch_streams,
+        max_plan_tokens=cfg.max_plan_tokens,
         admit=admit_outbound(outbound),
         quotas=Quotas.load(cfg.quotas_file),
     )

@@ -63,6 +63,25 @@ def test_a_plan_beyond_the_limit_is_refused_naming_the_count_and_the_limit() -> 
     P.validate_plan(HUGE)  # no limit given (the runner re-checking a stored plan)
 
 
+def test_the_largest_token_count_of_a_plan_is_configured() -> None:
+    """ProfilerConfig.max_plan_tokens (IDEALRT_MAX_PLAN_TOKENS): every prompt and output
+    length of both grids at most that, refused naming the entry and the limit."""
+    plan = dataclasses.replace(BASE, holdout_output_tokens=(300,))
+    P.validate_plan(plan, max_tokens=300)
+    with pytest.raises(InvalidArgument) as info:
+        P.validate_plan(plan, max_tokens=299)
+    assert (info.value.field, info.value.reason) == (
+        "plan.holdout_output_tokens",
+        "PLAN_SIZE_OUT_OF_RANGE",
+    )
+    assert "[1, 299]" in info.value.message and "IDEALRT_MAX_PLAN_TOKENS" in info.value.message
+    # never above the built-in bound, whatever is configured
+    with pytest.raises(InvalidArgument):
+        P.validate_plan(
+            dataclasses.replace(BASE, prompt_tokens=(P.MAX_TOKENS + 1,)), max_tokens=2**40
+        )
+
+
 @pytest.mark.parametrize(
     ("changes", "field", "reason"),
     [
