@@ -43,13 +43,53 @@ def _guaranteed(cpu: str, memory: str, extra: Mapping[str, int] | None = None) -
     return {"requests": dict(amounts), "limits": dict(amounts)}  # equal: Guaranteed QoS
 
 
-def _volumes(*names: str) -> list[dict[str, str]]:
-    paths = {"tmp": "/tmp", "data": "/var/lib/idealrt"}
-    return [{"name": n, "mountPath": paths[n]} for n in names]
+_MOUNTS = {
+    "tmp": "/tmp",
+    "data": "/var/lib/idealrt",
+    "tls": "/etc/idealrt/tls",
+    "service-token": "/etc/idealrt/service-token",
+}
+_SECRET_MOUNTS = ("tls", "service-token")
+TLS_DIR, TOKEN_FILE = _MOUNTS["tls"], f"{_MOUNTS['service-token']}/token"
+# health-only plaintext listeners of the sidecars (IDEALRT_HEALTH_PORT), for the startup
+# probes: the kubelet's gRPC probe cannot speak TLS; two ports, as the pod's containers
+# share one network namespace
+SERVING_HEALTH_PORT, PROFILER_HEALTH_PORT = 8082, 8083
+
+
+def _volumes(*names: str) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "mountPath": _MOUNTS[n], **({"readOnly": True} if n in _SECRET_MOUNTS else {})}
+        for n in names
+    ]
+
+
+def _server_tls() -> dict[str, str]:
+    """A sidecar's server side: its certificate, and client certificates required (mTLS)."""
+    return {
+        "IDEALRT_TLS_CERT": f"{TLS_DIR}/tls.crt",
+        "IDEALRT_TLS_KEY": f"{TLS_DIR}/tls.key",
+        "IDEALRT_TLS_CLIENT_CA": f"{TLS_DIR}/ca.crt",
+    }
+
+
+def _client_tls() -> dict[str, str]:
+    """The side that calls: the CA of the servers and the certificate it presents."""
+    return {
+        "IDEALRT_TLS_CA": f"{TLS_DIR}/ca.crt",
+        "IDEALRT_TLS_CLIENT_CERT": f"{TLS_DIR}/tls.crt",
+        "IDEALRT_TLS_CLIENT_KEY": f"{TLS_DIR}/tls.key",
+    }
 
 
 def _sidecar(
-    spec: ProfileJobSpec, name: str, port: int, env: Mapping[str, str], resources: dict[str, Any]
+    spec: ProfileJobSpec,
+    name: str,
+    port: int,
+    health_port: int,
+    env: Mapping[str, str],
+    resources: dict[str, Any],
+    mounts: tuple[str, ...],
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -60,18 +100,26 @@ def _sidecar(
         "env": _env(
             {
                 **env,
+                "IDEALRT_HEALTH_PORT": str(health_port),
                 "IDEALRT_LOG_LEVEL": spec.log_level,
                 "IDEALRT_DATA_DIR": "/var/lib/idealrt",
                 "HOME": "/tmp",
                 "PYTHONUNBUFFERED": "1",
             }
         ),
-        "ports": [{"name": f"grpc-{name}", "containerPort": port, "protocol": "TCP"}],
+        "ports": [
+            {"name": f"grpc-{name}", "containerPort": port, "protocol": "TCP"},
+            {"name": f"health-{name}", "containerPort": health_port, "protocol": "TCP"},
+        ],
         # startup only: probing during a timed sample would be load on what is measured
-        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 90},
+        "startupProbe": {
+            "grpc": {"port": health_port},
+            "periodSeconds": 2,
+            "failureThreshold": 90,
+        },
         "resources": resources,
         "securityContext": _security(),
-        "volumeMounts": _volumes("tmp", "data"),
+        "volumeMounts": _volumes(*mounts),
     }
 
 
@@ -93,6 +141,7 @@ def _profile_args(spec: ProfileJobSpec) -> list[str]:
         f"--output-tokens={ints(spec.output_tokens)}",
         f"--repeats={spec.repeats}",
         f"--warmups={spec.warmups}",
+        f"--namespace={spec.profile_namespace}",
         *spec.profile_args,
         "--json",
     ]
@@ -106,24 +155,27 @@ def render_profile_job(spec: ProfileJobSpec) -> dict[str, Any]:
         spec,
         "serving",
         SERVING_PORT,
-        # plaintext on the pod's address (explicitly: IDEALRT_INSECURE): only this pod
-        # calls it (the profiling NetworkPolicy admits no ingress) and kubelet's gRPC
-        # startup probe cannot speak TLS
-        {"IDEALRT_SERVING_ADDRESS": f"0.0.0.0:{SERVING_PORT}", "IDEALRT_INSECURE": "1"},
+        SERVING_HEALTH_PORT,
+        {"IDEALRT_SERVING_ADDRESS": f"0.0.0.0:{SERVING_PORT}", **_server_tls()},
         _guaranteed(spec.cpu, spec.memory, {spec.gpu_resource: spec.gpus}),
+        ("tmp", "data", "tls"),
     )
     profiler = _sidecar(
         spec,
         "profiler",
         PROFILER_PORT,
+        PROFILER_HEALTH_PORT,
         {
             "IDEALRT_PROFILER_ADDRESS": f"0.0.0.0:{PROFILER_PORT}",
-            "IDEALRT_INSECURE": "1",  # as the serving sidecar's
+            **_server_tls(),
+            **_client_tls(),
+            "IDEALRT_SERVICE_TOKEN_FILE": TOKEN_FILE,
             "IDEALRT_SERVING_TARGET": f"127.0.0.1:{SERVING_PORT}",
             "IDEALRT_STORE_TARGET": spec.store,
             "IDEALRT_RESUME": "0",  # never resume other runs' unfinished profiles
         },
         _guaranteed(spec.profiler_cpu, spec.profiler_memory),
+        ("tmp", "data", "tls", "service-token"),
     )
     client = {
         "name": "profile",
@@ -131,10 +183,17 @@ def render_profile_job(spec: ProfileJobSpec) -> dict[str, Any]:
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["idealrt"],
         "args": _profile_args(spec),
-        "env": _env({"HOME": "/tmp", "PYTHONUNBUFFERED": "1"}),
+        "env": _env(
+            {
+                **_client_tls(),
+                "IDEALRT_TOKEN_FILE": TOKEN_FILE,
+                "HOME": "/tmp",
+                "PYTHONUNBUFFERED": "1",
+            }
+        ),
         "resources": _guaranteed(spec.client_cpu, spec.client_memory),
         "securityContext": _security(),
-        "volumeMounts": _volumes("tmp"),
+        "volumeMounts": _volumes("tmp", "tls", "service-token"),
     }
     role_key, role = PROFILING_ROLE_LABEL
     pod = {
@@ -169,6 +228,12 @@ def render_profile_job(spec: ProfileJobSpec) -> dict[str, Any]:
         "volumes": [
             {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
             {"name": "data", "emptyDir": {"sizeLimit": "8Gi"}},
+            # group-readable: the pod's fsGroup (whole-directory mounts follow rotation)
+            {"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}},
+            {
+                "name": "service-token",
+                "secret": {"secretName": spec.token_secret, "defaultMode": 0o440},
+            },
         ],
     }
     return {

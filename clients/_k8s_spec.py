@@ -75,6 +75,14 @@ class ProfileJobSpec:
     service_account: str = "idealrt"
     image_pull_policy: str = "IfNotPresent"
     log_level: str = "info"
+    # the idealrt namespace the profile and its cost model belong to (`--namespace`)
+    profile_namespace: str = "default"
+    # TLS: the suite's certificate Secret (tls.crt, tls.key, ca.crt as cert-manager writes
+    # them; its certificate needs the IP SAN 127.0.0.1: the pod's containers talk over
+    # loopback); and the profiler's service token Secret (key "token"), which the Job's
+    # profiler and `idealrt profile` present to the suite
+    tls_secret: str = "idealrt-tls"
+    token_secret: str = "idealrt-profiler-token"
 
 
 # ------------------------------------------------------------------ validation
@@ -160,7 +168,7 @@ def _check_target(field: str, target: str) -> None:
 
 
 def _validate(spec: ProfileJobSpec) -> None:
-    for field in ("name", "namespace"):
+    for field in ("name", "namespace", "profile_namespace", "tls_secret", "token_secret"):
         value = getattr(spec, field)
         if not (isinstance(value, str) and len(value) <= 63 and _DNS_LABEL.fullmatch(value)):
             raise _bad(

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         "meant for HTTP targets)",
     )
     p.add_argument("--lease", choices=["wait", "fail"], default="wait")
+    p.add_argument(
+        "--namespace",
+        default="",
+        help="the namespace the profile (and its cost model) belongs to (default: default)",
+    )
     p.add_argument("--target", default="", help="serving host:port to measure")
     p.add_argument("--target-kind", choices=["serving", "http"], default="serving")
     p.add_argument("--base-url", default="", help="http: OpenAI-compatible base URL")

@@ -13,6 +13,7 @@ from idealrt.clients.cli._session import Session
 from idealrt.clients.profiler import ProfilerClient
 from idealrt.clients.samples_csv import read_samples_csv
 from idealrt.core.domain import (
+    DEFAULT_NAMESPACE,
     Backend,
     LeasePolicy,
     ModelRef,
@@ -105,6 +106,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
         plan=plan,
         target=target,
         request_id=args.request_id or uuid.uuid4().hex,
+        namespace=getattr(args, "namespace", "") or DEFAULT_NAMESPACE,
     )
 
 

@@ -434,3 +434,44 @@ def test_job_main_container_is_a_valid_cli_call(job_template: Doc) -> None:
     )
     assert args.prompt_tokens == (1, 64, 256, 512, 1024)
     assert args.output_tokens == (1, 8, 32)
+
+
+def test_job_speaks_tls_and_presents_the_profilers_identity(job_template: Doc) -> None:
+    """Every container of the Job mounts the TLS Secret read-only and its TLS settings,
+    as the real config classes read them, name files under that mount; serving and the
+    profiler serve TLS with client certificates required and are probed on their
+    plaintext health ports; the profiler and the CLI present the profiler's token."""
+    from idealrt.core.auth import AuthConfig
+    from idealrt.core.config import ServingConfig
+    from idealrt.core.tls import TlsConfig
+
+    pod = job_template["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "idealrt-tls"
+    assert volumes["service-token"]["secret"]["secretName"] == "idealrt-profiler-token"
+    serving, profiler = pod["initContainers"]
+    (cli,) = pod["containers"]
+
+    def mounts(c: Doc) -> dict[str, Doc]:
+        return {m["name"]: m for m in c["volumeMounts"]}
+
+    for c in (serving, profiler, cli):
+        tls = mounts(c)["tls"]
+        assert tls["readOnly"] is True and tls["mountPath"] == "/etc/idealrt/tls"
+        cfg = vars(TlsConfig.from_env(env_of(c)))
+        files = [str(f) for k, f in cfg.items() if k.endswith("_file") and f is not None]
+        assert files and all(f.startswith("/etc/idealrt/tls/") for f in files), c["name"]
+    for c, port in ((serving, 8082), (profiler, 8083)):
+        tls = TlsConfig.from_env(env_of(c))
+        assert tls.server_tls and tls.mtls, c["name"]
+        assert env_of(c)["IDEALRT_HEALTH_PORT"] == str(port)
+        assert c["startupProbe"]["grpc"]["port"] == port
+        assert "IDEALRT_INSECURE" not in env_of(c)
+    assert ServingConfig.from_env(env_of(serving)).tls.server_tls
+    assert TlsConfig.from_env(env_of(profiler)).client_tls
+    assert AuthConfig.from_env(env_of(profiler)).service_token_file is not None
+    token = env_of(cli)["IDEALRT_TOKEN_FILE"]
+    assert token == env_of(profiler)["IDEALRT_SERVICE_TOKEN_FILE"]
+    assert token.startswith(mounts(cli)["service-token"]["mountPath"] + "/")
+    args = build_parser().parse_args(cli["args"])
+    assert args.namespace == "default"
