@@ -500,8 +500,10 @@ def start_server(
 
 
 def serve_until_sigterm(service: str, server: GrpcServer, port: int) -> int:
-    """Run a started service in the foreground until SIGTERM/SIGINT; the exit status."""
-    print(f"{service} listening on port {port}", flush=True)
+    """Run a started service in the foreground until SIGTERM/SIGINT; the exit status. The
+    handler is installed before the port line is printed: a supervisor that stops the
+    service as soon as it says it listens gets a graceful stop, not the default SIGTERM."""
     server.install_sigterm()
+    print(f"{service} listening on port {port}", flush=True)
     server.wait()
     return 0
