@@ -7,23 +7,18 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
+from idealrt.clients._channel import ClientChannel
 from idealrt.core import convert as cv
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.domain import CostModel
 from idealrt.core.grpc_client import (
-    DEFAULT_TIMEOUT_S,
-    Token,
     call,
-    open_channel,
     request_id_or_new,
-    with_token,
 )
 from idealrt.core.model_spec import ModelSpec
-from idealrt.core.tls import TlsConfig
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 
@@ -123,27 +118,11 @@ def _queries(p: Sequence[int], o: Sequence[int]) -> list[pb.Query]:
     return [pb.Query(prompt_tokens=int(a), output_tokens=int(b)) for a, b in zip(p, o, strict=True)]
 
 
-class MetricsClient:
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        *,
-        tls: TlsConfig | None = None,
-        token: Token | None = None,
-    ) -> None:
-        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
-        returns the current one) sent on every call."""
-        self._own = isinstance(target, str)
-        self._channel = open_channel(target, tls) if isinstance(target, str) else target
-        self._channel = with_token(self._channel, token)
-        self._stub = pbg.MetricsServiceStub(self._channel)
-        self.timeout = timeout
+class MetricsClient(ClientChannel):
+    """ClientChannel(target, timeout, tls=, token=) on the MetricsService."""
 
-    def close(self) -> None:
-        if self._own:
-            self._channel.close()
+    _STUB = pbg.MetricsServiceStub
+    _stub: pbg.MetricsServiceStub
 
     def fit(
         self,

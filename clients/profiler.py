@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 import structlog
 
+from idealrt.clients._channel import ClientChannel
 from idealrt.core import convert as cv
 from idealrt.core.domain import Profile
 from idealrt.core.errors import Unavailable
@@ -17,9 +18,7 @@ from idealrt.core.grpc_client import (
     Token,
     call,
     call_stream,
-    open_channel,
     request_id_or_new,
-    with_token,
 )
 from idealrt.core.tls import TlsConfig
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
@@ -55,7 +54,10 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class ProfilerClient:
+class ProfilerClient(ClientChannel):
+    _STUB = pbg.ProfilerServiceStub
+    _stub: pbg.ProfilerServiceStub
+
     def __init__(
         self,
         target: str | grpc.Channel,
@@ -65,19 +67,9 @@ class ProfilerClient:
         tls: TlsConfig | None = None,
         token: Token | None = None,
     ) -> None:
-        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
-        returns the current one) sent on every call."""
+        """`watch_reconnect_window_s`: see `watch`; the rest: see ClientChannel."""
+        super().__init__(target, timeout, tls=tls, token=token)
         self.watch_reconnect_window_s = watch_reconnect_window_s
-        self._own = isinstance(target, str)
-        self._channel = open_channel(target, tls) if isinstance(target, str) else target
-        self._channel = with_token(self._channel, token)
-        self._stub = pbg.ProfilerServiceStub(self._channel)
-        self.timeout = timeout
-
-    def close(self) -> None:
-        if self._own:
-            self._channel.close()
 
     def create_profile(self, profile: Profile) -> Profile:
         r = call(

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
+from idealrt.clients._channel import ClientChannel
 from idealrt.core import convert as cv
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import ModelRef, StackSpec
 from idealrt.core.grpc_client import (
-    DEFAULT_TIMEOUT_S,
-    Token,
     call,
-    open_channel,
     request_id_or_new,
-    with_token,
 )
 from idealrt.core.serving_contract import GenerationResult, LoadedModel, MemoryReport
-from idealrt.core.tls import TlsConfig
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
@@ -43,27 +37,11 @@ def _loaded_from_pb(m: pb.LoadedModel) -> LoadedModel:
     )
 
 
-class ServingClient:
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        *,
-        tls: TlsConfig | None = None,
-        token: Token | None = None,
-    ) -> None:
-        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
-        returns the current one) sent on every call."""
-        self._own = isinstance(target, str)
-        self._channel = open_channel(target, tls) if isinstance(target, str) else target
-        self._channel = with_token(self._channel, token)
-        self._stub = pbg.ServingServiceStub(self._channel)
-        self.timeout = timeout
+class ServingClient(ClientChannel):
+    """ClientChannel(target, timeout, tls=, token=) on the ServingService."""
 
-    def close(self) -> None:
-        if self._own:
-            self._channel.close()
+    _STUB = pbg.ServingServiceStub
+    _stub: pbg.ServingServiceStub
 
     def load(
         self, model: ModelRef, stack: StackSpec, max_context: int = 0, request_id: str = ""

@@ -5,46 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import grpc
-
+from idealrt.clients._channel import ClientChannel
 from idealrt.core import convert as cv
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
 from idealrt.core.grpc_client import (
-    DEFAULT_TIMEOUT_S,
-    Token,
     call,
-    open_channel,
     request_id_or_new,
-    with_token,
 )
-from idealrt.core.tls import TlsConfig
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
 
 __all__ = ["StoreClient"]
 
 
-class StoreClient:
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        *,
-        tls: TlsConfig | None = None,
-        token: Token | None = None,
-    ) -> None:
-        """`target`: host:port (a channel of our own: TLS when `tls` has a client side,
-        idealrt.core.tls) or a channel the caller owns. `token`: a bearer token (or what
-        returns the current one) sent on every call."""
-        self._own = isinstance(target, str)
-        self._channel = open_channel(target, tls) if isinstance(target, str) else target
-        self._channel = with_token(self._channel, token)
-        self._stub = pbg.StoreServiceStub(self._channel)
-        self.timeout = timeout
+class StoreClient(ClientChannel):
+    """ClientChannel(target, timeout, tls=, token=) on the StoreService."""
 
-    def close(self) -> None:
-        if self._own:
-            self._channel.close()
+    _STUB = pbg.StoreServiceStub
+    _stub: pbg.StoreServiceStub
 
     def create_profile(self, profile: Profile) -> tuple[Profile, bool]:
         r = call(

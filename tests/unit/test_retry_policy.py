@@ -95,11 +95,13 @@ def test_the_service_config_retries_unavailable_with_the_agreed_backoff() -> Non
 
 
 def test_every_client_opens_its_channel_with_the_policy() -> None:
-    """The clients build their channels with open_channel (which sets the service config
-    and, given a TlsConfig, the TLS credentials), never a bare grpc.insecure_channel or
-    secure_channel."""
+    """The clients build their channels through ClientChannel, with open_channel (which sets
+    the service config and, given a TlsConfig, the TLS credentials), never a bare
+    grpc.insecure_channel or secure_channel."""
     clients = Path(__file__).resolve().parents[2] / "clients"
+    base = (clients / "_channel.py").read_text()
+    assert "open_channel(target, tls)" in base
     for name in ("metrics.py", "profiler.py", "serving.py", "store.py"):
         text = (clients / name).read_text()
-        assert "open_channel(target, tls)" in text, name
+        assert "(ClientChannel):" in text and "_STUB = pbg." in text, name
         assert "insecure_channel" not in text and "secure_channel" not in text, name
