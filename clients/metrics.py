@@ -387,12 +387,21 @@ class MetricsClient(ClientChannel):
         return doc
 
     def import_helm(
-        self, doc: Mapping[str, Any], *, kind: str = "idealized", request_id: str = ""
+        self,
+        doc: Mapping[str, Any],
+        *,
+        kind: str = "idealized",
+        request_id: str = "",
+        namespace: str = "",
     ) -> list[CostModel]:
+        """Store the cost models of a HELM document in `namespace` ("": default)."""
         r = call(
             self._stub.ImportHelm,
             pb.ImportHelmRequest(
-                request_id=request_id_or_new(request_id), json=json.dumps(doc), kind=kind
+                request_id=request_id_or_new(request_id),
+                json=json.dumps(doc),
+                kind=kind,
+                namespace=namespace,
             ),
             self.timeout,
         )

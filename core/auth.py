@@ -16,9 +16,11 @@ Two kinds of token:
       roles = { "team-a" = "writer", "*" = "reader" }
 - **JWTs** verified against a JWKS (`IDEALRT_AUTH_JWKS_URL`, fetched and cached, or
   `IDEALRT_AUTH_JWKS_FILE`, e.g. a Kubernetes API server's /openid/v1/jwks saved by an
-  operator): RS256/ES256 only, audience `IDEALRT_AUTH_AUDIENCE` (default "idealrt"),
-  issuer `IDEALRT_AUTH_ISSUER` when set, exp/nbf/iat with `IDEALRT_AUTH_LEEWAY_S` of
-  leeway. A JWT subject's roles come from the bindings file (`IDEALRT_AUTH_BINDINGS_FILE`)
+  operator; a URL's server may be verified by `IDEALRT_AUTH_JWKS_CA` instead of the system
+  trust store and the fetch may send `IDEALRT_AUTH_JWKS_TOKEN_FILE`'s token, which is what
+  the in-cluster `https://kubernetes.default.svc/openid/v1/jwks` needs): RS256/ES256 only,
+  audience `IDEALRT_AUTH_AUDIENCE` (default "idealrt"), issuer `IDEALRT_AUTH_ISSUER` when
+  set, exp/nbf/iat with `IDEALRT_AUTH_LEEWAY_S` of leeway. A JWT subject's roles come from the bindings file (`IDEALRT_AUTH_BINDINGS_FILE`)
   and, when `IDEALRT_AUTH_ROLES_CLAIM` names one, from a claim {namespace: role}:
       [[binding]]
       subject_prefix = "system:serviceaccount:team-a:"   # or subject = "..." (exact)
@@ -42,6 +44,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 import tomllib
@@ -84,6 +87,8 @@ ENV_VARS: dict[str, str] = {
     "tokens_file": "IDEALRT_AUTH_TOKENS_FILE",
     "jwks_url": "IDEALRT_AUTH_JWKS_URL",
     "jwks_file": "IDEALRT_AUTH_JWKS_FILE",
+    "jwks_ca": "IDEALRT_AUTH_JWKS_CA",
+    "jwks_token_file": "IDEALRT_AUTH_JWKS_TOKEN_FILE",
     "audience": "IDEALRT_AUTH_AUDIENCE",
     "issuer": "IDEALRT_AUTH_ISSUER",
     "bindings_file": "IDEALRT_AUTH_BINDINGS_FILE",
@@ -230,12 +235,16 @@ def _loopback_host(host: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class AuthConfig:
     """Server side: how callers authenticate (enabled when a tokens file or a JWKS is set;
-    `bindings_file` and `roles_claim` apply to JWTs, so without a JWKS they are unused).
+    `bindings_file` and `roles_claim` apply to JWTs, so without a JWKS they are unused;
+    `jwks_ca` (PEM; None: the system trust store) and `jwks_token_file` (sent as
+    `Authorization: Bearer`) only to fetching `jwks_url`).
     Client side: `service_token_file`, the token this service presents to the others."""
 
     tokens_file: Path | None = None
     jwks_url: str = ""
     jwks_file: Path | None = None
+    jwks_ca: Path | None = None
+    jwks_token_file: Path | None = None
     audience: str = "idealrt"
     issuer: str = ""
     bindings_file: Path | None = None
@@ -256,6 +265,17 @@ class AuthConfig:
                     f"{ENV_VARS['jwks_url']} must be https:// (plain http only on loopback): "
                     "keys fetched in the clear could be replaced on the way"
                 )
+        for field in ("jwks_ca", "jwks_token_file"):
+            if getattr(self, field) is not None and not self.jwks_url:
+                raise ValueError(
+                    f"{ENV_VARS[field]} needs {ENV_VARS['jwks_url']}: it applies only to "
+                    "fetching the JWKS from a URL"
+                )
+        if self.jwks_ca is not None and urlparse(self.jwks_url).scheme != "https":
+            raise ValueError(
+                f"{ENV_VARS['jwks_ca']} verifies an https:// {ENV_VARS['jwks_url']}; "
+                "this one is plain http"
+            )
         if self.jwt and not self.audience:
             raise ValueError(f"{ENV_VARS['audience']} must not be empty")
         if not (0 <= self.leeway_s <= 600):
@@ -302,6 +322,8 @@ class AuthConfig:
             tokens_file=path("tokens_file"),
             jwks_url=e.get(ENV_VARS["jwks_url"], ""),
             jwks_file=path("jwks_file"),
+            jwks_ca=path("jwks_ca"),
+            jwks_token_file=path("jwks_token_file"),
             audience=e.get(ENV_VARS["audience"], "") or cls.audience,
             issuer=e.get(ENV_VARS["issuer"], ""),
             bindings_file=path("bindings_file"),
@@ -448,6 +470,32 @@ def _parse_jwks(data: bytes, where: str) -> Any:
         raise ValueError(f"{where}: not a usable JWKS ({exc})") from None
 
 
+def _parse_ca(data: bytes, where: str) -> ssl.SSLContext:
+    """An SSL context (hostname checked, certificate required) trusting only the PEM
+    certificates of `data`; what `ssl.create_default_context(cafile=...)` makes, from the
+    bytes _Watched read, so a rotated CA file is picked up like the other files."""
+    if not data.strip():  # an empty cadata would load the system trust store instead
+        raise ValueError(f"{where}: the file is empty (expected PEM CA certificates)")
+    try:
+        ctx = ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{where}: not PEM CA certificates ({exc})") from None
+    if not ctx.cert_store_stats()["x509"]:
+        raise ValueError(f"{where}: not PEM CA certificates (none found)")
+    return ctx
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    """The JWKS request's headers: `Authorization: Bearer <token>` when there is one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """`text` (an error of the JWKS fetch, whose reason phrase the server chose) without
+    the fetch token in it."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
 def _import_jwt() -> Any:
     try:
         import jwt
@@ -478,8 +526,24 @@ class _JwtVerifier:
             if cfg.jwks_file is not None
             else None
         )
+        self._ca = (
+            _Watched(cfg.jwks_ca, ENV_VARS["jwks_ca"], _parse_ca)
+            if cfg.jwks_ca is not None
+            else None
+        )
+        self._fetch_token = (
+            _Watched(cfg.jwks_token_file, ENV_VARS["jwks_token_file"], _parse_token)
+            if cfg.jwks_token_file is not None
+            else None
+        )
         self._client = (
-            self._jwt.PyJWKClient(cfg.jwks_url, cache_jwk_set=True, lifespan=cfg.jwks_cache_s)
+            self._jwt.PyJWKClient(
+                cfg.jwks_url,
+                cache_jwk_set=True,
+                lifespan=cfg.jwks_cache_s,
+                ssl_context=self._ca.get() if self._ca is not None else None,
+                headers=_bearer(self._fetch_token.get() if self._fetch_token is not None else None),
+            )
             if cfg.jwks_url
             else None
         )
@@ -497,15 +561,27 @@ class _JwtVerifier:
         else:
             assert self._client is not None
             jwt = self._jwt
+            # PyJWKClient reads `headers` and `ssl_context` at each fetch, so the next fetch
+            # after a rotation sends the new token (and trusts the new CA). Updating them
+            # keeps its cache: a rebuilt client would drop it, and a fetch failing then
+            # would refuse every JWT. _Watched re-reads a file only when its (mtime, size)
+            # changed: on a cache hit this costs a stat() per file.
+            secret = self._fetch_token.get() if self._fetch_token is not None else None
+            if secret is not None:
+                self._client.headers = _bearer(secret)
+            if self._ca is not None:
+                self._client.ssl_context = self._ca.get()
             try:
                 jwk_set = self._client.get_jwk_set(refresh=refresh)
             except jwt.PyJWKClientConnectionError as exc:
-                log.error("jwks_fetch_failed", url=self._cfg.jwks_url, error=str(exc))
+                log.error(
+                    "jwks_fetch_failed", url=self._cfg.jwks_url, error=_redact(str(exc), secret)
+                )
                 raise Unavailable(
                     JWKS_UNAVAILABLE, "the JWKS that verifies tokens cannot be fetched now"
                 ) from None
             except jwt.PyJWTError as exc:
-                log.error("jwks_invalid", url=self._cfg.jwks_url, error=str(exc))
+                log.error("jwks_invalid", url=self._cfg.jwks_url, error=_redact(str(exc), secret))
                 raise Unavailable(
                     JWKS_UNAVAILABLE, "the JWKS that verifies tokens is not usable now"
                 ) from None

@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--kind", choices=["idealized", "denoised"], default="idealized")
     p.add_argument("--request-id", default="")
+    p.add_argument("--namespace", default="", help="store the cost models there (default)")
     return root
 
 

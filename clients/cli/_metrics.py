@@ -282,7 +282,12 @@ def cmd_export_helm(args: argparse.Namespace, s: Session) -> int:
 
 def cmd_import_helm(args: argparse.Namespace, s: Session) -> int:
     doc = json.loads(Path(args.file).read_text())
-    cms = s.metrics.import_helm(doc, kind=args.kind, request_id=args.request_id or "")
+    cms = s.metrics.import_helm(
+        doc,
+        kind=args.kind,
+        request_id=args.request_id or "",
+        namespace=getattr(args, "namespace", "") or "",
+    )
     if args.json:
         emit_json(cms)
     else:

@@ -555,22 +555,32 @@ class MetricsEngine:
             ),
         )
 
-    def import_helm_json(self, text: str, kind: str, request_id: str) -> list[CostModel]:
+    def import_helm_json(
+        self, text: str, kind: str, request_id: str, *, namespace: str = DEFAULT_NAMESPACE
+    ) -> list[CostModel]:
         """`import_helm` of HELM efficiency JSON text, within the size and nesting limits
         (checked before parsing)."""
         validate.check_import_kind(kind)
         doc = validate.parse_json(text, self.limits)
-        return self.import_helm(doc, kind, request_id)  # type: ignore[arg-type]
+        return self.import_helm(doc, kind, request_id, namespace=namespace)  # type: ignore[arg-type]
 
-    def import_helm(self, doc: Mapping[str, object], kind: str, request_id: str) -> list[CostModel]:
+    def import_helm(
+        self,
+        doc: Mapping[str, object],
+        kind: str,
+        request_id: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> list[CostModel]:
         """Store the cost models of a HELM document. Every model is checked (helm's own
         rules, then core.costmodel.validate) before the first is stored."""
         from idealrt.services.metrics.helm import import_helm
 
         validate.check_import_kind(kind)
-        require_writer(DEFAULT_NAMESPACE)  # imported models are stored in "default"
+        require_writer(namespace)  # the models are stored there
         models = import_helm(doc)
         for name, cm in models.items():
+            cm.namespace = namespace
             cm.name = name
             cm.model_name = name
             cm.request_id = f"{request_id}:{name}" if request_id else ""

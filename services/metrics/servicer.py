@@ -13,6 +13,7 @@ from idealrt.core.costmodel.estimate import WorkloadEstimate
 from idealrt.core.costmodel.fit import FitOptions
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
 from idealrt.core.errors import InvalidArgument
+from idealrt.core.namespaces import check_namespace
 from idealrt.metrics.v1 import metrics_service_pb2 as pb
 from idealrt.metrics.v1 import metrics_service_pb2_grpc as pbg
 from idealrt.services.metrics.engine import (
@@ -260,5 +261,8 @@ class MetricsServicer(pbg.MetricsServiceServicer):
     def ImportHelm(
         self, request: pb.ImportHelmRequest, context: grpc.ServicerContext
     ) -> pb.ImportHelmResponse:
-        cms = self.engine.import_helm_json(request.json, request.kind, request.request_id)
+        namespace = check_namespace(request.namespace, "namespace")
+        cms = self.engine.import_helm_json(
+            request.json, request.kind, request.request_id, namespace=namespace
+        )
         return pb.ImportHelmResponse(cost_models=[cv.cost_model_to_pb(c) for c in cms])

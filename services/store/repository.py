@@ -48,7 +48,13 @@ from sqlalchemy.exc import IntegrityError
 from idealrt.core import paging
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
-from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, invalid
+from idealrt.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    invalid,
+)
 from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.store import _queries, _rows, _serde, _validate
 from idealrt.services.store._dberrors import unavailable_on_db_error
@@ -57,6 +63,7 @@ from idealrt.services.store.reasons import (
     COST_MODEL_ALREADY_EXISTS,
     NAMESPACE_MISMATCH,
     PROFILE_ALREADY_EXISTS,
+    PROFILE_RUN_ELSEWHERE,
     STORE_CLOSED,
 )
 from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
@@ -185,16 +192,22 @@ class Store:
         with self._tx(write=False) as conn:
             return _queries.get_profile(conn, profile_id, field, namespaces=ns)
 
-    def update_profile(self, profile: Profile, namespaces: Namespaces = None) -> Profile:
+    def update_profile(
+        self, profile: Profile, namespaces: Namespaces = None, *, writer: str | None = None
+    ) -> Profile:
         """Write the mutable fields (state, counters, start/end time, error, provenance,
         model_spec); model/stack/plan/target/request_id/create_time/namespace are kept as
         stored. A terminal profile is final: only an identical update (a retry) is
-        accepted. A profile outside `namespaces` is NOT_FOUND."""
+        accepted. A profile outside `namespaces` is NOT_FOUND. `writer` (the caller's
+        subject, from the servicer): a profile being run by another writer is
+        PERMISSION_DENIED; writing RUNNING claims the profile for `writer`, writing QUEUED
+        (a checkpoint) releases it, so another profiler may resume it."""
         p = _validate.check_profile(profile)
         _validate.check_id(p.id, "id")
         ns = _validate.check_namespaces(namespaces)
         with self._tx(write=True) as conn:
             current = _queries.get_profile(conn, p.id, "id", lock=True, namespaces=ns)
+            runner = self._check_runner(conn, p.id, writer)
             updated = dataclasses.replace(
                 current,
                 state=p.state,
@@ -216,8 +229,30 @@ class Store:
                 )
             row = _rows.profile_row(updated, update_time=utcnow())
             del row["id"], row["request_id"], row["create_time"], row["namespace"]
+            if writer is not None and p.state == ProfileState.RUNNING:
+                row["runner"] = writer
+            elif writer is not None and p.state == ProfileState.QUEUED:
+                row["runner"] = ""
+            else:
+                row["runner"] = runner
             conn.execute(profiles.update().where(profiles.c.id == p.id).values(row))
             return _queries.get_profile(conn, p.id, "id")
+
+    @staticmethod
+    def _check_runner(conn: sa.Connection, profile_id: str, writer: str | None) -> str:
+        """The profile's runner; PERMISSION_DENIED when `writer` is given and another
+        subject runs it (the runner's name is not told: it is another team's business)."""
+        runner = conn.execute(
+            sa.select(profiles.c.runner).where(profiles.c.id == profile_id)
+        ).scalar_one()
+        if writer is not None and runner and runner != writer:
+            raise PermissionDenied(
+                PROFILE_RUN_ELSEWHERE,
+                f"profile {profile_id} is being run by another profiler; only the profiler "
+                "that runs a profile writes its samples and state",
+                field="profile_id",
+            )
+        return str(runner)
 
     def list_profiles(
         self,
@@ -289,16 +324,20 @@ class Store:
         batch_id: str,
         samples_: Sequence[Sample],
         namespaces: Namespaces = None,
+        *,
+        writer: str | None = None,
     ) -> int:
         """Append a batch atomically, assigning contiguous seq numbers; returns its size.
         Idempotent on (profile_id, batch_id). A finished profile takes no new batches; one
-        outside `namespaces` is NOT_FOUND."""
+        outside `namespaces` is NOT_FOUND; one run by another `writer` than the caller's
+        subject is PERMISSION_DENIED (see update_profile)."""
         _validate.check_id(profile_id, "profile_id")
         _validate.check_request_id(batch_id, "batch_id", allow_empty=False, reason=BATCH_ID_INVALID)
         batch = _validate.check_samples(samples_)
         ns = _validate.check_namespaces(namespaces)
         with self._tx(write=True) as conn:
             profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True, namespaces=ns)
+            self._check_runner(conn, profile_id, writer)
             prior = conn.execute(
                 sa.select(sample_batches.c.first_seq, sample_batches.c.count).where(
                     sample_batches.c.profile_id == profile_id,

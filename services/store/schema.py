@@ -167,6 +167,7 @@ def _current_metadata() -> sa.MetaData:
     # v2: namespaces
     for table in (prof, cms, md.tables["sample_batches"], md.tables["samples"]):
         table.append_column(_namespace_column())
+    prof.append_column(sa.Column("runner", sa.String(256), nullable=False, server_default=""))
     sa.Index(
         "ix_profiles_namespace_create_time_id", prof.c.namespace, prof.c.create_time, prof.c.id
     )
@@ -205,6 +206,9 @@ def _add_namespaces_v2(conn: sa.Connection) -> None:
         conn.exec_driver_sql(
             f"ALTER TABLE {table} ADD COLUMN namespace VARCHAR(63) DEFAULT 'default' NOT NULL"
         )
+    # the subject of the profiler that runs a profile (claimed when it writes RUNNING,
+    # released when it writes QUEUED): only it writes the profile's samples and state
+    conn.exec_driver_sql("ALTER TABLE profiles ADD COLUMN runner VARCHAR(256) DEFAULT '' NOT NULL")
     conn.exec_driver_sql(
         "CREATE INDEX ix_profiles_namespace_create_time_id ON profiles (namespace, create_time, id)"
     )

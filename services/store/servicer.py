@@ -12,7 +12,10 @@ cannot change. A namespace the caller can see but not write is PERMISSION_DENIED
 UpdateProfile and AppendSamples are the profiler's write path: only an operator (an admin
 of every namespace: the suite's services with their service tokens) may call them
 (core.namespaces.require_operator), so no team can forge samples into a profile, or move
-its state, behind the profiler's back. With authentication off every caller is one.
+its state, behind the profiler's back; and of the operators only the one that runs a
+profile (whose subject claimed it by writing RUNNING; released by its QUEUED checkpoint)
+may write it (PERMISSION_DENIED PROFILE_RUN_ELSEWHERE otherwise). With authentication off
+every caller is the same anonymous operator.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ class StoreServicer(pbg.StoreServiceServicer):
     ) -> pb.UpdateProfileResponse:
         require_operator()
         prof = cv.profile_from_pb(request.profile)
-        updated = self.store.update_profile(prof, self._write_scope(prof.id, "id"))
+        updated = self.store.update_profile(
+            prof, self._write_scope(prof.id, "id"), writer=current_principal().subject
+        )
         return pb.UpdateProfileResponse(profile=cv.profile_to_pb(updated))
 
     def ListProfiles(
@@ -103,7 +108,13 @@ class StoreServicer(pbg.StoreServiceServicer):
         require_operator()
         samples = [cv.sample_from_pb(s, f"samples[{i}]") for i, s in enumerate(request.samples)]
         scope = self._write_scope(request.profile_id, "profile_id")
-        n = self.store.append_samples(request.profile_id, request.batch_id, samples, scope)
+        n = self.store.append_samples(
+            request.profile_id,
+            request.batch_id,
+            samples,
+            scope,
+            writer=current_principal().subject,
+        )
         return pb.AppendSamplesResponse(
             appended=n, total_samples=self.store.count_samples(request.profile_id, scope)
         )

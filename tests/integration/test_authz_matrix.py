@@ -33,7 +33,7 @@ for every RPC; ops (admin of "*") is OK for every RPC; the others by kind:
     list      b_writer OK but none of team-a's objects listed; a_reader, a_writer list them.
     write     a_reader PERMISSION_DENIED; b_writer PERMISSION_DENIED for a create naming
               team-a, NOT_FOUND (as for a missing id) for a write to a team-a object;
-              a_writer OK. ImportHelm writes into "default": a_writer is refused too.
+              a_writer OK (ImportHelm names the namespace it stores into: team-a).
     operator  only ops (store UpdateProfile/AppendSamples: the profiler's write path;
               serving LoadModel/UnloadModel/Generate: devices every namespace shares).
     any       every authenticated caller OK (serving ListModels, GetEnvironment).
@@ -521,10 +521,10 @@ def _rows() -> list[Row]:
         Row("metrics", "ExportHelm", read, "team-a cost model",
             lambda r: mpb.ExportHelmRequest(cost_model_ids={"tiny": r.cost_model}),
             expected(read), check=lambda resp, r: _eq(list(json.loads(resp.json)), ["tiny"])),
-        Row("metrics", "ImportHelm", write, 'namespace "default"',
-            lambda r: mpb.ImportHelmRequest(request_id=_uid(), json=HELM_DOC),
-            {**expected(write), Case.WRITER: DENIED}, snapshot=snap_cost_models(DEFAULT),
-            check=lambda resp, r: _eq([c.namespace for c in resp.cost_models], [DEFAULT])),
+        Row("metrics", "ImportHelm", write, "namespace team-a",
+            lambda r: mpb.ImportHelmRequest(request_id=_uid(), json=HELM_DOC, namespace=TEAM_A),
+            expected(write), snapshot=snap_cost_models(TEAM_A),
+            check=lambda resp, r: _eq([c.namespace for c in resp.cost_models], [TEAM_A])),
         # ---- serving
         Row("serving", "LoadModel", op, "tiny-gpt2 (shared device)",
             lambda r: spb.LoadModelRequest(

@@ -663,3 +663,44 @@ def test_every_table_keeps_the_namespace_of_its_rows(
             .all()
         )
     assert got == {"samples": ["team-a"], "sample_batches": ["team-a"]} and own == "team-a"
+
+
+def test_only_the_profiler_that_runs_a_profile_writes_it(
+    store: Store, make_profile: MakeProfile, make_sample: MakeSample
+) -> None:
+    """Two operators (two profilers with their own service tokens): the one that wrote
+    RUNNING runs the profile; the other may neither append nor change its state until the
+    runner releases it with a QUEUED checkpoint (then it may resume it)."""
+    sv: Any = StoreServicer(store)
+    ctx: Any = None
+    one = Principal("idealrt-profiler-1", {"*": Role.ADMIN})
+    two = Principal("idealrt-profiler-2", {"*": Role.ADMIN})
+    p, _ = store.create_profile(make_profile(namespace="team-a"))
+    running = cv.profile_to_pb(dataclasses.replace(p, state=ProfileState.RUNNING))
+
+    def append(batch: str) -> Any:
+        return pb.AppendSamplesRequest(
+            profile_id=p.id, batch_id=batch, samples=[cv.sample_to_pb(make_sample(1))]
+        )
+
+    with acting_as(one):
+        sv.UpdateProfile(pb.UpdateProfileRequest(profile=running), ctx)
+        assert sv.AppendSamples(append("b0"), ctx).appended == 1
+    with acting_as(two):
+        for call in (
+            lambda: sv.AppendSamples(append("b1"), ctx),
+            lambda: sv.UpdateProfile(pb.UpdateProfileRequest(profile=running), ctx),
+        ):
+            with pytest.raises(PermissionDenied) as info:
+                call()
+            assert info.value.reason == "PROFILE_RUN_ELSEWHERE"
+            assert "idealrt-profiler-1" not in info.value.message
+    assert store.count_samples(p.id) == 1
+    queued = cv.profile_to_pb(dataclasses.replace(p, state=ProfileState.QUEUED))
+    with acting_as(one):
+        sv.UpdateProfile(pb.UpdateProfileRequest(profile=queued), ctx)  # checkpoint: released
+    with acting_as(two):  # a restarted (other) profiler resumes it
+        sv.UpdateProfile(pb.UpdateProfileRequest(profile=running), ctx)
+        assert sv.AppendSamples(append("b1"), ctx).appended == 1
+    with acting_as(one), pytest.raises(PermissionDenied):
+        sv.AppendSamples(append("b2"), ctx)

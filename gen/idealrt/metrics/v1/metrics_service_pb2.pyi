@@ -319,14 +319,16 @@ class ExportHelmResponse(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class ImportHelmRequest(_message.Message):
-    __slots__ = ("request_id", "json", "kind")
+    __slots__ = ("request_id", "json", "kind", "namespace")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     json: str
     kind: str
-    def __init__(self, request_id: _Optional[str] = ..., json: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, request_id: _Optional[str] = ..., json: _Optional[str] = ..., kind: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ImportHelmResponse(_message.Message):
     __slots__ = ("cost_models",)
