@@ -20,8 +20,9 @@ Two kinds of token:
   trust store and the fetch may send `IDEALRT_AUTH_JWKS_TOKEN_FILE`'s token, which is what
   the in-cluster `https://kubernetes.default.svc/openid/v1/jwks` needs): RS256/ES256 only,
   audience `IDEALRT_AUTH_AUDIENCE` (default "idealrt"), issuer `IDEALRT_AUTH_ISSUER` when
-  set, exp/nbf/iat with `IDEALRT_AUTH_LEEWAY_S` of leeway. A JWT subject's roles come from the bindings file (`IDEALRT_AUTH_BINDINGS_FILE`)
-  and, when `IDEALRT_AUTH_ROLES_CLAIM` names one, from a claim {namespace: role}:
+  set, exp/nbf/iat with `IDEALRT_AUTH_LEEWAY_S` of leeway. A JWT subject's roles come from
+  the bindings file (`IDEALRT_AUTH_BINDINGS_FILE`) and, when `IDEALRT_AUTH_ROLES_CLAIM`
+  names one, from a claim {namespace: role}:
       [[binding]]
       subject_prefix = "system:serviceaccount:team-a:"   # or subject = "..." (exact)
       roles = { "team-a" = "writer" }

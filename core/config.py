@@ -114,6 +114,10 @@ class StoreConfig:
     # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     store_url: str = ""  # "" -> sqlite under data_dir
+    # the largest page of a list (IDEALRT_MAX_PAGE_SIZE: profiles, cost models;
+    # IDEALRT_MAX_SAMPLE_PAGE_SIZE: samples); a larger page_size is coerced to it
+    max_page_size: int = 1000
+    max_sample_page_size: int = 10_000
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "info"
     metrics_port: int = 0
@@ -134,6 +138,8 @@ class StoreConfig:
         return cls(
             address=e.get("IDEALRT_STORE_ADDRESS", cls.address),
             store_url=e.get("IDEALRT_STORE_URL", ""),
+            max_page_size=_int(e, "IDEALRT_MAX_PAGE_SIZE", cls.max_page_size),
+            max_sample_page_size=_int(e, "IDEALRT_MAX_SAMPLE_PAGE_SIZE", cls.max_sample_page_size),
             data_dir=Path(e.get("IDEALRT_DATA_DIR", str(DEFAULT_DATA_DIR))),
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),

@@ -77,6 +77,7 @@ from idealrt.services.store.url import (
 __all__ = [
     "PROFILE_PAGE",
     "SAMPLE_PAGE",
+    "PageLimits",
     "Store",
     "open_store",
 ]
@@ -84,12 +85,25 @@ __all__ = [
 # (default, maximum) page sizes
 PROFILE_PAGE = (50, 1000)
 SAMPLE_PAGE = (1000, 10000)
+
+
+@dataclasses.dataclass(frozen=True)
+class PageLimits:
+    """The largest page a list returns: of profiles and cost models, of samples (a larger
+    page_size is coerced to it, AIP-158, before any query)."""
+
+    objects: int = PROFILE_PAGE[1]
+    samples: int = SAMPLE_PAGE[1]
+
+
 _UNFINISHED = (ProfileState.QUEUED.value, ProfileState.RUNNING.value)
 Namespaces = frozenset[str] | None  # a visibility set: None is every namespace
 
 
-def open_store(url: str) -> Store:
-    """Open (creating and migrating as needed) the store at `url`."""
+def open_store(url: str, *, page_limits: PageLimits | None = None) -> Store:
+    """Open (creating and migrating as needed) the store at `url`; `page_limits`: the
+    largest pages its lists return (StoreConfig: IDEALRT_MAX_PAGE_SIZE,
+    IDEALRT_MAX_SAMPLE_PAGE_SIZE)."""
     parsed = parse_store_url(url)
     engine = create_store_engine(parsed)
     try:
@@ -98,7 +112,7 @@ def open_store(url: str) -> Store:
     except BaseException:
         engine.dispose()
         raise
-    return Store(engine, parsed)
+    return Store(engine, parsed, page_limits or PageLimits())
 
 
 def _new_id(prefix: str) -> str:
@@ -117,7 +131,13 @@ def _listing_filter(base: str, namespaces: Namespaces) -> str:
 class Store:
     """See the module docstring. Construct with `open_store`."""
 
-    def __init__(self, engine: Engine, parsed: StoreUrl) -> None:
+    def __init__(
+        self, engine: Engine, parsed: StoreUrl, page_limits: PageLimits | None = None
+    ) -> None:
+        limits = page_limits or PageLimits()
+        # (default, maximum) page sizes of the lists: profiles and cost models, samples
+        self._object_page = (min(PROFILE_PAGE[0], limits.objects), limits.objects)
+        self._sample_page = (min(SAMPLE_PAGE[0], limits.samples), limits.samples)
         self._engine = engine
         self._parsed = parsed
         self._write_engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
@@ -263,7 +283,7 @@ class Store:
     ) -> tuple[list[Profile], str]:
         """Newest first, only those in `namespaces`. Returns (profiles, next_page_token);
         "" when there are no more."""
-        size = paging.page_size(page_size, *PROFILE_PAGE)
+        size = paging.page_size(page_size, *self._object_page)
         ns = _validate.check_namespaces(namespaces)
         state_filt = "" if state is None else _validate.check_state(state).value
         query = sa.select(profiles).where(_queries.visible(profiles.c.namespace, ns))
@@ -390,7 +410,7 @@ class Store:
         profile outside `namespaces` is NOT_FOUND."""
         _validate.check_id(profile_id, "profile_id")
         ns = _validate.check_namespaces(namespaces)
-        size = paging.page_size(page_size, *SAMPLE_PAGE)
+        size = paging.page_size(page_size, *self._sample_page)
         cursor = paging.decode_token(page_token, "samples", profile_id)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         if cursor is not None:
@@ -473,7 +493,7 @@ class Store:
         `profile_id` (a profile outside `namespaces` simply lists nothing)."""
         _validate.check_id(profile_id, "profile_id", allow_empty=True)
         ns = _validate.check_namespaces(namespaces)
-        size = paging.page_size(page_size, *PROFILE_PAGE)
+        size = paging.page_size(page_size, *self._object_page)
         query = sa.select(cost_models).where(_queries.visible(cost_models.c.namespace, ns))
         if profile_id:
             query = query.where(cost_models.c.profile_id == profile_id)

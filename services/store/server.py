@@ -5,7 +5,7 @@ from __future__ import annotations
 from idealrt.core.auth import Authenticator
 from idealrt.core.config import StoreConfig
 from idealrt.core.grpc_server import GrpcServer, start_server
-from idealrt.services.store.repository import Store, open_store
+from idealrt.services.store.repository import PageLimits, Store, open_store
 from idealrt.services.store.servicer import StoreServicer
 from idealrt.store.v1 import store_service_pb2 as pb
 from idealrt.store.v1 import store_service_pb2_grpc as pbg
@@ -17,7 +17,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StoreService"].full_name
 
 def build_server(cfg: StoreConfig, store: Store | None = None) -> tuple[GrpcServer, int]:
     """Start the store on cfg.address. The caller owns `store` if it passes one."""
-    st = store if store is not None else open_store(cfg.resolved_url)
+    limits = PageLimits(objects=cfg.max_page_size, samples=cfg.max_sample_page_size)
+    st = store if store is not None else open_store(cfg.resolved_url, page_limits=limits)
     servicer = StoreServicer(st)
     server = start_server(
         cfg.address,

@@ -52,3 +52,40 @@ def test_max_message_bytes_is_configured_and_enforced_by_a_real_server(tmp_path)
     finally:
         channel.close()
         server.stop(0)
+
+
+def test_the_largest_page_is_configured_and_coerced_to_by_a_real_store_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """IDEALRT_MAX_PAGE_SIZE / IDEALRT_MAX_SAMPLE_PAGE_SIZE: a store server on 127.0.0.1
+    returns at most that many objects per page (a larger page_size is coerced, AIP-158),
+    and the next page token goes on from there."""
+    from idealrt.clients.store import StoreClient
+    from idealrt.core.config import StoreConfig
+    from idealrt.core.domain import ModelRef, Profile, ProfilePlan, StackSpec
+    from idealrt.services.store.server import build_server
+
+    env = {
+        "IDEALRT_MAX_PAGE_SIZE": "2",
+        "IDEALRT_MAX_SAMPLE_PAGE_SIZE": "3",
+        "IDEALRT_STORE_URL": f"sqlite:///{tmp_path}/s.db",
+    }
+    cfg = StoreConfig.from_env(env)
+    assert (cfg.max_page_size, cfg.max_sample_page_size) == (2, 3)
+    server, port = build_server(cfg)
+    client = StoreClient(f"127.0.0.1:{port}")
+    try:
+        for _ in range(3):
+            client.create_profile(
+                Profile(
+                    id="",
+                    model=ModelRef(name="m"),
+                    stack=StackSpec(),
+                    plan=ProfilePlan(prompt_tokens=(8,), output_tokens=(2,)),
+                )
+            )
+        page, token = client.list_profiles(page_size=100)
+        assert len(page) == 2 and token
+        rest, last = client.list_profiles(page_size=100, page_token=token)
+        assert len(rest) == 1 and last == ""
+    finally:
+        client.close()
+        server.stop(0)
