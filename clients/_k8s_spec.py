@@ -30,6 +30,7 @@ _OWN_FLAGS = (
     "--output-tokens",
     "--repeats",
     "--warmups",
+    "--namespace",
     "--json",
     "--target-kind",
     "--no-wait",

@@ -101,7 +101,8 @@ class RotatingChannel(grpc.Channel):
             self._seen = stamp
             try:
                 fresh = self._make()
-            except Exception as exc:  # keep the working channel; say why once per change
+            except (OSError, ValueError) as exc:  # unreadable or not PEM: keep the working
+                # channel, say why once per change
                 log.error("tls_client_reload_failed", error=str(exc))
                 return self._inner
             self._retired.append(self._inner)

@@ -56,7 +56,7 @@ import httpx
 import structlog
 
 from idealrt.core.domain import DEFAULT_NAMESPACE
-from idealrt.core.errors import FailedPrecondition, PermissionDenied, invalid
+from idealrt.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied, invalid
 from idealrt.services.profiler.reasons import (
     BASE_URL_INVALID,
     BASE_URL_USERINFO,
@@ -285,7 +285,7 @@ class OutboundPolicy:
             for b in base_urls:
                 try:
                     parse_base_url(b)
-                except Exception:
+                except InvalidArgument:
                     raise ValueError(f"{where}.base_urls: {b!r} is not an http(s) URL") from None
             creds[cid] = Credential(
                 id=cid,

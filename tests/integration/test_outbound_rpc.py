@@ -13,6 +13,7 @@ receives nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import threading
 from collections.abc import Iterator
@@ -142,3 +143,37 @@ def test_outbound_requests_the_policy_does_not_allow_are_refused_before_anything
     assert (e.value.code.name, e.value.reason) == (code, reason)
     assert "pw" not in e.value.message
     assert _profiles_stored(suite) == before and seen == []
+
+
+@pytest.mark.parametrize("namespace", ["Team_A", "-x", "a" * 64])
+def test_a_bad_namespace_is_refused_naming_the_field_over_real_channels(
+    suite: Any, namespace: str
+) -> None:
+    """The namespaces this change added to requests, over the suite's real servers:
+    CreateProfile's profile.namespace and ImportHelm's namespace are INVALID_ARGUMENT
+    NAMESPACE_INVALID naming the field, before anything is stored."""
+    from idealrt.clients.metrics import MetricsClient
+
+    before = _profiles_stored(suite)
+    profiler = ProfilerClient(suite.profiler)
+    metrics = MetricsClient(suite.metrics)
+    try:
+        prof = _profile(Target(kind=TargetKind.SERVING))
+        with pytest.raises(IdealrtError) as e:
+            profiler.create_profile(dataclasses.replace(prof, namespace=namespace))
+        assert (e.value.code.name, e.value.reason, e.value.field) == (
+            "INVALID_ARGUMENT",
+            "NAMESPACE_INVALID",
+            "profile.namespace",
+        )
+        with pytest.raises(IdealrtError) as e2:
+            metrics.import_helm({}, namespace=namespace)
+        assert (e2.value.code.name, e2.value.reason, e2.value.field) == (
+            "INVALID_ARGUMENT",
+            "NAMESPACE_INVALID",
+            "namespace",
+        )
+    finally:
+        profiler.close()
+        metrics.close()
+    assert _profiles_stored(suite) == before

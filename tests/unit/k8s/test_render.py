@@ -171,6 +171,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"tolerations": ({"keyy": "nvidia.com/gpu"},)}, "tolerations"),
     ({"node_selector": {"gpu": True}}, "node_selector"),
     ({"image_pull_policy": "always"}, "image_pull_policy"),
+    ({"profile_namespace": "Team_A"}, "profile_namespace"),
+    ({"profile_namespace": ""}, "profile_namespace"),
+    ({"tls_secret": ""}, "tls_secret"),
+    ({"token_secret": "idealrt/profiler-token"}, "token_secret"),
+    ({"profile_args": ("--namespace=other",)}, "profile_args"),
 ]
 
 
