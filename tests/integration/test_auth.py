@@ -9,10 +9,8 @@ Nothing is mocked: a refusal is the server's UNAUTHENTICATED status with
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import http.server
 import io
-import ipaddress
 import json
 import threading
 import time
@@ -24,10 +22,7 @@ import grpc
 import jwt
 import pytest
 import structlog.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -54,6 +49,7 @@ from idealrt.services.profiler.server import build_server as build_profiler
 from idealrt.services.store.server import build_server as build_store
 from idealrt.store.v1 import store_service_pb2 as stpb
 from idealrt.store.v1 import store_service_pb2_grpc as stpbg
+from tests._pki import server_pki
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,44 +62,10 @@ AUDIENCE = "idealrt"
 # ------------------------------------------------------------------ fixtures
 
 
-def _cert(subject: str, issuer: x509.Name, pub: Any, signer: Any, *, ca: bool) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer)
-        .public_key(pub)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        b = b.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return b.sign(signer, hashes.SHA256())
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> tuple[TlsConfig, TlsConfig]:
     """(server side, client side): a CA and a server certificate for localhost."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
-    ca = _cert("test-ca", ca_name, ca_key.public_key(), ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = _cert("localhost", ca_name, key.public_key(), ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "tls.crt").write_bytes(leaf.public_bytes(pem))
-    (tmp_path / "tls.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    server = TlsConfig(cert_file=tmp_path / "tls.crt", key_file=tmp_path / "tls.key")
-    return server, TlsConfig(ca_file=tmp_path / "ca.crt")
+    return server_pki(tmp_path)
 
 
 class JwksServer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import http.server
-import ipaddress
 import json
 import os
 import ssl
@@ -27,10 +26,7 @@ import grpc
 import jwt
 import pytest
 import structlog.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -39,6 +35,7 @@ from idealrt.core.errors import Unavailable
 from idealrt.core.grpc_server import GrpcServer, start_server
 from idealrt.core.logging import configure_logging
 from idealrt.core.reasons import JWKS_UNAVAILABLE
+from tests._pki import make_ca
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,10 +52,6 @@ NOW = dt.datetime.now(dt.UTC)
 # ------------------------------------------------------------------ certificates
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 @dataclasses.dataclass(frozen=True)
 class Pki:
     ca_file: Path  # the test CA, PEM: what IDEALRT_AUTH_JWKS_CA names
@@ -67,59 +60,9 @@ class Pki:
 
 
 def make_pki(dest: Path) -> Pki:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("jwks-test-ca"))
-        .issuer_name(_name("jwks-test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=2))
-        .not_valid_after(NOW + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=2))
-        .not_valid_after(NOW + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    pki = Pki(dest / "ca.crt", dest / "jwks.crt", dest / "jwks.key")
-    pki.ca_file.write_bytes(ca.public_bytes(pem))
-    pki.cert_file.write_bytes(leaf.public_bytes(pem))
-    pki.key_file.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return pki
+    ca = make_ca(dest, "ca")
+    crt, key = ca.issue(dest, "jwks")
+    return Pki(ca.path, crt, key)
 
 
 # ------------------------------------------------------------------ the JWKS server

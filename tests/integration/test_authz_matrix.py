@@ -48,9 +48,7 @@ that walks it; split, each part would be read only with the others.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import enum
-import ipaddress
 import json
 import socket
 import time
@@ -62,10 +60,6 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -100,6 +94,7 @@ from idealrt.serving.v1 import serving_service_pb2 as spb
 from idealrt.serving.v1 import serving_service_pb2_grpc as spbg
 from idealrt.store.v1 import store_service_pb2 as stpb
 from idealrt.store.v1 import store_service_pb2_grpc as stpbg
+from tests._pki import server_pki
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -567,39 +562,9 @@ SERVICES = {
 def _write_pki(dest: Path) -> tuple[TlsConfig, Path]:
     """(server side TLS config, the CA certificate): one CA, one server certificate for
     localhost / 127.0.0.1 that every server presents."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "authz-test-ca")])
-
-    def cert(subject: x509.Name, pub: Any, *, ca: bool) -> x509.Certificate:
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(pub)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            b = b.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        return b.sign(ca_key, hashes.SHA256())
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    pem = serialization.Encoding.PEM
-    (dest / "ca.crt").write_bytes(cert(ca_name, ca_key.public_key(), ca=True).public_bytes(pem))
-    (dest / "tls.crt").write_bytes(cert(leaf_name, key.public_key(), ca=False).public_bytes(pem))
-    (dest / "tls.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return TlsConfig(cert_file=dest / "tls.crt", key_file=dest / "tls.key"), dest / "ca.crt"
+    server, client = server_pki(dest)
+    assert client.ca_file is not None
+    return server, client.ca_file
 
 
 def _write_tokens(dest: Path) -> AuthConfig:

@@ -9,9 +9,7 @@ rotation rewrites the real files the server was started with.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -23,7 +21,7 @@ import structlog.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from idealrt.clients.cli import main as cli_main
@@ -38,6 +36,7 @@ from idealrt.services.profiler.server import build_server as build_profiler
 from idealrt.services.store.server import build_server as build_store
 from idealrt.store.v1 import store_service_pb2 as stpb
 from idealrt.store.v1 import store_service_pb2_grpc as stpbg
+from tests._pki import Ca, make_ca
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,96 +45,6 @@ TIMEOUT_S = 5.0  # per client call: bounds grpc's retries of a refused handshake
 
 
 # ------------------------------------------------------------------ certificates
-
-
-@dataclasses.dataclass(frozen=True)
-class Ca:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-    path: Path  # the CA certificate, PEM
-
-    def issue(
-        self,
-        dest: Path,
-        name: str,
-        *,
-        client: bool = False,
-        not_after: dt.datetime | None = None,
-    ) -> tuple[Path, Path]:
-        """A leaf certificate (server: SANs localhost and 127.0.0.1) written as
-        dest/name.crt and dest/name.key."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        not_before = NOW - dt.timedelta(days=2)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after or NOW + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if not client:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                critical=False,
-            )
-        cert = builder.sign(self.key, hashes.SHA256())
-        crt, pem_key = dest / f"{name}.crt", dest / f"{name}.key"
-        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pem_key.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return crt, pem_key
-
-
-def make_ca(dest: Path, name: str) -> Ca:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=2))
-        .not_valid_after(NOW + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    path = dest / f"{name}.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return Ca(key, cert, path)
 
 
 @pytest.fixture
