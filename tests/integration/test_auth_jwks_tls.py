@@ -11,7 +11,6 @@ channel; a refusal is the server's status with `ErrorInfo(reason=...)`."""
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import http.server
 import json
 import os
@@ -46,7 +45,6 @@ FETCH_TOKEN = "fetch-token-first-0123456789abcdef"
 ROTATED_TOKEN = "fetch-token-rotated-fedcba9876543210-longer"
 WRONG_TOKEN = "fetch-token-wrong-aaaaaaaaaaaaaaaa"
 SECRETS = (FETCH_TOKEN, ROTATED_TOKEN, WRONG_TOKEN)
-NOW = dt.datetime.now(dt.UTC)
 
 
 # ------------------------------------------------------------------ certificates
