@@ -23,7 +23,7 @@ from typing import Any
 
 import _common as c
 
-BENCHES = ("estimate", "accuracy", "backends", "denoise", "profiling_cost")
+BENCHES = ("estimate", "accuracy", "backends", "denoise", "profiling_cost", "service")
 # Results of non-default variants (--grid knee of accuracy, profiling_cost): summarised if present.
 OPTIONAL = ("accuracy_knee", "profiling_cost_knee")
 PLOTS = {

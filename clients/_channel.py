@@ -4,7 +4,7 @@ token on every call) or one the caller owns, and closing only its own."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -40,3 +40,9 @@ class ClientChannel:
     def close(self) -> None:
         if self._own:
             self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

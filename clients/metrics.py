@@ -1,14 +1,21 @@
-"""Client of the MetricsService."""
+"""Client of the MetricsService.
+
+Workloads travel as the requests' packed `prompt_tokens` / `output_tokens` columns (a few
+bytes a query, no message per query on either side), and per-query estimates come back
+as the response's packed columns, read into numpy with one copy each. This needs a
+metrics service that knows the columns (this release's); one that does not sees an empty
+workload (QUERIES_REQUIRED)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from idealrt.clients._channel import ClientChannel
 from idealrt.core import convert as cv
@@ -114,8 +121,72 @@ def _summary(m: pb.WorkloadSummary) -> Summary:
     )
 
 
-def _queries(p: Sequence[int], o: Sequence[int]) -> list[pb.Query]:
-    return [pb.Query(prompt_tokens=int(a), output_tokens=int(b)) for a, b in zip(p, o, strict=True)]
+Tokens = Sequence[int] | npt.NDArray[np.integer[Any]]
+
+
+def _extend(column: Any, values: Tokens) -> None:
+    """Append token counts to a packed field one by one (the slow path: values that are
+    not all int32 integers, e.g. floats, go through int() as they always did)."""
+    try:
+        column.extend(values)
+    except TypeError:
+        del column[:]
+        column.extend(int(v) for v in values)
+
+
+_INT32 = np.iinfo(np.int32)
+_WIRE_LEN = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _column(number: int, values: Tokens) -> bytes | None:
+    """The wire encoding of packed sfixed32 field `number` = `values` (a little-endian
+    int32 array: one copy of a numpy array, one conversion of a list), or None when the
+    values are not all int32 integers (then the slow path)."""
+    try:
+        arr = values if isinstance(values, np.ndarray) else np.array(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        return None
+    if arr.size and (int(arr.min()) < _INT32.min or int(arr.max()) > _INT32.max):
+        return None
+    payload = arr.astype("<i4", copy=False).tobytes()
+    return _varint(number << 3 | _WIRE_LEN) + _varint(len(payload)) + payload if payload else b""
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _with_columns(msg: M, p: Tokens, o: Tokens) -> M:
+    """`msg` with its prompt_tokens / output_tokens columns set (ValueError on lengths
+    that differ, as pairing them one to one always raised)."""
+    if len(p) != len(o):
+        raise ValueError(f"prompt_tokens and output_tokens differ in length ({len(p)} vs {len(o)})")
+    fields = msg.DESCRIPTOR.fields_by_name
+    wire = [
+        _column(fields[name].number, v) for name, v in (("prompt_tokens", p), ("output_tokens", o))
+    ]
+    if wire[0] is not None and wire[1] is not None:
+        msg.MergeFromString(wire[0] + wire[1])
+        return msg
+    _extend(msg.prompt_tokens, p)  # type: ignore[attr-defined]
+    _extend(msg.output_tokens, o)  # type: ignore[attr-defined]
+    return msg
+
+
+def _floats(values: Any, n: int) -> npt.NDArray[np.float64]:
+    """A packed double column of a response; zeros when the server sent none."""
+    return np.asarray(values, dtype=np.float64) if len(values) else np.zeros(n)
 
 
 class MetricsClient(ClientChannel):
@@ -171,29 +242,40 @@ class MetricsClient(ClientChannel):
     def estimate(
         self,
         cost_model_id: str,
-        prompt_tokens: Sequence[int],
-        output_tokens: Sequence[int],
+        prompt_tokens: Tokens,
+        output_tokens: Tokens,
         per_query: bool = True,
         intervals: bool = False,
     ) -> Estimates:
         """Runtime estimates; 95% intervals (low_s/high_s, sum_low_s/sum_high_s) only with
-        `intervals` (otherwise zeros: the server does no bootstrap work)."""
+        `intervals` (otherwise zeros: the server does no bootstrap work). Without
+        `per_query` the per-query arrays are empty."""
         r = call(
             self._stub.EstimateRuntime,
-            pb.EstimateRuntimeRequest(
-                cost_model_id=cost_model_id,
-                queries=_queries(prompt_tokens, output_tokens),
-                per_query=per_query,
-                intervals=intervals,
+            _with_columns(
+                pb.EstimateRuntimeRequest(
+                    cost_model_id=cost_model_id, per_query=per_query, intervals=intervals
+                ),
+                prompt_tokens,
+                output_tokens,
             ),
             self.timeout,
         )
         est = r.estimates
+        if est:  # a server that answers in messages
+            return Estimates(
+                runtime_s=np.array([e.runtime_seconds for e in est], dtype=np.float64),
+                low_s=np.array([e.low_seconds for e in est], dtype=np.float64),
+                high_s=np.array([e.high_seconds for e in est], dtype=np.float64),
+                out_of_domain=np.array([e.out_of_domain for e in est], dtype=np.bool_),
+                summary=_summary(r.summary),
+            )
+        n = len(r.runtime_seconds)
         return Estimates(
-            runtime_s=np.array([e.runtime_seconds for e in est], dtype=np.float64),
-            low_s=np.array([e.low_seconds for e in est], dtype=np.float64),
-            high_s=np.array([e.high_seconds for e in est], dtype=np.float64),
-            out_of_domain=np.array([e.out_of_domain for e in est], dtype=np.bool_),
+            runtime_s=np.asarray(r.runtime_seconds, dtype=np.float64),
+            low_s=_floats(r.low_seconds, n),
+            high_s=_floats(r.high_seconds, n),
+            out_of_domain=np.asarray(r.out_of_domain, dtype=np.bool_).reshape(n),
             summary=_summary(r.summary),
         )
 
@@ -204,11 +286,12 @@ class MetricsClient(ClientChannel):
             first = True
             for p, o in chunks:
                 for i in range(0, len(p), STREAM_CHUNK):
-                    yield pb.StreamEstimateRuntimeRequest(
-                        cost_model_id=cost_model_id if first else "",
-                        prompt_tokens=[int(x) for x in p[i : i + STREAM_CHUNK]],
-                        output_tokens=[int(x) for x in o[i : i + STREAM_CHUNK]],
+                    msg = pb.StreamEstimateRuntimeRequest(
+                        cost_model_id=cost_model_id if first else ""
                     )
+                    _extend(msg.prompt_tokens, p[i : i + STREAM_CHUNK])
+                    _extend(msg.output_tokens, o[i : i + STREAM_CHUNK])
+                    yield msg
                     first = False
 
         r = call(self._stub.StreamEstimateRuntime, requests(), max(self.timeout, 600.0))
@@ -240,8 +323,8 @@ class MetricsClient(ClientChannel):
     def cost(
         self,
         cost_model_id: str,
-        prompt_tokens: Sequence[int],
-        output_tokens: Sequence[int],
+        prompt_tokens: Tokens,
+        output_tokens: Tokens,
         *,
         accelerator: str,
         spec: ModelSpec | None = None,
@@ -254,7 +337,6 @@ class MetricsClient(ClientChannel):
     ) -> CostReport:
         req = pb.ComputeCostRequest(
             cost_model_id=cost_model_id,
-            queries=_queries(prompt_tokens, output_tokens),
             accelerator=accelerator,
             dtype=cv.dtype_to_pb(dtype),
             max_context=max_context,
@@ -263,6 +345,7 @@ class MetricsClient(ClientChannel):
             price_per_hour_usd=dict(prices or {}),
             grid_g_co2_per_kwh=grid_g_co2_per_kwh,
         )
+        _with_columns(req, prompt_tokens, output_tokens)
         if spec is not None:
             req.model_spec.CopyFrom(cv.spec_to_pb(spec))
         r = call(self._stub.ComputeCost, req, self.timeout)
@@ -321,20 +404,23 @@ class MetricsClient(ClientChannel):
         self,
         profile_id_a: str,
         profile_id_b: str,
-        prompt_tokens: Sequence[int],
-        output_tokens: Sequence[int],
+        prompt_tokens: Tokens,
+        output_tokens: Tokens,
         *,
         bootstrap: int = DEFAULT_BOOTSTRAP,
         seed: int = 0,
     ) -> Comparison:
         r = call(
             self._stub.CompareCostModels,
-            pb.CompareCostModelsRequest(
-                profile_id_a=profile_id_a,
-                profile_id_b=profile_id_b,
-                queries=_queries(prompt_tokens, output_tokens),
-                bootstrap=bootstrap,
-                seed=seed,
+            _with_columns(
+                pb.CompareCostModelsRequest(
+                    profile_id_a=profile_id_a,
+                    profile_id_b=profile_id_b,
+                    bootstrap=bootstrap,
+                    seed=seed,
+                ),
+                prompt_tokens,
+                output_tokens,
             ),
             max(self.timeout, 600.0),
         )
@@ -350,18 +436,20 @@ class MetricsClient(ClientChannel):
     def pareto(
         self,
         cost_model_ids: Mapping[str, str],
-        prompt_tokens: Sequence[int],
-        output_tokens: Sequence[int],
+        prompt_tokens: Tokens,
+        output_tokens: Tokens,
         accuracy_csv: str,
     ) -> ParetoResult:
         """The efficiency-capability frontier: each model's workload runtime on its cost
         model (`cost_model_ids`: model name -> id) against its accuracy (CSV text)."""
         r = call(
             self._stub.ComputePareto,
-            pb.ComputeParetoRequest(
-                cost_model_ids=dict(cost_model_ids),
-                queries=_queries(prompt_tokens, output_tokens),
-                accuracy_csv=accuracy_csv,
+            _with_columns(
+                pb.ComputeParetoRequest(
+                    cost_model_ids=dict(cost_model_ids), accuracy_csv=accuracy_csv
+                ),
+                prompt_tokens,
+                output_tokens,
             ),
             self.timeout,
         )

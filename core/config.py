@@ -48,6 +48,21 @@ def _int(e: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
     return value
 
 
+SERVER_MODELS = ("sync", "aio")
+SERVER_MODEL_VAR = "IDEALRT_SERVER_MODEL"
+
+
+def _server_model(e: Mapping[str, str], default: str) -> str:
+    """The gRPC server model (IDEALRT_SERVER_MODEL): "sync" (grpc.server, a thread pool)
+    or "aio" (grpc.aio on an event loop thread); see idealrt.core.grpc_server."""
+    raw = e.get(SERVER_MODEL_VAR, "") or default
+    if raw not in SERVER_MODELS:
+        raise ValueError(
+            f"{SERVER_MODEL_VAR} must be one of {', '.join(SERVER_MODELS)}, got {raw!r}"
+        )
+    return raw
+
+
 def _float(e: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
     """A finite number >= lo from the environment; ValueError naming the variable."""
     raw = e.get(name, "")
@@ -72,12 +87,18 @@ class ServingConfig:
     # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
     # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # the gRPC server model (IDEALRT_SERVER_MODEL, "sync" or "aio"): see
+    # idealrt.core.grpc_server and bench/bench_service.py for why each default
+    server_model: str = "sync"
     log_level: str = "info"
     metrics_port: int = 0  # Prometheus; 0 = disabled
     # limits of what one request may ask for (IDEALRT_MAX_THREADS: 0 = the cores this
     # process may run on)
     max_threads: int = 0
     max_prompt_tokens: int = 1 << 20
+    # Generate calls that may wait per model for its device (IDEALRT_MAX_QUEUED_GENERATIONS;
+    # one more is RESOURCE_EXHAUSTED GENERATION_QUEUE_FULL)
+    max_queued_generations: int = 16
 
     # transport security (IDEALRT_TLS_*, IDEALRT_HEALTH_PORT; idealrt.core.tls): default
     # plaintext, which start_server allows on loopback only unless allow_insecure
@@ -98,11 +119,15 @@ class ServingConfig:
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
             max_threads=_int(e, "IDEALRT_MAX_THREADS", cls.max_threads, lo=0),
             max_prompt_tokens=_int(e, "IDEALRT_MAX_PROMPT_TOKENS", cls.max_prompt_tokens),
+            max_queued_generations=_int(
+                e, "IDEALRT_MAX_QUEUED_GENERATIONS", cls.max_queued_generations
+            ),
             tls=TlsConfig.from_env(e),
             max_message_bytes=_int(
                 e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
             ),
             allow_insecure=insecure_from_env(e),
+            server_model=_server_model(e, cls.server_model),
             auth=AuthConfig.from_env(e),
         )
 
@@ -113,11 +138,23 @@ class StoreConfig:
     # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
     # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # the gRPC server model (IDEALRT_SERVER_MODEL, "sync" or "aio"): see
+    # idealrt.core.grpc_server and bench/bench_service.py for why each default
+    server_model: str = "sync"
     store_url: str = ""  # "" -> sqlite under data_dir
     # the largest page of a list (IDEALRT_MAX_PAGE_SIZE: profiles, cost models;
     # IDEALRT_MAX_SAMPLE_PAGE_SIZE: samples); a larger page_size is coerced to it
     max_page_size: int = 1000
     max_sample_page_size: int = 10_000
+    # the database connection pool of a PostgreSQL store or an SQLite file
+    # (IDEALRT_STORE_POOL_SIZE, IDEALRT_STORE_MAX_OVERFLOW, IDEALRT_STORE_POOL_TIMEOUT_S):
+    # connections kept open, more opened under a burst, and how long a call waits for a free
+    # one before UNAVAILABLE STORE_POOL_EXHAUSTED. 16 = the sync server's worker threads
+    # (grpc_server.UNARY_WORKERS), each holding at most one connection at a time; see
+    # idealrt.services.store.url.PoolLimits
+    pool_size: int = 16
+    max_overflow: int = 8
+    pool_timeout_s: float = 10.0
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "info"
     metrics_port: int = 0
@@ -140,6 +177,9 @@ class StoreConfig:
             store_url=e.get("IDEALRT_STORE_URL", ""),
             max_page_size=_int(e, "IDEALRT_MAX_PAGE_SIZE", cls.max_page_size),
             max_sample_page_size=_int(e, "IDEALRT_MAX_SAMPLE_PAGE_SIZE", cls.max_sample_page_size),
+            pool_size=_int(e, "IDEALRT_STORE_POOL_SIZE", cls.pool_size),
+            max_overflow=_int(e, "IDEALRT_STORE_MAX_OVERFLOW", cls.max_overflow, lo=0),
+            pool_timeout_s=_float(e, "IDEALRT_STORE_POOL_TIMEOUT_S", cls.pool_timeout_s, lo=0.001),
             data_dir=Path(e.get("IDEALRT_DATA_DIR", str(DEFAULT_DATA_DIR))),
             log_level=e.get("IDEALRT_LOG_LEVEL", cls.log_level),
             metrics_port=int(e.get("IDEALRT_METRICS_PORT", "0")),
@@ -148,6 +188,7 @@ class StoreConfig:
                 e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
             ),
             allow_insecure=insecure_from_env(e),
+            server_model=_server_model(e, cls.server_model),
             auth=AuthConfig.from_env(e),
         )
 
@@ -165,11 +206,13 @@ class ProfilerConfig:
     metrics_port: int = 0
     resume: bool = True  # resume unfinished profiles at start-up
     # limits: samples one plan may ask for; WatchProfile streams open at once (beyond:
-    # RESOURCE_EXHAUSTED, so streams never take every worker and unary calls keep theirs)
+    # RESOURCE_EXHAUSTED). A watch on the profiler's grpc.aio server is a coroutine, not a
+    # thread (~tens of KiB with its HTTP/2 stream): the bound is for memory, sized for a
+    # dashboard's fleet of watchers
     max_plan_samples: int = 200_000
     # the largest prompt or output length (tokens) a plan may ask for
     max_plan_tokens: int = 1 << 20
-    max_watch_streams: int = 64
+    max_watch_streams: int = 4096
     # how long a profile rides out an unreachable store or serving (retries with
     # exponential backoff and jitter) before it ends FAILED
     outage_window_s: float = 300.0
@@ -241,6 +284,9 @@ class MetricsConfig:
     # the largest request or response message, bytes (IDEALRT_MAX_MESSAGE_BYTES); grpc
     # refuses a larger one with RESOURCE_EXHAUSTED before any handler runs
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # the gRPC server model (IDEALRT_SERVER_MODEL, "sync" or "aio"): see
+    # idealrt.core.grpc_server and bench/bench_service.py for why each default
+    server_model: str = "sync"
     store_target: str = ""
     log_level: str = "info"
     metrics_port: int = 0
@@ -272,6 +318,7 @@ class MetricsConfig:
                 e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096
             ),
             allow_insecure=insecure_from_env(e),
+            server_model=_server_model(e, cls.server_model),
             auth=AuthConfig.from_env(e),
         )
 

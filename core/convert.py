@@ -6,7 +6,10 @@ client input rejects UNSPECIFIED enums with INVALID_ARGUMENT naming the field.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import threading
+from array import array
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -26,6 +29,7 @@ from idealrt.core.reasons import (
 )
 
 __all__ = [
+    "ProfileMessages",
     "cost_model_from_pb",
     "cost_model_to_pb",
     "dtype_from_pb",
@@ -39,6 +43,7 @@ __all__ = [
     "profile_state_from_pb",
     "profile_state_to_pb",
     "profile_to_pb",
+    "sample_batch_from_pb",
     "sample_from_pb",
     "sample_to_pb",
     "spec_from_pb",
@@ -120,6 +125,34 @@ def ts_from_pb(msg: Any, field: str, path: str = "") -> datetime | None:
             f"[0, {_MAX_NANOS}]); got seconds={ts.seconds}, nanos={ts.nanos}",
         )
     return ts.ToDatetime(tzinfo=UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ts_msg(t: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """`ts_to_pb`, its common case (a UTC datetime: every time the store returns) by
+    arithmetic, a third of Timestamp.FromDatetime's cost; the same message."""
+    if t is None or t.tzinfo is not UTC:
+        return ts_to_pb(t)
+    delta = t - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
+def _ts_value(msg: Any, field: str, path: str) -> datetime | None:
+    """`ts_from_pb` (same checks, same error, same datetime) by arithmetic: what
+    Timestamp.ToDatetime(tzinfo=UTC) computes, without its second range check and time
+    zone conversion (UTC to UTC)."""
+    if not msg.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, field)
+    seconds, nanos = ts.seconds, ts.nanos
+    lo, hi = _TS_SECONDS
+    if not (lo <= seconds <= hi and 0 <= nanos <= _MAX_NANOS):
+        return ts_from_pb(msg, field, path)  # raises its InvalidArgument
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def duration_from_pb(msg: Any, field: str, path: str = "") -> float | None:
@@ -294,7 +327,7 @@ def sample_to_pb(s: d.Sample) -> cpb.Sample:
         decode_ns=list(s.decode_ns),
         total_ns=s.total_ns,
         rpc_ns=s.rpc_ns,
-        start_time=ts_to_pb(s.start_time),
+        start_time=_ts_msg(s.start_time),
         heldout=s.heldout,
         repeat=s.repeat,
         flag=_FLAG[0][s.flag],
@@ -311,13 +344,76 @@ def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
         decode_ns=tuple(m.decode_ns),
         total_ns=m.total_ns,
         batch_size=m.batch_size or 1,
-        start_time=ts_from_pb(m, "start_time", field),
+        start_time=_ts_value(m, "start_time", field),
         rpc_ns=m.rpc_ns,
         heldout=m.heldout,
         repeat=m.repeat,
         flag=_from(_FLAG, m.flag, f"{field}.flag", cpb.SampleFlag),
         contention=_contention_from_pb(m.contention),
         seq=m.seq,
+    )
+
+
+def sample_batch_from_pb(msgs: Sequence[cpb.Sample], field: str = "samples") -> d.SampleBatch:
+    """A repeated Sample field as one SampleBatch: sample i as `sample_from_pb(msgs[i],
+    f"{field}[i]")` gives it (seq aside: a batch has none), and its InvalidArgument for the
+    first sample that has one. The ingest path (AppendSamples): the fields are read once
+    per message into a row, the rows turned into columns in C, the checks made by column
+    (min, max, a set of enum values), no Sample or ContentionObservation built; decode
+    steps become int64 arrays (what the store keeps). Anything a column check refuses is
+    converted again sample by sample, for the error the one-sample converter gives."""
+    rows = [
+        (
+            m.prompt_tokens, m.output_tokens, m.prefill_ns, array("q", m.decode_ns[:]),
+            m.total_ns, m.batch_size, m.HasField("start_time"), (t := m.start_time).seconds,
+            t.nanos, m.rpc_ns, m.heldout, m.repeat, m.flag,
+            (c := m.contention).foreign_cpu_seconds, c.gpu_foreign_processes, c.sm_clock_mhz,
+            c.temperature_c, c.throttle_reasons, c.energy_joules, c.energy_source,
+        )
+        for m in msgs
+    ]  # fmt: skip
+    if not rows:
+        return d.SampleBatch.from_samples([])
+    (
+        prompt, output, prefill, decode, total, batch_size, timed, seconds, nanos, rpc,
+        heldout, repeat, flags, cpu, gpu, sm_clock, temperature, throttle, energy, source,
+    ) = zip(*rows, strict=True)  # fmt: skip
+    lo, hi = _TS_SECONDS
+    known = _FLAG[1]
+    if not (
+        lo <= min(seconds)
+        and max(seconds) <= hi
+        and min(nanos) >= 0
+        and max(nanos) <= _MAX_NANOS
+        and set(flags) <= known.keys()
+    ):
+        return d.SampleBatch.from_samples(
+            [sample_from_pb(m, f"{field}[{i}]") for i, m in enumerate(msgs)]
+        )
+    return d.SampleBatch(
+        prompt_tokens=prompt,
+        output_tokens=output,
+        prefill_ns=prefill,
+        decode_ns=decode,
+        total_ns=total,
+        batch_size=batch_size if 0 not in batch_size else tuple(b or 1 for b in batch_size),
+        start_time=[
+            _EPOCH + timedelta(seconds=s, microseconds=n // 1000) if set_ else None
+            for set_, s, n in zip(timed, seconds, nanos, strict=True)
+        ],
+        rpc_ns=rpc,
+        heldout=heldout,
+        repeat=repeat,
+        flag=[known[f] for f in flags],
+        contention=d.ContentionColumns(
+            foreign_cpu_s=cpu,
+            gpu_foreign_processes=gpu,
+            sm_clock_mhz=sm_clock,
+            temperature_c=temperature,
+            throttle_reasons=throttle,
+            energy_j=energy,
+            energy_source=source,
+        ),
     )
 
 
@@ -422,9 +518,9 @@ def profile_to_pb(p: d.Profile) -> rpb.Profile:
         target=target_to_pb(p.target),
         state=_STATE[0][p.state],
         request_id=p.request_id,
-        create_time=ts_to_pb(p.create_time),
-        start_time=ts_to_pb(p.start_time),
-        end_time=ts_to_pb(p.end_time),
+        create_time=_ts_msg(p.create_time),
+        start_time=_ts_msg(p.start_time),
+        end_time=_ts_msg(p.end_time),
         completed_samples=p.completed_samples,
         total_samples=p.total_samples,
         error=p.error,
@@ -434,6 +530,44 @@ def profile_to_pb(p: d.Profile) -> rpb.Profile:
     if p.model_spec is not None:
         msg.model_spec.CopyFrom(spec_to_pb(p.model_spec))
     return msg
+
+
+class ProfileMessages:
+    """`profile_to_pb` with a bounded memo, for a server that answers the same stored
+    profiles again and again (a list page, then a get of one of them).
+
+    A Profile is mutable and unhashable, so the memo's key is its scalar fields by value
+    and its frozen parts (model, stack, plan, target, provenance, model_spec) by identity:
+    the store hands out the same part objects for every read of an unchanged profile (see
+    the store's row decoding), and an entry keeps its parts alive, so an id in a key names
+    the very object converted, never a later one at the same address. A changed profile
+    is a new key; a profile built elsewhere is merely a miss. The message returned is
+    shared: copy it into a response (message constructors and CopyFrom copy), never
+    change it. At most `size` entries, the oldest dropped first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._memo: dict[tuple[Any, ...], tuple[rpb.Profile, tuple[object, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, p: d.Profile) -> rpb.Profile:
+        parts = (p.model, p.stack, p.plan, p.target, p.provenance, p.model_spec)
+        key = (
+            p.id, p.state, p.request_id, p.create_time, p.start_time, p.end_time,
+            p.completed_samples, p.total_samples, p.error, p.namespace, *map(id, parts),
+        )  # fmt: skip
+        try:
+            hit = self._memo.get(key)
+        except TypeError:  # an unhashable field: not one the store returned
+            return profile_to_pb(p)
+        if hit is not None:
+            return hit[0]
+        msg = profile_to_pb(p)
+        with self._lock:
+            while len(self._memo) >= self._size:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = (msg, parts)
+        return msg
 
 
 def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False) -> d.Profile:

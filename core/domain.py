@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from datetime import datetime
 
 from idealrt.core.model_spec import ModelSpec
@@ -19,6 +20,7 @@ DEFAULT_NAMESPACE = "default"
 __all__ = [
     "DEFAULT_NAMESPACE",
     "Backend",
+    "ContentionColumns",
     "ContentionObservation",
     "CostModel",
     "FitQuality",
@@ -29,6 +31,7 @@ __all__ = [
     "ProfileState",
     "Provenance",
     "Sample",
+    "SampleBatch",
     "SampleFlag",
     "StackSpec",
     "Target",
@@ -208,6 +211,90 @@ class Sample:
     seq: int = -1  # position within the profile (set by the store)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ContentionColumns:
+    """The ContentionObservation fields of a SampleBatch, one sequence per field."""
+
+    foreign_cpu_s: Sequence[float]
+    gpu_foreign_processes: Sequence[int]
+    sm_clock_mhz: Sequence[float]
+    temperature_c: Sequence[float]
+    throttle_reasons: Sequence[int]
+    energy_j: Sequence[float]
+    energy_source: Sequence[str]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SampleBatch:
+    """Samples by column: the bulk form of a sequence of `Sample` (what one append of a
+    profile's samples carries), sample k's field f at `getattr(batch, f)[k]` (contention's
+    at `getattr(batch.contention, f)[k]`), every sequence of one length. Ingest builds it
+    straight from protobuf, without a Sample object per sample; `samples()` gives the
+    Samples it holds (seq -1: the store assigns seqs), `from_samples` the batch of a list.
+    Read-only once built, whatever the sequences' types (lists, tuples, arrays)."""
+
+    prompt_tokens: Sequence[int]
+    output_tokens: Sequence[int]
+    prefill_ns: Sequence[int]
+    decode_ns: Sequence[Sequence[int]]
+    total_ns: Sequence[int]
+    batch_size: Sequence[int]
+    start_time: Sequence[datetime | None]
+    rpc_ns: Sequence[int]
+    heldout: Sequence[bool]
+    repeat: Sequence[int]
+    flag: Sequence[SampleFlag]
+    contention: ContentionColumns
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample]) -> SampleBatch:
+        def column(name: str, rows: Sequence[object]) -> tuple[object, ...]:
+            return tuple(getattr(r, name) for r in rows)
+
+        contention = [s.contention for s in samples]
+        return cls(
+            **{f.name: column(f.name, samples) for f in _BATCH_FIELDS},  # type: ignore[arg-type]
+            contention=ContentionColumns(
+                **{f.name: column(f.name, contention) for f in _CONTENTION_FIELDS}  # type: ignore[arg-type]
+            ),
+        )
+
+    def samples(self) -> list[Sample]:
+        """The batch as Samples, seq -1 (columns of different lengths: ValueError)."""
+        c = self.contention
+        observations = [
+            ContentionObservation(*fields)
+            for fields in zip(
+                c.foreign_cpu_s, c.gpu_foreign_processes, c.sm_clock_mhz, c.temperature_c,
+                c.throttle_reasons, c.energy_j, c.energy_source, strict=True,
+            )
+        ]  # fmt: skip
+        return [
+            Sample(
+                prompt_tokens=p,
+                output_tokens=o,
+                prefill_ns=pre,
+                decode_ns=tuple(dec),
+                total_ns=tot,
+                batch_size=b,
+                start_time=t,
+                rpc_ns=rpc,
+                heldout=h,
+                repeat=r,
+                flag=f,
+                contention=obs,
+            )
+            for p, o, pre, dec, tot, b, t, rpc, h, r, f, obs in zip(
+                self.prompt_tokens, self.output_tokens, self.prefill_ns, self.decode_ns,
+                self.total_ns, self.batch_size, self.start_time, self.rpc_ns, self.heldout,
+                self.repeat, self.flag, observations, strict=True,
+            )
+        ]  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class FitQuality:
     """Relative errors |pred - meas| / meas over the evaluation points."""
@@ -252,3 +339,8 @@ class CostModel:
     fit_options: dict[str, str] = dataclasses.field(default_factory=dict)
     # set at creation, never changed; equal to its profile's when profile_id names one
     namespace: str = DEFAULT_NAMESPACE
+
+
+# SampleBatch's columns that are Sample fields of the same name (contention aside: its own)
+_BATCH_FIELDS = tuple(f for f in dataclasses.fields(SampleBatch) if f.name != "contention")
+_CONTENTION_FIELDS = dataclasses.fields(ContentionObservation)

@@ -15,7 +15,7 @@ import ipaddress
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -310,15 +310,18 @@ def _iterate_as(principal: Principal, it: Iterator[Any]) -> Iterator[Any]:
 
 
 class GrpcServer:
-    """A started gRPC server with health and reflection; `stop()` drains gracefully."""
+    """A started gRPC server with health and reflection; `stop()` drains gracefully. This
+    class drives grpc's sync server; `idealrt.core._grpc_aio.AioGrpcServer` the grpc.aio
+    one, through the four transport methods at the end (`_set_health`,
+    `_enter_graceful_shutdown`, `_stop_servers`, `wait`)."""
 
     def __init__(
         self,
-        server: grpc.Server,
+        server: Any,
         port: int,
-        health_servicer: health.HealthServicer,
+        health_servicer: Any,
         service_names: Sequence[str],
-        health_server: grpc.Server | None = None,
+        health_server: Any = None,
     ) -> None:
         self.server = server
         # the plaintext health-only listener (TlsConfig.health_port), if any
@@ -326,6 +329,7 @@ class GrpcServer:
         self.port = port
         self.health = health_servicer
         self.service_names = tuple(service_names)
+        self.model = "sync"
         # run when the drain begins (NOT_SERVING already, RPCs still answered): a service
         # stops its own long work there, so that it neither goes on through the grace
         # period nor holds streams open until it ends
@@ -347,17 +351,28 @@ class GrpcServer:
                 return
             self._stopped = True
         for name in (*self.service_names, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.enter_graceful_shutdown()
+            self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._enter_graceful_shutdown()
         log.info("server_draining", port=self.port, grace_s=grace_s)
         for fn in self.on_drain:
             fn()
-        self.server.stop(grace_s).wait()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
+        self._stop_servers(grace_s)
         for fn in self.on_stop:
             fn()
         log.info("server_stopped", port=self.port)
+
+    # ---- the transport (overridden by the grpc.aio server)
+
+    def _set_health(self, name: str, status: int) -> None:
+        self.health.set(name, status)
+
+    def _enter_graceful_shutdown(self) -> None:
+        self.health.enter_graceful_shutdown()
+
+    def _stop_servers(self, grace_s: float) -> None:
+        self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -390,7 +405,7 @@ class GrpcServer:
             self.stop(grace_s)
         except Exception:  # the shutdown thread's top: log it, the server still stops
             log.exception("shutdown_failed", port=self.port)
-            self.server.stop(0)
+            self._stop_servers(0)
 
 
 def is_loopback(address: str) -> bool:
@@ -408,11 +423,6 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def _health_address(address: str, port: int) -> str:
-    host = address.rpartition(":")[0] if ":" in address else ""
-    return f"{host or '0.0.0.0'}:{port}"
-
-
 def start_server(
     address: str,
     register: Sequence[Register],
@@ -424,10 +434,18 @@ def start_server(
     allow_insecure: bool = False,
     auth: Authenticator | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
+    model: str = "sync",
+    inline: Collection[str] = (),
 ) -> GrpcServer:
     """Build and start a server on `address` ("127.0.0.1:0" picks a free port) with a pool
     of `max_workers` threads (see UNARY_WORKERS); Prometheus metrics on `metrics_port`
     when > 0.
+
+    `model` "sync": grpc's thread-pool server, every RPC on a pool thread for its whole
+    life. "aio": grpc.aio on an event loop thread (idealrt.core._grpc_aio): `async def`
+    handlers run on the loop and cost no thread (the profiler's WatchProfile), plain ones
+    on the pool, and the plain ones named in `inline` (full method names, handlers that
+    neither block nor run long) on the loop too.
 
     With `tls.cert_file` the port is TLS (mTLS when `tls.client_ca_file` is set; the files
     are reloaded when they change, see idealrt.core.tls); without, plaintext, which is
@@ -447,16 +465,35 @@ def start_server(
             f"{ENV_VARS['client_ca_file']} for mTLS), or {INSECURE_VAR}=1 to allow "
             "plaintext on purpose"
         )
+    if model not in ("sync", "aio"):
+        raise ValueError(f"server model must be sync or aio, got {model!r}")
     # credentials first: a missing or broken certificate fails before anything is bound
     credentials = server_credentials(tls) if tls.server_tls else None
     serve_metrics(metrics_port)
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if model == "aio":
+        from idealrt.core._grpc_aio import start_aio_server
+
+        return start_aio_server(
+            address,
+            register,
+            service_names,
+            max_workers=max_workers,
+            tls=tls,
+            credentials=credentials,
+            auth=auth,
+            options=options,
+            inline=frozenset(inline),
+        )
+    if inline:
+        raise ValueError("inline handlers need the aio server model")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorInterceptor(auth)],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
+        options=options,
     )
     for reg in register:
         reg(server)
@@ -474,29 +511,46 @@ def start_server(
     if tls.health_port:
         health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_address = _health_address(address, tls.health_port)
+        listen = health_address(address, tls.health_port)
         try:
-            if health_server.add_insecure_port(health_address) == 0:
-                raise RuntimeError(f"could not bind {health_address}")
+            if health_server.add_insecure_port(listen) == 0:
+                raise RuntimeError(f"could not bind {listen}")
         except RuntimeError as exc:
             server.stop(0)
-            raise RuntimeError(f"could not bind the health port {health_address}: {exc}") from None
+            raise RuntimeError(f"could not bind the health port {listen}: {exc}") from None
     server.start()
     if health_server is not None:
         health_server.start()
     for name in (*service_names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log_started(address, port, service_names, tls, auth, "sync")
+    return GrpcServer(server, port, health_servicer, service_names, health_server)
+
+
+def log_started(
+    address: str,
+    port: int,
+    service_names: Sequence[str],
+    tls: TlsConfig,
+    auth: Authenticator | None,
+    model: str,
+) -> None:
     log.info(
         "server_started",
         address=address,
         port=port,
         services=list(service_names),
+        model=model,
         tls=tls.server_tls,
         mtls=tls.mtls,
         health_port=tls.health_port,
         auth=auth is not None and auth.enabled,
     )
-    return GrpcServer(server, port, health_servicer, service_names, health_server)
+
+
+def health_address(address: str, port: int) -> str:
+    host = address.rpartition(":")[0] if ":" in address else ""
+    return f"{host or '0.0.0.0'}:{port}"
 
 
 def serve_until_sigterm(service: str, server: GrpcServer, port: int) -> int:

@@ -231,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("estimate", _metrics.cmd_estimate, "estimate one query or a workload")
     p.add_argument("--cost-model", required=True)
+    p.add_argument(
+        "--intervals",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="95%% bootstrap intervals per query and on the total (--no-intervals: the "
+        "point estimates alone, which cost the server less)",
+    )
     _queries_args(p)
 
     p = add("denoise", _metrics.cmd_denoise, "denoised cost model of an API profile")

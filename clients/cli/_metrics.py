@@ -93,7 +93,7 @@ def cmd_estimate(args: argparse.Namespace, s: Session) -> int:
             return 0
         est = None
     else:
-        est = s.metrics.estimate(args.cost_model, ps, os_, per_query=True, intervals=True)
+        est = s.metrics.estimate(args.cost_model, ps, os_, per_query=True, intervals=args.intervals)
         summary = est.summary
     if args.json and est is not None:
         emit_json(

@@ -14,6 +14,10 @@ Two entry points share one definition:
 A query outside the model's profiled domain (cm.valid_prompt_tokens / valid_output_tokens;
 (0, 0) means "unknown" and never counts) is still estimated by extrapolation, and counted in
 `out_of_domain` so callers can say how much of the answer is extrapolated.
+
+Both take a `CostModel` or its `PreparedModel` (`predict.prepare`, what a service caching
+models holds). Errors about a query name it as a request carries it: `queries[i].<name>`
+for a list of query messages, `<name>[i]` for the packed columns (`columns=True`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from idealrt.core.costmodel.predict import predict_runtime
+from idealrt.core.costmodel.predict import PreparedModel, prepare
 from idealrt.core.domain import CostModel
 from idealrt.core.errors import InvalidArgument, ResourceExhausted
 from idealrt.core.reasons import (
@@ -68,6 +72,8 @@ class WorkloadEstimate:
 
 
 def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    if percentiles is DEFAULT_PERCENTILES:
+        return DEFAULT_PERCENTILES
     out = tuple(float(q) for q in percentiles)
     for q in out:
         if not (0.0 <= q <= 100.0) or math.isnan(q):
@@ -79,64 +85,65 @@ def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
     return out
 
 
-def _as_tokens(values: npt.ArrayLike, name: str, offset: int) -> IntArray:
+def _query_field(name: str, index: int, columns: bool) -> str:
+    return f"{name}[{index}]" if columns else f"queries[{index}].{name}"
+
+
+def _as_tokens(values: npt.ArrayLike, name: str, offset: int, columns: bool = False) -> IntArray:
     """Validate one token-count column: 1-D, integral, >= 1. Errors name the first bad query
     by its index in the whole workload (`offset` = queries seen before this chunk)."""
     arr = np.asarray(values)
+    column = name if columns else f"queries.{name}"
     if arr.ndim != 1:
         raise InvalidArgument(
             QUERIES_SHAPE_INVALID,
             f"{name} must be a 1-D sequence of token counts, got shape {arr.shape}",
-            field=f"queries.{name}",
+            field=column,
         )
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if np.issubdtype(arr.dtype, np.integer):
-        bad = arr < 1
-    elif np.issubdtype(arr.dtype, np.floating):
+    kind = arr.dtype.kind  # np.issubdtype's answer, a good deal cheaper on one query
+    if kind in "iu":
+        bad = arr < 1 if arr.min() < 1 else None
+    elif kind == "f":
         # NaN compares False, so `~(arr >= 1)` catches it along with values below 1.
         bad = ~(arr >= 1) | (arr != np.floor(arr)) | ~np.isfinite(arr)
     else:
         raise InvalidArgument(
             QUERIES_TYPE_INVALID,
             f"{name} must be integers, got dtype {arr.dtype}",
-            field=f"queries.{name}",
+            field=column,
         )
-    if bad.any():
+    if bad is not None and bad.any():
         i = int(np.argmax(bad))
+        field = _query_field(name, offset + i, columns)
         raise InvalidArgument(
             QUERY_TOKENS_INVALID,
-            f"queries[{offset + i}].{name} must be an integer >= 1, got {arr[i].item()!r}",
-            field=f"queries[{offset + i}].{name}",
+            f"{field} must be an integer >= 1, got {arr[i].item()!r}",
+            field=field,
         )
     return arr.astype(np.int64, copy=False)
 
 
 def validate_queries(
-    p: npt.ArrayLike, o: npt.ArrayLike, offset: int = 0
+    p: npt.ArrayLike, o: npt.ArrayLike, offset: int = 0, *, columns: bool = False
 ) -> tuple[IntArray, IntArray]:
     """Token-count columns of a workload as int64 arrays, or InvalidArgument naming the
-    first bad query (`offset` = queries that came before, for streamed chunks)."""
-    pa = _as_tokens(p, "prompt_tokens", offset)
-    oa = _as_tokens(o, "output_tokens", offset)
+    first bad query (`offset` = queries that came before, for streamed chunks; `columns`:
+    name it as the packed request columns do, `prompt_tokens[i]`)."""
+    pa = _as_tokens(p, "prompt_tokens", offset, columns)
+    oa = _as_tokens(o, "output_tokens", offset, columns)
     if pa.shape != oa.shape:
         raise InvalidArgument(
             QUERIES_SHAPE_INVALID,
             f"prompt_tokens and output_tokens differ in length ({pa.size} vs {oa.size})",
-            field="queries",
+            field="output_tokens" if columns else "queries",
         )
     return pa, oa
 
 
-def _out_of_domain(cm: CostModel, p: IntArray, o: IntArray) -> int:
-    mask = np.zeros(p.shape, dtype=bool)
-    plo, phi = cm.valid_prompt_tokens
-    if (plo, phi) != (0, 0):
-        mask |= (p < plo) | (p > phi)
-    olo, ohi = cm.valid_output_tokens
-    if (olo, ohi) != (0, 0):
-        mask |= (o < olo) | (o > ohi)
-    return int(np.count_nonzero(mask))
+def _out_of_domain(cm: PreparedModel, p: IntArray, o: IntArray) -> int:
+    return int(np.count_nonzero(cm.out_of_domain(p, o)))
 
 
 def _summarise(
@@ -151,36 +158,43 @@ def _summarise(
         raise InvalidArgument(
             WORKLOAD_EMPTY, "a workload needs at least one query", field="queries"
         )
-    pct = np.percentile(runtimes, percentiles) if percentiles else np.zeros(0)
+    if n == 1:  # every percentile of one value is that value (np.percentile's too, exactly)
+        only = float(runtimes[0])
+        pcts = {q: only for q in percentiles}
+    else:
+        pct = np.percentile(runtimes, percentiles) if percentiles else np.zeros(0)
+        pcts = {q: float(v) for q, v in zip(percentiles, np.atleast_1d(pct), strict=True)}
     return WorkloadEstimate(
         count=n,
         total_s=total,
         mean_s=total / n,
-        percentiles={q: float(v) for q, v in zip(percentiles, np.atleast_1d(pct), strict=True)},
+        percentiles=pcts,
         out_of_domain=out_of_domain,
         runtimes_s=runtimes if keep_runtimes else None,
     )
 
 
 def estimate_workload(
-    cm: CostModel,
+    cm: CostModel | PreparedModel,
     p: npt.ArrayLike,
     o: npt.ArrayLike,
     *,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     keep_runtimes: bool = False,
+    columns: bool = False,
 ) -> WorkloadEstimate:
     """Runtime of the workload {(p[i], o[i])} under `cm`: total, mean, percentiles over
     queries, and how many queries lie outside the profiled domain.
 
     Raises InvalidArgument (field `queries[i].prompt_tokens` / `queries[i].output_tokens`,
-    naming the first bad index) when a token count is not an integer >= 1, and
-    `WORKLOAD_EMPTY` for an empty workload."""
+    naming the first bad index; `prompt_tokens[i]` with `columns`) when a token count is
+    not an integer >= 1, and `WORKLOAD_EMPTY` for an empty workload."""
     pcts = _check_percentiles(percentiles)
-    pa, oa = validate_queries(p, o)
-    runtimes = np.asarray(predict_runtime(cm, pa, oa), dtype=np.float64)
+    model = prepare(cm)
+    pa, oa = validate_queries(p, o, columns=columns)
+    runtimes = np.asarray(model.runtime(pa, oa), dtype=np.float64)
     return _summarise(
-        runtimes, float(runtimes.sum()), _out_of_domain(cm, pa, oa), pcts, keep_runtimes
+        runtimes, float(runtimes.sum()), _out_of_domain(model, pa, oa), pcts, keep_runtimes
     )
 
 
@@ -192,12 +206,12 @@ class WorkloadAccumulator:
 
     def __init__(
         self,
-        cm: CostModel,
+        cm: CostModel | PreparedModel,
         *,
         percentiles: Sequence[float] = DEFAULT_PERCENTILES,
         max_queries: int = MAX_ACCUMULATED_QUERIES,
     ) -> None:
-        self._cm = cm
+        self._cm = prepare(cm)
         self._percentiles = _check_percentiles(percentiles)
         self._max = max_queries
         self._chunks: list[FloatArray] = []
@@ -220,7 +234,7 @@ class WorkloadAccumulator:
                 f"split it or estimate it in parts",
                 field="queries",
             )
-        runtimes = np.asarray(predict_runtime(self._cm, pa, oa), dtype=np.float64)
+        runtimes = np.asarray(self._cm.runtime(pa, oa), dtype=np.float64)
         self._chunks.append(runtimes)
         self._chunk_totals.append(float(runtimes.sum()))
         self._count += int(pa.size)

@@ -9,15 +9,33 @@ UNAVAILABLE (the store client's error, never caught here), a missing model spec 
 FAILED_PRECONDITION naming what is missing, energy readings that cannot be used are
 reported in `CostResult.energy_error`, and a model derived here (fit, denoised, imported)
 is stored only when it passes `core.costmodel.validate.check_cost_model`.
-Bootstrap work happens only when a caller asks for intervals."""
+Bootstrap work happens only when a caller asks for intervals.
+
+Caches (bounded LRU, single-flight: concurrent misses on one key do the work once):
+- Cost models, prepared for evaluation (`core.costmodel.predict.PreparedModel`), by id.
+  The store never changes a stored cost model: it has CreateCostModel, GetCostModel and
+  ListCostModels and no update or delete (services/store/repository.py only ever inserts
+  into cost_models). So an id names one model for the store's lifetime, and the cache is
+  keyed by the id a request carries. Each entry records the model's revision (a digest of
+  the whole record, create_time included); what can still change a model under its id is
+  the store itself being replaced or restored out of band, so an entry is re-read after
+  `model_ttl_s` (and whenever the store hands the engine a copy, as a list does), and a
+  different revision replaces the entry and everything derived from it. A re-read that
+  finds the same revision keeps the prepared model and its replicates.
+  Authorization is never cached: every call checks the cached model against the current
+  caller (`visible_cost_model`), so a hidden model is the same NOT_FOUND as a missing id.
+  Misses and store errors are not cached.
+- Bootstrap replicates, as a `ReplicateSet`, by (id, revision): stored by a fit, else
+  re-derived from the profile's samples with the fit's recorded options (same seed, same
+  result) on the first estimate that asks for intervals."""
 
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -25,14 +43,16 @@ import numpy.typing as npt
 from idealrt.core import hardware
 from idealrt.core.catalog import CATALOG
 from idealrt.core.clock import utcnow
-from idealrt.core.costmodel.bootstrap import predict_interval
+from idealrt.core.costmodel.bootstrap import ReplicateSet, prepare_replicates
 from idealrt.core.costmodel.estimate import (
     WorkloadAccumulator,
     WorkloadEstimate,
     estimate_workload,
+    validate_queries,
 )
 from idealrt.core.costmodel.fit import FitOptions, fit_with_replicates
 from idealrt.core.costmodel.options import DEFAULT_BOOTSTRAP
+from idealrt.core.costmodel.predict import PreparedModel, prepare
 from idealrt.core.costmodel.validate import check_cost_model
 from idealrt.core.domain import DEFAULT_NAMESPACE, CostModel, Profile, ProfileState, Sample
 from idealrt.core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -47,6 +67,7 @@ from idealrt.core.namespaces import (
 )
 from idealrt.core.reasons import QUERIES_INVALID, QUERIES_REQUIRED
 from idealrt.services.metrics import validate
+from idealrt.services.metrics._cache import SingleFlightCache
 from idealrt.services.metrics.compare import Comparison, compare
 from idealrt.services.metrics.cost import (
     CostBreakdown,
@@ -87,10 +108,15 @@ __all__ = [
     "RooflineResult",
 ]
 
+DEFAULT_MODEL_CACHE = 256  # prepared cost models held
+DEFAULT_REPLICATE_CACHE = 32  # replicate sets held (each up to R x knots floats)
+DEFAULT_MODEL_TTL_S = 60.0  # a cached model is re-read from the store after this
 DEFAULT_ROOFLINE_PROMPTS = (1, 128, 512)
 DEFAULT_ROOFLINE_CONTEXTS = (128, 512)
 
 FloatArray = npt.NDArray[np.float64]
+# a token-count column: a sequence of ints, or a 1-D array of them
+Tokens = Sequence[int] | npt.NDArray[np.integer[Any]]
 _log = get_logger(__name__)
 
 
@@ -126,8 +152,8 @@ class CostRequest:
     `max_context` 0: the model's positions."""
 
     cost_model_id: str
-    prompt_tokens: Sequence[int]
-    output_tokens: Sequence[int]
+    prompt_tokens: Tokens
+    output_tokens: Tokens
     accelerator: str
     spec: ModelSpec | None = None
     dtype: str = "fp16"
@@ -136,6 +162,7 @@ class CostRequest:
     power_of_two: bool = False
     prices: Mapping[str, float] | None = None
     grid_g_co2_per_kwh: float | None = None
+    columns: bool = False  # the queries came as packed columns (errors name prompt_tokens[i])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +212,7 @@ def _points(
     )
 
 
-def _require_queries(p: Sequence[int]) -> None:
+def _require_queries(p: Tokens) -> None:
     if len(p) == 0:
         raise InvalidArgument(QUERIES_REQUIRED, "queries: give at least one query", field="queries")
 
@@ -227,31 +254,54 @@ def _usable(cm: CostModel, what: str, profile_id: str) -> CostModel:
     return cm
 
 
-def _ood(
-    cm: CostModel, p: npt.NDArray[np.int64], o: npt.NDArray[np.int64]
-) -> npt.NDArray[np.bool_]:
-    (p0, p1), (o0, o1) = cm.valid_prompt_tokens, cm.valid_output_tokens
-    if p1 <= 0:
-        return np.zeros(p.shape, dtype=np.bool_)
-    return np.asarray((p < p0) | (p > p1) | (o < o0) | (o > o1), dtype=np.bool_)
+def _queries_field(columns: bool) -> str:
+    return "prompt_tokens" if columns else "queries"
+
+
+def revision_of(cm: CostModel) -> str:
+    """A digest of the whole record (create_time included): two reads of one stored model
+    agree; a model replaced under its id does not."""
+    return hashlib.blake2b(repr(cm).encode(), digest_size=16).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Loaded:
+    """A cached cost model: prepared, its revision, when it was read (engine clock)."""
+
+    prepared: PreparedModel
+    revision: str
+    read_at: float
+
+
+_NO_REPLICATES = prepare_replicates(())
 
 
 class MetricsEngine:
-    """Fits are stored; bootstrap replicates (for intervals on estimates) are cached in
-    memory and re-derived from the profile's samples (same seed, same result) on a miss."""
+    """Fits are stored; cost models are cached prepared, and their bootstrap replicates
+    (for intervals on estimates) are cached too and re-derived from the profile's samples
+    (same seed, same result) on a miss; see the module doc. `model_cache` and
+    `replicate_cache` bound the two caches (entries), `model_ttl_s` is how long a cached
+    model is used before it is re-read (None: never), `clock` the monotonic clock that
+    measures it."""
 
     def __init__(
         self,
         store: MetricsStore,
-        replicate_cache: int = 32,
+        replicate_cache: int = DEFAULT_REPLICATE_CACHE,
         *,
         limits: RequestLimits = RequestLimits(),  # noqa: B008 - frozen, never mutated
+        model_cache: int = DEFAULT_MODEL_CACHE,
+        model_ttl_s: float | None = DEFAULT_MODEL_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.limits = limits
-        self._replicates: OrderedDict[str, list[CostModel]] = OrderedDict()
-        self._cache_size = replicate_cache
-        self._lock = threading.Lock()
+        self._models: SingleFlightCache[str, _Loaded] = SingleFlightCache(model_cache)
+        self._replicates: SingleFlightCache[tuple[str, str], ReplicateSet] = SingleFlightCache(
+            replicate_cache
+        )
+        self._ttl = model_ttl_s
+        self._clock = clock
 
     # ---- fitting ----
 
@@ -299,38 +349,83 @@ class MetricsEngine:
         cm.model_name = prof.model.name
         cm.stack = prof.stack
         cm.create_time = utcnow()
-        stored, _ = self.store.create_cost_model(cm)
-        self._remember(stored.id, reps)
+        stored, created = self.store.create_cost_model(cm)
+        entry = self._cache(stored)
+        # a replay returns the model stored first: these replicates are its own only when
+        # it was fitted with these options (else they are re-derived from its own)
+        if created or stored.fit_options == cm.fit_options:
+            self._replicates.put((stored.id, entry.revision), prepare_replicates(reps))
         return stored
 
-    def _remember(self, cm_id: str, reps: list[CostModel]) -> None:
-        with self._lock:
-            self._replicates[cm_id] = reps
-            self._replicates.move_to_end(cm_id)
-            while len(self._replicates) > self._cache_size:
-                self._replicates.popitem(last=False)
+    # ---- the caches ----
 
-    def replicates(self, cm: CostModel) -> list[CostModel]:
-        with self._lock:
-            if cm.id in self._replicates:
-                return self._replicates[cm.id]
+    def _cache(self, cm: CostModel) -> _Loaded:
+        """Cache `cm`, as the store just returned it (created or listed)."""
+        entry = _Loaded(prepare(cm), revision_of(cm), self._clock())
+        self._models.put(cm.id, entry)
+        return entry
+
+    def _observe(self, cm: CostModel) -> None:
+        """A copy of `cm` from the store: a cached entry of another revision is dropped."""
+        entry = self._models.peek(cm.id)
+        if entry is not None and entry.revision != revision_of(cm):
+            _log.warning("cost_model_changed", cost_model_id=cm.id)
+            self._models.invalidate(cm.id)
+
+    def _fresh(self, entry: _Loaded) -> bool:
+        return self._ttl is None or self._clock() - entry.read_at < self._ttl
+
+    def _read(self, cm_id: str, stale: _Loaded | None) -> _Loaded:
+        """The store's copy of `cm_id`, prepared; `stale`'s preparation when unchanged."""
+        cm = self.store.get_cost_model(cm_id)
+        revision = revision_of(cm)
+        now = self._clock()
+        if stale is not None and stale.revision == revision:
+            return dataclasses.replace(stale, read_at=now)
+        if stale is not None:
+            _log.warning("cost_model_changed", cost_model_id=cm_id)
+        return _Loaded(prepare(cm), revision, now)
+
+    def _loaded(self, id: str) -> _Loaded:
+        """The cached (else read) model `id`, if the current caller may read it: NOT_FOUND
+        as for a missing id otherwise, on every call."""
+        if not id:
+            raise InvalidArgument(
+                COST_MODEL_ID_REQUIRED, "cost_model_id is required", field="cost_model_id"
+            )
+        entry = self._models.get(id, lambda stale: self._read(id, stale), fresh=self._fresh)
+        visible_cost_model(entry.prepared.model)
+        return entry
+
+    def invalidate(self, cm_id: str) -> None:
+        """Forget the cached model `cm_id` (its replicates go with its revision)."""
+        self._models.invalidate(cm_id)
+
+    def replicate_set(self, cm: CostModel, revision: str = "") -> ReplicateSet:
+        """The bootstrap replicates of `cm` (revision: `revision_of(cm)`, when known), from
+        the cache, else re-derived once from its profile's samples (empty when the model
+        has none to come from or the samples no longer give a fit)."""
         if cm.kind != "idealized" or not cm.profile_id:
-            return []
+            return _NO_REPLICATES
+        key = (cm.id, revision or revision_of(cm))
+        return self._replicates.get(key, lambda _: self._derive_replicates(cm))
+
+    def _derive_replicates(self, cm: CostModel) -> ReplicateSet:
         try:
             options = _fit_options(cm)
             _, samples = self._fit_samples(cm.profile_id)
             _, reps = fit_with_replicates(samples, options=options)
         except (FailedPrecondition, InvalidArgument):
             reps = []
-        self._remember(cm.id, reps)
-        return reps
+        return prepare_replicates(reps)
+
+    def replicates(self, cm: CostModel) -> list[CostModel]:
+        """The replicate models of `replicate_set(cm)`."""
+        return list(self.replicate_set(cm).models)
 
     def get(self, id: str) -> CostModel:
-        if not id:
-            raise InvalidArgument(
-                COST_MODEL_ID_REQUIRED, "cost_model_id is required", field="cost_model_id"
-            )
-        return visible_cost_model(self.store.get_cost_model(id))
+        """Cost model `id` (shared with the cache: never change it)."""
+        return self._loaded(id).prepared.model
 
     def list_models(
         self, page_size: int, page_token: str, profile_id: str = ""
@@ -338,50 +433,56 @@ class MetricsEngine:
         """A page of the cost models in the namespaces the caller may read."""
         visible = readable()
         if visible is None:
-            return self.store.list_cost_models(page_size, page_token, profile_id)
-        if not visible:
+            items, token = self.store.list_cost_models(page_size, page_token, profile_id)
+        elif not visible:
             return [], ""
-        return self.store.list_cost_models(page_size, page_token, profile_id, namespaces=visible)
+        else:
+            items, token = self.store.list_cost_models(
+                page_size, page_token, profile_id, namespaces=visible
+            )
+        for cm in items:
+            self._observe(cm)
+        return items, token
 
     # ---- estimating ----
 
     def estimate(
         self,
         cm_id: str,
-        p: Sequence[int],
-        o: Sequence[int],
+        p: Tokens,
+        o: Tokens,
         *,
         per_query: bool,
         intervals: bool = False,
+        columns: bool = False,
     ) -> EstimateResult:
         """The workload's estimate; per query when `per_query`; 95% intervals (from the
-        model's bootstrap replicates) only when `intervals`."""
-        validate.check_queries(len(p), self.limits)
-        cm = self.get(cm_id)
+        model's bootstrap replicates) only when `intervals`. `columns`: the queries came as
+        the packed prompt_tokens/output_tokens columns, and errors name those."""
+        validate.check_queries(len(p), self.limits, _queries_field(columns))
+        entry = self._loaded(cm_id)
         _require_queries(p)
-        wl = estimate_workload(cm, p, o, keep_runtimes=per_query)
-        pa = np.asarray(p, dtype=np.int64)
-        oa = np.asarray(o, dtype=np.int64)
-        reps = self.replicates(cm) if intervals else []
+        pa, oa = validate_queries(p, o, columns=columns)
+        model = entry.prepared
+        wl = estimate_workload(model, pa, oa, keep_runtimes=per_query)
         low = high = None
         sum_iv = None
-        if reps:
-            if per_query:
-                low, high = predict_interval(reps, pa, oa)
-            totals = np.array([estimate_workload(r, pa, oa).total_s for r in reps])
-            sum_iv = (float(np.quantile(totals, 0.025)), float(np.quantile(totals, 0.975)))
+        if intervals:
+            reps = self.replicate_set(model.model, entry.revision)
+            if reps.size:
+                band, sum_iv = reps.estimate(pa, oa, per_query=per_query)
+                if band is not None:
+                    low, high = band
         return EstimateResult(
             workload=wl,
             runtime_s=wl.runtimes_s if per_query else None,
-            low_s=low if per_query else None,
-            high_s=high if per_query else None,
-            out_of_domain=_ood(cm, pa, oa) if per_query else None,
+            low_s=low,
+            high_s=high,
+            out_of_domain=model.out_of_domain(pa, oa) if per_query else None,
             sum_interval=sum_iv,
         )
 
-    def stream_estimate(
-        self, chunks: Iterable[tuple[str, Sequence[int], Sequence[int]]]
-    ) -> WorkloadEstimate:
+    def stream_estimate(self, chunks: Iterable[tuple[str, Tokens, Tokens]]) -> WorkloadEstimate:
         acc: WorkloadAccumulator | None = None
         first_id = ""
         for i, (cm_id, p, o) in enumerate(chunks):
@@ -393,7 +494,7 @@ class MetricsEngine:
                 )
             if acc is None:
                 first_id = cm_id
-                acc = WorkloadAccumulator(self.get(cm_id))
+                acc = WorkloadAccumulator(self._loaded(cm_id).prepared)
             elif cm_id and cm_id != first_id:
                 raise InvalidArgument(
                     COST_MODEL_CHANGED,
@@ -425,7 +526,9 @@ class MetricsEngine:
         cm.name = name or f"{prof.model.name}-denoised-{method}"
         cm.model_name = prof.model.name
         cm.create_time = utcnow()
-        return self.store.create_cost_model(cm)[0]
+        stored = self.store.create_cost_model(cm)[0]
+        self._cache(stored)
+        return stored
 
     def samples_of(self, profile_id: str) -> list[Sample]:
         return self._fit_samples(profile_id)[1]
@@ -434,28 +537,36 @@ class MetricsEngine:
         self,
         profile_a: str,
         profile_b: str,
-        p: Sequence[int],
-        o: Sequence[int],
+        p: Tokens,
+        o: Tokens,
         *,
         bootstrap: int = 0,
         seed: int = 0,
+        columns: bool = False,
     ) -> Comparison:
         """Total runtime of the workload on A over B, with a bootstrap interval over both
         profiles' samples (`bootstrap` 0: the default count)."""
-        validate.check_queries(len(p), self.limits)
+        validate.check_queries(len(p), self.limits, _queries_field(columns))
         _require_queries(p)
         validate.check_compare(bootstrap, seed)
+        pa, oa = validate_queries(p, o, columns=columns)  # before the fits, not after them
         return compare(
             self.samples_of(profile_a),
             self.samples_of(profile_b),
-            p,
-            o,
+            pa,
+            oa,
             n_boot=bootstrap or DEFAULT_BOOTSTRAP,
             seed=seed,
         )
 
     def pareto(
-        self, cost_model_ids: Mapping[str, str], p: Sequence[int], o: Sequence[int], csv: str
+        self,
+        cost_model_ids: Mapping[str, str],
+        p: Tokens,
+        o: Tokens,
+        csv: str,
+        *,
+        columns: bool = False,
     ) -> ParetoResult:
         """Each named model's cost = the idealized runtime of the workload on its cost
         model, joined with the accuracies of `csv` (`model,accuracy` lines)."""
@@ -463,10 +574,10 @@ class MetricsEngine:
             raise InvalidArgument(
                 COST_MODEL_IDS_REQUIRED, "name at least one cost model", field="cost_model_ids"
             )
-        validate.check_queries(len(p), self.limits)
+        validate.check_queries(len(p), self.limits, _queries_field(columns))
         _require_queries(p)
         runtimes = {
-            name: self.estimate(cid, p, o, per_query=False).workload.total_s
+            name: self.estimate(cid, p, o, per_query=False, columns=columns).workload.total_s
             for name, cid in cost_model_ids.items()
         }
         return pareto_frontier(csv, runtimes)
@@ -478,11 +589,13 @@ class MetricsEngine:
             raise InvalidArgument(
                 ACCELERATOR_REQUIRED, "accelerator is required", field="accelerator"
             )
-        validate.check_queries(len(req.prompt_tokens), self.limits)
+        validate.check_queries(len(req.prompt_tokens), self.limits, _queries_field(req.columns))
         validate.check_cost(req)
         cm = self.get(req.cost_model_id)
-        p, o = req.prompt_tokens, req.output_tokens
-        r = self.estimate(cm.id, p, o, per_query=False)
+        r = self.estimate(
+            cm.id, req.prompt_tokens, req.output_tokens, per_query=False, columns=req.columns
+        )
+        p, o = validate_queries(req.prompt_tokens, req.output_tokens)  # valid: estimated
         spec = self.spec_for(cm, req.spec)
         n = accelerators_needed(
             spec,
@@ -499,9 +612,9 @@ class MetricsEngine:
             req.accelerator,
             req.prices,
             energy_model=energy,
-            prompt_tokens=float(sum(p)),
-            output_tokens=float(sum(o)),
-            requests=float(len(p)),
+            prompt_tokens=float(np.sum(p)),
+            output_tokens=float(np.sum(o)),
+            requests=float(p.size),
             grid_g_co2_per_kwh=req.grid_g_co2_per_kwh,
         )
         return CostResult(
@@ -586,7 +699,10 @@ class MetricsEngine:
             cm.request_id = f"{request_id}:{name}" if request_id else ""
             cm.create_time = utcnow()
             check_cost_model(cm)
-        return [self.store.create_cost_model(cm)[0] for cm in models.values()]
+        stored = [self.store.create_cost_model(cm)[0] for cm in models.values()]
+        for cm in stored:
+            self._cache(cm)
+        return stored
 
     def export_helm(
         self, ids: Mapping[str, str], prompt_sizes: Sequence[int]

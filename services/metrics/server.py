@@ -33,6 +33,7 @@ def build_server(cfg: MetricsConfig) -> tuple[GrpcServer, int]:
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
         max_message_bytes=cfg.max_message_bytes,
+        model=cfg.server_model,
     )
     server.on_stop.append(store.close)
     return server, server.port

@@ -92,13 +92,14 @@ def _finite(value: float, field: str, reason: str, what: str) -> float:
     return v
 
 
-def check_queries(count: int, limits: RequestLimits) -> None:
-    """At most limits.max_queries_per_call queries in one unary call."""
+def check_queries(count: int, limits: RequestLimits, field: str = "queries") -> None:
+    """At most limits.max_queries_per_call queries in one unary call (`field`: where the
+    request carries them, `queries` or the `prompt_tokens` column)."""
     if count > limits.max_queries_per_call:
         raise invalid(
-            "queries",
+            field,
             QUERIES_TOO_MANY,
-            f"queries: a unary call takes at most {limits.max_queries_per_call} queries, got "
+            f"{field}: a unary call takes at most {limits.max_queries_per_call} queries, got "
             f"{count}; estimate larger workloads with StreamEstimateRuntime",
         )
 

@@ -9,8 +9,10 @@ watch), executed by a bounded pool of worker threads.
 - watch() yields a snapshot now and after every change (state or progress), woken by a
   Condition; it ends at a terminal state or when `timeout` passes. Changes that happen
   while the consumer is busy are coalesced: the next snapshot is the latest. At most
-  `max_watch_streams` watches are open at once (each holds a server thread for its
-  life); one more is ResourceExhausted WATCH_STREAMS_EXHAUSTED at once.
+  `max_watch_streams` watches are open at once; one more is ResourceExhausted
+  WATCH_STREAMS_EXHAUSTED at once. watch_async() is the same on an asyncio loop (the
+  profiler's grpc.aio WatchProfile): an open watch there is a coroutine waiting on an
+  asyncio.Event that every change sets (one call into the loop per change), no thread.
 - create() refuses a plan beyond `max_plan_samples` samples (plan.py `planned_samples`)
   and target fields beyond their sizes (plan.py `validate_target`), and hands the profile
   to `admit` (the server's: an HTTP target's base URL and credential against the outbound
@@ -30,6 +32,7 @@ watch), executed by a bounded pool of worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import collections
 import dataclasses
@@ -37,7 +40,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -170,6 +173,47 @@ class _ProgressWriter:
                     self._cond.notify_all()
 
 
+class _LoopWakers:
+    """The asyncio.Events of async watches (`ProfileManager.watch_async`), by event loop;
+    changed and woken under the manager's lock. A change costs one call_soon_threadsafe
+    per loop, however many watches wait on it."""
+
+    def __init__(self) -> None:
+        self._events: dict[asyncio.AbstractEventLoop, set[asyncio.Event]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._events.setdefault(loop, set()).add(event)
+
+    def discard(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        events = self._events.get(loop)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._events[loop]
+
+    def wake(self) -> None:
+        for loop, events in self._events.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_set_all, list(events))
+
+
+def _set_all(events: builtins.list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+class _Condition(threading.Condition):
+    """The manager's Condition; `notify_all` also wakes the async watches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakers = _LoopWakers()
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        self.wakers.wake()
+
+
 @dataclasses.dataclass
 class _Entry:
     profile: Profile
@@ -211,7 +255,7 @@ class ProfileManager:
         self.admit = admit
         self.quotas = quotas or Quotas()
         self._create_lock = threading.Lock()  # a quota's check and the create it allows
-        self._cond = threading.Condition()
+        self._cond = _Condition()
         self._entries: dict[str, _Entry] = {}
         self._queue: collections.deque[str] = collections.deque()
         self._workers: builtins.list[threading.Thread] = []
@@ -345,16 +389,9 @@ class ProfileManager:
         least every `liveness_s` while nothing changes (a sleeping wait, not a poll of the
         profile), so a watcher whose client went away does not hold a thread forever.
         `on_close` (e.g. grpc's `context.add_callback`) is given a function that wakes the
-        watch, so that it ends, and frees its slot, as soon as the client goes away."""
-        with self._cond:
-            if self._watches >= self.max_watch_streams:
-                raise ResourceExhausted(
-                    WATCH_STREAMS_EXHAUSTED,
-                    f"{self._watches} WatchProfile streams are open, the limit "
-                    f"(max_watch_streams, IDEALRT_MAX_WATCH_STREAMS) is "
-                    f"{self.max_watch_streams}: close one, or poll GetProfile",
-                )
-            self._watches += 1
+        watch, so that it ends, and frees its slot, as soon as the client goes away.
+        `watch_async` is the same for an asyncio caller, without a thread."""
+        self._open_watch()
         try:
             self.get(profile_id)  # NOT_FOUND unless the caller may read it
             if on_close is not None:
@@ -364,9 +401,38 @@ class ProfileManager:
             with self._cond:
                 self._watches -= 1
 
+    def _open_watch(self) -> None:
+        with self._cond:
+            if self._watches >= self.max_watch_streams:
+                raise ResourceExhausted(
+                    WATCH_STREAMS_EXHAUSTED,
+                    f"{self._watches} WatchProfile streams are open, the limit "
+                    f"(max_watch_streams, IDEALRT_MAX_WATCH_STREAMS) is "
+                    f"{self.max_watch_streams}: close one, or poll GetProfile",
+                )
+            self._watches += 1
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def _watch_step_locked(
+        self, profile_id: str, entry: _Entry, seen: int
+    ) -> tuple[int, Profile] | None:
+        """Under the lock: (version, snapshot) when `entry` changed since version `seen`,
+        else None; UNAVAILABLE when the profiler shut down mid-profile (it will not change
+        here any more, and a plain end would read as "done": a client reconnects,
+        ProfilerClient.watch, to the restarted profiler)."""
+        if entry.version != seen:
+            return entry.version, dataclasses.replace(entry.profile)
+        if self._closed and not entry.running:
+            raise Unavailable(
+                SHUTTING_DOWN,
+                f"the profiler is shutting down; profile {profile_id} is "
+                "checkpointed and resumes when it is back: watch again",
+                field="id",
+            )
+        return None
 
     def _watch(
         self,
@@ -385,17 +451,7 @@ class ProfileManager:
         last: Profile | None = None
         while True:
             with self._cond:
-                while entry.version == seen:
-                    if self._closed and not entry.running:
-                        # shut down mid-profile: it will not change here any more, and a
-                        # plain end would read as "done"; UNAVAILABLE makes a client
-                        # reconnect (ProfilerClient.watch) to the restarted profiler
-                        raise Unavailable(
-                            SHUTTING_DOWN,
-                            f"the profiler is shutting down; profile {profile_id} is "
-                            "checkpointed and resumes when it is back: watch again",
-                            field="id",
-                        )
+                while (step := self._watch_step_locked(profile_id, entry, seen)) is None:
                     if is_active is not None and not is_active():
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -404,14 +460,71 @@ class ProfileManager:
                     if is_active is not None:
                         remaining = liveness_s if remaining is None else min(remaining, liveness_s)
                     self._cond.wait(remaining)
-                seen = entry.version
-                snapshot = dataclasses.replace(entry.profile)
+            seen, snapshot = step
             if snapshot == last:
                 continue  # a write that changed nothing a watcher sees (a checkpoint)
             last = snapshot
             yield snapshot
             if snapshot.state.terminal:
                 return
+
+    async def watch_async(
+        self, profile_id: str, timeout: float | None = None
+    ) -> AsyncIterator[Profile]:
+        """`watch` for an asyncio caller (the profiler's grpc.aio WatchProfile): the same
+        snapshots, limit and errors, waiting on its event loop, so an open watch holds no
+        thread (a client that goes away cancels the task, which ends the watch). Only a
+        profile not run here is read from the store, on a thread."""
+        self._open_watch()
+        try:
+            with self._cond:
+                entry = self._entries.get(profile_id)
+                found = dataclasses.replace(entry.profile) if entry is not None else None
+            if entry is None or found is None:
+                # NOT_FOUND unless the caller may read it (to_thread: same principal)
+                yield await asyncio.to_thread(self.get, profile_id)
+                return
+            visible_profile(found)  # NOT_FOUND unless the caller may read it
+            async for snapshot in self._watch_async(profile_id, entry, timeout):
+                yield snapshot
+        finally:
+            with self._cond:
+                self._watches -= 1
+
+    async def _watch_async(
+        self, profile_id: str, entry: _Entry, timeout: float | None
+    ) -> AsyncIterator[Profile]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        changed = asyncio.Event()
+        with self._cond:
+            self._cond.wakers.add(loop, changed)
+        try:
+            seen = -1
+            last: Profile | None = None
+            while True:
+                changed.clear()  # before the check: a change after it sets it again
+                with self._cond:
+                    step = self._watch_step_locked(profile_id, entry, seen)
+                if step is None:
+                    remaining = None if deadline is None else deadline - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    try:
+                        await asyncio.wait_for(changed.wait(), remaining)
+                    except TimeoutError:
+                        return
+                    continue
+                seen, snapshot = step
+                if snapshot == last:
+                    continue  # a write that changed nothing a watcher sees (a checkpoint)
+                last = snapshot
+                yield snapshot
+                if snapshot.state.terminal:
+                    return
+        finally:
+            with self._cond:
+                self._cond.wakers.discard(loop, changed)
 
     def resume_unfinished(self) -> builtins.list[Profile]:
         """Queue every QUEUED/RUNNING profile of the store (call once at start-up)."""

@@ -99,28 +99,24 @@ def build_server(
         quotas=Quotas.load(cfg.quotas_file),
     )
     servicer = ProfilerServicer(manager)
-    # WatchProfile is server-streaming, and on grpc's sync server every open stream holds a
-    # pool thread until it ends: unbounded, 16 watchers took every thread and the profiler
-    # stopped answering, health included. So the manager bounds open watches at
-    # cfg.max_watch_streams (one more is RESOURCE_EXHAUSTED at once) and the pool has that
-    # many threads plus UNARY_WORKERS for unary calls and health. Not grpc.aio: the whole
-    # profiler is threaded (the manager's workers and Condition-based watch, the runner,
-    # the blocking store and serving clients, the shared interceptor and health servicer);
-    # on an event loop every one of those calls would have to go to an executor, which
-    # again needs a bounded pool, and the interceptor and bootstrap shared with the other
-    # services would need async twins. An idle watch costs one sleeping thread that wakes
-    # on a change, a client's departure or its liveness check, so a bound of tens of
-    # streams is cheap; a dashboard with more watchers polls GetProfile.
+    # grpc.aio (idealrt.core._grpc_aio), always: WatchProfile is server-streaming and
+    # long-lived; on grpc's sync server every open stream held a pool thread until it
+    # ended (16 watchers once took every thread, health included). On the aio server a
+    # watch is a coroutine on the loop (ProfileManager.watch_async): 1,000 open streams
+    # cost no thread (bench/bench_service.py measures health and GetProfile latency with
+    # them open). The unary RPCs run on the pool as before (they read the store and call
+    # serving, which block); cfg.max_watch_streams still bounds open watches (memory).
     server = start_server(
         cfg.address,
         [lambda s: pbg.add_ProfilerServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
-        max_workers=cfg.max_watch_streams + UNARY_WORKERS,
+        max_workers=UNARY_WORKERS,
         metrics_port=cfg.metrics_port,
         tls=cfg.tls,
         allow_insecure=cfg.allow_insecure,
         auth=Authenticator(cfg.auth),
         max_message_bytes=cfg.max_message_bytes,
+        model="aio",
     )
     # at the drain's start: running profiles are checkpointed at once (not measured on
     # through the grace period), and their watch streams end, so the drain is short

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import grpc
+import grpc.aio
 
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
@@ -42,13 +43,11 @@ class ProfilerServicer(pbg.ProfilerServiceServicer):
             profiles=[cv.profile_to_pb(p) for p in items], next_page_token=token
         )
 
-    def WatchProfile(
-        self, request: pb.WatchProfileRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchProfileResponse]:
-        watch = self.manager.watch(
-            request.id, is_active=context.is_active, on_close=context.add_callback
-        )
-        for prof in watch:
+    async def WatchProfile(
+        self, request: pb.WatchProfileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchProfileResponse]:
+        # async: on the profiler's grpc.aio server an open watch holds no thread
+        async for prof in self.manager.watch_async(request.id):
             yield pb.WatchProfileResponse(profile=cv.profile_to_pb(prof))
 
     def CancelProfile(

@@ -3,7 +3,11 @@ generations against them. No gRPC here; `servicer.py` converts and calls in.
 
 Thread safety: one lock guards the tables (held only for dictionary work); loads are
 serialised (each checks free memory, which a concurrent load would invalidate); each model
-runs one generation at a time (a measurement never shares its device with another).
+runs one generation at a time (a measurement never shares its device with another) through
+its `DeviceQueue` (`device_queue`): at most `limits.max_queued_generations` calls wait per
+model, a waiting call prepares (checks, prompt) only between two generations and then
+blocks, so the timed region of the running call sees no work from the queue; a call whose
+caller is gone or whose deadline passes while it waits never runs.
 
 Backends are created by factories keyed by `Backend`. The built-in table finds each backend
 module lazily (`idealrt.services.serving.backends.<name>_backend.create_backend`), so a
@@ -46,6 +50,7 @@ from idealrt.services.serving.backends.base import (
 )
 from idealrt.services.serving.backends.base import BackendFactory
 from idealrt.services.serving.checkpoints import checkpoint_files
+from idealrt.services.serving.device_queue import Call, DeviceQueue, QueueStats
 from idealrt.services.serving.reasons import (
     BACKEND_INVALID,
     BACKEND_NOT_IMPLEMENTED,
@@ -152,7 +157,7 @@ class _Entry:
     model: LoadedModel
     backend: BackendProtocol
     seq: int
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    queue: DeviceQueue
     unloaded: bool = False
 
 
@@ -253,9 +258,18 @@ class ModelRegistry:
                 weights_path=model.weights_path,
                 request_id=request_id,
             )
+            queue = DeviceQueue(
+                loaded.model_id,
+                self.limits.max_queued_generations,
+                closed_error=lambda: NotFound(
+                    MODEL_NOT_LOADED,
+                    f"model {loaded.model_id!r} was unloaded",
+                    field="model_id",
+                ),
+            )
             with self._lock:
                 self._seq += 1
-                self._entries[loaded.model_id] = _Entry(loaded, backend, self._seq)
+                self._entries[loaded.model_id] = _Entry(loaded, backend, self._seq, queue)
                 if request_id:
                     self._by_request[request_id] = loaded.model_id
             return loaded
@@ -270,9 +284,15 @@ class ModelRegistry:
     def get(self, model_id: str) -> LoadedModel:
         return self._entry(model_id).model
 
+    def queue_stats(self, model_id: str) -> QueueStats:
+        """The generation queue of a loaded model: calls waiting, whether one holds the
+        device, counters (admitted, ran, refused, left)."""
+        return self._entry(model_id).queue.stats()
+
     def unload(self, model_id: str) -> LoadedModel:
-        """Unload a model (after its running generation, if any, finishes); only an
-        operator may (core.namespaces.require_operator)."""
+        """Unload a model (after its running generation, if any, finishes; calls waiting
+        for it get NotFound MODEL_NOT_LOADED); only an operator may
+        (core.namespaces.require_operator)."""
         require_operator()
         with self._lock:
             entry = self._entries.pop(model_id, None)
@@ -280,9 +300,9 @@ class ModelRegistry:
                 self._by_request.pop(entry.model.request_id, None)
         if entry is None:
             raise NotFound(MODEL_NOT_LOADED, f"no loaded model {shown(model_id)}", field="model_id")
-        with entry.lock:
-            entry.unloaded = True
-            entry.backend.unload()
+        entry.queue.close()  # waiting calls leave; waits for the running one
+        entry.unloaded = True
+        entry.backend.unload()
         return entry.model
 
     def close(self) -> None:
@@ -303,16 +323,26 @@ class ModelRegistry:
         prompt_seed: int = 0,
         output_tokens: int,
         batch_size: int = 1,
+        call: Call | None = None,
     ) -> GenerationResult:
         """One exact-length greedy generation. The prompt is `prompt_ids`, or
         `prompt_length` tokens drawn uniformly from the vocabulary with `prompt_seed`.
         Every size is checked against the limits and max_context before the prompt is
         built (`validate.check_generation_request`). Only an operator may generate (a
-        generation takes the shared device)."""
+        generation takes the shared device).
+
+        Calls on one model run one at a time through its DeviceQueue: ResourceExhausted
+        GENERATION_QUEUE_FULL when `limits.max_queued_generations` already wait; the prompt
+        is built (and given ids checked) in a gap between two generations, never during
+        one. `call` carries the caller's deadline and end (`device_queue.Call`): a call
+        that is terminated, or whose deadline passes, while it waits never runs
+        (Unavailable GENERATION_CANCELLED / GENERATION_DEADLINE_EXPIRED); with
+        `Call(hold=True)` the device stays held after the generation until
+        `call.terminated()` (the answer has been sent)."""
         require_operator()
         entry = self._entry(model_id)
         spec, max_context = entry.model.spec, entry.model.max_context
-        p = check_generation_request(
+        p = check_generation_request(  # arithmetic: a bad request never queues
             prompt_ids_given=bool(prompt_ids),
             n_ids=len(prompt_ids or ()),
             prompt_length=prompt_length,
@@ -321,13 +351,18 @@ class ModelRegistry:
             max_context=max_context,
             limits=self.limits,
         )
-        ids = self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
-        with entry.lock:
+
+        def prepare() -> builtins.list[int]:  # O(p) work: in a gap between generations
+            return self._prompt(spec, prompt_ids, prompt_length, prompt_seed)
+
+        def work(ids: builtins.list[int]) -> GenerationResult:
             if entry.unloaded:
                 raise NotFound(
                     MODEL_NOT_LOADED, f"model {model_id!r} was unloaded", field="model_id"
                 )
-            result = entry.backend.generate(ids, output_tokens, batch_size)
+            return entry.backend.generate(ids, output_tokens, batch_size)
+
+        result = entry.queue.run(prepare, work, call)
         got = (result.prompt_tokens, result.output_tokens, result.batch_size)
         if got != (p, output_tokens, batch_size):
             raise Internal(

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import grpc
 
 from idealrt.core import convert as cv
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.serving_contract import LoadedModel
+from idealrt.services.serving.device_queue import Call
 from idealrt.services.serving.reasons import PROMPT_REQUIRED, STACK_REQUIRED
 from idealrt.services.serving.registry import ModelRegistry
 from idealrt.serving.v1 import serving_service_pb2 as pb
 from idealrt.serving.v1 import serving_service_pb2_grpc as pbg
 
-__all__ = ["ServingServicer", "loaded_model_to_pb"]
+__all__ = ["DEADLINE_BACKSTOP_S", "ServingServicer", "call_of", "loaded_model_to_pb"]
+
+# grpc reports "no deadline" as a huge time remaining
+_NO_DEADLINE_S = 10.0 * 365 * 86400
+DEADLINE_BACKSTOP_S = 1.0
 
 
 def loaded_model_to_pb(m: LoadedModel) -> pb.LoadedModel:
@@ -40,6 +48,23 @@ def loaded_model_to_pb(m: LoadedModel) -> pb.LoadedModel:
             spec_hash=spec.spec_hash(),
         ),
     )
+
+
+def call_of(context: grpc.ServicerContext) -> Call:
+    """The RPC as a `device_queue.Call`: its termination (cancelled, past its deadline, or
+    answered: grpc runs the callback once the status is sent) is the call's end, so that a
+    queued call whose client is gone never runs and the device is handed on only once this
+    call's answer has gone out (`hold`). At its deadline grpc cancels the RPC itself (the
+    client sees DEADLINE_EXCEEDED, the callback takes the call out of the queue); the
+    Call's own deadline, DEADLINE_BACKSTOP_S later, only backs that up."""
+    remaining = context.time_remaining()
+    deadline = None
+    if remaining is not None and math.isfinite(remaining) and remaining < _NO_DEADLINE_S:
+        deadline = time.monotonic() + remaining + DEADLINE_BACKSTOP_S
+    call = Call(deadline, hold=True, alive=context.is_active)
+    if not context.add_callback(call.terminated):  # already over
+        call.terminated()
+    return call
 
 
 class ServingServicer(pbg.ServingServiceServicer):
@@ -91,6 +116,7 @@ class ServingServicer(pbg.ServingServiceServicer):
             prompt_seed=request.synthetic.seed,
             output_tokens=request.output_tokens,
             batch_size=request.batch_size or 1,
+            call=call_of(context),
         )
         return pb.GenerateResponse(
             prompt_tokens=res.prompt_tokens,

@@ -16,6 +16,7 @@ allocation) outside the range it can take.
   process was allowed to run on when the server started (a cpulist such as "0-3,6").
 - Models: text fields have a bounded length; a spec has at most `max_layers` layers (the
   decoder is built one module per layer, before any memory check could refuse it).
+- Queues: at most max_queued_generations calls wait per model (`device_queue`).
 - Generations: batch_size in 1..MAX_BATCH_SIZE, output_tokens >= 1, the prompt length
   (synthetic or the ids given) in 1..max_prompt_tokens, and prompt + output within the
   model's max_context, all before the prompt is drawn.
@@ -38,6 +39,7 @@ from idealrt.core.reasons import (
     OPTION_INVALID,
     OUTPUT_TOKENS_INVALID,
 )
+from idealrt.services.serving.device_queue import DEFAULT_MAX_QUEUED
 from idealrt.services.serving.reasons import (
     BATCH_SIZE_INVALID,
     PROMPT_EMPTY,
@@ -91,6 +93,15 @@ class ServingLimits:
     max_prompt_tokens: int
     cpus: frozenset[int]
     max_layers: int = MAX_LAYERS
+    # calls that may wait per model for its device (`device_queue`); one more is
+    # ResourceExhausted GENERATION_QUEUE_FULL
+    max_queued_generations: int = DEFAULT_MAX_QUEUED
+
+    def __post_init__(self) -> None:
+        if self.max_queued_generations < 1:
+            raise ValueError(
+                f"max_queued_generations must be >= 1, got {self.max_queued_generations}"
+            )
 
     @classmethod
     def from_config(cls, cfg: ServingConfig, cpus: frozenset[int] | None = None) -> ServingLimits:
@@ -99,6 +110,7 @@ class ServingLimits:
             max_threads=cfg.max_threads or len(allowed),
             max_prompt_tokens=cfg.max_prompt_tokens,
             cpus=allowed,
+            max_queued_generations=cfg.max_queued_generations,
         )
 
 

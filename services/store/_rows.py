@@ -4,14 +4,17 @@ state, times, counters); the JSON payload carries the nested rest."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from sqlalchemy.engine import RowMapping
 
 from idealrt.core.domain import (
+    ContentionColumns,
     ContentionObservation,
     CostModel,
     ModelRef,
@@ -20,6 +23,7 @@ from idealrt.core.domain import (
     ProfileState,
     Provenance,
     Sample,
+    SampleBatch,
     SampleFlag,
     StackSpec,
     Target,
@@ -28,12 +32,15 @@ from idealrt.core.model_spec import ModelSpec
 from idealrt.services.store import _serde
 
 __all__ = [
+    "SAMPLE_COLUMNS",
+    "batch_columns",
     "cost_model_from_row",
     "cost_model_row",
     "profile_from_row",
     "profile_row",
     "sample_from_row",
     "sample_row",
+    "sample_values",
 ]
 
 _PROFILE_PAYLOAD: dict[str, Any] = {
@@ -73,13 +80,41 @@ def profile_row(p: Profile, *, update_time: datetime) -> dict[str, Any]:
     }
 
 
+# Payload texts whose decoded parts are remembered: at most this many, of at most this
+# size (a profile's is ~1 KB): a few MB.
+_PAYLOAD_MEMO = 4096
+_PAYLOAD_MEMO_BYTES = 16 * 1024
+_PAYLOAD_DECODERS = tuple((name, _serde.decoder(tp)) for name, tp in _PROFILE_PAYLOAD.items())
+
+
+def _profile_payload(text: str) -> tuple[tuple[str, Any], ...]:
+    """`_decode_payload`, memoized for texts up to _PAYLOAD_MEMO_BYTES."""
+    if len(text) > _PAYLOAD_MEMO_BYTES:
+        return _decode_payload(text)
+    return _payload_memo(text)
+
+
+def _decode_payload(text: str) -> tuple[tuple[str, Any], ...]:
+    """The decoded parts of a profile's payload text, (name, value) for each part present.
+
+    Memoized by the text: a payload is a pure function of its text, its parts are frozen
+    dataclasses, and a profile's payload changes only when it is updated, so every read
+    of an unchanged profile (a list page, a get) shares the parts decoded at its first
+    read instead of parsing the JSON and rebuilding ~50 typed values again. The parts are
+    shared between the Profiles returned: frozen, they are read-only, the dicts in them
+    (options, provenance entries) included. Bounded (see _PAYLOAD_MEMO); a module-level
+    cache only because the function is pure: what it holds is never wrong, at worst
+    evicted."""
+    data = json.loads(text)
+    return tuple((name, dec(data[name])) for name, dec in _PAYLOAD_DECODERS if name in data)
+
+
+_payload_memo = functools.lru_cache(maxsize=_PAYLOAD_MEMO)(_decode_payload)
+
+
 def profile_from_row(row: Mapping[str, Any] | RowMapping) -> Profile:
-    payload = json.loads(row["payload"])
-    parts = {
-        name: _serde.from_jsonable(tp, payload[name])
-        for name, tp in _PROFILE_PAYLOAD.items()
-        if name in payload
-    }
+    """A new Profile of the row (its frozen parts shared with other reads of the same
+    payload, see `_profile_payload`)."""
     return Profile(
         id=row["id"],
         request_id=row["request_id"] or "",
@@ -91,31 +126,115 @@ def profile_from_row(row: Mapping[str, Any] | RowMapping) -> Profile:
         total_samples=row["total_samples"],
         error=row["error"],
         namespace=row["namespace"],
-        **parts,
+        **dict(_profile_payload(row["payload"])),
     )
 
 
+# The columns of `sample_values`, in its order (a sample's own fields; the insert adds
+# profile_id, seq, batch_id and namespace).
+SAMPLE_COLUMNS = (
+    "prompt_tokens", "output_tokens", "batch_size", "prefill_ns", "total_ns", "decode_ns",
+    "rpc_ns", "heldout", "repeat", "flag", "contention", "start_time",
+)  # fmt: skip
+_CONTENTION_DEFAULTS = tuple(_DEFAULT_CONTENTION.items())
+# json.dumps(..., sort_keys=True, separators=(",", ":")) without building an encoder a call
+_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def _contention_json(c: ContentionObservation) -> str:
+    """The non-default fields as compact key-sorted JSON (fields hold plain floats, ints
+    and strings, which are their own JSON values: `to_jsonable` of each is itself)."""
+    changed = {k: v for k, d in _CONTENTION_DEFAULTS if (v := getattr(c, k)) != d}
+    return _COMPACT.encode(changed) if changed else "{}"
+
+
+def sample_values(s: Sample) -> tuple[Any, ...]:
+    """A validated sample's column values, in SAMPLE_COLUMNS order (hot: one tuple per
+    appended sample)."""
+    return (
+        s.prompt_tokens,
+        s.output_tokens,
+        s.batch_size,
+        s.prefill_ns,
+        s.total_ns,
+        _serde.encode_ns(s.decode_ns),
+        s.rpc_ns,
+        s.heldout,
+        s.repeat,
+        s.flag.value,
+        _contention_json(s.contention),
+        s.start_time,
+    )
+
+
+# How json (ensure_ascii, the default) writes each contention field's value: floats and
+# ints as their repr (finite floats only: validation refuses the others), text escaped.
+_JSON_VALUE: dict[type, Callable[[Any], str]] = {
+    float: float.__repr__,
+    int: int.__repr__,
+    str: encode_basestring_ascii,
+}
+# (name, default, encoder of its type), sorted by name (json's sort_keys)
+_CONTENTION_KEYS = tuple(
+    (name, default, _JSON_VALUE[type(default)]) for name, default in sorted(_CONTENTION_DEFAULTS)
+)
+
+
+def _contention_texts(c: ContentionColumns, n: int) -> list[str]:
+    """`_contention_json` of each of a batch's n observations, by column: the columns that
+    hold only their default are left out up front (most are, in a profile: no GPU, no
+    energy counter), and an observation met before in the batch reuses its text."""
+    active = [
+        (f'"{name}":', column, default, encode)
+        for name, default, encode in _CONTENTION_KEYS
+        if (column := getattr(c, name)).count(default) != n
+    ]
+    if not active:
+        return ["{}"] * n
+    columns = [a[1] for a in active]
+    seen: dict[tuple[Any, ...], str] = {}
+    out = []
+    for values in zip(*columns, strict=True):
+        text = seen.get(values)
+        if text is None:
+            parts = [
+                key + encode(v)
+                for (key, _, default, encode), v in zip(active, values, strict=True)
+                if v != default
+            ]
+            text = seen[values] = "{" + ",".join(parts) + "}"
+        out.append(text)
+    return out
+
+
+_FLAG_VALUES = {f: f.value for f in SampleFlag}
+
+
+def batch_columns(batch: SampleBatch) -> list[Sequence[Any]]:
+    """A validated batch's column values (decode steps as int64 arrays, see
+    `_validate.check_sample_batch`), one sequence per SAMPLE_COLUMNS entry, each sample's
+    values those `sample_values` gives (the ingest path: no row built per sample)."""
+    n = len(batch)
+    return [
+        batch.prompt_tokens,
+        batch.output_tokens,
+        batch.batch_size,
+        batch.prefill_ns,
+        batch.total_ns,
+        [_serde.encode_int64(steps) for steps in batch.decode_ns],  # type: ignore[arg-type]
+        batch.rpc_ns,
+        batch.heldout,
+        batch.repeat,
+        [_FLAG_VALUES[f] for f in batch.flag],
+        _contention_texts(batch.contention, n),
+        batch.start_time,
+    ]
+
+
 def sample_row(s: Sample, *, profile_id: str, batch_id: str, seq: int) -> dict[str, Any]:
-    contention = {
-        k: v for k, v in _serde.to_jsonable(s.contention).items() if _DEFAULT_CONTENTION.get(k) != v
-    }
-    return {
-        "profile_id": profile_id,
-        "seq": seq,
-        "batch_id": batch_id,
-        "prompt_tokens": s.prompt_tokens,
-        "output_tokens": s.output_tokens,
-        "batch_size": s.batch_size,
-        "prefill_ns": s.prefill_ns,
-        "total_ns": s.total_ns,
-        "decode_ns": _serde.encode_ns(s.decode_ns),
-        "rpc_ns": s.rpc_ns,
-        "heldout": s.heldout,
-        "repeat": s.repeat,
-        "flag": s.flag.value,
-        "contention": json.dumps(contention, sort_keys=True, separators=(",", ":")),
-        "start_time": s.start_time,
-    }
+    row = dict(zip(SAMPLE_COLUMNS, sample_values(s), strict=True))
+    row.update(profile_id=profile_id, seq=seq, batch_id=batch_id)
+    return row
 
 
 def sample_from_row(row: Mapping[str, Any] | RowMapping) -> Sample:

@@ -10,10 +10,33 @@ REQUEST_ID_REUSED); sample appends carry a `batch_id` per profile (a replay retu
 batch's count and writes nothing; a different body is AlreadyExists BATCH_ID_REUSED).
 
 Write serialization: SQLite writes begin IMMEDIATE (its one writer lock, taken up front) and
-an in-process lock spares threads SQLite's busy-wait; on PostgreSQL an append locks its
-profile row (SELECT ... FOR UPDATE), so sequence numbers stay contiguous under concurrency.
-The in-memory SQLite database lives in one connection, so there every call is serialized.
-Database connection failures surface as Unavailable STORE_UNAVAILABLE.
+an in-process lock spares threads SQLite's busy-wait; concurrent appends there share one
+transaction and one fsync (`_group_commit`), each in its own savepoint. On PostgreSQL an
+append locks its profile row (SELECT ... FOR UPDATE), so appends to different profiles run
+side by side and sequence numbers stay contiguous under concurrency. The in-memory SQLite
+database lives in one connection, so there every call is serialized. Database connection
+failures surface as Unavailable STORE_UNAVAILABLE; a connection pool with none free within
+its timeout as Unavailable STORE_POOL_EXHAUSTED (`url.PoolLimits`, `_dberrors`).
+
+Ingest (`append_batch`, the hot path): a batch arrives as a columnar `SampleBatch` (the
+servicer converts protobuf straight to columns) or a list of Samples; it is validated a
+column at a time (`_validate.check_sample_batch`; anything off the common case goes sample
+by sample, for the exact error) and turned into column values before the transaction; in
+it, two indexed lookups built once as statements (`_queries`), the batch row, and the
+samples in one statement (`_bulk`). Counting a profile's samples is one index lookup
+(seqs are 0..n-1). Measured with bench/_svc_ingest.py.
+
+Reads (the hot ones: a profile, a page of profiles): one statement each, built once per
+shape (`_queries`), run outside a transaction (`_read`), its rows read as JSON text and
+decoded once per distinct text (`_jsonrows`), a profile's payload once per distinct text
+(`_rows`). So the Profiles returned share their frozen parts (model, stack, plan, target,
+provenance, model_spec, and the dicts in them) with other reads of the same stored
+payload: treat them as read-only, as frozen dataclasses are meant to be (replace, don't
+mutate). The Profile objects themselves are new on every call.
+
+Why one module of ~650 lines: it is the Store's one public surface, every method a short
+transaction over the same engine, locks and page rules; the pieces that stand alone (row
+mapping, lookups, validation, bulk insert, group commit) live in their own `_` modules.
 
 Pages (AIP-158): page_size 0 means the default; larger than the maximum is coerced to the
 maximum; negative is InvalidArgument. Profiles and cost models list newest first
@@ -37,17 +60,17 @@ import contextlib
 import dataclasses
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from idealrt.core import paging
 from idealrt.core.clock import utcnow
-from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
+from idealrt.core.domain import CostModel, Profile, ProfileState, Sample, SampleBatch
 from idealrt.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -55,9 +78,12 @@ from idealrt.core.errors import (
     PermissionDenied,
     invalid,
 )
+from idealrt.core.namespaces import profile_not_found
 from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.store import _queries, _rows, _serde, _validate
+from idealrt.services.store._bulk import BulkInsert
 from idealrt.services.store._dberrors import unavailable_on_db_error
+from idealrt.services.store._group_commit import GroupCommit
 from idealrt.services.store.reasons import (
     BATCH_ID_INVALID,
     COST_MODEL_ALREADY_EXISTS,
@@ -66,9 +92,10 @@ from idealrt.services.store.reasons import (
     PROFILE_RUN_ELSEWHERE,
     STORE_CLOSED,
 )
-from idealrt.services.store.schema import cost_models, migrate, profiles, sample_batches, samples
+from idealrt.services.store.schema import cost_models, migrate, profiles, samples
 from idealrt.services.store.url import (
-    SQLITE_BEGIN_OPTION,
+    BEGIN_OPTION,
+    PoolLimits,
     StoreUrl,
     create_store_engine,
     parse_store_url,
@@ -77,7 +104,9 @@ from idealrt.services.store.url import (
 __all__ = [
     "PROFILE_PAGE",
     "SAMPLE_PAGE",
+    "Appended",
     "PageLimits",
+    "PoolLimits",
     "Store",
     "open_store",
 ]
@@ -96,16 +125,31 @@ class PageLimits:
     samples: int = SAMPLE_PAGE[1]
 
 
-_UNFINISHED = (ProfileState.QUEUED.value, ProfileState.RUNNING.value)
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    """What an append did: `appended`, the batch's size (a replay: the stored batch's), and
+    `total_samples`, the profile's samples after it."""
+
+    appended: int
+    total_samples: int
+
+
+# Columns of the samples insert, in the order of its row tuples.
+_SAMPLE_INSERT = ("profile_id", "seq", "batch_id", "namespace", *_rows.SAMPLE_COLUMNS)
 Namespaces = frozenset[str] | None  # a visibility set: None is every namespace
+T = TypeVar("T")
 
 
-def open_store(url: str, *, page_limits: PageLimits | None = None) -> Store:
+def open_store(
+    url: str, *, page_limits: PageLimits | None = None, pool: PoolLimits | None = None
+) -> Store:
     """Open (creating and migrating as needed) the store at `url`; `page_limits`: the
     largest pages its lists return (StoreConfig: IDEALRT_MAX_PAGE_SIZE,
-    IDEALRT_MAX_SAMPLE_PAGE_SIZE)."""
+    IDEALRT_MAX_SAMPLE_PAGE_SIZE); `pool`: its database connection pool (StoreConfig:
+    IDEALRT_STORE_POOL_SIZE, IDEALRT_STORE_MAX_OVERFLOW, IDEALRT_STORE_POOL_TIMEOUT_S;
+    see `url.PoolLimits`)."""
     parsed = parse_store_url(url)
-    engine = create_store_engine(parsed)
+    engine = create_store_engine(parsed, pool)
     try:
         with unavailable_on_db_error(parsed):
             migrate(engine)
@@ -115,8 +159,41 @@ def open_store(url: str, *, page_limits: PageLimits | None = None) -> Store:
     return Store(engine, parsed, page_limits or PageLimits())
 
 
+@contextlib.contextmanager
+def _begun(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection of `engine` in a transaction, committed on exit (rolled back on an
+    error). A connection the database had dropped fails its BEGIN (the first statement a
+    transaction sends): nothing was done, so it begins once more on a fresh one."""
+    conn = engine.connect()
+    try:
+        try:
+            tx = conn.begin()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            conn.close()
+            conn = engine.connect()
+            tx = conn.begin()
+        with tx:
+            yield conn
+    finally:
+        conn.close()
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(6)}"
+
+
+def _refuse_other_runner(profile_id: str, runner: str, writer: str | None) -> None:
+    """PERMISSION_DENIED when `writer` is given and another subject runs the profile (the
+    runner's name is not told: it is another team's business)."""
+    if writer is not None and runner and runner != writer:
+        raise PermissionDenied(
+            PROFILE_RUN_ELSEWHERE,
+            f"profile {profile_id} is being run by another profiler; only the profiler "
+            "that runs a profile writes its samples and state",
+            field="profile_id",
+        )
 
 
 def _listing_filter(base: str, namespaces: Namespaces) -> str:
@@ -140,7 +217,9 @@ class Store:
         self._sample_page = (min(SAMPLE_PAGE[0], limits.samples), limits.samples)
         self._engine = engine
         self._parsed = parsed
-        self._write_engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+        self._write_engine = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+        # reads that are one statement run outside a transaction (see `_read`)
+        self._read_engine = engine.execution_options(**{BEGIN_OPTION: "NONE"})
         sqlite = parsed.backend == "sqlite"
         self._all_lock: contextlib.AbstractContextManager[Any] = (
             threading.RLock() if parsed.memory else contextlib.nullcontext()
@@ -148,6 +227,12 @@ class Store:
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if sqlite and not parsed.memory else contextlib.nullcontext()
         )
+        # SQLite: appends are group-committed (one writer, an fsync per commit); PostgreSQL
+        # runs them side by side, each locking only its own profile's row
+        self._appends: GroupCommit | None = (
+            GroupCommit(lambda: self._tx(write=True)) if sqlite else None
+        )
+        self._sample_insert = BulkInsert(samples, _SAMPLE_INSERT, engine.dialect)
         self._closed = False
 
     @property
@@ -169,18 +254,38 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _tx(self, *, write: bool) -> Iterator[sa.Connection]:
+    def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition(STORE_CLOSED, "the store has been closed")
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sa.Connection]:
+        self._check_open()
         engine = self._write_engine if write else self._engine
         with (
             self._all_lock,
             self._write_lock if write else contextlib.nullcontext(),
             unavailable_on_db_error(self._parsed),
-            engine.begin() as conn,
+            _begun(engine) as conn,
         ):
             yield conn
+
+    def _read(self, fn: Callable[[sa.Connection], T]) -> T:
+        """`fn(conn)`, a read that is ONE statement, run outside a transaction: a
+        statement sees one snapshot by itself on both backends, so the BEGIN and COMMIT a
+        transaction costs (round trips on PostgreSQL) buy nothing. Never for two
+        statements that must agree (use `_tx`). A read whose connection the database had
+        dropped is run once more, on a fresh one (see `url`: no pre-ping)."""
+        self._check_open()
+        with self._all_lock, unavailable_on_db_error(self._parsed):
+            try:
+                with self._read_engine.connect() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+            with self._read_engine.connect() as conn:
+                return fn(conn)
 
     # ---- profiles ----------------------------------------------------------------------
 
@@ -209,8 +314,10 @@ class Store:
         request's `profile_id` passes "profile_id")."""
         _validate.check_id(profile_id, field)
         ns = _validate.check_namespaces(namespaces)
-        with self._tx(write=False) as conn:
-            return _queries.get_profile(conn, profile_id, field, namespaces=ns)
+        row = self._read(lambda conn: _queries.profile_row(conn, profile_id, ns))
+        if row is None:
+            raise profile_not_found(profile_id, field)
+        return _rows.profile_from_row(row)
 
     def update_profile(
         self, profile: Profile, namespaces: Namespaces = None, *, writer: str | None = None
@@ -261,17 +368,11 @@ class Store:
     @staticmethod
     def _check_runner(conn: sa.Connection, profile_id: str, writer: str | None) -> str:
         """The profile's runner; PERMISSION_DENIED when `writer` is given and another
-        subject runs it (the runner's name is not told: it is another team's business)."""
+        subject runs it (see `_refuse_other_runner`)."""
         runner = conn.execute(
             sa.select(profiles.c.runner).where(profiles.c.id == profile_id)
         ).scalar_one()
-        if writer is not None and runner and runner != writer:
-            raise PermissionDenied(
-                PROFILE_RUN_ELSEWHERE,
-                f"profile {profile_id} is being run by another profiler; only the profiler "
-                "that runs a profile writes its samples and state",
-                field="profile_id",
-            )
+        _refuse_other_runner(profile_id, runner, writer)
         return str(runner)
 
     def list_profiles(
@@ -286,48 +387,49 @@ class Store:
         size = paging.page_size(page_size, *self._object_page)
         ns = _validate.check_namespaces(namespaces)
         state_filt = "" if state is None else _validate.check_state(state).value
-        query = sa.select(profiles).where(_queries.visible(profiles.c.namespace, ns))
-        if state is not None:
-            query = query.where(profiles.c.state == state_filt)
+        equal = {} if state is None else {"state": state_filt}
         filt = _listing_filter(state_filt, ns)
         return self._newest_first(
-            profiles, query, size, page_token, "profiles", filt, _rows.profile_from_row
+            profiles, equal, ns, size, page_token, "profiles", filt, _rows.profile_from_row
         )
 
     def unfinished_profiles(self, namespaces: Namespaces = None) -> list[Profile]:
         """QUEUED and RUNNING profiles, oldest first (to resume at profiler start-up)."""
         ns = _validate.check_namespaces(namespaces)
-        query = (
-            sa.select(profiles)
-            .where(profiles.c.state.in_(_UNFINISHED), _queries.visible(profiles.c.namespace, ns))
-            .order_by(profiles.c.create_time, profiles.c.id)
-        )
-        with self._tx(write=False) as conn:
-            return [_rows.profile_from_row(r) for r in conn.execute(query).mappings()]
+        found = self._read(lambda conn: _queries.unfinished_rows(conn, ns))
+        return [_rows.profile_from_row(r) for r in found]
 
     def _newest_first(
         self,
         table: sa.Table,
-        query: sa.Select[Any],
+        equal: dict[str, Any],
+        namespaces: frozenset[str] | None,
         size: int,
         page_token: str,
         kind: str,
         filt: str,
         convert: Any,
+        *,
+        merge: bool = True,
     ) -> tuple[list[Any], str]:
+        """A page of `table`'s rows whose columns `equal` have those values and visible in
+        `namespaces`, newest first ((create_time, id) descending), after the page token's
+        cursor: one index range read in index order, a namespace set of several (`merge`)
+        one range per namespace, merged (see `_queries.newest_first`)."""
         cursor = paging.decode_token(page_token, kind, filt)
-        ct, tid = table.c.create_time, table.c.id
+        after = None
         if cursor is not None:
             try:
-                after_time = _serde.from_jsonable(datetime, cursor[0])
-                after_id = _validate.check_id(cursor[1], "page_token")
+                after = (
+                    _serde.from_jsonable(datetime, cursor[0]),
+                    _validate.check_id(cursor[1], "page_token"),
+                )
             # OverflowError: a time that leaves years 1..9999 when converted to UTC
             except (TypeError, ValueError, OverflowError, IndexError, InvalidArgument):
                 raise paging.invalid_token() from None
-            query = query.where(sa.or_(ct < after_time, sa.and_(ct == after_time, tid < after_id)))
-        query = query.order_by(ct.desc(), tid.desc()).limit(size + 1)
-        with self._tx(write=False) as conn:
-            rows = list(conn.execute(query).mappings())
+        rows = self._read(
+            lambda conn: _queries.page_rows(conn, table, equal, namespaces, after, size + 1, merge)
+        )
         items = [convert(r) for r in rows[:size]]
         if len(rows) <= size:
             return items, ""
@@ -342,66 +444,85 @@ class Store:
         self,
         profile_id: str,
         batch_id: str,
-        samples_: Sequence[Sample],
+        samples_: Sequence[Sample] | SampleBatch,
         namespaces: Namespaces = None,
         *,
         writer: str | None = None,
     ) -> int:
         """Append a batch atomically, assigning contiguous seq numbers; returns its size.
-        Idempotent on (profile_id, batch_id). A finished profile takes no new batches; one
-        outside `namespaces` is NOT_FOUND; one run by another `writer` than the caller's
-        subject is PERMISSION_DENIED (see update_profile)."""
+        See `append_batch`."""
+        return self.append_batch(profile_id, batch_id, samples_, namespaces, writer=writer).appended
+
+    def append_batch(
+        self,
+        profile_id: str,
+        batch_id: str,
+        samples_: Sequence[Sample] | SampleBatch,
+        namespaces: Namespaces = None,
+        *,
+        writer: str | None = None,
+    ) -> Appended:
+        """Append a batch atomically, assigning contiguous seq numbers; returns its size
+        and the profile's samples after it. Idempotent on (profile_id, batch_id): a replay
+        returns the stored batch's size and writes nothing; the same batch_id with other
+        samples is AlreadyExists BATCH_ID_REUSED. A finished profile takes no new batches;
+        one outside `namespaces` is NOT_FOUND; one run by another `writer` than the caller's
+        subject is PERMISSION_DENIED (see update_profile).
+
+        The hot path of ingest: the samples are validated and turned into column values
+        before the transaction; in it, two indexed lookups (the profile, locked; then the
+        batch id and the profile's last seq, in one statement) and two inserts, the samples
+        in one statement (`_bulk`). On SQLite, concurrent appends share a transaction and
+        its fsync (`_group_commit`)."""
         _validate.check_id(profile_id, "profile_id")
         _validate.check_request_id(batch_id, "batch_id", allow_empty=False, reason=BATCH_ID_INVALID)
-        batch = _validate.check_samples(samples_)
+        batch = _validate.check_sample_batch(samples_)
         ns = _validate.check_namespaces(namespaces)
-        with self._tx(write=True) as conn:
-            profile = _queries.get_profile(conn, profile_id, "profile_id", lock=True, namespaces=ns)
-            self._check_runner(conn, profile_id, writer)
-            prior = conn.execute(
-                sa.select(sample_batches.c.first_seq, sample_batches.c.count).where(
-                    sample_batches.c.profile_id == profile_id,
-                    sample_batches.c.batch_id == batch_id,
-                )
-            ).first()
+        # the samples' column values, built before the transaction (SAMPLE_COLUMNS order)
+        columns = _rows.batch_columns(batch)
+        n = len(batch)
+
+        def append(conn: sa.Connection) -> Appended:
+            target = _queries.profile_for_write(conn, profile_id, ns)
+            _refuse_other_runner(profile_id, target.runner, writer)
+            prior, first = _queries.batch_and_next_seq(conn, profile_id, batch_id)
             if prior is not None:
-                _queries.check_replay(conn, profile_id, batch_id, prior[0], prior[1], batch)
-                return int(prior[1])
-            if profile.state.terminal:
+                _queries.check_replay(conn, profile_id, batch_id, *prior, batch.samples())
+                return Appended(prior[1], first)
+            if ProfileState(target.state).terminal:
                 raise FailedPrecondition(
                     PROFILE_TERMINAL,
-                    f"profile {profile_id} is {profile.state.value}; it takes no new samples",
+                    f"profile {profile_id} is {target.state}; it takes no new samples",
                     field="profile_id",
                 )
-            first = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.max(samples.c.seq) + 1, 0)).where(
-                    samples.c.profile_id == profile_id
-                )
-            ).scalar_one()
             conn.execute(
-                sample_batches.insert().values(
-                    profile_id=profile_id,
-                    batch_id=batch_id,
-                    first_seq=first,
-                    count=len(batch),
-                    create_time=utcnow(),
-                    namespace=profile.namespace,
-                )
+                _queries.INSERT_BATCH,
+                {
+                    "profile_id": profile_id,
+                    "batch_id": batch_id,
+                    "first_seq": first,
+                    "count": n,
+                    "create_time": utcnow(),
+                    "namespace": target.namespace,
+                },
             )
-            if batch:
-                conn.execute(
-                    samples.insert(),
-                    [
-                        {
-                            **_rows.sample_row(
-                                s, profile_id=profile_id, batch_id=batch_id, seq=first + i
-                            ),
-                            "namespace": profile.namespace,
-                        }
-                        for i, s in enumerate(batch)
-                    ],
-                )
-            return len(batch)
+            self._sample_insert.run(
+                conn,
+                [
+                    [profile_id] * n,
+                    range(first, first + n),
+                    [batch_id] * n,
+                    [target.namespace] * n,
+                    *columns,
+                ],
+            )
+            return Appended(n, first + n)
+
+        if self._appends is not None:
+            # append raises its domain errors before its first write: no savepoint needed
+            return self._appends.run(append, checks_first=True)
+        with self._tx(write=True) as conn:
+            return append(conn)
 
     def list_samples(
         self, profile_id: str, page_size: int, page_token: str, namespaces: Namespaces = None
@@ -416,7 +537,7 @@ class Store:
         if cursor is not None:
             query = query.where(samples.c.seq > _validate.check_seq_cursor(cursor))
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
+            _queries.require_profile(conn, profile_id, ns)
             rows = list(conn.execute(query.order_by(samples.c.seq).limit(size + 1)).mappings())
         items = [_rows.sample_from_row(r) for r in rows[:size]]
         if len(rows) <= size:
@@ -429,17 +550,18 @@ class Store:
         ns = _validate.check_namespaces(namespaces)
         query = sa.select(samples).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
+            _queries.require_profile(conn, profile_id, ns)
             rows = conn.execute(query.order_by(samples.c.seq)).mappings()
             return [_rows.sample_from_row(r) for r in rows]
 
     def count_samples(self, profile_id: str, namespaces: Namespaces = None) -> int:
+        """The profile's samples: its next seq (seqs are 0..n-1, contiguous: one index
+        lookup, not a count of n rows)."""
         _validate.check_id(profile_id, "profile_id")
         ns = _validate.check_namespaces(namespaces)
-        query = sa.select(sa.func.count()).where(samples.c.profile_id == profile_id)
         with self._tx(write=False) as conn:
-            _queries.get_profile(conn, profile_id, "profile_id", namespaces=ns)
-            return int(conn.execute(query).scalar_one())
+            _queries.require_profile(conn, profile_id, ns)
+            return _queries.next_seq(conn, profile_id)
 
     # ---- cost models -------------------------------------------------------------------
 
@@ -479,8 +601,7 @@ class Store:
     def get_cost_model(self, cost_model_id: str, namespaces: Namespaces = None) -> CostModel:
         _validate.check_id(cost_model_id, "id")
         ns = _validate.check_namespaces(namespaces)
-        with self._tx(write=False) as conn:
-            return _queries.get_cost_model(conn, cost_model_id, ns)
+        return self._read(lambda conn: _queries.get_cost_model(conn, cost_model_id, ns))
 
     def list_cost_models(
         self,
@@ -494,10 +615,21 @@ class Store:
         _validate.check_id(profile_id, "profile_id", allow_empty=True)
         ns = _validate.check_namespaces(namespaces)
         size = paging.page_size(page_size, *self._object_page)
-        query = sa.select(cost_models).where(_queries.visible(cost_models.c.namespace, ns))
         if profile_id:
-            query = query.where(cost_models.c.profile_id == profile_id)
+            # one profile's cost models: the (profile_id, create_time, id) range, with the
+            # namespaces as a filter on it (a profile is in one namespace): not merged
+            return self._newest_first(
+                cost_models,
+                {"profile_id": profile_id},
+                ns,
+                size,
+                page_token,
+                "cost_models",
+                _listing_filter(profile_id, ns),
+                _rows.cost_model_from_row,
+                merge=False,
+            )
         return self._newest_first(
-            cost_models, query, size, page_token, "cost_models",
+            cost_models, {}, ns, size, page_token, "cost_models",
             _listing_filter(profile_id, ns), _rows.cost_model_from_row,
         )  # fmt: skip

@@ -27,7 +27,7 @@ an int64 little-endian blob.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -40,7 +40,7 @@ from idealrt.core.errors import FailedPrecondition
 from idealrt.core.namespaces import NAMESPACE_MAX_LEN
 from idealrt.services.store._serde import to_utc
 from idealrt.services.store.reasons import SCHEMA_TOO_NEW
-from idealrt.services.store.url import SQLITE_BEGIN_OPTION
+from idealrt.services.store.url import BEGIN_OPTION
 
 __all__ = [
     "MIGRATIONS",
@@ -77,6 +77,35 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         return None if value is None else to_utc(value)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """SQLAlchemy's (process_bind_param, then the dialect's own), with a shortcut on
+        SQLite for what the store writes: a datetime in UTC becomes the very text of
+        SQLite's DATETIME ("YYYY-MM-DD HH:MM:SS.ffffff", its default storage format) by
+        one str() call, a third of the general path's cost (a sample's start_time is
+        bound once per appended sample). The shortcut is checked against the general path
+        when the processor is built and left out if they ever differ."""
+        general = super().bind_processor(dialect)
+        if dialect.name != "sqlite" or general is None:
+            return general
+        probes = (datetime(1, 1, 1, tzinfo=UTC), datetime(2026, 5, 17, 3, 4, 5, 60, tzinfo=UTC))
+        if any(_sqlite_text(t) != general(t) for t in probes):
+            return general  # pragma: no cover - another storage format
+
+        def process(value: Any) -> Any:
+            if type(value) is datetime and value.tzinfo is UTC:
+                return _sqlite_text(value)
+            return general(value)
+
+        return process
+
+
+def _sqlite_text(value: datetime) -> str:
+    """A UTC datetime as SQLite's DATETIME text: str() is isoformat(" "), less its
+    "+00:00" (and the microseconds it leaves out when they are 0); faster than asking
+    isoformat for microseconds."""
+    text = str(value)[:-6]
+    return text if value.microsecond else text + ".000000"
 
 
 def _v1_metadata() -> sa.MetaData:
@@ -256,7 +285,7 @@ def migrate(engine: Engine) -> int:
         raise _too_new(found)
     if found == SCHEMA_VERSION:
         return found
-    locked = engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+    locked = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
     with locked.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))

@@ -51,6 +51,8 @@ def _require_writer(namespace: str) -> None:
 class StoreServicer(pbg.StoreServiceServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
+        # the stored profiles' messages, converted once per version (see ProfileMessages)
+        self._profile_pb = cv.ProfileMessages()
 
     def _write_scope(self, profile_id: str, field: str) -> frozenset[str] | None:
         """The visibility set for a write to a stored profile: None when the caller may
@@ -71,13 +73,13 @@ class StoreServicer(pbg.StoreServiceServicer):
             prof.request_id = request.request_id
         _require_writer(prof.namespace)
         stored, created = self.store.create_profile(prof)
-        return pb.CreateProfileResponse(profile=cv.profile_to_pb(stored), created=created)
+        return pb.CreateProfileResponse(profile=self._profile_pb(stored), created=created)
 
     def GetProfile(
         self, request: pb.GetProfileRequest, context: grpc.ServicerContext
     ) -> pb.GetProfileResponse:
         profile = self.store.get_profile(request.id, _visible())
-        return pb.GetProfileResponse(profile=cv.profile_to_pb(profile))
+        return pb.GetProfileResponse(profile=self._profile_pb(profile))
 
     def UpdateProfile(
         self, request: pb.UpdateProfileRequest, context: grpc.ServicerContext
@@ -87,7 +89,7 @@ class StoreServicer(pbg.StoreServiceServicer):
         updated = self.store.update_profile(
             prof, self._write_scope(prof.id, "id"), writer=current_principal().subject
         )
-        return pb.UpdateProfileResponse(profile=cv.profile_to_pb(updated))
+        return pb.UpdateProfileResponse(profile=self._profile_pb(updated))
 
     def ListProfiles(
         self, request: pb.ListProfilesRequest, context: grpc.ServicerContext
@@ -99,25 +101,23 @@ class StoreServicer(pbg.StoreServiceServicer):
             request.page_size, request.page_token, state, _visible(request.namespaces)
         )
         return pb.ListProfilesResponse(
-            profiles=[cv.profile_to_pb(p) for p in items], next_page_token=token
+            profiles=[self._profile_pb(p) for p in items], next_page_token=token
         )
 
     def AppendSamples(
         self, request: pb.AppendSamplesRequest, context: grpc.ServicerContext
     ) -> pb.AppendSamplesResponse:
         require_operator()
-        samples = [cv.sample_from_pb(s, f"samples[{i}]") for i, s in enumerate(request.samples)]
+        samples = cv.sample_batch_from_pb(request.samples, "samples")
         scope = self._write_scope(request.profile_id, "profile_id")
-        n = self.store.append_samples(
+        done = self.store.append_batch(
             request.profile_id,
             request.batch_id,
             samples,
             scope,
             writer=current_principal().subject,
         )
-        return pb.AppendSamplesResponse(
-            appended=n, total_samples=self.store.count_samples(request.profile_id, scope)
-        )
+        return pb.AppendSamplesResponse(appended=done.appended, total_samples=done.total_samples)
 
     def ListSamples(
         self, request: pb.ListSamplesRequest, context: grpc.ServicerContext

@@ -16,6 +16,26 @@ Durability (design: "nothing committed is lost on a crash"): SQLite runs in WAL 
 would survive a process crash but may lose the last commits on power loss or an OS crash;
 the store commits once per sample batch, not per sample, so the extra fsync costs little.
 PostgreSQL's defaults (fsync=on, synchronous_commit=on) give the same guarantee.
+
+Connection pools (`PoolLimits`, from StoreConfig: IDEALRT_STORE_POOL_SIZE,
+IDEALRT_STORE_MAX_OVERFLOW, IDEALRT_STORE_POOL_TIMEOUT_S): PostgreSQL and SQLite files get
+a QueuePool of `size` connections kept open, up to `max_overflow` more opened under a burst
+(and closed when returned), and a caller that finds all of them busy waits at most
+`timeout_s`, then gets Unavailable STORE_POOL_EXHAUSTED (see `_dberrors`). A PostgreSQL
+connection the server dropped (a restart, a terminated backend) fails the first statement
+sent on it, which SQLAlchemy sees as a disconnect: it discards the pool's connections
+older than that, and the Store runs the read, or begins the transaction, once more on a
+fresh one, so a restarted database costs a reconnect, not an error. (Not SQLAlchemy's
+pre-ping: a `SELECT 1` round trip on every checkout, which under load was as costly as the
+reads themselves.) Every Store call holds at most one connection at
+a time, for one short transaction, so a pool as large as the server's worker threads never
+makes a call wait. The in-memory database is one shared connection (StaticPool).
+
+Prepared statements: SQLAlchemy compiles each statement shape once (its compiled cache);
+pysqlite keeps each connection's prepared statements (`cached_statements`, 128 by
+default); psycopg prepares a statement on the server after it has run `prepare_threshold`
+(5) times on a connection, so the store's hot statements run as server-side prepared
+statements on every pooled connection.
 """
 
 from __future__ import annotations
@@ -32,17 +52,31 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.store.reasons import POSTGRES_DRIVER_MISSING, STORE_URL_INVALID
 
-__all__ = ["SQLITE_BUSY_TIMEOUT_S", "StoreUrl", "create_store_engine", "parse_store_url"]
+__all__ = [
+    "BEGIN_OPTION",
+    "SQLITE_BEGIN_OPTION",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "PoolLimits",
+    "StoreUrl",
+    "create_store_engine",
+    "parse_store_url",
+]
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
-# Execution option read by the "begin" hook: "IMMEDIATE" takes SQLite's write lock at BEGIN
-# (so a read-then-write transaction cannot fail with SQLITE_BUSY_SNAPSHOT half-way).
-SQLITE_BEGIN_OPTION = "idealrt_sqlite_begin"
+# Execution option read by the "begin" hook (both backends emit their own BEGIN):
+# "DEFERRED" (the default) a plain transaction; "IMMEDIATE" takes SQLite's write lock at
+# BEGIN (so a read-then-write transaction cannot fail with SQLITE_BUSY_SNAPSHOT half-way;
+# on PostgreSQL a plain BEGIN); "NONE" no transaction at all: each statement commits by
+# itself, for a read that is one statement (atomic alone: no BEGIN or COMMIT to pay, which
+# on PostgreSQL are round trips).
+BEGIN_OPTION = "idealrt_begin"
+SQLITE_BEGIN_OPTION = BEGIN_OPTION  # its former name
+_BEGIN_MODES = ("DEFERRED", "IMMEDIATE", "NONE")
 
 _FIELD = "store_url"
 _log = structlog.get_logger(__name__)
@@ -67,6 +101,26 @@ class StoreUrl:
     def redacted(self) -> str:
         """The URL with any password masked, for logs and messages."""
         return self.url.render_as_string(hide_password=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolLimits:
+    """The connection pool of a PostgreSQL store or an SQLite file (see the module
+    docstring). The defaults are StoreConfig's: 16, the sync server's worker threads
+    (idealrt.core.grpc_server.UNARY_WORKERS), each of which holds at most one connection
+    at a time; 8 more for callers beyond them (an embedded suite's profiler and metrics
+    threads, an aio server's executor); 10 s, well inside a client's deadline, so that a
+    store that cannot keep up answers a retryable UNAVAILABLE rather than a timeout."""
+
+    size: int = 16
+    max_overflow: int = 8
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.max_overflow < 0 or not self.timeout_s > 0:
+            raise ValueError(
+                f"pool limits must have size >= 1, max_overflow >= 0 and timeout_s > 0, got {self}"
+            )
 
 
 def _invalid(message: str) -> InvalidArgument:
@@ -110,10 +164,18 @@ def _parse_sqlite(url: URL, driver: str) -> StoreUrl:
     return StoreUrl("sqlite", url.set(database=str(path)), path)
 
 
-def create_store_engine(parsed: StoreUrl) -> Engine:
+def create_store_engine(parsed: StoreUrl, pool: PoolLimits | None = None) -> Engine:
     """The engine for a parsed URL. SQLite: WAL + synchronous=FULL + foreign keys, BEGIN
-    emitted by us (pysqlite's own transaction handling is bypassed). PostgreSQL: psycopg 3,
-    pre-ping so a restarted server costs one reconnect, not an error."""
+    emitted by us (pysqlite's own transaction handling is bypassed). PostgreSQL: psycopg 3
+    in autocommit mode, BEGIN emitted by us too (see `_install_postgres_hooks`). Both: a
+    QueuePool sized by `pool` (default PoolLimits())."""
+    limits = pool or PoolLimits()
+    pooling: dict[str, Any] = {
+        "poolclass": QueuePool,
+        "pool_size": limits.size,
+        "max_overflow": limits.max_overflow,
+        "pool_timeout": limits.timeout_s,
+    }
     if parsed.backend == "postgresql":
         try:
             importlib.import_module("psycopg")
@@ -123,11 +185,18 @@ def create_store_engine(parsed: StoreUrl) -> Engine:
                 "a postgresql:// store needs psycopg 3: pip install idealrt[postgres]",
                 field=_FIELD,
             ) from None
-        return sa.create_engine(parsed.url, pool_pre_ping=True)
+        # no pre-ping (a SELECT 1 round trip per checkout, ~10 GIL releases in psycopg): a
+        # dropped connection fails its first statement, and the Store retries that once
+        # on a fresh one (see repository.Store._read and ._tx)
+        engine = sa.create_engine(parsed.url, **pooling)
+        _install_postgres_hooks(engine)
+        return engine
     if parsed.path is not None:
         parsed.path.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
-            parsed.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+            parsed.url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            **pooling,
         )
     else:
         # One connection shared by every thread (the database lives in it); the Store
@@ -181,7 +250,30 @@ def _install_sqlite_hooks(engine: Engine, *, wal: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
-        if mode not in ("DEFERRED", "IMMEDIATE"):
-            raise ValueError(f"bad {SQLITE_BEGIN_OPTION}: {mode!r}")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        mode = _begin_mode(conn)
+        if mode != "NONE":
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _begin_mode(conn: sa.Connection) -> str:
+    mode = conn.get_execution_options().get(BEGIN_OPTION, "DEFERRED")
+    if mode not in _BEGIN_MODES:
+        raise ValueError(f"bad {BEGIN_OPTION}: {mode!r}")
+    return str(mode)
+
+
+def _install_postgres_hooks(engine: Engine) -> None:
+    """psycopg connections in autocommit mode, every transaction begun by an explicit BEGIN
+    (as on SQLite), so that a one-statement read (BEGIN_OPTION "NONE") is one round trip:
+    psycopg would otherwise send a BEGIN before it and SQLAlchemy a COMMIT after it.
+    commit() and rollback() still end a transaction a BEGIN opened (psycopg looks at the
+    connection's transaction status, not at its autocommit flag)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.autocommit = True
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        if _begin_mode(conn) != "NONE":
+            conn.exec_driver_sql("BEGIN")

@@ -59,6 +59,7 @@ def test_domain_modules_do_not_import_grpc() -> None:
         "server.py",
         "convert.py",
         "grpc_server.py",
+        "_grpc_aio.py",  # core/_grpc_aio.py: the grpc.aio model of the bootstrap above
         "grpc_client.py",
         "tls.py",  # core/tls.py: the grpc TLS credentials of the bootstrap above
         "rotating_channel.py",  # core/rotating_channel.py: client channels that follow TLS rotation

@@ -34,7 +34,15 @@ def model(**kw: object) -> CostModel:
 
 def test_all_is_what_it_claims() -> None:
     assert sorted(predict.__all__) == sorted(
-        ["alpha_at", "beta_at", "decode_sum", "out_of_domain", "predict_runtime"]
+        [
+            "PreparedModel",
+            "alpha_at",
+            "beta_at",
+            "decode_sum",
+            "out_of_domain",
+            "predict_runtime",
+            "prepare",
+        ]
     )
     for name in predict.__all__:
         assert callable(getattr(predict, name))

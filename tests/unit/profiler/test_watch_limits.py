@@ -8,6 +8,8 @@ lease (the profile waits for it): its watchers stay open for as long as the test
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -154,5 +156,76 @@ def test_the_manager_frees_a_slot_when_a_watch_ends(kit, store, lease_dir) -> No
             assert next(c).id == p.id
             b.close()
             c.close()
+    finally:
+        m.shutdown(timeout=20)
+
+
+def test_open_watches_hold_no_server_thread_and_each_sees_the_end(tmp_path: Path) -> None:
+    """300 open WatchProfile streams on the profiler's grpc.aio server: the process's
+    threads do not grow with them (each is a coroutine, ProfileManager.watch_async), health
+    and GetProfile answer meanwhile, and a change made by a profiler thread (the cancel)
+    reaches every watcher, whose stream then ends."""
+    n = 300
+    repo = open_store("sqlite://")
+    store, store_port = store_server.build_server(StoreConfig(), repo)
+    cfg = ProfilerConfig(store_target=f"127.0.0.1:{store_port}", data_dir=tmp_path, resume=False)
+    assert cfg.max_watch_streams >= 1000
+    lease = acquire_lease(cfg.lease_dir, "cpu", profile_id="the-test")
+    profiler, port = profiler_server.build_server(cfg)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(3)]
+    watches: list[Any] = []
+    try:
+        profile = queued_profile(port)
+        before = threading.active_count()
+        for i in range(n):
+            watches.append(open_watch(pbg.ProfilerServiceStub(channels[i % 3]), profile.id))
+        assert threading.active_count() - before < 30  # 300 streams would be 300 threads
+        health = health_pb2_grpc.HealthStub(channels[0])
+        answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pbg.ProfilerServiceStub(channels[1])
+        assert stub.GetProfile(pb.GetProfileRequest(id=profile.id), timeout=10).profile.id
+        stub.CancelProfile(pb.CancelProfileRequest(id=profile.id), timeout=10)
+        for call, first in watches:
+            assert cv.profile_from_pb(first.profile).state == ProfileState.QUEUED
+            rest = [cv.profile_from_pb(m.profile).state for m in call]  # ends at CANCELLED
+            assert rest[-1] == ProfileState.CANCELLED
+    finally:
+        for call, _ in watches:
+            call.cancel()
+        for ch in channels:
+            ch.close()
+        profiler.stop(1.0)
+        lease.release()
+        store.stop(1.0)
+        repo.close()
+
+
+def test_async_watch_sees_changes_and_keeps_the_limit(kit, store, lease_dir) -> None:  # type: ignore[no-untyped-def]
+    """ProfileManager.watch_async on an event loop: the first snapshot, a change made on
+    another thread (cancel), the end; the same limit as watch(); NOT_FOUND for no profile."""
+    from idealrt.core.errors import NotFound
+
+    m = ProfileManager(store, lambda p: kit.SyntheticTarget(), lease_dir, max_watch_streams=1)
+
+    async def scenario() -> list[ProfileState]:
+        states: list[ProfileState] = []
+        stream = m.watch_async(p.id).__aiter__()
+        states.append((await stream.__anext__()).state)
+        other = m.watch_async(p.id).__aiter__()
+        with pytest.raises(ResourceExhausted):
+            await other.__anext__()
+        await asyncio.to_thread(m.cancel, p.id)
+        async for snapshot in stream:
+            states.append(snapshot.state)
+        with pytest.raises(NotFound):
+            await m.watch_async("prof_nothing").__anext__()
+        return states
+
+    try:
+        with acquire_lease(lease_dir, "cpu", profile_id="the-test"):
+            p = m.create(kit.make_profile())
+            states = asyncio.run(scenario())
+        assert states[0] == ProfileState.QUEUED and states[-1] == ProfileState.CANCELLED
     finally:
         m.shutdown(timeout=20)

@@ -121,24 +121,36 @@ class WorkloadSummary(_message.Message):
     def __init__(self, count: _Optional[int] = ..., sum_seconds: _Optional[float] = ..., mean_seconds: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., out_of_domain: _Optional[int] = ..., sum_low_seconds: _Optional[float] = ..., sum_high_seconds: _Optional[float] = ...) -> None: ...
 
 class EstimateRuntimeRequest(_message.Message):
-    __slots__ = ("cost_model_id", "queries", "per_query", "intervals")
+    __slots__ = ("cost_model_id", "queries", "per_query", "intervals", "prompt_tokens", "output_tokens")
     COST_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     PER_QUERY_FIELD_NUMBER: _ClassVar[int]
     INTERVALS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cost_model_id: str
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     per_query: bool
     intervals: bool
-    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., per_query: _Optional[bool] = ..., intervals: _Optional[bool] = ...) -> None: ...
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    output_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., per_query: _Optional[bool] = ..., intervals: _Optional[bool] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EstimateRuntimeResponse(_message.Message):
-    __slots__ = ("estimates", "summary")
+    __slots__ = ("estimates", "summary", "runtime_seconds", "low_seconds", "high_seconds", "out_of_domain")
     ESTIMATES_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HIGH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     estimates: _containers.RepeatedCompositeFieldContainer[QueryEstimate]
     summary: WorkloadSummary
-    def __init__(self, estimates: _Optional[_Iterable[_Union[QueryEstimate, _Mapping]]] = ..., summary: _Optional[_Union[WorkloadSummary, _Mapping]] = ...) -> None: ...
+    runtime_seconds: _containers.RepeatedScalarFieldContainer[float]
+    low_seconds: _containers.RepeatedScalarFieldContainer[float]
+    high_seconds: _containers.RepeatedScalarFieldContainer[float]
+    out_of_domain: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, estimates: _Optional[_Iterable[_Union[QueryEstimate, _Mapping]]] = ..., summary: _Optional[_Union[WorkloadSummary, _Mapping]] = ..., runtime_seconds: _Optional[_Iterable[float]] = ..., low_seconds: _Optional[_Iterable[float]] = ..., high_seconds: _Optional[_Iterable[float]] = ..., out_of_domain: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StreamEstimateRuntimeRequest(_message.Message):
     __slots__ = ("cost_model_id", "prompt_tokens", "output_tokens")
@@ -177,7 +189,7 @@ class DenoiseCostModelResponse(_message.Message):
     def __init__(self, cost_model: _Optional[_Union[_resources_pb2.CostModel, _Mapping]] = ...) -> None: ...
 
 class ComputeCostRequest(_message.Message):
-    __slots__ = ("cost_model_id", "queries", "accelerator", "model_spec", "dtype", "max_context", "reserve_fraction", "power_of_two", "price_per_hour_usd", "grid_g_co2_per_kwh")
+    __slots__ = ("cost_model_id", "queries", "accelerator", "model_spec", "dtype", "max_context", "reserve_fraction", "power_of_two", "price_per_hour_usd", "grid_g_co2_per_kwh", "prompt_tokens", "output_tokens")
     class PricePerHourUsdEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +207,8 @@ class ComputeCostRequest(_message.Message):
     POWER_OF_TWO_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_HOUR_USD_FIELD_NUMBER: _ClassVar[int]
     GRID_G_CO2_PER_KWH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cost_model_id: str
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     accelerator: str
@@ -205,7 +219,9 @@ class ComputeCostRequest(_message.Message):
     power_of_two: bool
     price_per_hour_usd: _containers.ScalarMap[str, float]
     grid_g_co2_per_kwh: float
-    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accelerator: _Optional[str] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., max_context: _Optional[int] = ..., reserve_fraction: _Optional[float] = ..., power_of_two: _Optional[bool] = ..., price_per_hour_usd: _Optional[_Mapping[str, float]] = ..., grid_g_co2_per_kwh: _Optional[float] = ...) -> None: ...
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    output_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cost_model_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accelerator: _Optional[str] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., max_context: _Optional[int] = ..., reserve_fraction: _Optional[float] = ..., power_of_two: _Optional[bool] = ..., price_per_hour_usd: _Optional[_Mapping[str, float]] = ..., grid_g_co2_per_kwh: _Optional[float] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ComputeCostResponse(_message.Message):
     __slots__ = ("accelerators", "runtime_seconds", "accelerator_seconds", "dollars", "energy_joules", "energy_source", "co2_grams", "energy_error")
@@ -268,18 +284,22 @@ class ComputeRooflineResponse(_message.Message):
     def __init__(self, prefill: _Optional[_Iterable[_Union[RooflinePoint, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[RooflinePoint, _Mapping]]] = ...) -> None: ...
 
 class CompareCostModelsRequest(_message.Message):
-    __slots__ = ("profile_id_a", "profile_id_b", "queries", "bootstrap", "seed")
+    __slots__ = ("profile_id_a", "profile_id_b", "queries", "bootstrap", "seed", "prompt_tokens", "output_tokens")
     PROFILE_ID_A_FIELD_NUMBER: _ClassVar[int]
     PROFILE_ID_B_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     profile_id_a: str
     profile_id_b: str
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     bootstrap: int
     seed: int
-    def __init__(self, profile_id_a: _Optional[str] = ..., profile_id_b: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., bootstrap: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    output_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, profile_id_a: _Optional[str] = ..., profile_id_b: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., bootstrap: _Optional[int] = ..., seed: _Optional[int] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CompareCostModelsResponse(_message.Message):
     __slots__ = ("ratio", "ratio_low", "ratio_high", "significant", "a_total_seconds", "b_total_seconds")
@@ -337,7 +357,7 @@ class ImportHelmResponse(_message.Message):
     def __init__(self, cost_models: _Optional[_Iterable[_Union[_resources_pb2.CostModel, _Mapping]]] = ...) -> None: ...
 
 class ComputeParetoRequest(_message.Message):
-    __slots__ = ("cost_model_ids", "queries", "accuracy_csv")
+    __slots__ = ("cost_model_ids", "queries", "accuracy_csv", "prompt_tokens", "output_tokens")
     class CostModelIdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -348,10 +368,14 @@ class ComputeParetoRequest(_message.Message):
     COST_MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_CSV_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cost_model_ids: _containers.ScalarMap[str, str]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     accuracy_csv: str
-    def __init__(self, cost_model_ids: _Optional[_Mapping[str, str]] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accuracy_csv: _Optional[str] = ...) -> None: ...
+    prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
+    output_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cost_model_ids: _Optional[_Mapping[str, str]] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., accuracy_csv: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., output_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ParetoPoint(_message.Message):
     __slots__ = ("model", "cost_seconds", "accuracy", "on_frontier")
