@@ -364,6 +364,9 @@ def run_ingest(
         "errors": dict(errors),
         "error_examples": examples,
         "server_cpu_s": round(server_cpu, 2),
+        # the server's CPU per stored sample (gRPC, conversion, checks, SQL): the number to
+        # read beside the rate on a shared machine, where the rate also depends on the load
+        "server_cpu_us_per_sample": round(server_cpu / samples * 1e6, 1) if samples else 0.0,
         "load_cpu_s": round(generated["cpu_s"], 2),
         "cores": len(os.sched_getaffinity(0)),
         "loadavg": [round(v, 2) for v in os.getloadavg()],

@@ -263,7 +263,8 @@ class SampleBatch:
         )
 
     def samples(self) -> list[Sample]:
-        """The batch as Samples, seq -1 (columns of different lengths: ValueError)."""
+        """The batch as Samples (decode steps as tuples), seq -1; columns of different
+        lengths are a ValueError."""
         c = self.contention
         observations = [
             ContentionObservation(*fields)

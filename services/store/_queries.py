@@ -1,6 +1,10 @@
-"""In-transaction lookups for `Store`: rows by id, the idempotency checks that compare a
-replayed create or sample batch with what was stored, and the comparison bodies they use.
-Each takes an open connection; the caller owns the transaction.
+"""The statements of `Store` and the lookups that run them: rows by id, pages newest
+first, the append path's lookups, the idempotency checks that compare a replayed create or
+sample batch with what was stored, and the comparison bodies they use. The hot ones are
+built once per shape, their values bound parameters (see "statements built once" below);
+rows of profiles and cost models are read as JSON text (`_jsonrows`). Each function takes
+an open connection; the caller owns the transaction (a one-statement read runs in none,
+see `Store._read`).
 
 `namespaces` (a visibility set, see `idealrt.core.namespaces`: None is every namespace)
 narrows a lookup: a row outside it is NOT_FOUND with exactly the error of a missing id, so
@@ -11,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from idealrt.core.domain import CostModel, Profile, ProfileState, Sample
+from idealrt.core.domain import CostModel, Profile, ProfileState
 from idealrt.core.errors import AlreadyExists, NotFound
 from idealrt.core.namespaces import cost_model_not_found, profile_not_found
 from idealrt.services.store import _jsonrows, _rows, _serde
@@ -35,22 +39,15 @@ __all__ = [
     "mutable",
     "newest_first",
     "next_seq",
+    "page_rows",
     "profile_by_request",
     "profile_for_write",
     "profile_row",
     "require_profile",
+    "unfinished_rows",
     "visibility",
-    "visible",
+    "write_lookup",
 ]
-
-
-def visible(column: sa.Column[Any], namespaces: frozenset[str] | None) -> sa.ColumnElement[bool]:
-    """The WHERE clause of a visibility set on a namespace column."""
-    if namespaces is None:
-        return sa.true()
-    if not namespaces:
-        return sa.false()
-    return column.in_(sorted(namespaces))
 
 
 def _reused_elsewhere(request_id: str, kind: str) -> AlreadyExists:
@@ -351,6 +348,48 @@ def profile_for_write(
     return WriteTarget(str(state), str(namespace), str(runner))
 
 
+# SQLite: the profile, its batch id's batch and its next seq in one statement (under the
+# database's write lock nothing moves between them; on PostgreSQL the lookups of the batch
+# must begin after the profile's row is locked, see `batch_and_next_seq`)
+def _write_lookup(in_namespaces: bool) -> sa.Select[Any]:
+    query = sa.select(
+        profiles.c.state,
+        profiles.c.namespace,
+        profiles.c.runner,
+        _batch_column(sample_batches.c.first_seq),
+        _batch_column(sample_batches.c.count),
+        _NEXT_SEQ.scalar_subquery(),
+    ).where(profiles.c.id == _PROFILE_ID)
+    return query.where(profiles.c.namespace.in_(_NAMESPACES)) if in_namespaces else query
+
+
+_WRITE_LOOKUP = {ns: _write_lookup(ns) for ns in (False, True)}
+
+
+def write_lookup(
+    conn: sa.Connection, profile_id: str, batch_id: str, namespaces: frozenset[str] | None
+) -> tuple[WriteTarget, tuple[int, int] | None, int]:
+    """`profile_for_write`, then `batch_and_next_seq`: (the profile's state, namespace
+    and runner; its batch stored under `batch_id` as (first seq, count), or None; its next
+    seq). One statement on SQLite, two on PostgreSQL (see `batch_and_next_seq`)."""
+    if conn.dialect.name != "sqlite":
+        target = profile_for_write(conn, profile_id, namespaces)
+        return target, *batch_and_next_seq(conn, profile_id, batch_id)
+    params: dict[str, Any] = {"profile_id": profile_id, "batch_id": batch_id}
+    if namespaces is None:
+        row = conn.execute(_WRITE_LOOKUP[False], params).first()
+    elif namespaces:
+        params["namespaces"] = sorted(namespaces)
+        row = conn.execute(_WRITE_LOOKUP[True], params).first()
+    else:  # sees nothing
+        row = None
+    if row is None:
+        raise _profile_not_found(profile_id, "profile_id")
+    state, namespace, runner, first, count, following = tuple(row)
+    prior = None if first is None else (int(first), int(count))
+    return WriteTarget(str(state), str(namespace), str(runner)), prior, int(following)
+
+
 def require_profile(
     conn: sa.Connection, profile_id: str, namespaces: frozenset[str] | None
 ) -> None:
@@ -381,32 +420,38 @@ def batch_and_next_seq(
     return prior, int(following)
 
 
+# a stored batch's samples (seq first..first+count-1, a range of the primary key), their
+# SAMPLE_COLUMNS in seq order
+_STORED_BATCH = (
+    sa.select(*(samples.c[c] for c in _rows.SAMPLE_COLUMNS))
+    .where(
+        samples.c.profile_id == _PROFILE_ID,
+        samples.c.seq >= sa.bindparam("first", type_=samples.c.seq.type),
+        samples.c.seq < sa.bindparam("end", type_=samples.c.seq.type),
+        samples.c.batch_id == sa.bindparam("batch_id", type_=samples.c.batch_id.type),
+    )
+    .order_by(samples.c.seq)
+)
+
+
 def check_replay(
     conn: sa.Connection,
     profile_id: str,
     batch_id: str,
     first: int,
     count: int,
-    batch: list[Sample],
+    columns: Sequence[Sequence[Any]],
 ) -> None:
     """A replayed batch id must come with the samples it was stored with: the stored batch
-    (seq first..first+count-1, a range of the primary key) read back and compared with the
-    validated replay, field by field, seq aside; else AlreadyExists BATCH_ID_REUSED."""
-    stored = [
-        _rows.sample_from_row(r)
-        for r in conn.execute(
-            sa.select(samples)
-            .where(
-                samples.c.profile_id == profile_id,
-                samples.c.seq >= first,
-                samples.c.seq < first + count,
-                samples.c.batch_id == batch_id,
-            )
-            .order_by(samples.c.seq)
-        ).mappings()
-    ]
-    same = len(stored) == count == len(batch) and all(
-        dataclasses.replace(a, seq=b.seq) == b for a, b in zip(stored, batch, strict=True)
+    read back and compared with the validated replay's column values (`columns`, in
+    SAMPLE_COLUMNS order, as `_rows.batch_columns` gives them), sample by sample, seq
+    aside: equal values are equal samples (see `_rows.same_sample_values`); else
+    AlreadyExists BATCH_ID_REUSED."""
+    params = {"profile_id": profile_id, "first": first, "end": first + count, "batch_id": batch_id}
+    stored = [tuple(r) for r in conn.execute(_STORED_BATCH, params)]
+    replay = list(zip(*columns, strict=True))
+    same = len(stored) == count == len(replay) and all(
+        a == b or _rows.same_sample_values(a, b) for a, b in zip(stored, replay, strict=True)
     )
     if not same:
         raise AlreadyExists(

@@ -38,6 +38,7 @@ __all__ = [
     "cost_model_row",
     "profile_from_row",
     "profile_row",
+    "same_sample_values",
     "sample_from_row",
     "sample_row",
     "sample_values",
@@ -229,6 +230,25 @@ def batch_columns(batch: SampleBatch) -> list[Sequence[Any]]:
         _contention_texts(batch.contention, n),
         batch.start_time,
     ]
+
+
+_CONTENTION_AT = SAMPLE_COLUMNS.index("contention")
+
+
+def same_sample_values(stored: Sequence[Any], given: Sequence[Any]) -> bool:
+    """Whether two samples' column values (SAMPLE_COLUMNS order: a stored row's, as
+    SQLAlchemy reads them, and a validated sample's) are the values of equal samples:
+    equal column values are (every encoding here is one-to-one on valid samples), and so
+    are values that differ only in how the contention's JSON spells equal observations
+    (a row written with default fields in it, or in another key order)."""
+    if len(stored) != len(given):
+        return False
+    c = _CONTENTION_AT
+    if any(a != b for i, (a, b) in enumerate(zip(stored, given, strict=True)) if i != c):
+        return False
+    return stored[c] == given[c] or _serde.loads(ContentionObservation, stored[c]) == _serde.loads(
+        ContentionObservation, given[c]
+    )
 
 
 def sample_row(s: Sample, *, profile_id: str, batch_id: str, seq: int) -> dict[str, Any]:

@@ -470,10 +470,11 @@ class Store:
         subject is PERMISSION_DENIED (see update_profile).
 
         The hot path of ingest: the samples are validated and turned into column values
-        before the transaction; in it, two indexed lookups (the profile, locked; then the
-        batch id and the profile's last seq, in one statement) and two inserts, the samples
-        in one statement (`_bulk`). On SQLite, concurrent appends share a transaction and
-        its fsync (`_group_commit`)."""
+        before the transaction; in it, indexed lookups of the profile, the batch id and the
+        profile's last seq (one statement on SQLite; on PostgreSQL the profile's row locked
+        first, then the other two in one statement) and two inserts, the samples in one
+        statement (`_bulk`). On SQLite, concurrent appends share a transaction and its
+        fsync (`_group_commit`)."""
         _validate.check_id(profile_id, "profile_id")
         _validate.check_request_id(batch_id, "batch_id", allow_empty=False, reason=BATCH_ID_INVALID)
         batch = _validate.check_sample_batch(samples_)
@@ -483,11 +484,10 @@ class Store:
         n = len(batch)
 
         def append(conn: sa.Connection) -> Appended:
-            target = _queries.profile_for_write(conn, profile_id, ns)
+            target, prior, first = _queries.write_lookup(conn, profile_id, batch_id, ns)
             _refuse_other_runner(profile_id, target.runner, writer)
-            prior, first = _queries.batch_and_next_seq(conn, profile_id, batch_id)
             if prior is not None:
-                _queries.check_replay(conn, profile_id, batch_id, *prior, batch.samples())
+                _queries.check_replay(conn, profile_id, batch_id, *prior, columns)
                 return Appended(prior[1], first)
             if ProfileState(target.state).terminal:
                 raise FailedPrecondition(

@@ -6,6 +6,7 @@ text, and a SampleBatch appended through the Store as a list of the same samples
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from array import array
@@ -300,3 +301,18 @@ def test_a_batch_is_stored_as_the_list_of_its_samples_is(
         store.append_batch(b.id, "b1", changed)
     assert info.value.reason == "BATCH_ID_REUSED"
     assert store.count_samples(b.id) == 30
+
+
+def test_replays_compare_values_not_spellings() -> None:
+    """A stored contention JSON that spells an equal observation otherwise (a default
+    field written out, other key order) is the same sample; any other difference is not."""
+    sample = _validate.check_samples(_samples(1, seed=4))[0]
+    values = _rows.sample_values(sample)
+    at = _rows.SAMPLE_COLUMNS.index("contention")
+    c = sample.contention
+    spelled = dict(reversed(list(vars(c).items())))  # every field, defaults too, reversed
+    other = (*values[:at], json.dumps(spelled), *values[at + 1 :])
+    assert other != values and _rows.same_sample_values(other, values)
+    changed = (*values[:at], json.dumps({**spelled, "energy_j": c.energy_j + 1}), *values[at + 1 :])
+    assert not _rows.same_sample_values(changed, values)
+    assert not _rows.same_sample_values((*values[:-1], None), values)
