@@ -28,6 +28,7 @@ from idealrt.core import convert as cv
 from idealrt.core.auth import Role, current_principal
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.namespaces import check_namespace_filter, intersect, require_operator
+from idealrt.services.store._read_cache import ReadCache
 from idealrt.services.store.reasons import TOO_MANY_STATES
 from idealrt.services.store.repository import Store
 from idealrt.store.v1 import store_service_pb2 as pb
@@ -53,6 +54,9 @@ class StoreServicer(pbg.StoreServiceServicer):
         self.store = store
         # the stored profiles' messages, converted once per version (see ProfileMessages)
         self._profile_pb = cv.ProfileMessages()
+        # GetProfile/ListProfiles answers while the database is unchanged (see _read_cache)
+        self._gets: ReadCache[pb.GetProfileResponse] = ReadCache()
+        self._lists: ReadCache[pb.ListProfilesResponse] = ReadCache()
 
     def _write_scope(self, profile_id: str, field: str) -> frozenset[str] | None:
         """The visibility set for a write to a stored profile: None when the caller may
@@ -78,8 +82,17 @@ class StoreServicer(pbg.StoreServiceServicer):
     def GetProfile(
         self, request: pb.GetProfileRequest, context: grpc.ServicerContext
     ) -> pb.GetProfileResponse:
-        profile = self.store.get_profile(request.id, _visible())
-        return pb.GetProfileResponse(profile=self._profile_pb(profile))
+        visible = _visible()
+        generation = self.store.read_generation()  # before the read (see _read_cache)
+        key = (request.id, visible)
+        hit = None if generation is None else self._gets.get(key, generation)
+        if hit is not None:
+            return hit
+        profile = self.store.get_profile(request.id, visible)
+        answer = pb.GetProfileResponse(profile=self._profile_pb(profile))
+        if generation is not None:
+            self._gets.put(key, generation, answer)
+        return answer
 
     def UpdateProfile(
         self, request: pb.UpdateProfileRequest, context: grpc.ServicerContext
@@ -97,12 +110,21 @@ class StoreServicer(pbg.StoreServiceServicer):
         if len(request.states) > 1:
             raise InvalidArgument(TOO_MANY_STATES, "states: give at most one state", field="states")
         state = cv.profile_state_from_pb(request.states[0], "states") if request.states else None
+        visible = _visible(request.namespaces)
+        generation = self.store.read_generation()  # before the read (see _read_cache)
+        key = (request.page_size, request.page_token, state, visible)
+        hit = None if generation is None else self._lists.get(key, generation)
+        if hit is not None:
+            return hit
         items, token = self.store.list_profiles(
-            request.page_size, request.page_token, state, _visible(request.namespaces)
+            request.page_size, request.page_token, state, visible
         )
-        return pb.ListProfilesResponse(
+        answer = pb.ListProfilesResponse(
             profiles=[self._profile_pb(p) for p in items], next_page_token=token
         )
+        if generation is not None:
+            self._lists.put(key, generation, answer)
+        return answer
 
     def AppendSamples(
         self, request: pb.AppendSamplesRequest, context: grpc.ServicerContext
