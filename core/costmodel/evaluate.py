@@ -1,5 +1,6 @@
 """How good is a fitted cost model: held-out error, k-fold cross-validation, and the same
-error for HELM's proportional-table rule on the same data.
+error for straight lines through the measured medians and HELM's proportional-table rule on
+the same data.
 
 Every error is relative, |predicted - measured| / measured, with one point per (p, o)
 configuration: the measured runtime of a configuration is the robust centre (median by
@@ -184,9 +185,12 @@ def compare_to_helm(
     *,
     options: FitOptions = DEFAULT_FIT_OPTIONS,
 ) -> dict[str, float]:
-    """Our cost model vs HELM's proportional rule, both built from samples_fit and scored on
-    samples_eval (the split is the caller's: heldout flags are ignored; only OK, conforming
-    samples count). Keys: points, ours_{mean,p95,max}_rel, helm_{mean,p95,max}_rel."""
+    """Our cost model vs straight lines through the measured medians and HELM's proportional
+    rule, all built from samples_fit and scored on samples_eval (the split is the caller's:
+    heldout flags are ignored; only OK, conforming samples count). "ours" is what
+    fit_cost_model returns with samples_eval held out: the selected knots, or the medians
+    when those score better on samples_eval (ours_fell_back = 1). Keys: points,
+    {ours,medians,helm}_{mean,p95,max}_rel, ours_fell_back."""
     fit = usable_samples(samples_fit, heldout=None)
     ev = usable_samples(samples_eval, heldout=None)
     if not fit or not ev:
@@ -196,17 +200,24 @@ def compare_to_helm(
             field="samples",
         )
     opts = dataclasses.replace(options, bootstrap=0, kfold=0)
-    cm = fit_prepared(FitData.from_samples(fit), opts)
+    data = FitData.from_samples(fit)
+    cm = fit_prepared(data, opts)
+    base = fit_prepared(data, dataclasses.replace(opts, knots="medians"))
     table, beta = helm_table(fit, centre=options.robust_centre, trim=options.trim)
     p, o, meas = config_runtimes(ev, centre=options.robust_centre, trim=options.trim)
-    ours = _quality("ours", predict_runtime(cm, p, o), meas)
+    ours = _quality("heldout", predict_runtime(cm, p, o), meas)
+    medians = _quality("heldout", predict_runtime(base, p, o), meas)
     helm = _quality("helm", helm_proportional_predict(table, beta, p, o), meas)
-    return {
-        "points": float(ours.points),
-        "ours_mean_rel": ours.mean_rel,
-        "ours_p95_rel": ours.p95_rel,
-        "ours_max_rel": ours.max_rel,
-        "helm_mean_rel": helm.mean_rel,
-        "helm_p95_rel": helm.p95_rel,
-        "helm_max_rel": helm.max_rel,
-    }
+    fell_back = options.knots == "select" and ours.mean_rel > medians.mean_rel * (1.0 + 1e-9)
+    if fell_back:  # the guard of fit_with_replicates
+        ours = medians
+    out = {"points": float(ours.points), "ours_fell_back": float(fell_back)}
+    for name, q in (("ours", ours), ("medians", medians), ("helm", helm)):
+        out.update(
+            {
+                f"{name}_mean_rel": q.mean_rel,
+                f"{name}_p95_rel": q.p95_rel,
+                f"{name}_max_rel": q.max_rel,
+            }
+        )
+    return out

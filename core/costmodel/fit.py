@@ -2,7 +2,8 @@
 
 Which samples are used: flag OK, `heldout` False, and conforming counts (p >= 1, o >= 1,
 `decode_ns` empty or exactly o-1 entries, no negative times, total_ns > 0). Held-out samples
-never touch the fit; they are only evaluated (`idealrt.core.costmodel.evaluate`).
+never touch a fitted value; they are only evaluated (`idealrt.core.costmodel.evaluate`), and
+choose between the selected knots and the medians (below).
 
 beta(c) = beta0 + beta1*c, from the best data the samples carry:
   1. per-step decode times (Sample.decode_ns; step j, 0-based, runs at context p+j+1): a robust
@@ -25,6 +26,13 @@ profiled sizes (first and last always) such that the polyline through them stays
 the noise of every size (`knot_z` standard errors, at least `knot_rel_tol` relative), up to
 `max_knots`; finally the knot values are refitted by weighted least squares to all sizes and
 kept monotone. Below the first knot alpha is flat; beyond the last it follows the tail slope.
+Measured information is never lost silently: when sizes were merged, `fit_with_replicates`
+also fits straight lines through the measured (isotonic) centres, every size a knot
+(`knots="medians"`), and scores both on the same points (held-out when samples were held
+out, else k-fold). If the merged model is worse, the medians model is returned instead; its
+recorded fit_options say knots='medians' and, under KNOT_FALLBACK, why. (With held-out
+samples this is a choice between two models on the held-out points, so their reported error
+is that of the better of two; k-fold has no such selection.)
 
 overhead (`fit_overhead`, for black-box APIs): the times of an API include a constant
 per-request cost (network, queueing, tokenization) in both time-to-first-token and the total,
@@ -45,12 +53,13 @@ import numpy.typing as npt
 
 from idealrt.core.costmodel import robust as rb
 from idealrt.core.costmodel.options import FitOptions
-from idealrt.core.domain import CostModel, Sample, SampleFlag
+from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.reasons import MIXED_BATCH_SIZES, NOT_ENOUGH_SAMPLES
 
 __all__ = [
     "DEFAULT_FIT_OPTIONS",
+    "KNOT_FALLBACK",
     "FitData",
     "FitOptions",
     "fit_cost_model",
@@ -63,6 +72,9 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 DEFAULT_FIT_OPTIONS = FitOptions()
+# the fit_options key that records why a fit fell back to straight lines through the
+# medians (FitOptions.from_record ignores it; the record's knots="medians" re-derives it)
+KNOT_FALLBACK = "knot_fallback"
 
 
 def _conforming(s: Sample) -> bool:
@@ -236,6 +248,8 @@ def _fit_alpha(p: IntArray, obs: FloatArray, options: FitOptions) -> tuple[IntAr
     tol = np.maximum.reduce([options.knot_z * se, options.knot_rel_tol * mag, np.full(g.n, 1e-9)])
     w = (options.knot_z / tol) ** 2
     iso = rb.isotonic(c, w)
+    if options.knots == "medians":
+        return g.keys, np.maximum(iso, 0.0)
     kidx = rb.select_knots(x, iso, tol, w, options.max_knots)
     kx = x[kidx]
     basis = np.column_stack([np.interp(x, kx, e) for e in np.eye(kx.size)])
@@ -304,12 +318,37 @@ def fit_with_replicates(
         )
     data = FitData.from_samples(fit)
     cm = fit_prepared(data, options)
+    quality = evaluate.quality_for(samples, cm, options)
+    record = options.to_record()
+    merged = len(cm.alpha_knots_p) < np.unique(data.p).size
+    if options.knots == "select" and merged and quality.method != "none":
+        # Knots were merged: keep the merge only if it is as good as straight lines through
+        # the measured medians on the evaluation points (held-out, else k-fold).
+        base_options = dataclasses.replace(options, knots="medians")
+        base = fit_prepared(data, base_options)
+        base_quality = evaluate.quality_for(samples, base, base_options)
+        if _worse(quality, base_quality):
+            record = base_options.to_record()
+            record[KNOT_FALLBACK] = repr(  # bounded length: a record value is <= 256 chars
+                f"{quality.method} mean error: {len(cm.alpha_knots_p)} selected knots"
+                f" {quality.mean_rel:.4g} > medians at {len(base.alpha_knots_p)} sizes"
+                f" {base_quality.mean_rel:.4g}"
+            )
+            cm, quality, options = base, base_quality, base_options
     cm.id = id
     cm.profile_id = profile_id
     replicates = bootstrap.bootstrap_prepared(data, options) if options.bootstrap > 0 else []
     cm.intervals = bootstrap.intervals(cm, replicates, options.confidence)
-    cm.quality = evaluate.quality_for(samples, cm, options)
+    cm.quality = quality
+    cm.fit_options = record
     return cm, replicates
+
+
+def _worse(ours: FitQuality, base: FitQuality) -> bool:
+    """ours is worse than the baseline on the same evaluation points (a tie is not)."""
+    if ours.method == "none" or base.method != ours.method or base.points != ours.points:
+        return False
+    return ours.mean_rel > base.mean_rel * (1.0 + 1e-9) + 1e-15
 
 
 def fit_cost_model(

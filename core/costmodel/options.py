@@ -13,9 +13,13 @@ from collections.abc import Callable, Mapping
 from idealrt.core.errors import InvalidArgument
 from idealrt.core.reasons import INVALID_FIT_OPTIONS
 
-__all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "DEFAULT_CONFIDENCE", "FitOptions"]
+__all__ = ["CENTRES", "DEFAULT_BOOTSTRAP", "DEFAULT_CONFIDENCE", "KNOT_RULES", "FitOptions"]
 
 CENTRES = ("median", "trimmed")
+# "select": the fewest knots the data allow (fit.py); "medians": every profiled size is a
+# knot, straight lines through the (isotonic) measured centres -- the baseline a selected
+# fit must not lose to on held-out points, and what a fit falls back to when it would
+KNOT_RULES = ("select", "medians")
 # bootstrap replicates behind every interval (fits, comparisons, adaptive planning), and
 # the level of those intervals
 DEFAULT_BOOTSTRAP = 200
@@ -32,8 +36,16 @@ class FitOptions:
     the intervals. kfold: folds of the cross-validation used when nothing was held out (0 or
     1 disables). knot_z / knot_rel_tol: a point is "within the noise" of the alpha polyline
     when off by at most max(knot_z standard errors, knot_rel_tol * its value).
+    knot_z = 2.5 can merge a size whose bend held-out points then miss by 5-20% (issue 15),
+    so a merge survives only when the fit guard of fit.py finds it as good as straight
+    lines through the medians on held-out or k-fold points. (A tighter default, sqrt(2): a
+    merged curve off by d at a size predicts a fresh measurement there with expected
+    squared error E[d^2], its own centre with 2 se^2, was weighed and left for later: the
+    profiler's adaptive planner places sizes by these knots.)
     outlier_sigma: before each centre, values further than this many robust sigmas (MAD)
-    from their group's median are dropped (0 keeps everything)."""
+    from their group's median are dropped (0 keeps everything). knots: "select" (fewest
+    knots within the noise, then the medians guard of fit.py) or "medians" (every size a
+    knot; max_knots does not apply)."""
 
     robust_centre: str = "median"
     trim: float = 0.1
@@ -47,6 +59,7 @@ class FitOptions:
     knot_z: float = 2.5
     knot_rel_tol: float = 0.002
     outlier_sigma: float = 3.5
+    knots: str = "select"
 
     def validate(self) -> None:
         """Raise InvalidArgument (reason INVALID_FIT_OPTIONS, field options.<name>)."""
@@ -75,6 +88,8 @@ class FitOptions:
             raise bad("knot_z", "a finite number > 0")
         if not 0.0 <= self.knot_rel_tol < 1.0:
             raise bad("knot_rel_tol", "in [0, 1)")
+        if self.knots not in KNOT_RULES:
+            raise bad("knots", "one of " + ", ".join(KNOT_RULES))
         if not 0.0 <= self.outlier_sigma < math.inf:
             raise bad("outlier_sigma", "a finite number >= 0 (0 disables)")
         try:

@@ -343,7 +343,8 @@ class MetricsEngine:
         cm, reps = fit_with_replicates(samples, options=options, profile_id=profile_id)
         _usable(cm, "fit", profile_id)
         cm.namespace = prof.namespace
-        cm.fit_options = options.to_record()
+        # the options the model came from (a fit that fell back to the medians says so)
+        cm.fit_options = cm.fit_options or options.to_record()
         cm.request_id = request_id
         cm.name = name or f"{prof.model.name}-{prof.stack.backend.value}-{prof.stack.device}"
         cm.model_name = prof.model.name

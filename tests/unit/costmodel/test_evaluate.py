@@ -177,6 +177,8 @@ def test_compare_to_helm_on_a_sparse_grid() -> None:
     assert out["helm_max_rel"] > 0.8  # (32, 1): 1 - 32/256
     assert out["helm_mean_rel"] > 20 * out["ours_mean_rel"]
     assert out["helm_max_rel"] > out["helm_p95_rel"] >= out["helm_mean_rel"]
+    # side by side: ours <= straight lines through the medians <= HELM's rule
+    assert out["ours_mean_rel"] <= out["medians_mean_rel"] <= out["helm_mean_rel"]
 
 
 def test_compare_to_helm_needs_data() -> None:

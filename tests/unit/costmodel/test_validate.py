@@ -215,10 +215,11 @@ def test_models_denoising_produces_pass(beta1: float, trials: int, lucky: bool) 
 
 def test_the_min_rule_can_go_below_zero_and_still_pass() -> None:
     """The case the denoised exemption exists for (see the module doc): a context-dependent
-    beta, which the paper's rule absorbs into a constant, puts alpha(p_min) below zero."""
+    beta, which the paper's constant-beta rule (beta_linear=False; the min rule fits beta1
+    by default since issue 15) absorbs into a constant, puts alpha(p_min) below zero."""
     beta1 = 2e-6
     truth = CostModel("t", "", P_GRID, (0.02 + beta1, 0.06, 0.1, 0.2, 0.33, 0.45), 0.02, beta1)
-    cm = denoise(_api_samples(truth, 1, seed=0), "min")
+    cm = denoise(_api_samples(truth, 1, seed=0), "min", beta_linear=False)
     assert cm.kind == "denoised" and cm.alpha_knots_s[0] < 0.0
     check_cost_model(cm)
     with pytest.raises(InvalidArgument) as info:  # the same numbers as an idealized model

@@ -108,8 +108,13 @@ def test_quantile_recovers_context_dependent_beta() -> None:
     assert cm.beta1_s == pytest.approx(2e-6, rel=1e-5)
     assert cm.beta0_s == pytest.approx(0.02, rel=1e-6)
     assert cm.overhead_s == pytest.approx(0.15, rel=1e-6)
-    # The paper's rule has no context term: it absorbs beta1 into a larger constant beta.
-    assert denoise(_samples(truth, trials=1), method="min").beta1_s == 0.0
+    # Issue 15: the minimum rule fits beta1 too (it was forced to 0, absorbing the context
+    # term into a larger constant beta); beta_linear=False is the paper's constant beta.
+    m = denoise(_samples(truth, trials=1), method="min")
+    assert m.beta1_s == pytest.approx(2e-6, rel=1e-6)
+    assert m.beta0_s == pytest.approx(0.02, rel=1e-6)
+    assert m.overhead_s == pytest.approx(0.15, rel=1e-6)
+    assert denoise(_samples(truth, trials=1), method="min", beta_linear=False).beta1_s == 0.0
 
 
 def test_min_rule_is_documented_arithmetic() -> None:
@@ -192,3 +197,75 @@ def test_excluded_samples_and_errors() -> None:
     with pytest.raises(InvalidArgument) as ei2:
         denoise([*good, _sample(1, 2, 1.0, batch_size=4)])
     assert ei2.value.reason == "MIXED_BATCH_SIZES"
+
+
+def _streaming_api(
+    rng: np.random.Generator, trials: int = 5, *, heldout_p: tuple[int, ...] = ()
+) -> tuple[list[Sample], dict[int, float]]:
+    """An API that reports time to first token: TTFT = 30 ms of network and queueing + the
+    prefill, the total = TTFT + decode steps at beta(c) = 8 ms + 2e-6 * c + 1 ms after the
+    last token; contention adds time to both. Returns the samples and the true TTFT."""
+    grid_p = (1, 128, 512, 1024, *heldout_p)
+    ttft_true = {p: 0.030 + 0.005 + 2e-5 * p for p in grid_p}
+    out = []
+    for p in grid_p:
+        for o in (1, 8, 32):
+            for r in range(trials):
+                n = o - 1
+                decode = 0.008 * n + 2e-6 * (n * p + n * o / 2.0)
+                hit = rng.random() < 0.4
+                slow = 1.0 + (rng.exponential(0.4) if hit else rng.exponential(0.01))
+                ttft = ttft_true[p] * slow
+                total = ttft + decode * slow + 0.001
+                out.append(
+                    Sample(
+                        prompt_tokens=p,
+                        output_tokens=o,
+                        prefill_ns=round(ttft * 1e9),
+                        decode_ns=(),
+                        total_ns=round(total * 1e9),
+                        repeat=r,
+                        heldout=p in heldout_p,
+                    )
+                )
+    return out, ttft_true
+
+
+@pytest.mark.parametrize("method", ["min", "quantile"])
+def test_alpha_never_below_the_measured_ttft_floor(method: str) -> None:
+    """Issue 15: the min rule put alpha(1) at beta (8 ms) where every measured time to first
+    token at p = 1 was above 35 ms, and forced beta1 = 0."""
+    for seed in range(4):
+        samples, ttft_true = _streaming_api(np.random.default_rng(seed))
+        cm = denoise(samples, method=method)  # type: ignore[arg-type]
+        for p, a in zip(cm.alpha_knots_p, cm.alpha_knots_s, strict=True):
+            floor = min(s.prefill_ns for s in samples if s.prompt_tokens == p) * 1e-9
+            assert a >= floor - 1e-12, (p, a, floor)
+            assert a == pytest.approx(ttft_true[p], rel=0.05)
+        assert cm.beta1_s > 0.0
+        assert cm.beta0_s + cm.beta1_s * 500 == pytest.approx(0.008 + 2e-6 * 500, rel=0.05)
+        assert cm.fit_options["denoise_alpha_floor"] == "'ttft_min'"
+
+
+def test_method_options_and_quality_are_stored() -> None:
+    """Issue 15: denoised models stored empty fit options and quality "none"."""
+    samples, _ = _streaming_api(np.random.default_rng(0))
+    q = denoise(samples, method="quantile", quantile=0.2)
+    assert q.fit_options["denoise_method"] == "'quantile'"
+    assert float(q.fit_options["denoise_quantile"]) == 0.2
+    assert q.fit_options["beta_linear"] == "True"
+    assert q.quality.method == "kfold" and q.quality.points == 6  # p = 128, 512 x 3 lengths
+    m = denoise(samples, method="min")
+    assert m.fit_options["denoise_method"] == "'min'" and "denoise_quantile" not in m.fit_options
+    assert m.quality.method == "kfold"
+    # a held-out grid: scored there, against the rule's own statistic of the trials
+    held, _ = _streaming_api(np.random.default_rng(1), heldout_p=(64, 256))
+    for method in ("min", "quantile"):
+        cm = denoise(held, method=method)  # type: ignore[arg-type]
+        assert cm.alpha_knots_p == (1, 128, 512, 1024)  # held-out sizes never fitted
+        assert cm.quality.method == "heldout" and cm.quality.points == 6
+        assert cm.quality.mean_rel < 0.1
+    # the record is one check_cost_model accepts (FitOptions reads what it knows)
+    from idealrt.core.costmodel.validate import check_cost_model
+
+    check_cost_model(q)

@@ -89,3 +89,17 @@ def test_unreadable_options_fall_back_to_the_defaults(store: Store) -> None:
     cm = MetricsEngine(store).fit(pid, dataclasses.replace(OPTIONS, bootstrap=8))
     broken = dataclasses.replace(cm, id=cm.id, fit_options={"bootstrap": "many"})
     assert len(MetricsEngine(store).replicates(broken)) == FitOptions().bootstrap
+
+
+@pytest.mark.parametrize("method", ["min", "quantile"])
+def test_denoised_models_store_their_method_options_and_quality(store: Store, method: str) -> None:
+    """Issue 15: a denoised model was stored with empty fit options and quality "none"."""
+    pid = _profiled(store)
+    cm = MetricsEngine(store).denoise(pid, method, 0.2)
+    stored = store.get_cost_model(cm.id)
+    assert stored.fit_options["denoise_method"] == repr(method)
+    assert ("denoise_quantile" in stored.fit_options) == (method == "quantile")
+    assert stored.fit_options["denoise_alpha_floor"] == "'ttft_min'"  # prefill was measured
+    assert stored.quality.method == "kfold" and stored.quality.points > 0
+    floor = min(s.prefill_ns for s in store.all_samples(pid) if s.prompt_tokens == 1) * 1e-9
+    assert stored.alpha_knots_s[0] >= floor
