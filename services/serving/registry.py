@@ -93,7 +93,7 @@ _MODULES = {
 }
 _EXTRAS = {
     Backend.PYTORCH: "pip install idealrt",
-    Backend.ONNXRUNTIME: "pip install idealrt[onnx] (or onnxruntime-gpu for CUDA)",
+    Backend.ONNXRUNTIME: "pip install idealrt[onnx] (CPU) or idealrt[gpu] (CUDA; never both)",
     Backend.TENSORRT: "pip install idealrt[tensorrt]",
     Backend.TRANSFORMERS: "pip install idealrt[transformers]",
 }
