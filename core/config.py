@@ -63,6 +63,19 @@ def _server_model(e: Mapping[str, str], default: str) -> str:
     return raw
 
 
+PROFILER_EXECUTORS = ("local", "kubernetes")
+
+
+def _executor(e: Mapping[str, str]) -> str:
+    """IDEALRT_PROFILER_EXECUTOR: "local" (default) or "kubernetes"."""
+    raw = e.get("IDEALRT_PROFILER_EXECUTOR", "") or "local"
+    if raw not in PROFILER_EXECUTORS:
+        raise ValueError(
+            f"IDEALRT_PROFILER_EXECUTOR must be one of {', '.join(PROFILER_EXECUTORS)}, got {raw!r}"
+        )
+    return raw
+
+
 def _float(e: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
     """A finite number >= lo from the environment; ValueError naming the variable."""
     raw = e.get(name, "")
@@ -236,6 +249,10 @@ class ProfilerConfig:
     # per-namespace quotas (IDEALRT_QUOTAS_FILE, TOML: services/profiler/quotas.py);
     # None: no limits
     quotas_file: Path | None = None
+    # where profiles run (IDEALRT_PROFILER_EXECUTOR): "local" (this process, the default)
+    # or "kubernetes" (one Job per profile on a leased GPU node:
+    # idealrt.services.profiler.executor.kubernetes)
+    executor: str = "local"
 
     # transport security: as ServingConfig.tls / allow_insecure
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
@@ -269,6 +286,7 @@ class ProfilerConfig:
             if e.get("IDEALRT_OUTBOUND_CONFIG")
             else None,
             quotas_file=Path(e["IDEALRT_QUOTAS_FILE"]) if e.get("IDEALRT_QUOTAS_FILE") else None,
+            executor=_executor(e),
             tls=TlsConfig.from_env(e),
             max_message_bytes=_int(
                 e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096

@@ -1,0 +1,1 @@
+"""Executors: where a profile runs (base.py: the interface; local.py, kubernetes.py)."""

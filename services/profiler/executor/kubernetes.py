@@ -1,0 +1,599 @@
+"""The kubernetes executor: one Job per profile on a leased GPU node.
+
+One idea, one module (long because the steps share the client and the Job's naming):
+1. queue: the profile waits in a FairQueue (round-robin across namespaces, FIFO inside);
+   only the head tries the nodes, so a node that frees up goes to whoever's turn it is;
+2. lease: the head takes the first candidate node whose Lease it gets (leases.py); a
+   keeper thread renews every held Lease each `renew_interval_s`;
+3. Job: rendered by idealrt.clients.k8s.render_profile_job (the pod of
+   k8s/jobs/profile-job.yaml) and adjusted for this profile: labels and annotations with
+   the profile id and namespace, backoffLimit 0, activeDeadlineSeconds from the plan's
+   budget, ttlSecondsAfterFinished, nodeSelector pinned to the leased node, tolerations and
+   resources from the Placement; created with fieldValidation=Strict;
+4. watch: the Job (by name) and its pods (label job-name) with the watch API: a list for
+   the state and a resourceVersion, then watches from there (410 Gone: list again); the
+   pod's image pull errors, Unschedulable and OOMKilled, and the Job's DeadlineExceeded,
+   become FAILED with that reason (base.py); Complete is SUCCEEDED;
+5. end: the Lease is released; a cancelled profile's Job is deleted first.
+Recovery (`recover`): Jobs found by label are resumed (`run` adopts an existing Job and
+its node's Lease), a RUNNING profile whose Job is gone is FAILED JOB_GONE, and Leases of
+ours (or expired) whose profile has no Job are deleted.
+
+The official client is imported only here, when an executor is built:
+`pip install idealrt[k8s]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import queue
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import structlog
+
+from idealrt.clients.k8s import ProfileJobSpec, render_profile_job
+from idealrt.core.clock import utcnow
+from idealrt.core.domain import Profile, ProfileState
+from idealrt.core.errors import FailedPrecondition, IdealrtError
+from idealrt.services.profiler.executor.base import (
+    DEADLINE_EXCEEDED,
+    IMAGE_PULL_FAILED,
+    JOB_FAILED,
+    JOB_GONE,
+    OOM_KILLED,
+    UNSCHEDULABLE,
+    ExecutorEvent,
+    ExecutorPhase,
+    Placement,
+)
+from idealrt.services.profiler.executor.fair_queue import FairQueue
+from idealrt.services.profiler.executor.leases import (
+    MANAGED_LABEL,
+    LeaseConflict,
+    LeaseMissing,
+    NodeLeases,
+)
+
+__all__ = [
+    "KubernetesExecutor",
+    "KubernetesOptions",
+    "Recovery",
+    "job_event",
+    "job_name",
+    "pod_event",
+    "render_job",
+]
+
+log = structlog.get_logger(__name__)
+
+LEASE_LOST = "LEASE_LOST"
+JOB_INVALID = "JOB_INVALID"
+K8S_CLIENT_MISSING = "K8S_CLIENT_MISSING"
+PROFILE_ID_LABEL = "idealrt.io/profile-id"
+ANN_PROFILE_ID = "idealrt.io/profile-id"
+ANN_NAMESPACE = "idealrt.io/profile-namespace"
+ANN_NODE = "idealrt.io/node"
+ANN_HOLDER = "idealrt.io/lease-holder"
+_IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+# the Job's own reasons for a deadline, after the pod started or before
+_DEADLINE = {"DeadlineExceeded"}
+
+
+def _kubernetes() -> Any:
+    try:
+        import kubernetes.client
+        import kubernetes.watch
+    except ImportError as exc:
+        raise FailedPrecondition(
+            K8S_CLIENT_MISSING,
+            "the kubernetes executor needs the Kubernetes client: pip install idealrt[k8s]",
+        ) from exc
+    return kubernetes
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesOptions:
+    namespace: str = "idealrt"  # where the Jobs and Leases live
+    identity: str = dataclasses.field(default_factory=socket.gethostname)  # this replica
+    placement: Placement = dataclasses.field(default_factory=Placement)
+    image: str = "idealrt:latest"
+    store: str = "idealrt-store:50051"
+    metrics: str = "idealrt-metrics:50054"
+    lease_duration_s: int = 30
+    renew_interval_s: float = 10.0
+    retry_s: float = 2.0  # how often the head of the queue tries the nodes again
+    default_deadline_s: int = 7200  # activeDeadlineSeconds of a plan without a budget
+    startup_allowance_s: int = 600  # added to a budget: image pull, sidecar start
+    ttl_after_finished_s: int = 3600
+    watch_timeout_s: int = 60  # each watch request's server-side timeout
+    request_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass
+class Recovery:
+    resume: list[Profile]  # to run again (run() adopts the Job of those that have one)
+    failed: list[Profile]  # RUNNING before, and the Job is gone: FAILED JOB_GONE
+    released: list[str]  # names of orphaned Leases deleted
+
+
+_NAME_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+def _label_value(text: str) -> str:
+    value = _NAME_CHARS.sub("-", text.lower()).strip("-")[:63].strip("-")
+    return value or "x"
+
+
+def job_name(profile_id: str) -> str:
+    """The Job of a profile: a DNS label (63 characters at most)."""
+    return f"idealrt-profile-{_label_value(profile_id)}"[:63].rstrip("-")
+
+
+def render_job(profile: Profile, node: str, opts: KubernetesOptions, holder: str = "") -> dict:
+    """The batch/v1 Job of `profile` on `node` (see the module's docstring, step 3)."""
+    p, plan = opts.placement, profile.plan
+    budget = plan.budget_s
+    deadline = (
+        math.ceil(budget) + opts.startup_allowance_s if budget > 0 else opts.default_deadline_s
+    )
+    spec = ProfileJobSpec(
+        name=job_name(profile.id),
+        model=profile.model.name or "custom",
+        namespace=opts.namespace,
+        image=opts.image,
+        backend=str(profile.stack.backend.value),
+        device=profile.stack.device if profile.stack.device.startswith("cuda") else "cuda",
+        dtype=profile.stack.dtype,
+        prompt_tokens=tuple(plan.prompt_tokens),
+        output_tokens=tuple(plan.output_tokens),
+        repeats=plan.repeats,
+        warmups=plan.warmups,
+        gpu_resource=p.gpu_resource,
+        gpus=p.gpus,
+        cpu=p.cpu,
+        memory=p.memory,
+        store=opts.store,
+        metrics=opts.metrics,
+        node_selector={**p.node_selector, "kubernetes.io/hostname": node},
+        tolerations=tuple(p.tolerations),
+        backoff_limit=0,
+        active_deadline_s=deadline,
+        ttl_after_finished_s=opts.ttl_after_finished_s,
+        profile_namespace=_label_value(profile.namespace),
+    )
+    job = render_profile_job(spec)
+    pod = job["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + pod["containers"]:
+        for amounts in container["resources"].values():  # quantities are strings in the API
+            amounts.update({k: str(v) for k, v in amounts.items()})
+    labels = {MANAGED_LABEL[0]: MANAGED_LABEL[1], PROFILE_ID_LABEL: _label_value(profile.id)}
+    annotations = {
+        ANN_PROFILE_ID: profile.id,
+        ANN_NAMESPACE: profile.namespace,
+        ANN_NODE: node,
+        ANN_HOLDER: holder or opts.identity,
+    }
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"].update(labels)
+        meta["annotations"] = dict(annotations)
+    return job
+
+
+def _failed(reason: str, message: str, pid: str, node: str = "") -> ExecutorEvent:
+    return ExecutorEvent(pid, ExecutorPhase.FAILED, reason, message, node)
+
+
+def job_event(job: dict[str, Any], event_type: str = "MODIFIED") -> ExecutorEvent | None:
+    """The profile's state from its Job (None: nothing to report)."""
+    meta = job.get("metadata") or {}
+    pid = (meta.get("annotations") or {}).get(ANN_PROFILE_ID, "")
+    node = (meta.get("annotations") or {}).get(ANN_NODE, "")
+    if event_type == "DELETED":
+        return _failed(JOB_GONE, f"job {meta.get('name')} was deleted", pid, node)
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return ExecutorEvent(pid, ExecutorPhase.SUCCEEDED, node=node)
+        if cond.get("type") == "Failed":
+            reason, message = str(cond.get("reason") or ""), str(cond.get("message") or "")
+            if reason in _DEADLINE:
+                return _failed(DEADLINE_EXCEEDED, message or "the plan's budget ran out", pid, node)
+            return _failed(JOB_FAILED, f"{reason}: {message}".strip(": "), pid, node)
+    return None
+
+
+def pod_event(pod: dict[str, Any], profile_id: str, node: str) -> ExecutorEvent | None:
+    """The profile's state from its pod: the failures that the Job would report late or
+    never (an image that cannot be pulled, a pod that cannot be scheduled), OOMKilled,
+    and RUNNING."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return _failed(UNSCHEDULABLE, str(cond.get("message") or ""), profile_id, node)
+    statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    for cs in statuses:
+        for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+            waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+            if waiting.get("reason") in _IMAGE_PULL:
+                message = f"container {cs.get('name')}: {waiting.get('reason')}: " + str(
+                    waiting.get("message") or cs.get("image") or ""
+                )
+                return _failed(IMAGE_PULL_FAILED, message, profile_id, node)
+            if terminated.get("reason") == "OOMKilled":
+                return _failed(
+                    OOM_KILLED, f"container {cs.get('name')} was OOMKilled", profile_id, node
+                )
+    if status.get("phase") == "Running":
+        return ExecutorEvent(profile_id, ExecutorPhase.RUNNING, node=node)
+    return None
+
+
+class _ClientLeases:
+    """leases.LeaseApi over CoordinationV1Api (JSON bodies in and out)."""
+
+    def __init__(self, k8s: Any, api_client: Any, timeout: float) -> None:
+        self.api = k8s.client.CoordinationV1Api(api_client)
+        self.exc = k8s.client.ApiException
+        self.timeout = timeout
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            resp = fn(*args, _preload_content=False, _request_timeout=self.timeout, **kwargs)
+        except self.exc as exc:
+            if exc.status == 409:
+                raise LeaseConflict(str(exc)) from None
+            if exc.status == 404:
+                raise LeaseMissing(str(exc)) from None
+            raise
+        return json.loads(resp.data or b"{}")
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(self.api.read_namespaced_lease, name, namespace)
+        return out
+
+    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(self.api.create_namespaced_lease, namespace, body)
+        return out
+
+    def replace(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self._call(self.api.replace_namespaced_lease, name, namespace, body)
+        return out
+
+    def delete(self, namespace: str, name: str, resource_version: str) -> None:
+        body = {"preconditions": {"resourceVersion": resource_version}}
+        self._call(self.api.delete_namespaced_lease, name, namespace, body=body)
+
+    def list(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        listed = self._call(
+            self.api.list_namespaced_lease, namespace, label_selector=label_selector
+        )
+        return list(listed.get("items") or [])
+
+
+class KubernetesExecutor:
+    """See the module's docstring. `api_client`: a kubernetes.client.ApiClient (tests
+    point one at a fake API server); None loads the in-cluster config, else kubeconfig."""
+
+    name = "kubernetes"
+
+    def __init__(self, options: KubernetesOptions, api_client: Any = None) -> None:
+        k8s = _kubernetes()
+        if api_client is None:
+            try:
+                k8s.config.load_incluster_config()
+            except k8s.config.ConfigException:
+                k8s.config.load_kube_config()
+            api_client = k8s.client.ApiClient()
+        self.k8s, self.opts = k8s, options
+        self.batch = k8s.client.BatchV1Api(api_client)
+        self.core = k8s.client.CoreV1Api(api_client)
+        self.leases = NodeLeases(
+            _ClientLeases(k8s, api_client, options.request_timeout_s),
+            options.namespace,
+            options.identity,
+            options.lease_duration_s,
+        )
+        self.queue: FairQueue[str] = FairQueue()
+        self._lost: set[str] = set()  # nodes whose lease the keeper lost
+        self._closed = threading.Event()
+        self._keeper = threading.Thread(
+            target=self._keep_leases, name="k8s-lease-keeper", daemon=False
+        )
+        self._keeper.start()
+
+    # ------------------------------------------------------------ API
+
+    def run(
+        self,
+        profile: Profile,
+        *,
+        cancel: threading.Event,
+        on_progress: Callable[[Profile], None],
+    ) -> Profile:
+        try:
+            return self._run(profile, cancel, on_progress)
+        except IdealrtError as exc:
+            return self._final(profile, _failed(exc.reason, exc.message, profile.id))
+
+    def recover(self, unfinished: Sequence[Profile]) -> Recovery:
+        """After a restart: which unfinished profiles to run again (those with a Job are
+        adopted by `run`), which are FAILED JOB_GONE, and the orphaned Leases deleted
+        (ours, or expired, whose profile has no Job; a fresh Lease of another replica that
+        has not created its Job yet is left alone)."""
+        jobs = self._managed_jobs()
+        with_job = {(j["metadata"].get("annotations") or {}).get(ANN_PROFILE_ID) for j in jobs}
+        resume, failed = [], []
+        for p in unfinished:
+            if p.id in with_job or p.state is not ProfileState.RUNNING:
+                resume.append(p)
+            else:
+                message = f"job {job_name(p.id)} is gone (found missing at restart)"
+                failed.append(self._final(p, _failed(JOB_GONE, message, p.id)))
+        released = []
+        for lease in self.leases.managed():
+            pid = (lease["metadata"].get("annotations") or {}).get(ANN_PROFILE_ID)
+            holder = (lease.get("spec") or {}).get("holderIdentity")
+            ours = holder == self.opts.identity or self.leases.expired(lease)
+            if pid not in with_job and ours and self.leases.release_orphan(lease):
+                released.append(lease["metadata"]["name"])
+        log.info("k8s_recovered", jobs=len(jobs), failed=len(failed), released=len(released))
+        return Recovery(resume, failed, released)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self.queue.cond:
+            self.queue.cond.notify_all()
+        self._keeper.join()
+
+    # ------------------------------------------------------------ internals
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        resp = fn(
+            *args, _preload_content=False, _request_timeout=self.opts.request_timeout_s, **kwargs
+        )
+        out: dict[str, Any] = json.loads(resp.data or b"{}")
+        return out
+
+    def _managed_jobs(self) -> list[dict[str, Any]]:
+        selector = f"{MANAGED_LABEL[0]}={MANAGED_LABEL[1]}"
+        listed = self._call(
+            self.batch.list_namespaced_job, self.opts.namespace, label_selector=selector
+        )
+        return list(listed.get("items") or [])
+
+    def _existing_job(self, profile: Profile) -> dict[str, Any] | None:
+        try:
+            return self._call(
+                self.batch.read_namespaced_job, job_name(profile.id), self.opts.namespace
+            )
+        except self.k8s.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _run(
+        self, profile: Profile, cancel: threading.Event, on_progress: Callable[[Profile], None]
+    ) -> Profile:
+        job = self._existing_job(profile)
+        if job is not None:  # a restart: adopt the Job and its node's Lease
+            ann = job["metadata"].get("annotations") or {}
+            node = ann.get(ANN_NODE, "")
+            self.leases.try_acquire(node, profile.id, adopt_from=ann.get(ANN_HOLDER, ""))
+            log.info("k8s_job_adopted", profile_id=profile.id, node=node)
+        else:
+            node = self._wait_for_node(profile, cancel)
+            if node is None:
+                return self._final(profile, None, cancelled=True)
+            job = render_job(profile, node, self.opts)
+            try:
+                self._call(
+                    self.batch.create_namespaced_job,
+                    self.opts.namespace,
+                    job,
+                    field_validation="Strict",
+                )
+            except Exception:
+                self.leases.release(node)
+                raise
+            log.info("k8s_job_created", profile_id=profile.id, node=node, job=job_name(profile.id))
+        try:
+            return self._follow(profile, node, cancel, on_progress)
+        finally:
+            self.leases.release(node)
+            with self.queue.cond:
+                self.queue.cond.notify_all()  # a node is free: the head tries again
+
+    def _wait_for_node(self, profile: Profile, cancel: threading.Event) -> str | None:
+        self.queue.put(profile.namespace, profile.id)
+        held = {h.node for h in self.leases.held()}
+        with self.queue.cond:
+            while True:
+                if cancel.is_set() or self._closed.is_set():
+                    self.queue.remove(profile.id)
+                    return None
+                if self.queue.head() == profile.id:
+                    held = {h.node for h in self.leases.held()}
+                    for node in self.opts.placement.nodes:
+                        if node not in held and self.leases.try_acquire(node, profile.id):
+                            self.queue.pop(profile.id)
+                            return node
+                self.queue.cond.wait(self.opts.retry_s)
+
+    def _follow(
+        self,
+        profile: Profile,
+        node: str,
+        cancel: threading.Event,
+        on_progress: Callable[[Profile], None],
+    ) -> Profile:
+        name = job_name(profile.id)
+        events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
+        stop = threading.Event()
+        watchers = [
+            threading.Thread(
+                target=self._watch_into,
+                args=(kind, fn, selector, events, stop),
+                name=f"k8s-watch-{kind}-{name}",
+                daemon=False,
+            )
+            for kind, fn, selector in (
+                (
+                    "job",
+                    self.batch.list_namespaced_job,
+                    {"field_selector": f"metadata.name={name}"},
+                ),
+                ("pod", self.core.list_namespaced_pod, {"label_selector": f"job-name={name}"}),
+            )
+        ]
+        for w in watchers:
+            w.start()
+        running = dataclasses.replace(profile, state=ProfileState.RUNNING, error="")
+        running.start_time = running.start_time or utcnow()
+        on_progress(running)
+        try:
+            while True:
+                if cancel.is_set():
+                    self._delete_job(name)
+                    return self._final(running, None, cancelled=True)
+                if node in self._lost:
+                    self._lost.discard(node)
+                    self._delete_job(name)
+                    message = f"the Lease of node {node} was taken over while the Job ran"
+                    return self._final(running, _failed(LEASE_LOST, message, profile.id, node))
+                try:
+                    kind, etype, obj = events.get(timeout=0.1)  # wakes for cancel
+                except queue.Empty:
+                    continue
+                if kind == "error":
+                    self._delete_job(name)
+                    message = f"watching job {name} failed: {obj.get('message')}"
+                    return self._final(running, _failed(JOB_FAILED, message, profile.id, node))
+                if kind == "job":
+                    ev = job_event(obj, etype)
+                else:
+                    ev = pod_event(obj, profile.id, node) if etype != "DELETED" else None
+                if ev is None:
+                    continue
+                if ev.phase.terminal:
+                    if ev.phase is ExecutorPhase.FAILED and kind == "pod":
+                        self._delete_job(name)  # it would wait for its deadline
+                    log.info(
+                        "k8s_profile_finished",
+                        profile_id=profile.id,
+                        phase=ev.phase.value,
+                        reason=ev.reason,
+                    )
+                    return self._final(running, ev)
+        finally:
+            stop.set()
+            for w in watchers:
+                w.join()
+
+    def _watch_into(
+        self,
+        kind: str,
+        list_fn: Callable[..., Any],
+        selector: dict[str, str],
+        out: queue.Queue[tuple[str, str, dict[str, Any]]],
+        stop: threading.Event,
+    ) -> None:
+        """A watcher thread: list, then watch from the list's resourceVersion, each watch
+        bounded by watch_timeout_s server-side; 410 Gone lists again."""
+        ns = self.opts.namespace
+        version: str | None = None
+        try:
+            while not stop.is_set() and not self._closed.is_set():
+                if version is None:
+                    listed = self._call(list_fn, ns, **selector)
+                    version = str(listed["metadata"]["resourceVersion"])
+                    for item in listed.get("items") or []:
+                        out.put((kind, "ADDED", item))
+                for etype, obj in self._stream(list_fn, ns, selector, version, stop):
+                    if etype == "ERROR":
+                        if obj.get("code") == 410:
+                            version = None
+                            break
+                        out.put(("error", etype, obj))
+                        return
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if etype != "BOOKMARK":
+                        out.put((kind, etype, obj))
+        except self.k8s.client.ApiException as exc:
+            if exc.status == 410 and not stop.is_set():  # too old to watch from: list again
+                self._watch_into(kind, list_fn, selector, out, stop)
+                return
+            log.exception("k8s_watch_failed", kind=kind)
+            out.put(("error", "ERROR", {"message": f"{type(exc).__name__}: {exc}"}))
+        except Exception as exc:  # a thread's top: report to the run, which fails
+            log.exception("k8s_watch_failed", kind=kind)
+            out.put(("error", "ERROR", {"message": f"{type(exc).__name__}: {exc}"}))
+
+    def _stream(
+        self,
+        list_fn: Callable[..., Any],
+        ns: str,
+        selector: dict[str, str],
+        version: str,
+        stop: threading.Event,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        w = self.k8s.watch.Watch()
+        for event in w.stream(
+            list_fn,
+            ns,
+            resource_version=version,
+            timeout_seconds=self.opts.watch_timeout_s,
+            allow_watch_bookmarks=True,
+            deserialize=False,  # plain JSON events: {"type", "object"}
+            _request_timeout=(self.opts.request_timeout_s, self.opts.watch_timeout_s + 30),
+            **selector,
+        ):
+            if not event:
+                continue
+            yield str(event["type"]), event.get("object") or {}
+            if stop.is_set():
+                w.stop()
+                return
+
+    def _delete_job(self, name: str) -> None:
+        try:
+            self._call(
+                self.batch.delete_namespaced_job,
+                name,
+                self.opts.namespace,
+                propagation_policy="Background",
+            )
+        except self.k8s.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _keep_leases(self) -> None:
+        """The keeper thread: renew every held Lease each renew_interval_s."""
+        while not self._closed.wait(self.opts.renew_interval_s):
+            try:
+                lost = self.leases.renew_all()
+            except Exception:  # a thread's top: log, and try again next time
+                log.exception("k8s_lease_renew_failed")
+                continue
+            for node in lost:
+                log.warning("k8s_lease_lost", node=node)
+                self._lost.add(node)
+
+    @staticmethod
+    def _final(profile: Profile, ev: ExecutorEvent | None, cancelled: bool = False) -> Profile:
+        if cancelled or ev is None:
+            return dataclasses.replace(profile, state=ProfileState.CANCELLED, end_time=utcnow())
+        state = (
+            ProfileState.SUCCEEDED if ev.phase is ExecutorPhase.SUCCEEDED else ProfileState.FAILED
+        )
+        return dataclasses.replace(profile, state=state, end_time=utcnow(), error=ev.error)

@@ -1,0 +1,92 @@
+"""The kubernetes executor's Jobs against the Kubernetes schemas (kubernetes-validate
+--strict, 1.30 through 1.37 where the package has them), and its RBAC: the verbs the
+executor's code calls, derived from its source, equal those the Role grants."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from idealrt.core.domain import ModelRef, Profile, ProfilePlan, StackSpec
+from idealrt.services.profiler.executor import kubernetes as kexec
+from idealrt.services.profiler.executor.base import Placement
+
+ROOT = Path(__file__).resolve().parents[3]
+WANTED = [f"1.{m}.0" for m in range(30, 38)]
+SCHEMA_DIR = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+VERSIONS = [v for v in WANTED if (SCHEMA_DIR / f"v{v}-local-strict").is_dir()]
+
+
+def test_some_versions_are_available() -> None:
+    assert VERSIONS, f"kubernetes-validate has none of {WANTED}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("budget", [0.0, 900.5])
+def test_jobs_validate_strictly(version: str, budget: float) -> None:
+    p = Profile(
+        id="01HZ-Profile_ID.x",
+        model=ModelRef(name="gpt2"),
+        stack=StackSpec(device="cuda", dtype="fp16"),
+        plan=ProfilePlan(prompt_tokens=(1, 64), output_tokens=(1, 8), budget_s=budget),
+        namespace="team-a",
+    )
+    opts = kexec.KubernetesOptions(placement=Placement(nodes=("gpu-1",), gpus=2, cpu="8"))
+    job = kexec.render_job(p, "gpu-1", opts)
+    assert kubernetes_validate.validate(job, version, strict=True)
+    assert job["spec"]["backoffLimit"] == 0
+    want = 7200 if budget == 0 else 901 + opts.startup_allowance_s
+    assert job["spec"]["activeDeadlineSeconds"] == want
+
+
+# the client's method name -> (apiGroup, resource, verb)
+_VERBS = {"create": "create", "read": "get", "list": "list", "replace": "update",
+          "delete": "delete", "patch": "patch"}  # fmt: skip
+_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods"),
+              "lease": ("coordination.k8s.io", "leases")}  # fmt: skip
+
+
+def used_verbs() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every API call in the executor's source; a list
+    function passed to a watch is also `watch`."""
+    src = (ROOT / "services/profiler/executor/kubernetes.py").read_text()
+    out = set()
+    for verb, kind in re.findall(
+        r"\.(create|read|list|replace|delete|patch)_namespaced_(\w+?)\b", src
+    ):
+        group, resource = _RESOURCES[kind]
+        out.add((group, resource, _VERBS[verb]))
+    for kind in re.findall(r"list_namespaced_(job|pod)\b", src):  # listed, then watched
+        group, resource = _RESOURCES[kind]
+        if "w.stream(" in src:
+            out.add((group, resource, "watch"))
+    return out
+
+
+def test_role_grants_exactly_the_verbs_used() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "k8s/base/rbac.yaml").read_text()))
+    (role,) = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "idealrt-profiler"
+    ]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == used_verbs()
+
+
+def test_executor_config() -> None:
+    from idealrt.core.config import ProfilerConfig
+
+    assert ProfilerConfig.from_env({}).executor == "local"
+    env = {"IDEALRT_PROFILER_EXECUTOR": "kubernetes"}
+    assert ProfilerConfig.from_env(env).executor == "kubernetes"
+    with pytest.raises(ValueError, match="IDEALRT_PROFILER_EXECUTOR"):
+        ProfilerConfig.from_env({"IDEALRT_PROFILER_EXECUTOR": "slurm"})
