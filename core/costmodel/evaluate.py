@@ -37,6 +37,7 @@ __all__ = [
     "helm_table",
     "kfold_quality",
     "quality_for",
+    "relative_quality",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -56,7 +57,9 @@ def config_runtimes(
     return g.keys[:, 0], g.keys[:, 1], meas
 
 
-def _quality(method: str, pred: FloatArray, meas: FloatArray) -> FitQuality:
+def relative_quality(method: str, pred: FloatArray, meas: FloatArray) -> FitQuality:
+    """Relative errors of predictions `pred` against measurements `meas` as a FitQuality
+    labelled `method` ("none" with no points)."""
     if pred.size == 0:
         return FitQuality(method="none")
     rel = np.abs(pred - meas) / meas
@@ -82,7 +85,7 @@ def heldout_quality(
             field="samples",
         )
     p, o, meas = config_runtimes(held, centre=centre, trim=trim)
-    return _quality("heldout", predict_runtime(cm, p, o), meas)
+    return relative_quality("heldout", predict_runtime(cm, p, o), meas)
 
 
 def kfold_quality(
@@ -117,7 +120,7 @@ def kfold_quality(
         meas.append(m)
     if not preds:
         return FitQuality(method="none")
-    return _quality("kfold", np.concatenate(preds), np.concatenate(meas))
+    return relative_quality("kfold", np.concatenate(preds), np.concatenate(meas))
 
 
 def quality_for(samples: Sequence[Sample], cm: CostModel, options: FitOptions) -> FitQuality:
@@ -205,9 +208,9 @@ def compare_to_helm(
     base = fit_prepared(data, dataclasses.replace(opts, knots="medians"))
     table, beta = helm_table(fit, centre=options.robust_centre, trim=options.trim)
     p, o, meas = config_runtimes(ev, centre=options.robust_centre, trim=options.trim)
-    ours = _quality("heldout", predict_runtime(cm, p, o), meas)
-    medians = _quality("heldout", predict_runtime(base, p, o), meas)
-    helm = _quality("helm", helm_proportional_predict(table, beta, p, o), meas)
+    ours = relative_quality("heldout", predict_runtime(cm, p, o), meas)
+    medians = relative_quality("heldout", predict_runtime(base, p, o), meas)
+    helm = relative_quality("helm", helm_proportional_predict(table, beta, p, o), meas)
     fell_back = options.knots == "select" and ours.mean_rel > medians.mean_rel * (1.0 + 1e-9)
     if fell_back:  # the guard of fit_with_replicates
         ours = medians

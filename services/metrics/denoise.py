@@ -73,6 +73,7 @@ import numpy.typing as npt
 import scipy.optimize
 import scipy.sparse
 
+from idealrt.core.costmodel.evaluate import relative_quality
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, IdealrtError, InvalidArgument
@@ -410,17 +411,6 @@ def _measured(
     return keys[:, 0], keys[:, 1], stat
 
 
-def _rel_quality(method: str, pred: FloatArray, meas: FloatArray) -> FitQuality:
-    rel = np.abs(pred - meas) / meas
-    return FitQuality(
-        method=method,
-        points=int(rel.size),
-        mean_rel=float(rel.mean()),
-        p95_rel=float(np.percentile(rel, 95.0)),
-        max_rel=float(rel.max()),
-    )
-
-
 def _quality(
     cm: CostModel,
     data: _Data,
@@ -434,7 +424,7 @@ def _quality(
     if held:
         hd = _Data.of(held)
         p, o, meas = _measured(hd.p, hd.o, hd.total_s, method, quantile)
-        return _rel_quality("heldout", predict_runtime(cm, p, o), meas)
+        return relative_quality("heldout", predict_runtime(cm, p, o), meas)
     interior = np.asarray(data.knots[1:-1], dtype=np.float64)
     if kfold < 2 or interior.size == 0:
         return FitQuality(method="none")
@@ -459,7 +449,7 @@ def _quality(
         meas_all.append(meas)
     if not preds:
         return FitQuality(method="none")
-    return _rel_quality("kfold", np.concatenate(preds), np.concatenate(meas_all))
+    return relative_quality("kfold", np.concatenate(preds), np.concatenate(meas_all))
 
 
 def _fit(
