@@ -47,6 +47,7 @@ def _key(p: Profile) -> tuple[object, ...]:
         p.start_time,
         p.end_time,
         p.error,
+        p.queue_position,
     )
 
 
@@ -72,6 +73,10 @@ class ProfilerClient(ClientChannel):
         self.watch_reconnect_window_s = watch_reconnect_window_s
 
     def create_profile(self, profile: Profile) -> Profile:
+        """Sends the client's parts of `profile`: model, stack, plan, target, namespace,
+        request_id and `placement` (where a kubernetes executor may run it; a local
+        executor refuses a non-empty one). The server sets state, progress and
+        `queue_position` (what `profile` holds there is ignored)."""
         r = call(
             self._stub.CreateProfile,
             pb.CreateProfileRequest(
@@ -102,9 +107,9 @@ class ProfilerClient(ClientChannel):
         Rides out a restart of the profiler: when the stream breaks with UNAVAILABLE it
         backs off (RECONNECT_BACKOFF_S doubling to RECONNECT_BACKOFF_CAP_S, jittered),
         re-Gets the profile, yields it if it changed, and watches again; a snapshot equal to
-        the last one yielded (state, progress, times, error) is not yielded twice, and a
-        terminal one is never lost. It gives up, raising the UNAVAILABLE error, when the
-        profiler has not answered for `reconnect_window_s` (default: the client's
+        the last one yielded (state, progress, times, error, queue position) is not yielded
+        twice, and a terminal one is never lost. It gives up, raising the UNAVAILABLE error,
+        when the profiler has not answered for `reconnect_window_s` (default: the client's
         `watch_reconnect_window_s`). `timeout` bounds the whole watch (DEADLINE_EXCEEDED).
         """
         window = self.watch_reconnect_window_s if reconnect_window_s is None else reconnect_window_s

@@ -37,6 +37,8 @@ __all__ = [
     "duration_from_pb",
     "model_ref_from_pb",
     "model_ref_to_pb",
+    "placement_from_pb",
+    "placement_to_pb",
     "plan_from_pb",
     "plan_to_pb",
     "profile_from_pb",
@@ -501,6 +503,14 @@ def target_from_pb(m: rpb.Target, field: str = "profile.target") -> d.Target:
     )
 
 
+def placement_to_pb(p: d.Placement) -> rpb.Placement:
+    return rpb.Placement(gpu_product=p.gpu_product, node_pool=p.node_pool, whole_node=p.whole_node)
+
+
+def placement_from_pb(m: rpb.Placement) -> d.Placement:
+    return d.Placement(gpu_product=m.gpu_product, node_pool=m.node_pool, whole_node=m.whole_node)
+
+
 def profile_state_to_pb(s: d.ProfileState) -> Any:
     return _STATE[0][s]
 
@@ -526,9 +536,12 @@ def profile_to_pb(p: d.Profile) -> rpb.Profile:
         error=p.error,
         provenance=dict(p.provenance.entries),
         namespace=p.namespace,
+        queue_position=p.queue_position,
     )
     if p.model_spec is not None:
         msg.model_spec.CopyFrom(spec_to_pb(p.model_spec))
+    if not p.placement.empty:  # unset: anywhere
+        msg.placement.CopyFrom(placement_to_pb(p.placement))
     return msg
 
 
@@ -537,13 +550,13 @@ class ProfileMessages:
     profiles again and again (a list page, then a get of one of them).
 
     A Profile is mutable and unhashable, so the memo's key is its scalar fields by value
-    and its frozen parts (model, stack, plan, target, provenance, model_spec) by identity:
-    the store hands out the same part objects for every read of an unchanged profile (see
-    the store's row decoding), and an entry keeps its parts alive, so an id in a key names
-    the very object converted, never a later one at the same address. A changed profile
-    is a new key; a profile built elsewhere is merely a miss. The message returned is
-    shared: copy it into a response (message constructors and CopyFrom copy), never
-    change it. At most `size` entries, the oldest dropped first."""
+    and its frozen parts (model, stack, plan, target, provenance, model_spec, placement) by
+    identity: the store hands out the same part objects for every read of an unchanged
+    profile (see the store's row decoding), and an entry keeps its parts alive, so an id
+    in a key names the very object converted, never a later one at the same address. A
+    changed profile is a new key; a profile built elsewhere is merely a miss. The message
+    returned is shared: copy it into a response (message constructors and CopyFrom copy),
+    never change it. At most `size` entries, the oldest dropped first."""
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
@@ -551,10 +564,11 @@ class ProfileMessages:
         self._lock = threading.Lock()
 
     def __call__(self, p: d.Profile) -> rpb.Profile:
-        parts = (p.model, p.stack, p.plan, p.target, p.provenance, p.model_spec)
+        parts = (p.model, p.stack, p.plan, p.target, p.provenance, p.model_spec, p.placement)
         key = (
             p.id, p.state, p.request_id, p.create_time, p.start_time, p.end_time,
-            p.completed_samples, p.total_samples, p.error, p.namespace, *map(id, parts),
+            p.completed_samples, p.total_samples, p.error, p.namespace, p.queue_position,
+            *map(id, parts),
         )  # fmt: skip
         try:
             hit = self._memo.get(key)
@@ -571,8 +585,9 @@ class ProfileMessages:
 
 
 def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False) -> d.Profile:
-    """`new=True` for client-created profiles: state and progress are the server's (the
-    namespace is the client's, `new` or not). An empty namespace is "default"."""
+    """`new=True` for client-created profiles: state, progress and queue position are the
+    server's (the namespace and placement are the client's, `new` or not). An empty
+    namespace is "default"."""
     return d.Profile(
         id="" if new else m.id,
         model=model_ref_from_pb(m.model, f"{field}.model"),
@@ -592,6 +607,8 @@ def profile_from_pb(m: rpb.Profile, field: str = "profile", *, new: bool = False
         if m.HasField("model_spec") and not new
         else None,
         namespace=check_namespace(m.namespace, f"{field}.namespace"),
+        placement=placement_from_pb(m.placement) if m.HasField("placement") else d.Placement(),
+        queue_position=0 if new else m.queue_position,
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "FitQuality",
     "LeasePolicy",
     "ModelRef",
+    "Placement",
     "Profile",
     "ProfilePlan",
     "ProfileState",
@@ -146,6 +147,20 @@ class Provenance:
     entries: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a profile may run when the profiler's executor is "kubernetes" (the local
+    executor refuses a non-empty one). Empty fields: any."""
+
+    gpu_product: str = ""  # node label nvidia.com/gpu.product, e.g. "NVIDIA-H100-80GB-HBM3"
+    node_pool: str = ""  # value of the profiler's node-pool label (IDEALRT_K8S_NODE_POOL_LABEL)
+    whole_node: bool = False  # every GPU of the node (its allocatable count), not the configured
+
+    @property
+    def empty(self) -> bool:
+        return not (self.gpu_product or self.node_pool or self.whole_node)
+
+
 @dataclasses.dataclass
 class Profile:
     id: str
@@ -165,6 +180,10 @@ class Profile:
     model_spec: ModelSpec | None = None  # resolved spec actually measured
     # set at creation, never changed: its samples and cost models belong to it too
     namespace: str = DEFAULT_NAMESPACE
+    placement: Placement = dataclasses.field(default_factory=Placement)
+    # 1-based position in the profiler's queue while QUEUED, 0 otherwise; set by the
+    # profiler, read-only for clients (CreateProfile ignores a client's value)
+    queue_position: int = 0
 
 
 class SampleFlag(enum.StrEnum):

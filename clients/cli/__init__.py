@@ -192,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="http: KEY=VALUE (stream=0, prompt_format=token_ids, ...)",
     )
+    p.add_argument(
+        "--gpu-product",
+        default="",
+        help="kubernetes executor: run on a node whose nvidia.com/gpu.product label is this, "
+        "e.g. NVIDIA-H100-80GB-HBM3",
+    )
+    p.add_argument(
+        "--node-pool",
+        default="",
+        help="kubernetes executor: run in this node pool (the value of the profiler's "
+        "node-pool label)",
+    )
+    p.add_argument(
+        "--whole-node",
+        action="store_true",
+        help="kubernetes executor: take every GPU of the node, not the configured count",
+    )
     p.add_argument("--request-id", default="")
     p.add_argument("--no-wait", action="store_true", help="return once created")
 

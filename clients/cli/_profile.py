@@ -17,6 +17,7 @@ from idealrt.core.domain import (
     Backend,
     LeasePolicy,
     ModelRef,
+    Placement,
     Profile,
     ProfilePlan,
     ProfileState,
@@ -107,7 +108,29 @@ def build_profile(args: argparse.Namespace) -> Profile:
         target=target,
         request_id=args.request_id or uuid.uuid4().hex,
         namespace=getattr(args, "namespace", "") or DEFAULT_NAMESPACE,
+        placement=Placement(
+            gpu_product=getattr(args, "gpu_product", "") or "",
+            node_pool=getattr(args, "node_pool", "") or "",
+            whole_node=bool(getattr(args, "whole_node", False)),
+        ),
     )
+
+
+def _state(p: Profile) -> str:
+    """The state as a list or a progress bar prints it: a queued profile's with its place
+    in the profiler's queue ("queued #3": two profiles run before it)."""
+    if p.state == ProfileState.QUEUED and p.queue_position > 0:
+        return f"{p.state.value} #{p.queue_position}"
+    return p.state.value
+
+
+def _placement(p: Profile) -> str:
+    parts = [
+        f"gpu_product={p.placement.gpu_product}" if p.placement.gpu_product else "",
+        f"node_pool={p.placement.node_pool}" if p.placement.node_pool else "",
+        "whole_node" if p.placement.whole_node else "",
+    ]
+    return " ".join(x for x in parts if x)
 
 
 def watch_with_progress(client: ProfilerClient, profile: Profile, quiet: bool = False) -> Profile:
@@ -130,7 +153,7 @@ def watch_with_progress(client: ProfilerClient, profile: Profile, quiet: bool = 
                     task,
                     total=update.total_samples or None,
                     completed=update.completed_samples,
-                    description=f"{update.id} {update.state.value}",
+                    description=f"{update.id} {_state(update)}",
                 )
         except KeyboardInterrupt:
             err_console.print(f"cancelling {profile.id} (measured samples are kept)")
@@ -146,6 +169,10 @@ def _print_profile(p: Profile) -> None:
         ("stack", f"{p.stack.backend.value} {p.stack.device} {p.stack.dtype}"),
         ("samples", f"{p.completed_samples}/{p.total_samples}"),
     ]
+    if p.state == ProfileState.QUEUED and p.queue_position > 0:
+        rows.insert(2, ("queue position", f"{p.queue_position} (1: runs next)"))
+    if not p.placement.empty:
+        rows.append(("placement", _placement(p)))
     if p.error:
         rows.append(("error", p.error))
     print_table("profile", ["field", "value"], rows)
@@ -194,7 +221,7 @@ def cmd_profiles(args: argparse.Namespace, s: Session) -> int:
         [
             (
                 p.id,
-                p.state.value,
+                _state(p),
                 p.model.name,
                 f"{p.stack.backend.value}/{p.stack.device}/{p.stack.dtype}",
                 f"{p.completed_samples}/{p.total_samples}",

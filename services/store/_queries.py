@@ -72,13 +72,16 @@ _BY_REQUEST = {
 
 
 def _request_body(p: Profile) -> str:
-    return _serde.dumps({"model": p.model, "stack": p.stack, "plan": p.plan, "target": p.target})
+    return _serde.dumps(
+        {"model": p.model, "stack": p.stack, "plan": p.plan, "target": p.target,
+         "placement": p.placement}
+    )  # fmt: skip
 
 
 def mutable(p: Profile) -> str:
     return _serde.dumps(
         [p.state, p.completed_samples, p.total_samples, p.start_time, p.end_time, p.error,
-         p.provenance, p.model_spec]
+         p.provenance, p.model_spec, p.queue_position]
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from idealrt.core.domain import (
     ContentionObservation,
     CostModel,
     ModelRef,
+    Placement,
     Profile,
     ProfilePlan,
     ProfileState,
@@ -51,6 +52,10 @@ _PROFILE_PAYLOAD: dict[str, Any] = {
     "target": Target,
     "provenance": Provenance,
     "model_spec": ModelSpec | None,
+    # Added after the first rows were written: a payload without one decodes to the
+    # default (no migration: `_decode_payload` passes only the keys present).
+    "placement": Placement,
+    "queue_position": int,
 }
 # Stored as columns, not in the cost model's payload.
 _COST_MODEL_COLUMNS = (

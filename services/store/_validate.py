@@ -23,6 +23,7 @@ from idealrt.core.domain import (
     ContentionObservation,
     CostModel,
     ModelRef,
+    Placement,
     Profile,
     ProfilePlan,
     ProfileState,
@@ -71,6 +72,10 @@ _EXACTLY: dict[Any, frozenset[type]] = {
     str: frozenset({str}),
 }
 _FLAG_ONLY = frozenset({SampleFlag})
+# A Kubernetes label value (what a placement's fields are matched against), when not empty.
+_LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE_LEN = 63
+_QUEUE_POSITION_MAX = 1_000_000
 
 
 def check_id(value: object, field: str, *, allow_empty: bool = False) -> str:
@@ -183,6 +188,25 @@ def check_namespaces(namespaces: object) -> frozenset[str] | None:
     return frozenset(check_namespace(n, "namespaces") for n in namespaces)
 
 
+def _label_value(value: str, field: str) -> str:
+    if value and (len(value) > _LABEL_VALUE_LEN or not _LABEL_VALUE_RE.fullmatch(value)):
+        raise invalid(
+            field,
+            VALUE_INVALID,
+            f"{field} must be empty or a Kubernetes label value: at most {_LABEL_VALUE_LEN} "
+            f"characters of [A-Za-z0-9_.-], beginning and ending with [A-Za-z0-9], "
+            f"got {value[:80]!r}",
+        )
+    return value
+
+
+def _placement(value: object, field: str = "placement") -> Placement:
+    placement: Placement = _roundtrip(Placement, value, field)
+    _label_value(placement.gpu_product, f"{field}.gpu_product")
+    _label_value(placement.node_pool, f"{field}.node_pool")
+    return placement
+
+
 def check_profile(p: object) -> Profile:
     if not isinstance(p, Profile):
         raise invalid("profile", VALUE_INVALID, "profile must be a Profile")
@@ -204,6 +228,8 @@ def check_profile(p: object) -> Profile:
         total_samples=_int(p.total_samples, "total_samples"),
         error=_text(p.error, "error"),
         namespace=check_namespace(p.namespace, "namespace"),
+        placement=_placement(p.placement),
+        queue_position=_int(p.queue_position, "queue_position", 0, _QUEUE_POSITION_MAX),
     )
 
 

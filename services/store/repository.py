@@ -365,12 +365,12 @@ class Store:
         self, profile: Profile, namespaces: Namespaces = None, *, writer: str | None = None
     ) -> Profile:
         """Write the mutable fields (state, counters, start/end time, error, provenance,
-        model_spec); model/stack/plan/target/request_id/create_time/namespace are kept as
-        stored. A terminal profile is final: only an identical update (a retry) is
-        accepted. A profile outside `namespaces` is NOT_FOUND. `writer` (the caller's
-        subject, from the servicer): a profile being run by another writer is
-        PERMISSION_DENIED; writing RUNNING claims the profile for `writer`, writing QUEUED
-        (a checkpoint) releases it, so another profiler may resume it."""
+        model_spec, queue_position); model/stack/plan/target/placement/request_id/
+        create_time/namespace are kept as stored. A terminal profile is final: only an
+        identical update (a retry) is accepted. A profile outside `namespaces` is NOT_FOUND.
+        `writer` (the caller's subject, from the servicer): a profile being run by another
+        writer is PERMISSION_DENIED; writing RUNNING claims the profile for `writer`,
+        writing QUEUED (a checkpoint) releases it, so another profiler may resume it."""
         p = _validate.check_profile(profile)
         _validate.check_id(p.id, "id")
         ns = _validate.check_namespaces(namespaces)
@@ -382,6 +382,7 @@ class Store:
                 state=p.state,
                 completed_samples=p.completed_samples,
                 total_samples=p.total_samples,
+                queue_position=p.queue_position,
                 start_time=p.start_time,
                 end_time=p.end_time,
                 error=p.error,

@@ -3,6 +3,10 @@
 `Executor.run(profile, cancel=..., on_progress=...)` runs one profile to its end on the
 calling thread (a ProfileManager worker) and returns its final state; it never raises for
 a failure of the run itself (that is a FAILED profile whose `error` is "<REASON>: ...").
+One exception to "final": when the executor is closed (the profiler shuts down) while a
+run is in progress, the kubernetes executor returns the profile still RUNNING: its Job
+runs on in the cluster and a restarted profiler adopts it (`recover`); the caller must
+not store that as an end.
 Two implementations: `local` (this process, local.py: today's behaviour, the embedded
 default) and `kubernetes` (one Job per profile on a leased GPU node, kubernetes.py),
 chosen by `ProfilerConfig.executor` (IDEALRT_PROFILER_EXECUTOR).
@@ -28,10 +32,11 @@ __all__ = [
     "JOB_GONE",
     "OOM_KILLED",
     "UNSCHEDULABLE",
+    "ClusterPlacement",
     "Executor",
     "ExecutorEvent",
     "ExecutorPhase",
-    "Placement",
+    "ProfileReader",
 ]
 
 EXECUTORS = ("local", "kubernetes")
@@ -77,10 +82,13 @@ class ExecutorEvent:
 
 
 @dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where a profile's pod may run and what it holds: `nodes` are the candidate GPU
-    nodes (one profile per node at a time, by node Lease); the rest go into the pod
-    (nodeSelector, tolerations, the serving container's resources)."""
+class ClusterPlacement:
+    """The cluster's side of placement (config; a profile's own `Placement` narrows it):
+    `nodes`, a fixed list of candidate GPU nodes, or empty: the Nodes listed with
+    `node_selector` plus the profile's GPU product / node pool labels (one profile per
+    node at a time, by node Lease); the rest go into the pod (nodeSelector, tolerations,
+    the serving container's resources: `gpus` of `gpu_resource`, or every allocatable
+    GPU of the node for a whole-node profile)."""
 
     nodes: tuple[str, ...] = ()
     node_selector: Mapping[str, str] = dataclasses.field(
@@ -93,6 +101,14 @@ class Placement:
     gpus: int = 1
     cpu: str = "4"
     memory: str = "16Gi"
+    gpu_product_label: str = "nvidia.com/gpu.product"  # GPU feature discovery's label
+    node_pool_label: str = "idealrt.io/node-pool"
+
+
+class ProfileReader(Protocol):
+    """What an executor reads of the store: the profile as its run wrote it."""
+
+    def get_profile(self, profile_id: str) -> Profile: ...
 
 
 class Executor(Protocol):

@@ -5,7 +5,8 @@ first had work queued (a namespace whose queue empties leaves the rotation, and 
 its end when it has work again); inside a namespace, first in first out. So one namespace
 that queues a hundred profiles delays another's next profile by at most one.
 
-`head()` is the item whose turn it is, `pop(item)` takes it (after it got a node);
+`head()` is the item whose turn it is (skipping namespaces that may not start one now),
+`pop(item)` takes it (after it got a node), `position(item)` is its place in line;
 `remove(item)` drops a cancelled one wherever it is. Thread-safe; waiters use `cond`.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["FairQueue"]
@@ -36,27 +37,39 @@ class FairQueue(Generic[T]):
             queue.append(item)
             self.cond.notify_all()
 
-    def head(self) -> T | None:
-        """The item whose turn it is (None when empty)."""
+    def head(self, eligible: Callable[[str], bool] | None = None) -> T | None:
+        """The item whose turn it is (None when empty): the first in the rotation whose
+        namespace is `eligible` (e.g. under its running quota; default: every one). A
+        namespace passed over keeps its place in the rotation."""
         with self.cond:
-            if not self._turns:
-                return None
-            return self._queues[self._turns[0]][0]
+            for namespace in self._turns:
+                if eligible is None or eligible(namespace):
+                    return self._queues[namespace][0]
+            return None
 
     def pop(self, item: T) -> None:
-        """Take the head `item`; its namespace goes to the end of the rotation.
-        ValueError when `item` is not the head."""
+        """Take `item`, the first of its namespace; that namespace goes to the end of the
+        rotation. ValueError when `item` is not the first of its namespace."""
         with self.cond:
-            if not self._turns or self._queues[self._turns[0]][0] != item:
-                raise ValueError(f"{item!r} is not the head of the queue")
-            namespace = self._turns.popleft()
-            queue = self._queues[namespace]
+            for namespace in self._turns:
+                queue = self._queues[namespace]
+                if queue[0] == item:
+                    break
+            else:
+                raise ValueError(f"{item!r} is not the first of its namespace's queue")
+            self._turns.remove(namespace)
             queue.popleft()
             if queue:
                 self._turns.append(namespace)
             else:
                 del self._queues[namespace]
             self.cond.notify_all()
+
+    def position(self, item: T) -> int:
+        """`item`'s 1-based place in `order()` (0 when it is not queued)."""
+        with self.cond:
+            order = self.order()
+        return order.index(item) + 1 if item in order else 0
 
     def remove(self, item: T) -> bool:
         """Drop `item` wherever it is; False when it is not queued."""

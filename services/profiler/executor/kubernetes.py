@@ -9,7 +9,7 @@ One idea, one module (long because the steps share the client and the Job's nami
    k8s/jobs/profile-job.yaml) and adjusted for this profile: labels and annotations with
    the profile id and namespace, backoffLimit 0, activeDeadlineSeconds from the plan's
    budget, ttlSecondsAfterFinished, nodeSelector pinned to the leased node, tolerations and
-   resources from the Placement; created with fieldValidation=Strict;
+   resources from the ClusterPlacement; created with fieldValidation=Strict;
 4. watch: the Job (by name) and its pods (label job-name) with the watch API: a list for
    the state and a resourceVersion, then watches from there (410 Gone: list again); the
    pod's image pull errors, Unschedulable and OOMKilled, and the Job's DeadlineExceeded,
@@ -25,6 +25,7 @@ The official client is imported only here, when an executor is built:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -32,12 +33,13 @@ import queue
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import structlog
 
-from idealrt.clients.k8s import ProfileJobSpec, render_profile_job
+from idealrt.clients.k8s import PROFILER_PORT, ProfileJobSpec, render_profile_job
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfileState
 from idealrt.core.errors import FailedPrecondition, IdealrtError
@@ -48,9 +50,10 @@ from idealrt.services.profiler.executor.base import (
     JOB_GONE,
     OOM_KILLED,
     UNSCHEDULABLE,
+    ClusterPlacement,
     ExecutorEvent,
     ExecutorPhase,
-    Placement,
+    ProfileReader,
 )
 from idealrt.services.profiler.executor.fair_queue import FairQueue
 from idealrt.services.profiler.executor.leases import (
@@ -73,6 +76,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 LEASE_LOST = "LEASE_LOST"
+K8S_API_ERROR = "K8S_API_ERROR"  # the API server refused a call the executor needed
 JOB_INVALID = "JOB_INVALID"
 K8S_CLIENT_MISSING = "K8S_CLIENT_MISSING"
 PROFILE_ID_LABEL = "idealrt.io/profile-id"
@@ -101,7 +105,7 @@ def _kubernetes() -> Any:
 class KubernetesOptions:
     namespace: str = "idealrt"  # where the Jobs and Leases live
     identity: str = dataclasses.field(default_factory=socket.gethostname)  # this replica
-    placement: Placement = dataclasses.field(default_factory=Placement)
+    placement: ClusterPlacement = dataclasses.field(default_factory=ClusterPlacement)
     image: str = "idealrt:latest"
     store: str = "idealrt-store:50051"
     metrics: str = "idealrt-metrics:50054"
@@ -113,6 +117,7 @@ class KubernetesOptions:
     ttl_after_finished_s: int = 3600
     watch_timeout_s: int = 60  # each watch request's server-side timeout
     request_timeout_s: float = 30.0
+    progress_interval_s: float = 2.0  # how often a running profile's progress is read
 
 
 @dataclasses.dataclass
@@ -135,8 +140,18 @@ def job_name(profile_id: str) -> str:
     return f"idealrt-profile-{_label_value(profile_id)}"[:63].rstrip("-")
 
 
-def render_job(profile: Profile, node: str, opts: KubernetesOptions, holder: str = "") -> dict:
-    """The batch/v1 Job of `profile` on `node` (see the module's docstring, step 3)."""
+def render_job(
+    profile: Profile,
+    node: str,
+    opts: KubernetesOptions,
+    holder: str = "",
+    gpus: int | None = None,
+) -> dict:
+    """The batch/v1 Job of `profile` on `node` (see the module's docstring, step 3), with
+    `gpus` GPUs (default: the placement's). The pod runs this very profile: its profiler
+    sidecar loads it from the store by id (IDEALRT_PROFILER_RUN) and measures it, writing
+    progress and samples under that id; its `profile` container follows it
+    (`idealrt watch ID`) and exits 0 only when it SUCCEEDED."""
     p, plan = opts.placement, profile.plan
     budget = plan.budget_s
     deadline = (
@@ -155,12 +170,16 @@ def render_job(profile: Profile, node: str, opts: KubernetesOptions, holder: str
         repeats=plan.repeats,
         warmups=plan.warmups,
         gpu_resource=p.gpu_resource,
-        gpus=p.gpus,
+        gpus=gpus or p.gpus,
         cpu=p.cpu,
         memory=p.memory,
         store=opts.store,
         metrics=opts.metrics,
-        node_selector={**p.node_selector, "kubernetes.io/hostname": node},
+        node_selector={
+            **p.node_selector,
+            **profile_node_labels(profile, p),
+            "kubernetes.io/hostname": node,
+        },
         tolerations=tuple(p.tolerations),
         backoff_limit=0,
         active_deadline_s=deadline,
@@ -169,6 +188,14 @@ def render_job(profile: Profile, node: str, opts: KubernetesOptions, holder: str
     )
     job = render_profile_job(spec)
     pod = job["spec"]["template"]["spec"]
+    by_name = {c["name"]: c for c in pod["initContainers"] + pod["containers"]}
+    by_name["profiler"]["env"].append({"name": "IDEALRT_PROFILER_RUN", "value": profile.id})
+    by_name["profile"]["args"] = [
+        "watch",
+        profile.id,
+        f"--profiler=127.0.0.1:{PROFILER_PORT}",
+        "--json",
+    ]
     for container in pod["initContainers"] + pod["containers"]:
         for amounts in container["resources"].values():  # quantities are strings in the API
             amounts.update({k: str(v) for k, v in amounts.items()})
@@ -183,6 +210,52 @@ def render_job(profile: Profile, node: str, opts: KubernetesOptions, holder: str
         meta["labels"].update(labels)
         meta["annotations"] = dict(annotations)
     return job
+
+
+def profile_node_labels(profile: Profile, placement: ClusterPlacement) -> dict[str, str]:
+    """The node labels a profile's own placement asks for (GPU product, node pool)."""
+    want = profile.placement
+    out = {}
+    if want.gpu_product:
+        out[placement.gpu_product_label] = want.gpu_product
+    if want.node_pool:
+        out[placement.node_pool_label] = want.node_pool
+    return out
+
+
+def node_gpus(node: dict[str, Any], placement: ClusterPlacement, whole_node: bool) -> int:
+    """The GPUs a profile would take on `node` (a v1 Node): 0 when the node cannot take
+    a profile now (not Ready, cordoned, or fewer allocatable GPUs than asked for)."""
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    if spec.get("unschedulable"):
+        return 0
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    try:
+        allocatable = int(str((status.get("allocatable") or {}).get(placement.gpu_resource, "0")))
+    except ValueError:
+        return 0
+    need = allocatable if whole_node else placement.gpus
+    return need if ready and 0 < need <= allocatable else 0
+
+
+# Events that end a run at once: what the Job and pod watches cannot see (a pod that is
+# never created, a volume that can never mount) and would otherwise wait out the deadline.
+POD_FORBIDDEN = "POD_FORBIDDEN"  # the Job's pod was refused (admission, PodSecurity, quota)
+MOUNT_FAILED = "MOUNT_FAILED"  # a Secret/ConfigMap the pod mounts does not exist
+
+
+def event_failure(event: dict[str, Any], profile_id: str, node: str) -> ExecutorEvent | None:
+    """A terminal failure from a core/v1 Event about the profile's Job or pod, or None."""
+    reason, message = str(event.get("reason") or ""), str(event.get("message") or "")
+    kind = (event.get("involvedObject") or {}).get("kind")
+    if kind == "Job" and reason == "FailedCreate" and "forbidden" in message:
+        return _failed(POD_FORBIDDEN, f"the Job's pod was refused: {message}", profile_id, node)
+    if kind == "Pod" and reason == "FailedMount" and "not found" in message:
+        return _failed(MOUNT_FAILED, message, profile_id, node)
+    return None
 
 
 def _failed(reason: str, message: str, pid: str, node: str = "") -> ExecutorEvent:
@@ -283,11 +356,23 @@ class _ClientLeases:
 
 class KubernetesExecutor:
     """See the module's docstring. `api_client`: a kubernetes.client.ApiClient (tests
-    point one at a fake API server); None loads the in-cluster config, else kubeconfig."""
+    point one at a fake API server); None loads the in-cluster config, else kubeconfig.
+    `store`: where the pod writes the profile's progress and end (the executor reads it
+    to report progress and to end with what the pod measured); None: the Job's state
+    only. `running_limit(namespace)`: how many profiles of a namespace may run at once
+    (the namespace's quota; None: no limit): the fair queue passes over a namespace at
+    its limit, which keeps its turn."""
 
     name = "kubernetes"
 
-    def __init__(self, options: KubernetesOptions, api_client: Any = None) -> None:
+    def __init__(
+        self,
+        options: KubernetesOptions,
+        api_client: Any = None,
+        *,
+        store: ProfileReader | None = None,
+        running_limit: Callable[[str], int | None] | None = None,
+    ) -> None:
         k8s = _kubernetes()
         if api_client is None:
             try:
@@ -296,6 +381,8 @@ class KubernetesExecutor:
                 k8s.config.load_kube_config()
             api_client = k8s.client.ApiClient()
         self.k8s, self.opts = k8s, options
+        self.store = store
+        self.running_limit = running_limit or (lambda _namespace: None)
         self.batch = k8s.client.BatchV1Api(api_client)
         self.core = k8s.client.CoreV1Api(api_client)
         self.leases = NodeLeases(
@@ -305,6 +392,8 @@ class KubernetesExecutor:
             options.lease_duration_s,
         )
         self.queue: FairQueue[str] = FairQueue()
+        self._running: collections.Counter[str] = collections.Counter()  # by namespace
+        self._acquiring = threading.Lock()  # one head at a time tries the nodes
         self._lost: set[str] = set()  # nodes whose lease the keeper lost
         self._closed = threading.Event()
         self._keeper = threading.Thread(
@@ -325,6 +414,10 @@ class KubernetesExecutor:
             return self._run(profile, cancel, on_progress)
         except IdealrtError as exc:
             return self._final(profile, _failed(exc.reason, exc.message, profile.id))
+        except self.k8s.client.ApiException as exc:
+            log.exception("k8s_api_failed", profile_id=profile.id)
+            message = f"the Kubernetes API answered {exc.status} {exc.reason}: {exc.body}"
+            return self._final(profile, _failed(K8S_API_ERROR, message, profile.id))
 
     def recover(self, unfinished: Sequence[Profile]) -> Recovery:
         """After a restart: which unfinished profiles to run again (those with a Job are
@@ -390,45 +483,157 @@ class KubernetesExecutor:
             ann = job["metadata"].get("annotations") or {}
             node = ann.get(ANN_NODE, "")
             self.leases.try_acquire(node, profile.id, adopt_from=ann.get(ANN_HOLDER, ""))
+            with self.queue.cond:
+                self._running[profile.namespace] += 1
             log.info("k8s_job_adopted", profile_id=profile.id, node=node)
         else:
-            node = self._wait_for_node(profile, cancel)
-            if node is None:
-                return self._final(profile, None, cancelled=True)
-            job = render_job(profile, node, self.opts)
-            try:
+            got = self._wait_for_node(profile, cancel, on_progress)  # counted as running
+            if got is None:
+                return self._settle(profile, None, cancelled=True)
+            node, gpus = got
+        result: Profile | None = None
+        try:
+            if job is None:
                 self._call(
                     self.batch.create_namespaced_job,
                     self.opts.namespace,
-                    job,
+                    render_job(profile, node, self.opts, gpus=gpus),
                     field_validation="Strict",
                 )
-            except Exception:
-                self.leases.release(node)
-                raise
-            log.info("k8s_job_created", profile_id=profile.id, node=node, job=job_name(profile.id))
-        try:
-            return self._follow(profile, node, cancel, on_progress)
+                log.info(
+                    "k8s_job_created", profile_id=profile.id, node=node, job=job_name(profile.id)
+                )
+            result = self._follow(profile, node, cancel, on_progress)
+            return result
         finally:
-            self.leases.release(node)
+            if result is None or result.state.terminal:  # abandoned: the Lease stays held
+                self.leases.release(node)
             with self.queue.cond:
+                self._running[profile.namespace] -= 1
                 self.queue.cond.notify_all()  # a node is free: the head tries again
 
-    def _wait_for_node(self, profile: Profile, cancel: threading.Event) -> str | None:
+    def _eligible(self, namespace: str) -> bool:
+        """May a profile of `namespace` start now (its running-profiles quota)? Called
+        with the queue's lock held."""
+        limit = self.running_limit(namespace)
+        return limit is None or self._running[namespace] < limit
+
+    def _wait_for_node(
+        self, profile: Profile, cancel: threading.Event, on_progress: Callable[[Profile], None]
+    ) -> tuple[str, int] | None:
+        """Wait in the fair queue until it is this profile's turn and a node is free;
+        the leased (node, GPUs), counted as running in its namespace, or None when
+        cancelled or closed. The profile's queue_position is reported (on_progress)
+        whenever it changes. Only the head tries nodes, one thread at a time (the lock:
+        two heads could exist for a moment when a namespace's eligibility changes)."""
         self.queue.put(profile.namespace, profile.id)
-        held = {h.node for h in self.leases.held()}
-        with self.queue.cond:
+        reported = -1
+        try:
             while True:
-                if cancel.is_set() or self._closed.is_set():
-                    self.queue.remove(profile.id)
-                    return None
-                if self.queue.head() == profile.id:
-                    held = {h.node for h in self.leases.held()}
-                    for node in self.opts.placement.nodes:
-                        if node not in held and self.leases.try_acquire(node, profile.id):
-                            self.queue.pop(profile.id)
-                            return node
-                self.queue.cond.wait(self.opts.retry_s)
+                with self.queue.cond:
+                    if cancel.is_set() or self._closed.is_set():
+                        return None
+                    position = self.queue.position(profile.id)
+                    turn = self.queue.head(self._eligible) == profile.id
+                if position != reported:
+                    reported = position
+                    on_progress(
+                        dataclasses.replace(
+                            profile, state=ProfileState.QUEUED, queue_position=position
+                        )
+                    )
+                if turn:
+                    with self._acquiring:
+                        with self.queue.cond:  # still its turn (the quota may have moved)
+                            turn = self.queue.head(self._eligible) == profile.id
+                        got = self._lease_a_node(profile) if turn else None
+                        if got is not None:
+                            with self.queue.cond:
+                                self.queue.pop(profile.id)
+                                self._running[profile.namespace] += 1
+                            return got
+                with self.queue.cond:
+                    if not (cancel.is_set() or self._closed.is_set()):
+                        self.queue.cond.wait(self.opts.retry_s)
+        finally:
+            self.queue.remove(profile.id)  # a no-op once popped
+
+    def _lease_a_node(self, profile: Profile) -> tuple[str, int] | None:
+        """The first candidate node whose Lease this profile gets, with the GPUs it takes
+        there; None when every candidate is busy. FAILED UNSCHEDULABLE (raised) when no
+        node of the cluster matches the placement at all."""
+        held = {h.node for h in self.leases.held()}
+        for node, gpus in self._candidates(profile):
+            if node not in held and self.leases.try_acquire(node, profile.id):
+                return node, gpus
+        return None
+
+    def _candidates(self, profile: Profile) -> list[tuple[str, int]]:
+        """(node, GPUs) that may take the profile now: the fixed `nodes` of the
+        placement, or the Nodes listed by label (ready, schedulable, enough GPUs)."""
+        p = self.opts.placement
+        whole = profile.placement.whole_node
+        if p.nodes:
+            return [(n, p.gpus) for n in p.nodes]
+        labels = {**p.node_selector, **profile_node_labels(profile, p)}
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        import urllib3.exceptions  # the kubernetes client's transport
+
+        try:
+            listed = self._call(self.core.list_node, label_selector=selector)
+        except self.k8s.client.ApiException as exc:
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise  # e.g. 403: the ClusterRole idealrt-profiler-nodes is missing
+            log.warning("k8s_node_list_failed", status=exc.status, reason=exc.reason)
+            return []  # the API server is unwell: wait, and try again
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # no answer at all
+            log.warning("k8s_node_list_failed", error=f"{type(exc).__name__}: {exc}")
+            return []
+        nodes = listed.get("items") or []
+        if not nodes:
+            raise FailedPrecondition(
+                UNSCHEDULABLE,
+                f"no node of the cluster has the labels {selector} (profile.placement and "
+                "the profiler's node selector, IDEALRT_K8S_NODE_SELECTOR)",
+                field="profile.placement",
+            )
+        out = [(n["metadata"]["name"], node_gpus(n, p, whole)) for n in nodes]
+        return sorted((name, gpus) for name, gpus in out if gpus > 0)
+
+    def _stored(self, profile_id: str) -> Profile | None:
+        """The profile as the store has it (what the pod wrote); None without a store or
+        when the store does not answer (logged: the Job's state still ends the run)."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.get_profile(profile_id)
+        except IdealrtError as exc:
+            log.warning("k8s_progress_read_failed", profile_id=profile_id, reason=exc.reason)
+            return None
+
+    @staticmethod
+    def _merged(running: Profile, stored: Profile | None) -> Profile:
+        """`running` with what the pod measured so far (progress, fingerprint, spec)."""
+        if stored is None:
+            return running
+        return dataclasses.replace(
+            running,
+            completed_samples=stored.completed_samples,
+            total_samples=stored.total_samples or running.total_samples,
+            provenance=stored.provenance,
+            model_spec=stored.model_spec or running.model_spec,
+            start_time=stored.start_time or running.start_time,
+        )
+
+    def _settle(
+        self, running: Profile, ev: ExecutorEvent | None, cancelled: bool = False
+    ) -> Profile:
+        """The run's end: the pod's own terminal state when it stored one (SUCCEEDED,
+        INVALID, FAILED with its reason), else the Job's with the pod's progress."""
+        stored = self._stored(running.id)
+        if stored is not None and stored.state.terminal:
+            return dataclasses.replace(stored, queue_position=0)
+        return self._final(self._merged(running, stored), ev, cancelled)
 
     def _follow(
         self,
@@ -440,37 +645,54 @@ class KubernetesExecutor:
         name = job_name(profile.id)
         events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
         stop = threading.Event()
-        watchers = [
-            threading.Thread(
+        watchers: list[threading.Thread] = []
+
+        def watch(kind: str, fn: Callable[..., Any], selector: dict[str, str]) -> None:
+            w = threading.Thread(
                 target=self._watch_into,
                 args=(kind, fn, selector, events, stop),
                 name=f"k8s-watch-{kind}-{name}",
                 daemon=False,
             )
-            for kind, fn, selector in (
-                (
-                    "job",
-                    self.batch.list_namespaced_job,
-                    {"field_selector": f"metadata.name={name}"},
-                ),
-                ("pod", self.core.list_namespaced_pod, {"label_selector": f"job-name={name}"}),
-            )
-        ]
-        for w in watchers:
+            watchers.append(w)
             w.start()
-        running = dataclasses.replace(profile, state=ProfileState.RUNNING, error="")
+
+        watch("job", self.batch.list_namespaced_job, {"field_selector": f"metadata.name={name}"})
+        watch("pod", self.core.list_namespaced_pod, {"label_selector": f"job-name={name}"})
+        watch(
+            "event",
+            self.core.list_namespaced_event,
+            {"field_selector": f"involvedObject.kind=Job,involvedObject.name={name}"},
+        )
+        pods_watched: set[str] = set()
+        running = dataclasses.replace(
+            profile, state=ProfileState.RUNNING, error="", queue_position=0
+        )
+        running = self._merged(running, self._stored(profile.id))
         running.start_time = running.start_time or utcnow()
         on_progress(running)
+        last_read = time.monotonic()
         try:
             while True:
                 if cancel.is_set():
                     self._delete_job(name)
-                    return self._final(running, None, cancelled=True)
+                    return self._settle(running, None, cancelled=True)
+                if self._closed.is_set():  # shutdown: the Job runs on, a restart adopts it
+                    log.info("k8s_run_abandoned", profile_id=profile.id, node=node)
+                    return running
                 if node in self._lost:
                     self._lost.discard(node)
                     self._delete_job(name)
                     message = f"the Lease of node {node} was taken over while the Job ran"
-                    return self._final(running, _failed(LEASE_LOST, message, profile.id, node))
+                    return self._settle(running, _failed(LEASE_LOST, message, profile.id, node))
+                if time.monotonic() - last_read >= self.opts.progress_interval_s:
+                    last_read = time.monotonic()
+                    stored = self._stored(profile.id)
+                    if stored is not None and not stored.state.terminal:
+                        merged = self._merged(running, stored)
+                        if merged.completed_samples != running.completed_samples:
+                            running = merged
+                            on_progress(running)
                 try:
                     kind, etype, obj = events.get(timeout=0.1)  # wakes for cancel
                 except queue.Empty:
@@ -478,15 +700,23 @@ class KubernetesExecutor:
                 if kind == "error":
                     self._delete_job(name)
                     message = f"watching job {name} failed: {obj.get('message')}"
-                    return self._final(running, _failed(JOB_FAILED, message, profile.id, node))
+                    return self._settle(running, _failed(JOB_FAILED, message, profile.id, node))
+                ev: ExecutorEvent | None
                 if kind == "job":
                     ev = job_event(obj, etype)
+                elif kind == "event":
+                    ev = event_failure(obj, profile.id, node) if etype != "DELETED" else None
                 else:
+                    pod = str((obj.get("metadata") or {}).get("name") or "")
+                    if pod and pod not in pods_watched:  # its Events: a mount that fails
+                        pods_watched.add(pod)
+                        about = f"involvedObject.kind=Pod,involvedObject.name={pod}"
+                        watch("event", self.core.list_namespaced_event, {"field_selector": about})
                     ev = pod_event(obj, profile.id, node) if etype != "DELETED" else None
                 if ev is None:
                     continue
                 if ev.phase.terminal:
-                    if ev.phase is ExecutorPhase.FAILED and kind == "pod":
+                    if ev.phase is ExecutorPhase.FAILED and kind != "job":
                         self._delete_job(name)  # it would wait for its deadline
                     log.info(
                         "k8s_profile_finished",
@@ -494,7 +724,7 @@ class KubernetesExecutor:
                         phase=ev.phase.value,
                         reason=ev.reason,
                     )
-                    return self._final(running, ev)
+                    return self._settle(running, ev)
         finally:
             stop.set()
             for w in watchers:
@@ -592,8 +822,12 @@ class KubernetesExecutor:
     @staticmethod
     def _final(profile: Profile, ev: ExecutorEvent | None, cancelled: bool = False) -> Profile:
         if cancelled or ev is None:
-            return dataclasses.replace(profile, state=ProfileState.CANCELLED, end_time=utcnow())
+            return dataclasses.replace(
+                profile, state=ProfileState.CANCELLED, end_time=utcnow(), queue_position=0
+            )
         state = (
             ProfileState.SUCCEEDED if ev.phase is ExecutorPhase.SUCCEEDED else ProfileState.FAILED
         )
-        return dataclasses.replace(profile, state=state, end_time=utcnow(), error=ev.error)
+        return dataclasses.replace(
+            profile, state=state, end_time=utcnow(), error=ev.error, queue_position=0
+        )

@@ -16,17 +16,20 @@ client in kubernetes.py; nothing here imports `kubernetes`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+import structlog
+
 __all__ = ["LEASE_PREFIX", "LeaseApi", "LeaseConflict", "LeaseMissing", "NodeLeases"]
 
 LEASE_PREFIX = "idealrt-node-"
 PROFILE_ANNOTATION = "idealrt.io/profile-id"
+
+log = structlog.get_logger(__name__)
 MANAGED_LABEL = ("app.kubernetes.io/managed-by", "idealrt-profiler")
 
 
@@ -129,7 +132,8 @@ class NodeLeases:
 
     def try_acquire(self, node: str, profile_id: str, *, adopt_from: str = "") -> bool:
         """Take the node's Lease for `profile_id`: True when we hold it now. A lease held
-        by `adopt_from` (our own earlier incarnation, after a restart) is taken at once."""
+        for this same profile by us or by `adopt_from` (our own earlier incarnation, after
+        a restart) is taken at once; any other live lease is not."""
         name = self.name_of(node)
         try:
             current = self.api.get(self.namespace, name)
@@ -141,7 +145,12 @@ class NodeLeases:
             self._keep(node, profile_id, created)
             return True
         holder = (current.get("spec") or {}).get("holderIdentity") or ""
-        mine = holder == self.identity or (adopt_from and holder == adopt_from)
+        # ours only for the same profile: a Lease this replica (or its earlier
+        # incarnation) holds for another profile is that profile's node, not free
+        same = (current["metadata"].get("annotations") or {}).get(PROFILE_ANNOTATION)
+        mine = (holder == self.identity or (adopt_from and holder == adopt_from)) and (
+            same == profile_id
+        )
         if not mine and not self.expired(current):
             return False
         try:
@@ -167,9 +176,17 @@ class NodeLeases:
             updated = self.api.replace(self.namespace, self.name_of(node), body)
         except (LeaseConflict, LeaseMissing):
             with self._lock:
-                self._held.pop(node, None)
-            return False
-        self._keep(node, held.profile_id, updated)
+                if self._held.get(node) is held:
+                    del self._held[node]
+                    return False
+            return True  # released meanwhile (its delete met our renewal): not lost
+        with self._lock:
+            if self._held.get(node) is held:
+                self._held[node] = Held(node, held.profile_id, updated)
+                return True
+        # released while this renewal was on its way: the release's delete met a stale
+        # resourceVersion; delete what this renewal wrote, or the Lease would outlive it
+        self._delete(node, held.profile_id, updated)
         return True
 
     def renew_all(self) -> list[str]:
@@ -182,10 +199,29 @@ class NodeLeases:
             held = self._held.pop(node, None)
         if held is None:
             return
-        with contextlib.suppress(LeaseConflict, LeaseMissing):  # taken over or gone
-            self.api.delete(
-                self.namespace, self.name_of(node), held.lease["metadata"]["resourceVersion"]
-            )
+        self._delete(node, held.profile_id, held.lease)
+
+    def _delete(self, node: str, profile_id: str, lease: dict[str, Any]) -> None:
+        """Delete our Lease for `profile_id` on `node`, `lease` being the last version we
+        know: a 409 (a renewal of ours landed first) reads it again and retries while it
+        is still ours for that profile; taken over or gone: nothing to do."""
+        name = self.name_of(node)
+        for _ in range(5):
+            try:
+                self.api.delete(self.namespace, name, lease["metadata"]["resourceVersion"])
+                return
+            except LeaseMissing:
+                return
+            except LeaseConflict:
+                try:
+                    lease = self.api.get(self.namespace, name)
+                except LeaseMissing:
+                    return
+                holder = (lease.get("spec") or {}).get("holderIdentity")
+                pid = (lease["metadata"].get("annotations") or {}).get(PROFILE_ANNOTATION)
+                if holder != self.identity or pid != profile_id:
+                    return  # taken over: no longer ours to delete
+        log.warning("node_lease_not_released", node=node, profile_id=profile_id)
 
     def managed(self) -> list[dict[str, Any]]:
         """Every node Lease of the profiler (any holder)."""

@@ -6,6 +6,7 @@ else the fake does not model."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 import threading
@@ -17,8 +18,15 @@ from typing import Any
 
 import pytest
 
-from idealrt.core.domain import ModelRef, Profile, ProfilePlan, ProfileState, StackSpec
-from idealrt.services.profiler.executor.base import Placement
+from idealrt.core.domain import (
+    ModelRef,
+    Placement,
+    Profile,
+    ProfilePlan,
+    ProfileState,
+    StackSpec,
+)
+from idealrt.services.profiler.executor.base import ClusterPlacement
 from idealrt.services.profiler.executor.kubernetes import (
     KubernetesExecutor,
     KubernetesOptions,
@@ -59,17 +67,20 @@ def make_executor(fake: Any) -> Iterator[Callable[..., KubernetesExecutor]]:
     made: list[KubernetesExecutor] = []
 
     def make(identity: str = "replica-a", nodes: tuple[str, ...] = ("gpu-1",), **kw: Any):
+        store, running_limit = kw.pop("store", None), kw.pop("running_limit", None)
         opts = KubernetesOptions(
             namespace=NS,
             identity=identity,
-            placement=Placement(nodes=nodes),
+            placement=ClusterPlacement(nodes=nodes, gpus=kw.pop("gpus", 1)),
             retry_s=0.05,
             watch_timeout_s=1,
             renew_interval_s=kw.pop("renew_interval_s", 0.2),
             request_timeout_s=5,
             **kw,
         )
-        ex = KubernetesExecutor(opts, api_client(fake.url))
+        ex = KubernetesExecutor(
+            opts, api_client(fake.url), store=store, running_limit=running_limit
+        )
         made.append(ex)
         return ex
 
@@ -78,7 +89,12 @@ def make_executor(fake: Any) -> Iterator[Callable[..., KubernetesExecutor]]:
         ex.close()
 
 
-def profile(pid: str, namespace: str = "default", state: ProfileState = ProfileState.QUEUED):
+def profile(
+    pid: str,
+    namespace: str = "default",
+    state: ProfileState = ProfileState.QUEUED,
+    placement: Placement | None = None,
+) -> Profile:
     return Profile(
         id=pid,
         model=ModelRef(name="gpt2"),
@@ -86,6 +102,7 @@ def profile(pid: str, namespace: str = "default", state: ProfileState = ProfileS
         plan=ProfilePlan(prompt_tokens=(1, 64), output_tokens=(1, 8), budget_s=600),
         namespace=namespace,
         state=state,
+        placement=placement or Placement(),
     )
 
 
@@ -141,7 +158,8 @@ def test_happy_path(fake: Any, make_executor: Callable[..., KubernetesExecutor])
     complete(fake, name)
     final = run.wait()
     assert final.state is ProfileState.SUCCEEDED, final.error
-    assert run.progress and run.progress[0].state is ProfileState.RUNNING
+    seen = [(p.state, p.queue_position) for p in run.progress]
+    assert seen == [(ProfileState.QUEUED, 1), (ProfileState.RUNNING, 0)]
     assert fake.get("leases", NS, "idealrt-node-gpu-1") is None
     assert ("GET", "jobs", "watch") in fake.requests and ("GET", "pods", "watch") in fake.requests
 
@@ -240,9 +258,11 @@ def test_restart_mid_run(fake: Any, make_executor: Callable[..., KubernetesExecu
     is gone is FAILED JOB_GONE; an orphaned Lease of ours is deleted. Not modelled: a
     process crash (the first executor is closed with its run abandoned)."""
     first = make_executor("replica-a", nodes=("gpu-1", "gpu-2"))
-    Run(first, profile("p1"))
+    abandoned = Run(first, profile("p1"))
     wait_for(lambda: fake.get("jobs", NS, job_name("p1")))
-    first.close()  # the old process: its run thread is left watching, as a dead one would
+    first.close()  # the old process shuts down: its run ends unfinished, the Job runs on
+    assert abandoned.wait().state is ProfileState.RUNNING
+    assert fake.get("jobs", NS, job_name("p1")) is not None
     # an orphan: a Lease of ours on gpu-2 for a profile that has no Job
     orphan = fake.get("leases", NS, "idealrt-node-gpu-1")
     orphan["metadata"] = {**orphan["metadata"], "name": "idealrt-node-gpu-2"}
@@ -321,3 +341,194 @@ def test_cancel_deletes_job(fake: Any, make_executor: Callable[..., KubernetesEx
     assert run.wait().state is ProfileState.CANCELLED
     assert fake.get("jobs", NS, job_name("p1")) is None
     assert fake.get("leases", NS, "idealrt-node-gpu-1") is None
+
+
+def _serving(job: dict[str, Any]) -> dict[str, Any]:
+    pod = job["spec"]["template"]["spec"]
+    (serving,) = [c for c in pod["initContainers"] if c["name"] == "serving"]
+    return serving
+
+
+def test_nodes_found_by_label_and_the_profiles_placement(
+    fake: Any, make_executor: Callable[..., KubernetesExecutor]
+) -> None:
+    """Without a fixed node list the executor lists the Nodes with the placement's
+    labels: a node that is not Ready, or has too few GPUs, is passed over; a whole-node
+    profile takes every allocatable GPU; a placement no node matches FAILS UNSCHEDULABLE
+    at once (never QUEUED forever). Not modelled: label selector operators other than
+    `=` (the executor sends only `=`), node taints (tolerations are the pod's)."""
+    gpu = {"nvidia.com/gpu.present": "true"}
+    fake.make_node("a-down", {**gpu, "nvidia.com/gpu.product": "H100"}, gpus=8, ready=False)
+    fake.make_node("b-h100", {**gpu, "nvidia.com/gpu.product": "H100"}, gpus=8)
+    fake.make_node("c-l4", {**gpu, "nvidia.com/gpu.product": "L4"}, gpus=1)
+    fake.make_node("cpu-1", {}, gpus=0)
+    ex = make_executor(nodes=())
+    run = Run(ex, profile("p1", placement=Placement(gpu_product="H100", whole_node=True)))
+    job = wait_for(lambda: fake.get("jobs", NS, job_name("p1")))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["kubernetes.io/hostname"] == "b-h100"
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "H100"
+    assert _serving(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    complete(fake, job_name("p1"))
+    assert run.wait().state is ProfileState.SUCCEEDED
+    lone = Run(ex, profile("p2", placement=Placement(gpu_product="L4")))
+    job = wait_for(lambda: fake.get("jobs", NS, job_name("p2")))
+    assert job["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"] == "c-l4"
+    assert _serving(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    complete(fake, job_name("p2"))
+    assert lone.wait().state is ProfileState.SUCCEEDED
+    nowhere = Run(ex, profile("p3", placement=Placement(gpu_product="B200")))
+    final = nowhere.wait()
+    assert final.state is ProfileState.FAILED
+    assert final.error.startswith("UNSCHEDULABLE: no node of the cluster has the labels")
+    assert "nvidia.com/gpu.product=B200" in final.error
+    assert fake.get("jobs", NS, job_name("p3")) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "message", "want"),
+    [
+        (
+            "Job",
+            "FailedCreate",
+            'Error creating: pods "x" is forbidden: violates PodSecurity "restricted:latest"',
+            "POD_FORBIDDEN",
+        ),
+        (
+            "Pod",
+            "FailedMount",
+            'MountVolume.SetUp failed for volume "tls" : secret "idealrt-tls" not found',
+            "MOUNT_FAILED",
+        ),
+    ],
+    ids=["pod-forbidden", "secret-missing"],
+)
+def test_events_end_a_run_the_pod_status_would_not(
+    fake: Any,
+    make_executor: Callable[..., KubernetesExecutor],
+    kind: str,
+    reason: str,
+    message: str,
+    want: str,
+) -> None:
+    """Events the executor watches (the Job's, then its pod's): a pod refused at admission
+    never exists, a Secret that does not exist keeps the pod Pending; both would wait for
+    the deadline. They FAIL at once with the event's message, the Job deleted. Not
+    modelled: event series/aggregation (count, series), events.k8s.io/v1."""
+    ex = make_executor()
+    run = Run(ex, profile("p1"))
+    name = job_name("p1")
+    wait_for(lambda: fake.get("jobs", NS, name))
+    about = name
+    if kind == "Pod":
+        about = fake.make_pod(NS, name, {"phase": "Pending"})
+        wait_for(lambda: ("GET", "events", "watch") in fake.requests)
+        time.sleep(0.3)  # the pod's own event watch starts after the pod is seen
+    fake.make_event(NS, kind, about, reason, message)
+    final = run.wait()
+    assert final.state is ProfileState.FAILED
+    assert final.error.startswith(f"{want}:") and message in final.error
+    assert fake.get("jobs", NS, name) is None
+
+
+def test_fair_queue_across_three_namespaces(
+    fake: Any, make_executor: Callable[..., KubernetesExecutor]
+) -> None:
+    """One node; while it is busy, team-a queues three profiles, then team-b and team-c
+    one each: Jobs are created round-robin across namespaces, FIFO inside one (a2, b1,
+    c1, a3, a4: team-a's backlog delays the others by one profile, not three), and each
+    waiting profile reports its place in line as it moves up. Not modelled: the Job
+    controller (each Job is completed by the test)."""
+    ex = make_executor()
+    runs = {"a1": Run(ex, profile("a1", "team-a"))}
+    wait_for(lambda: fake.get("jobs", NS, job_name("a1")))
+    queued = [("a2", "team-a"), ("a3", "team-a"), ("a4", "team-a"), ("b1", "team-b"),
+              ("c1", "team-c")]  # fmt: skip
+    for pid, ns in queued:
+        runs[pid] = Run(ex, profile(pid, ns))
+        wait_for(lambda pid=pid: ex.queue.position(pid) > 0)
+    assert ex.queue.order() == ["a2", "b1", "c1", "a3", "a4"]
+    wait_for(lambda: runs["a4"].progress and runs["a4"].progress[-1].queue_position == 5)
+    started = ["a1"]
+
+    def next_job() -> str | None:
+        for job in fake.list("jobs", NS):
+            pid = job["metadata"]["annotations"]["idealrt.io/profile-id"]
+            if pid not in started:
+                return str(pid)
+        return None
+
+    for _ in queued:
+        complete(fake, job_name(started[-1]))
+        runs[started[-1]].wait()
+        started.append(wait_for(next_job))
+    assert started == ["a1", "a2", "b1", "c1", "a3", "a4"]
+    complete(fake, job_name("a4"))
+    assert all(r.wait().state is ProfileState.SUCCEEDED for r in runs.values())
+    positions = [p.queue_position for p in runs["a4"].progress if p.state is ProfileState.QUEUED]
+    # third when queued; b1 and c1 of other namespaces then queue ahead of it (their
+    # turns come before team-a's third), then it moves up one place per Job
+    assert positions == [3, 4, 5, 4, 3, 2, 1]
+
+
+def test_running_quota_passes_a_namespace_over(
+    fake: Any, make_executor: Callable[..., KubernetesExecutor]
+) -> None:
+    """A namespace at its running-profiles quota waits even with a node free; another
+    namespace's profile takes that node. Not modelled: quotas counted across profiler
+    replicas (each executor counts its own runs)."""
+    limits = {"team-a": 1}
+    ex = make_executor(nodes=("gpu-1", "gpu-2"), running_limit=limits.get)
+    a1 = Run(ex, profile("a1", "team-a"))
+    wait_for(lambda: fake.get("jobs", NS, job_name("a1")))
+    a2 = Run(ex, profile("a2", "team-a"))
+    wait_for(lambda: ex.queue.position("a2") > 0)
+    b1 = Run(ex, profile("b1", "team-b"))
+    wait_for(lambda: fake.get("jobs", NS, job_name("b1")))
+    time.sleep(0.3)
+    assert fake.get("jobs", NS, job_name("a2")) is None  # gpu-2 went to team-b
+    complete(fake, job_name("b1"))
+    assert b1.wait().state is ProfileState.SUCCEEDED
+    time.sleep(0.3)
+    assert fake.get("jobs", NS, job_name("a2")) is None  # a node is free, the quota is not
+    complete(fake, job_name("a1"))
+    wait_for(lambda: fake.get("jobs", NS, job_name("a2")))
+    complete(fake, job_name("a2"))
+    assert a1.wait().state is ProfileState.SUCCEEDED
+    assert a2.wait().state is ProfileState.SUCCEEDED
+
+
+def test_progress_and_end_come_from_what_the_pod_stored(
+    fake: Any, make_executor: Callable[..., KubernetesExecutor], tmp_path: Path
+) -> None:
+    """The pod's profiler writes progress and the end under the profile's id (a real
+    SQLite store stands for the cluster's store): the executor reports that progress while
+    the Job runs and ends with the pod's stored state (here INVALID, which a Job that
+    completed cannot say). Not modelled: the pod itself (the test writes what it would)."""
+    from idealrt.services.store.repository import open_store
+
+    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    stored, _ = store.create_profile(profile("p1"))
+    ex = make_executor(store=store, progress_interval_s=0.05)
+    run = Run(ex, stored)
+    name = job_name(stored.id)
+    job = wait_for(lambda: fake.get("jobs", NS, name))
+    pod = job["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "profiler"]
+    assert {"name": "IDEALRT_PROFILER_RUN", "value": stored.id} in sidecar["env"]
+    (client,) = pod["containers"]
+    assert client["args"][:2] == ["watch", stored.id]
+    fake.make_pod(NS, name, {"phase": "Running"})
+    store.update_profile(
+        dataclasses.replace(stored, state=ProfileState.RUNNING, completed_samples=7)
+    )
+    wait_for(lambda: any(p.completed_samples == 7 for p in run.progress))
+    store.update_profile(
+        dataclasses.replace(
+            stored, state=ProfileState.INVALID, completed_samples=9, error="CONTENDED: x"
+        )
+    )
+    complete(fake, name)
+    final = run.wait()
+    assert (final.state, final.completed_samples) == (ProfileState.INVALID, 9)
+    store.close()

@@ -13,7 +13,7 @@ import yaml
 
 from idealrt.core.domain import ModelRef, Profile, ProfilePlan, StackSpec
 from idealrt.services.profiler.executor import kubernetes as kexec
-from idealrt.services.profiler.executor.base import Placement
+from idealrt.services.profiler.executor.base import ClusterPlacement
 
 ROOT = Path(__file__).resolve().parents[3]
 WANTED = [f"1.{m}.0" for m in range(30, 38)]
@@ -35,7 +35,7 @@ def test_jobs_validate_strictly(version: str, budget: float) -> None:
         plan=ProfilePlan(prompt_tokens=(1, 64), output_tokens=(1, 8), budget_s=budget),
         namespace="team-a",
     )
-    opts = kexec.KubernetesOptions(placement=Placement(nodes=("gpu-1",), gpus=2, cpu="8"))
+    opts = kexec.KubernetesOptions(placement=ClusterPlacement(nodes=("gpu-1",), gpus=2, cpu="8"))
     job = kexec.render_job(p, "gpu-1", opts)
     assert kubernetes_validate.validate(job, version, strict=True)
     assert job["spec"]["backoffLimit"] == 0
@@ -46,40 +46,58 @@ def test_jobs_validate_strictly(version: str, budget: float) -> None:
 # the client's method name -> (apiGroup, resource, verb)
 _VERBS = {"create": "create", "read": "get", "list": "list", "replace": "update",
           "delete": "delete", "patch": "patch"}  # fmt: skip
-_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods"),
-              "lease": ("coordination.k8s.io", "leases")}  # fmt: skip
+_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods"), "event": ("", "events"),
+              "lease": ("coordination.k8s.io", "leases"), "node": ("", "nodes")}  # fmt: skip
+_CALL = re.compile(r"\.(create|read|list|replace|delete|patch)_(namespaced_)?(\w+?)\b")
+# the list functions the executor hands to its watcher (self._watch_into / watch(...))
+_WATCHED = re.compile(r"watch\(\s*\"\w+\",\s*self\.\w+\.list_namespaced_(\w+?)\b")
 
 
-def used_verbs() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) of every API call in the executor's source; a list
-    function passed to a watch is also `watch`."""
+def used_verbs() -> tuple[set[tuple[str, str, str]], set[tuple[str, str, str]]]:
+    """(apiGroup, resource, verb) of every API call in the executor's source, namespaced
+    and cluster-scoped; a list function handed to the watcher is also `watch`."""
     src = (ROOT / "services/profiler/executor/kubernetes.py").read_text()
-    out = set()
-    for verb, kind in re.findall(
-        r"\.(create|read|list|replace|delete|patch)_namespaced_(\w+?)\b", src
-    ):
+    namespaced, cluster = set(), set()
+    for verb, ns, kind in _CALL.findall(src):
+        if kind not in _RESOURCES:
+            continue  # e.g. "list_namespaced_job" matched, "read_only" is not a call
         group, resource = _RESOURCES[kind]
-        out.add((group, resource, _VERBS[verb]))
-    for kind in re.findall(r"list_namespaced_(job|pod)\b", src):  # listed, then watched
+        (namespaced if ns else cluster).add((group, resource, _VERBS[verb]))
+    watched = _WATCHED.findall(src)
+    assert watched, "the executor watches nothing?"
+    for kind in watched:
         group, resource = _RESOURCES[kind]
-        if "w.stream(" in src:
-            out.add((group, resource, "watch"))
-    return out
+        namespaced.add((group, resource, "watch"))
+    return namespaced, cluster
 
 
-def test_role_grants_exactly_the_verbs_used() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "k8s/base/rbac.yaml").read_text()))
-    (role,) = [
-        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "idealrt-profiler"
-    ]
-    granted = {
+def _granted(doc: dict) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
-        for rule in role["rules"]
+        for rule in doc["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted == used_verbs()
+
+
+def test_role_grants_exactly_the_verbs_used() -> None:
+    """The namespaced calls against the Role of k8s/base; the cluster-scoped ones (GPU
+    nodes) against the ClusterRole of the gpu overlay, where the executor is enabled."""
+    namespaced, cluster = used_verbs()
+    docs = list(yaml.safe_load_all((ROOT / "k8s/base/rbac.yaml").read_text()))
+    (role,) = [
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "idealrt-profiler"
+    ]
+    assert _granted(role) == namespaced
+    overlay = [
+        d
+        for path in sorted((ROOT / "k8s/overlays/gpu").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d and d.get("kind") == "ClusterRole"
+    ]
+    (cluster_role,) = [d for d in overlay if d["metadata"]["name"] == "idealrt-profiler-nodes"]
+    assert _granted(cluster_role) == cluster
 
 
 def test_executor_config() -> None:

@@ -110,8 +110,18 @@ class Target(_message.Message):
     credential: str
     def __init__(self, kind: _Optional[_Union[TargetKind, str]] = ..., address: _Optional[str] = ..., base_url: _Optional[str] = ..., api_model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., tokenizer: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
+class Placement(_message.Message):
+    __slots__ = ("gpu_product", "node_pool", "whole_node")
+    GPU_PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    NODE_POOL_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_NODE_FIELD_NUMBER: _ClassVar[int]
+    gpu_product: str
+    node_pool: str
+    whole_node: bool
+    def __init__(self, gpu_product: _Optional[str] = ..., node_pool: _Optional[str] = ..., whole_node: _Optional[bool] = ...) -> None: ...
+
 class Profile(_message.Message):
-    __slots__ = ("id", "model", "stack", "plan", "target", "state", "request_id", "create_time", "start_time", "end_time", "completed_samples", "total_samples", "error", "provenance", "model_spec", "namespace")
+    __slots__ = ("id", "model", "stack", "plan", "target", "state", "request_id", "create_time", "start_time", "end_time", "completed_samples", "total_samples", "error", "provenance", "model_spec", "namespace", "placement", "queue_position")
     class ProvenanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +145,8 @@ class Profile(_message.Message):
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: _common_pb2.ModelRef
     stack: _common_pb2.StackSpec
@@ -151,7 +163,9 @@ class Profile(_message.Message):
     provenance: _containers.ScalarMap[str, str]
     model_spec: _common_pb2.ModelSpec
     namespace: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., plan: _Optional[_Union[ProfilePlan, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., state: _Optional[_Union[ProfileState, str]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_samples: _Optional[int] = ..., total_samples: _Optional[int] = ..., error: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., namespace: _Optional[str] = ...) -> None: ...
+    placement: Placement
+    queue_position: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., stack: _Optional[_Union[_common_pb2.StackSpec, _Mapping]] = ..., plan: _Optional[_Union[ProfilePlan, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., state: _Optional[_Union[ProfileState, str]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_samples: _Optional[int] = ..., total_samples: _Optional[int] = ..., error: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., model_spec: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., namespace: _Optional[str] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class FitQuality(_message.Message):
     __slots__ = ("method", "points", "mean_rel", "p95_rel", "max_rel")
