@@ -14,6 +14,7 @@ from idealrt.core.tls import TlsConfig, insecure_from_env
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_PORTS",
+    "KubernetesConfig",
     "MetricsConfig",
     "ProfilerConfig",
     "ServingConfig",
@@ -206,6 +207,65 @@ class StoreConfig:
         )
 
 
+_SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _labels(e: Mapping[str, str], name: str, default: str) -> tuple[tuple[str, str], ...]:
+    """`k=v[,k=v]` node labels from the environment; ValueError naming the variable."""
+    raw = e.get(name, default)
+    out = []
+    for term in filter(None, (t.strip() for t in raw.split(","))):
+        key, eq, value = term.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{name} must be label=value[,label=value], got {raw!r}")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesConfig:
+    """The kubernetes executor's settings (IDEALRT_PROFILER_EXECUTOR=kubernetes), from
+    IDEALRT_K8S_* (k8s/overlays/gpu sets them; see k8s/README.md)."""
+
+    namespace: str = "idealrt"  # where Jobs and Leases live (default: the pod's own)
+    identity: str = ""  # this replica, the Lease holder (default: the host name)
+    image: str = "idealrt:latest"  # the image of the profiling Jobs
+    store: str = "idealrt-store:50051"  # the store as a Job's pod reaches it
+    metrics: str = "idealrt-metrics:50054"
+    nodes: tuple[str, ...] = ()  # a fixed list of GPU nodes; empty: by node_selector
+    node_selector: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
+    node_pool_label: str = "idealrt.io/node-pool"
+    gpu_resource: str = "nvidia.com/gpu"
+    gpus: int = 1  # GPUs per profile (a whole-node profile takes every allocatable one)
+    cpu: str = "4"  # the serving container's CPU and memory (Guaranteed QoS)
+    memory: str = "16Gi"
+    max_profiles: int = 256  # profiles this profiler follows at once (queued or running)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> KubernetesConfig:
+        e = _env(env)
+        namespace = e.get("IDEALRT_K8S_NAMESPACE", "")
+        if not namespace and _SA_NAMESPACE_FILE.is_file():
+            namespace = _SA_NAMESPACE_FILE.read_text().strip()
+        return cls(
+            namespace=namespace or cls.namespace,
+            identity=e.get("IDEALRT_K8S_IDENTITY", ""),
+            image=e.get("IDEALRT_K8S_IMAGE", cls.image),
+            store=e.get("IDEALRT_K8S_STORE", cls.store),
+            metrics=e.get("IDEALRT_K8S_METRICS", cls.metrics),
+            nodes=tuple(
+                filter(None, (n.strip() for n in e.get("IDEALRT_K8S_NODES", "").split(",")))
+            ),
+            node_selector=_labels(e, "IDEALRT_K8S_NODE_SELECTOR", "nvidia.com/gpu.present=true"),
+            node_pool_label=e.get("IDEALRT_K8S_NODE_POOL_LABEL", cls.node_pool_label),
+            gpu_resource=e.get("IDEALRT_K8S_GPU_RESOURCE", cls.gpu_resource),
+            gpus=_int(e, "IDEALRT_K8S_GPUS", cls.gpus),
+            cpu=e.get("IDEALRT_K8S_CPU", cls.cpu),
+            memory=e.get("IDEALRT_K8S_MEMORY", cls.memory),
+            max_profiles=_int(e, "IDEALRT_K8S_MAX_PROFILES", cls.max_profiles),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfilerConfig:
     address: str = "127.0.0.1:0"
@@ -253,6 +313,10 @@ class ProfilerConfig:
     # or "kubernetes" (one Job per profile on a leased GPU node:
     # idealrt.services.profiler.executor.kubernetes)
     executor: str = "local"
+    kubernetes: KubernetesConfig = dataclasses.field(default_factory=KubernetesConfig)
+    # inside a profiling Job's pod (IDEALRT_PROFILER_RUN, set by the kubernetes executor):
+    # run this one stored profile by id at start-up (instead of resuming others)
+    run_profile: str = ""
 
     # transport security: as ServingConfig.tls / allow_insecure
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
@@ -287,6 +351,8 @@ class ProfilerConfig:
             else None,
             quotas_file=Path(e["IDEALRT_QUOTAS_FILE"]) if e.get("IDEALRT_QUOTAS_FILE") else None,
             executor=_executor(e),
+            kubernetes=KubernetesConfig.from_env(e),
+            run_profile=e.get("IDEALRT_PROFILER_RUN", ""),
             tls=TlsConfig.from_env(e),
             max_message_bytes=_int(
                 e, "IDEALRT_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, lo=4096

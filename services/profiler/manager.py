@@ -3,9 +3,14 @@ watch), executed by a bounded pool of worker threads.
 
 - create() validates the plan, stores the profile (idempotent by request_id: a repeated
   request returns the stored profile and starts nothing) and queues it.
-- Workers (at most `max_concurrent`, ordinary non-daemon threads) take queued profiles in
-  FIFO order and call `run_profile`; `shutdown()` cancels what runs, marks nothing as
-  failed (a restarted manager resumes it: `resume_unfinished()`), and joins the workers.
+- Workers (ordinary non-daemon threads) take queued profiles in FIFO order and hand each
+  to its executor (executor/): `local` (runner.run_profile in this process, at most
+  `max_concurrent` at once) or, when the profiler has one, the `remote` (kubernetes)
+  executor for profiles that name no serving address and no HTTP target (a model to run
+  on a GPU node; at most `remote_max_concurrent` followed at once, its own fair queue
+  decides their order). `shutdown()` cancels what runs locally and closes the remote
+  executor (its Jobs run on; a restart adopts them), marks nothing as failed (a restarted
+  manager resumes it: `resume_unfinished()`), and joins the workers.
 - watch() yields a snapshot now and after every change (state or progress), woken by a
   Condition; it ends at a terminal state or when `timeout` passes. Changes that happen
   while the consumer is busy are coalesced: the next snapshot is the latest. At most
@@ -48,10 +53,11 @@ import structlog
 
 from idealrt.core.clock import utcnow
 from idealrt.core.config import ProfilerConfig
-from idealrt.core.domain import Profile, ProfileState, Sample
+from idealrt.core.domain import Profile, ProfileState, Sample, TargetKind
 from idealrt.core.errors import (
     FailedPrecondition,
     IdealrtError,
+    InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
@@ -63,6 +69,8 @@ from idealrt.core.namespaces import (
 )
 from idealrt.core.reasons import PROFILE_TERMINAL
 from idealrt.services.profiler._outage import Outage, RetryPolicy, is_transient
+from idealrt.services.profiler.executor.base import Executor, Recovery
+from idealrt.services.profiler.executor.local import LocalExecutor
 from idealrt.services.profiler.plan import (
     known_spec,
     total_samples,
@@ -70,8 +78,12 @@ from idealrt.services.profiler.plan import (
     validate_target,
 )
 from idealrt.services.profiler.quotas import Quotas, usage_of
-from idealrt.services.profiler.reasons import SHUTTING_DOWN, WATCH_STREAMS_EXHAUSTED
-from idealrt.services.profiler.runner import RunnerOptions, error_text, run_profile
+from idealrt.services.profiler.reasons import (
+    PLACEMENT_NEEDS_KUBERNETES,
+    SHUTTING_DOWN,
+    WATCH_STREAMS_EXHAUSTED,
+)
+from idealrt.services.profiler.runner import RunnerOptions, error_text
 from idealrt.services.profiler.target import GenerationTarget
 
 __all__ = ["ProfileManager", "ProfileStore"]
@@ -217,6 +229,7 @@ class _Condition(threading.Condition):
 @dataclasses.dataclass
 class _Entry:
     profile: Profile
+    executor: Executor
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     version: int = 0
     running: bool = False
@@ -239,9 +252,11 @@ class ProfileManager:
         max_plan_tokens: int = ProfilerConfig.max_plan_tokens,
         admit: Callable[[Profile], None] | None = None,
         quotas: Quotas | None = None,
+        remote: Executor | None = None,
+        remote_max_concurrent: int = 256,
     ) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be >= 1")
+        if max_concurrent < 1 or remote_max_concurrent < 1:
+            raise ValueError("max_concurrent and remote_max_concurrent must be >= 1")
         if max_watch_streams < 1:
             raise ValueError("max_watch_streams must be >= 1")
         self.store = store
@@ -254,6 +269,12 @@ class ProfileManager:
         self.max_plan_tokens = max_plan_tokens
         self.admit = admit
         self.quotas = quotas or Quotas()
+        self.local: Executor = LocalExecutor(target_factory, store, self.options)
+        self.remote = remote
+        self._limits = {self.local.name: max_concurrent}
+        if remote is not None:
+            self._limits[remote.name] = remote_max_concurrent
+        self._busy: collections.Counter[str] = collections.Counter()  # running, by executor
         self._create_lock = threading.Lock()  # a quota's check and the create it allows
         self._cond = _Condition()
         self._entries: dict[str, _Entry] = {}
@@ -279,6 +300,20 @@ class ProfileManager:
             profile.plan, spec, max_samples=self.max_plan_samples, max_tokens=self.max_plan_tokens
         )
         require_writer(profile.namespace)
+        if not profile.placement.empty and self.executor_for(profile) is self.local:
+            why = (
+                "this profiler runs profiles in its own process (IDEALRT_PROFILER_EXECUTOR=local)"
+                if self.remote is None
+                else "a profile with a serving address or an HTTP target runs in the "
+                "profiler's own process"
+            )
+            raise InvalidArgument(
+                PLACEMENT_NEEDS_KUBERNETES,
+                f"profile.placement must be empty: {why}; a placement (GPU product, node "
+                "pool, whole node) needs the kubernetes executor and a profile without "
+                "target.address",
+                field="profile.placement",
+            )
         if self.admit is not None:
             self.admit(profile)
         with self._cond:
@@ -527,30 +562,66 @@ class ProfileManager:
                 self._cond.wakers.discard(loop, changed)
 
     def resume_unfinished(self) -> builtins.list[Profile]:
-        """Queue every QUEUED/RUNNING profile of the store (call once at start-up)."""
+        """Queue every QUEUED/RUNNING profile of the store (call once at start-up). Each
+        executor recovers its own first: the kubernetes one adopts the Jobs it finds by
+        label and FAILs (JOB_GONE) a RUNNING profile whose Job is gone, so no profile
+        stays QUEUED or RUNNING forever."""
+        with self._cond:
+            unfinished = [p for p in self.store.unfinished_profiles() if p.id not in self._entries]
         resumed = []
-        for profile in self.store.unfinished_profiles():
-            with self._cond:
-                if profile.id in self._entries:
-                    continue
-            queued = dataclasses.replace(profile, state=ProfileState.QUEUED)
-            self._persist(queued)
-            self._enqueue(queued)
-            resumed.append(queued)
-            log.info("profile_resumed", profile_id=profile.id)
+        for executor in (self.local, self.remote):
+            if executor is None:
+                continue
+            mine = [p for p in unfinished if self.executor_for(p) is executor]
+            if not mine:
+                continue
+            try:
+                recovery = executor.recover(mine)
+            except Exception:  # e.g. the API server is down: each run finds out itself
+                log.exception("executor_recovery_failed", executor=executor.name)
+                recovery = Recovery(resume=mine, failed=[], released=[])
+            for lost in recovery.failed:
+                log.warning("profile_lost", profile_id=lost.id, error=lost.error)
+                self._persist(lost)  # not taken: the next start finds it again
+            for profile in recovery.resume:
+                queued = dataclasses.replace(profile, state=ProfileState.QUEUED)
+                if profile.state is not ProfileState.RUNNING or executor is self.local:
+                    self._persist(queued)  # a Job that runs on keeps its profile RUNNING
+                self._enqueue(queued)
+                resumed.append(queued)
+                log.info("profile_resumed", profile_id=profile.id, executor=executor.name)
         return resumed
 
+    def run_stored(self, profile_id: str) -> Profile:
+        """Inside a profiling Job's pod (IDEALRT_PROFILER_RUN): run the stored profile
+        `profile_id` here, as the cluster's profiler asked, writing its progress, samples
+        and end under that id. A finished one is left as it is."""
+        profile = self._load(profile_id)
+        if profile.state.terminal:
+            log.warning("run_stored_finished", profile_id=profile_id, state=profile.state.value)
+            return profile
+        queued = dataclasses.replace(profile, state=ProfileState.QUEUED, queue_position=0)
+        with self._cond:
+            self._entries[queued.id] = _Entry(queued, self.local)
+            self._queue.append(queued.id)
+            self._start_worker_locked()
+        log.info("run_stored", profile_id=profile_id)
+        return queued
+
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop taking work, cancel running profiles (their state is left unfinished in
-        the store so the next start resumes them) and join the workers."""
+        """Stop taking work, cancel profiles running here (their state is left unfinished
+        in the store so the next start resumes them), close the remote executor (its Jobs
+        run on and the next start adopts them) and join the workers."""
         with self._cond:
             self._closed = True
             self._queue.clear()
             for entry in self._entries.values():
-                if entry.running:
+                if entry.running and entry.executor is self.local:
                     entry.cancel.set()
             self._cond.notify_all()
             workers = list(self._workers)
+        if self.remote is not None:
+            self.remote.close()
         for worker in workers:
             worker.join(timeout)
         self._progress_writer.close()
@@ -559,6 +630,14 @@ class ProfileManager:
             savers = list(self._savers)
         for saver in savers:
             saver.join(timeout)
+
+    def executor_for(self, profile: Profile) -> Executor:
+        """Where `profile` runs: the remote (kubernetes) executor for a model to run on a
+        stack (a serving target without an address), else this process."""
+        t = profile.target
+        if self.remote is not None and t.kind == TargetKind.SERVING and not t.address:
+            return self.remote
+        return self.local
 
     # ------------------------------------------------------------ internals
 
@@ -598,74 +677,84 @@ class ProfileManager:
         with self._cond:
             if self._closed:
                 return
-            self._entries[profile.id] = _Entry(profile)
+            self._entries[profile.id] = _Entry(profile, self.executor_for(profile))
             self._queue.append(profile.id)
-            busy = sum(1 for e in self._entries.values() if e.running)
-            alive = [w for w in self._workers if w.is_alive()]
-            self._workers = alive
-            if len(alive) < self.max_concurrent and len(alive) < busy + len(self._queue):
-                worker = threading.Thread(
-                    target=self._work, name=f"profiler-worker-{len(alive)}", daemon=False
-                )
-                self._workers.append(worker)
-                worker.start()
-            self._cond.notify_all()
+            self._start_worker_locked()
+
+    def _start_worker_locked(self) -> None:
+        """One more worker when every worker is busy or about to be, up to the sum of the
+        executors' limits (a worker takes only what its executor has room for)."""
+        busy = sum(1 for e in self._entries.values() if e.running)
+        alive = [w for w in self._workers if w.is_alive()]
+        self._workers = alive
+        if len(alive) < sum(self._limits.values()) and len(alive) < busy + len(self._queue):
+            worker = threading.Thread(
+                target=self._work, name=f"profiler-worker-{len(alive)}", daemon=False
+            )
+            self._workers.append(worker)
+            worker.start()
+        self._cond.notify_all()
+
+    def _next_locked(self) -> _Entry | None:
+        """The first queued profile whose executor has room (FIFO otherwise)."""
+        for profile_id in self._queue:
+            entry = self._entries[profile_id]
+            name = entry.executor.name
+            if self._busy[name] < self._limits[name]:
+                self._queue.remove(profile_id)
+                return entry
+        return None
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._closed and (entry := self._next_locked()) is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                profile_id = self._queue.popleft()
-                entry = self._entries[profile_id]
+                assert entry is not None
                 entry.running = True
+                self._busy[entry.executor.name] += 1
             try:
                 self._run(entry)
             except Exception:  # a thread's top: log it, and go on with the next profile
-                log.exception("profile_worker_error", profile_id=profile_id)
+                log.exception("profile_worker_error", profile_id=entry.profile.id)
                 with self._cond:
                     entry.running = False
+            finally:
+                with self._cond:
+                    self._busy[entry.executor.name] -= 1
                     self._cond.notify_all()
 
     def _run(self, entry: _Entry) -> None:
         profile = entry.profile
         try:
-            target = self.target_factory(profile)
-        except Exception as exc:
-            log.exception("target_factory_failed", profile_id=profile.id)
-            final = dataclasses.replace(
+            final = entry.executor.run(
                 profile,
+                cancel=entry.cancel,
+                on_progress=lambda p: self._progress(entry, p),
+            )
+        except Exception as exc:  # executors report failures; this is a bug's net
+            log.exception("run_profile_crashed", profile_id=profile.id)
+            final = dataclasses.replace(
+                entry.profile,
                 state=ProfileState.FAILED,
                 end_time=utcnow(),
                 error=error_text(exc),
             )
-        else:
-            try:
-                final = run_profile(
-                    profile,
-                    target,
-                    self.store,
-                    cancel=entry.cancel,
-                    on_progress=lambda p: self._progress(entry, p),
-                    options=self.options,
-                )
-            except Exception as exc:  # run_profile reports failures; this is a bug's net
-                log.exception("run_profile_crashed", profile_id=profile.id)
-                final = dataclasses.replace(
-                    entry.profile,
-                    state=ProfileState.FAILED,
-                    end_time=utcnow(),
-                    error=error_text(exc),
-                )
         with self._cond:
-            shutting_down = self._closed and final.state == ProfileState.CANCELLED
+            shutting_down = self._closed and (
+                final.state == ProfileState.CANCELLED or not final.state.terminal
+            )
         if shutting_down:
-            # Interrupted by shutdown, not by a user: leave it unfinished for resume.
-            final = dataclasses.replace(final, state=ProfileState.QUEUED, end_time=None, error="")
             self._progress_writer.settle(final.id)
-            self._persist(final)
+            if final.state.terminal:
+                # Interrupted by shutdown, not by a user: leave it unfinished for resume.
+                final = dataclasses.replace(
+                    final, state=ProfileState.QUEUED, end_time=None, error=""
+                )
+                self._persist(final)
+            # else: a remote run left running (its Job runs on): stored as it is
             with self._cond:
                 self._set_locked(entry, final)
                 entry.running = False
@@ -676,7 +765,10 @@ class ProfileManager:
         if profile.state.terminal:
             return  # published by _run once stored, so a watcher never outruns the store
         with self._cond:
-            state_changed = profile.state != entry.profile.state
+            state_changed = (
+                profile.state != entry.profile.state
+                or profile.queue_position != entry.profile.queue_position
+            )
             self._set_locked(entry, profile)
             due = time.monotonic() - entry.last_persist >= self.persist_interval_s
             if state_changed or due:

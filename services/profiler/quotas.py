@@ -7,13 +7,17 @@ namespace without its own), any of:
     max_concurrent_profiles = 4       # QUEUED + RUNNING at once
     device_seconds_per_day = 28800    # device time of the namespace's profiles in one UTC day
     max_planned_samples = 5000000     # samples planned by the namespace's stored profiles
+    max_running_profiles = 2          # RUNNING at once (GPU nodes held; kubernetes executor)
 
     [team-a]
     max_concurrent_profiles = 1
 
-A key that is absent means no limit. They are checked when a profile is created, before it
-is stored: a create that would exceed one is RESOURCE_EXHAUSTED QUOTA_EXCEEDED naming the
-namespace, the quota, its limit and the current use. What they count:
+A key that is absent means no limit. max_running_profiles is applied by the kubernetes
+executor's queue: a namespace that has that many running waits (its profiles stay QUEUED,
+keeping its turn) while other namespaces' profiles take free nodes. The others are checked
+when a profile is created, before it is stored: a create that would exceed one is
+RESOURCE_EXHAUSTED QUOTA_EXCEEDED naming the namespace, the quota, its limit and the
+current use. What they count:
 - max_concurrent_profiles: the namespace's profiles QUEUED or RUNNING (this one included).
 - device_seconds_per_day: the running time (start to end, or to now while running) of the
   namespace's profiles within the current UTC day: a profile holds one device lease for its
@@ -41,7 +45,12 @@ from idealrt.services.profiler.reasons import QUOTA_EXCEEDED
 
 __all__ = ["Quota", "Quotas", "Usage", "usage_of"]
 
-_KEYS = ("max_concurrent_profiles", "device_seconds_per_day", "max_planned_samples")
+_KEYS = (
+    "max_concurrent_profiles",
+    "device_seconds_per_day",
+    "max_planned_samples",
+    "max_running_profiles",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Quota:
     max_concurrent_profiles: int | None = None
     device_seconds_per_day: float | None = None
     max_planned_samples: int | None = None
+    max_running_profiles: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +134,12 @@ class Quotas:
             concurrent = _optional(table, ns, "max_concurrent_profiles", True)
             seconds = _optional(table, ns, "device_seconds_per_day", False)
             samples = _optional(table, ns, "max_planned_samples", True)
+            running = _optional(table, ns, "max_running_profiles", True)
             out[ns] = Quota(
                 max_concurrent_profiles=None if concurrent is None else int(concurrent),
                 device_seconds_per_day=seconds,
                 max_planned_samples=None if samples is None else int(samples),
+                max_running_profiles=None if running is None else int(running),
             )
         return cls(out)
 
@@ -137,6 +149,10 @@ class Quotas:
 
     def quota(self, namespace: str) -> Quota:
         return self.by_namespace.get(namespace) or self.by_namespace.get("*") or Quota()
+
+    def running_limit(self, namespace: str) -> int | None:
+        """max_running_profiles of `namespace` (None: no limit): the executor's queue."""
+        return self.quota(namespace).max_running_profiles
 
     def check_create(self, namespace: str, usage: Usage, new_planned_samples: int) -> None:
         """RESOURCE_EXHAUSTED QUOTA_EXCEEDED when one more profile of `new_planned_samples`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from idealrt.clients.serving import ServingClient
@@ -14,6 +15,7 @@ from idealrt.core.grpc_server import UNARY_WORKERS, GrpcServer, start_server
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
 from idealrt.services.profiler.contention import ContentionPolicy
+from idealrt.services.profiler.executor.base import ClusterPlacement, Executor, ProfileReader
 from idealrt.services.profiler.manager import ProfileManager
 from idealrt.services.profiler.outbound import OutboundPolicy
 from idealrt.services.profiler.quotas import Quotas
@@ -69,6 +71,36 @@ def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = N
     return factory
 
 
+def kubernetes_executor(cfg: ProfilerConfig, store: ProfileReader, quotas: Quotas) -> Executor:
+    """The kubernetes executor of `cfg.kubernetes` (in-cluster credentials: the profiler
+    pod's ServiceAccount token, k8s/overlays/gpu)."""
+    from idealrt.services.profiler.executor.kubernetes import (
+        KubernetesExecutor,
+        KubernetesOptions,
+    )
+
+    k = cfg.kubernetes
+    placement = ClusterPlacement(
+        nodes=k.nodes,
+        node_selector=dict(k.node_selector),
+        gpu_resource=k.gpu_resource,
+        gpus=k.gpus,
+        cpu=k.cpu,
+        memory=k.memory,
+        node_pool_label=k.node_pool_label,
+    )
+    options = KubernetesOptions(
+        namespace=k.namespace,
+        placement=placement,
+        image=k.image,
+        store=k.store,
+        metrics=k.metrics,
+    )
+    if k.identity:  # else the host name (the pod's name)
+        options = dataclasses.replace(options, identity=k.identity)
+    return KubernetesExecutor(options, store=store, running_limit=quotas.running_limit)
+
+
 def build_server(
     cfg: ProfilerConfig, outbound: OutboundPolicy | None = None
 ) -> tuple[GrpcServer, int]:
@@ -81,6 +113,8 @@ def build_server(
     # mTLS between the suite's services: the client side of cfg.tls (ca_file,
     # client_cert_file/client_key_file); plaintext when it has none
     store = StoreClient(cfg.store_target, tls=cfg.tls, token=cfg.auth.service_token())
+    quotas = Quotas.load(cfg.quotas_file)
+    remote = kubernetes_executor(cfg, store, quotas) if cfg.executor == "kubernetes" else None
     manager = ProfileManager(
         store,
         make_target_factory(cfg, outbound),
@@ -96,7 +130,9 @@ def build_server(
         max_watch_streams=cfg.max_watch_streams,
         max_plan_tokens=cfg.max_plan_tokens,
         admit=admit_outbound(outbound),
-        quotas=Quotas.load(cfg.quotas_file),
+        quotas=quotas,
+        remote=remote,
+        remote_max_concurrent=cfg.kubernetes.max_profiles,
     )
     servicer = ProfilerServicer(manager)
     # grpc.aio (idealrt.core._grpc_aio), always: WatchProfile is server-streaming and
@@ -122,6 +158,8 @@ def build_server(
     # through the grace period), and their watch streams end, so the drain is short
     server.on_drain.append(manager.shutdown)
     server.on_stop.append(store.close)
-    if cfg.resume:
+    if cfg.run_profile:  # inside a profiling Job's pod: that profile only
+        manager.run_stored(cfg.run_profile)
+    elif cfg.resume:
         manager.resume_unfinished()
     return server, server.port

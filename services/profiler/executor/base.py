@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from idealrt.core.domain import Profile
@@ -37,6 +37,7 @@ __all__ = [
     "ExecutorEvent",
     "ExecutorPhase",
     "ProfileReader",
+    "Recovery",
 ]
 
 EXECUTORS = ("local", "kubernetes")
@@ -105,6 +106,15 @@ class ClusterPlacement:
     node_pool_label: str = "idealrt.io/node-pool"
 
 
+@dataclasses.dataclass
+class Recovery:
+    """What an executor makes of the store's unfinished profiles at start-up."""
+
+    resume: list[Profile]  # to run again (the kubernetes run() adopts an existing Job)
+    failed: list[Profile]  # can never end otherwise: FAILED (e.g. JOB_GONE), to be stored
+    released: list[str]  # what was freed (the kubernetes executor: orphaned Lease names)
+
+
 class ProfileReader(Protocol):
     """What an executor reads of the store: the profile as its run wrote it."""
 
@@ -123,5 +133,7 @@ class Executor(Protocol):
         cancel: threading.Event,
         on_progress: Callable[[Profile], None],
     ) -> Profile: ...
+
+    def recover(self, unfinished: Sequence[Profile]) -> Recovery: ...
 
     def close(self) -> None: ...

@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import queue
 import re
 import socket
@@ -54,6 +55,7 @@ from idealrt.services.profiler.executor.base import (
     ExecutorEvent,
     ExecutorPhase,
     ProfileReader,
+    Recovery,
 )
 from idealrt.services.profiler.executor.fair_queue import FairQueue
 from idealrt.services.profiler.executor.leases import (
@@ -66,7 +68,6 @@ from idealrt.services.profiler.executor.leases import (
 __all__ = [
     "KubernetesExecutor",
     "KubernetesOptions",
-    "Recovery",
     "job_event",
     "job_name",
     "pod_event",
@@ -92,7 +93,7 @@ _DEADLINE = {"DeadlineExceeded"}
 def _kubernetes() -> Any:
     try:
         import kubernetes.client
-        import kubernetes.watch
+        import kubernetes.watch.watch
     except ImportError as exc:
         raise FailedPrecondition(
             K8S_CLIENT_MISSING,
@@ -118,13 +119,6 @@ class KubernetesOptions:
     watch_timeout_s: int = 60  # each watch request's server-side timeout
     request_timeout_s: float = 30.0
     progress_interval_s: float = 2.0  # how often a running profile's progress is read
-
-
-@dataclasses.dataclass
-class Recovery:
-    resume: list[Profile]  # to run again (run() adopts the Job of those that have one)
-    failed: list[Profile]  # RUNNING before, and the Job is gone: FAILED JOB_GONE
-    released: list[str]  # names of orphaned Leases deleted
 
 
 _NAME_CHARS = re.compile(r"[^a-z0-9-]+")
@@ -354,6 +348,42 @@ class _ClientLeases:
         return list(listed.get("items") or [])
 
 
+class _OpenStreams:
+    """The watch responses of one run, so that its end shuts them all down at once (a
+    read blocked in another thread returns: urllib3's HTTPResponse.shutdown) instead of
+    waiting for each watch's server-side timeout. A response opened after the end is
+    shut down as it is added."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Any] = set()
+        self.closed = False
+
+    def add(self, resp: Any) -> bool:
+        with self._lock:
+            if not self.closed:
+                self._open.add(resp)
+                return True
+        _shutdown(resp)
+        return False
+
+    def discard(self, resp: Any) -> None:
+        with self._lock:
+            self._open.discard(resp)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self.closed = True
+            open_now, self._open = list(self._open), set()
+        for resp in open_now:
+            _shutdown(resp)
+
+
+def _shutdown(resp: Any) -> None:
+    shutdown = getattr(resp, "shutdown", None)  # urllib3 >= 2.3
+    (shutdown or resp.close)()
+
+
 class KubernetesExecutor:
     """See the module's docstring. `api_client`: a kubernetes.client.ApiClient (tests
     point one at a fake API server); None loads the in-cluster config, else kubeconfig.
@@ -377,8 +407,8 @@ class KubernetesExecutor:
         if api_client is None:
             try:
                 k8s.config.load_incluster_config()
-            except k8s.config.ConfigException:
-                k8s.config.load_kube_config()
+            except k8s.config.ConfigException:  # outside a pod: $KUBECONFIG, as kubectl
+                k8s.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
             api_client = k8s.client.ApiClient()
         self.k8s, self.opts = k8s, options
         self.store = store
@@ -644,13 +674,13 @@ class KubernetesExecutor:
     ) -> Profile:
         name = job_name(profile.id)
         events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
-        stop = threading.Event()
+        streams = _OpenStreams()
         watchers: list[threading.Thread] = []
 
         def watch(kind: str, fn: Callable[..., Any], selector: dict[str, str]) -> None:
             w = threading.Thread(
                 target=self._watch_into,
-                args=(kind, fn, selector, events, stop),
+                args=(kind, fn, selector, events, streams),
                 name=f"k8s-watch-{kind}-{name}",
                 daemon=False,
             )
@@ -726,7 +756,7 @@ class KubernetesExecutor:
                     )
                     return self._settle(running, ev)
         finally:
-            stop.set()
+            streams.close_all()  # blocked reads return now, not at the watch's timeout
             for w in watchers:
                 w.join()
 
@@ -736,20 +766,21 @@ class KubernetesExecutor:
         list_fn: Callable[..., Any],
         selector: dict[str, str],
         out: queue.Queue[tuple[str, str, dict[str, Any]]],
-        stop: threading.Event,
+        streams: _OpenStreams,
     ) -> None:
         """A watcher thread: list, then watch from the list's resourceVersion, each watch
-        bounded by watch_timeout_s server-side; 410 Gone lists again."""
+        bounded by watch_timeout_s server-side; 410 Gone lists again. Ends when the run's
+        streams are closed (its end shuts the open response down)."""
         ns = self.opts.namespace
         version: str | None = None
         try:
-            while not stop.is_set() and not self._closed.is_set():
+            while not streams.closed and not self._closed.is_set():
                 if version is None:
                     listed = self._call(list_fn, ns, **selector)
                     version = str(listed["metadata"]["resourceVersion"])
                     for item in listed.get("items") or []:
                         out.put((kind, "ADDED", item))
-                for etype, obj in self._stream(list_fn, ns, selector, version, stop):
+                for etype, obj in self._stream(list_fn, ns, selector, version, streams):
                     if etype == "ERROR":
                         if obj.get("code") == 410:
                             version = None
@@ -760,12 +791,16 @@ class KubernetesExecutor:
                     if etype != "BOOKMARK":
                         out.put((kind, etype, obj))
         except self.k8s.client.ApiException as exc:
-            if exc.status == 410 and not stop.is_set():  # too old to watch from: list again
-                self._watch_into(kind, list_fn, selector, out, stop)
+            if streams.closed:
+                return
+            if exc.status == 410:  # too old to watch from: list again
+                self._watch_into(kind, list_fn, selector, out, streams)
                 return
             log.exception("k8s_watch_failed", kind=kind)
             out.put(("error", "ERROR", {"message": f"{type(exc).__name__}: {exc}"}))
         except Exception as exc:  # a thread's top: report to the run, which fails
+            if streams.closed:
+                return  # the read the run's end shut down
             log.exception("k8s_watch_failed", kind=kind)
             out.put(("error", "ERROR", {"message": f"{type(exc).__name__}: {exc}"}))
 
@@ -775,25 +810,31 @@ class KubernetesExecutor:
         ns: str,
         selector: dict[str, str],
         version: str,
-        stop: threading.Event,
+        streams: _OpenStreams,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
-        w = self.k8s.watch.Watch()
-        for event in w.stream(
-            list_fn,
+        """One watch request's events, as plain JSON ({"type", "object"}); the response is
+        registered with `streams`, so the run's end can shut it down mid-read."""
+        resp = list_fn(
             ns,
+            watch=True,
             resource_version=version,
             timeout_seconds=self.opts.watch_timeout_s,
             allow_watch_bookmarks=True,
-            deserialize=False,  # plain JSON events: {"type", "object"}
+            _preload_content=False,
             _request_timeout=(self.opts.request_timeout_s, self.opts.watch_timeout_s + 30),
             **selector,
-        ):
-            if not event:
-                continue
-            yield str(event["type"]), event.get("object") or {}
-            if stop.is_set():
-                w.stop()
-                return
+        )
+        if not streams.add(resp):
+            return
+        try:
+            for line in self.k8s.watch.watch.iter_resp_lines(resp):
+                if not line:
+                    continue
+                event = json.loads(line)
+                yield str(event.get("type")), event.get("object") or {}
+        finally:
+            streams.discard(resp)
+            resp.release_conn()
 
     def _delete_job(self, name: str) -> None:
         try:

@@ -1,18 +1,19 @@
-"""The local executor: a profile runs in this process (today's behaviour, the embedded
-default): the target from `target_factory`, then runner.run_profile, exactly as
-ProfileManager._run does. The manager is not wired to executors yet (it still calls
-run_profile itself); this is the same path behind the Executor interface."""
+"""The local executor: a profile runs in this process (the embedded default, and what a
+cluster's profiler does for HTTP targets and given serving addresses): the target from
+`target_factory`, then runner.run_profile. Recovery resumes every unfinished profile
+(runs are checkpointed: a resumed one goes on from its stored samples)."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from idealrt.core.clock import utcnow
 from idealrt.core.domain import Profile, ProfileState
+from idealrt.services.profiler.executor.base import Recovery
 from idealrt.services.profiler.runner import RunnerOptions, SampleSink, error_text, run_profile
 from idealrt.services.profiler.target import GenerationTarget
 
@@ -55,5 +56,8 @@ class LocalExecutor:
             options=self.options,
         )
 
+    def recover(self, unfinished: Sequence[Profile]) -> Recovery:
+        return Recovery(resume=list(unfinished), failed=[], released=[])
+
     def close(self) -> None:
-        pass
+        """Nothing to release: the manager cancels local runs itself."""

@@ -108,3 +108,26 @@ def test_executor_config() -> None:
     assert ProfilerConfig.from_env(env).executor == "kubernetes"
     with pytest.raises(ValueError, match="IDEALRT_PROFILER_EXECUTOR"):
         ProfilerConfig.from_env({"IDEALRT_PROFILER_EXECUTOR": "slurm"})
+
+
+def test_the_gpu_overlay_configures_the_executor_the_code_reads() -> None:
+    """Every IDEALRT_K8S_* the gpu overlay sets reaches KubernetesConfig (a misspelt
+    variable would be silently ignored), and the rendered overlay's values parse."""
+    from idealrt.core.config import KubernetesConfig, ProfilerConfig
+
+    overlay = ROOT / "k8s/overlays/gpu/patches"
+    data = yaml.safe_load((overlay / "configmap.yaml").read_text())["data"]
+    profiler = yaml.safe_load((overlay / "profiler.yaml").read_text())
+    env = [
+        e["name"]
+        for c in profiler["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+    ]
+    names = {n for n in [*data, *env] if n.startswith("IDEALRT_K8S_")}
+    assert {"IDEALRT_K8S_IMAGE", "IDEALRT_K8S_IDENTITY", "IDEALRT_K8S_NAMESPACE"} <= names
+    for name in names:
+        changed = KubernetesConfig.from_env({name: "x=y" if "SELECTOR" in name else "v"})
+        assert changed != KubernetesConfig.from_env({}), f"{name} is not read"
+    cfg = ProfilerConfig.from_env({k: str(v) for k, v in data.items()})
+    assert cfg.executor == "kubernetes"
+    assert cfg.kubernetes.node_selector == (("nvidia.com/gpu.present", "true"),)
