@@ -25,13 +25,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from idealrt.core.domain import SampleFlag
 from idealrt.services.profiler.http_target import HttpOptions, HttpTarget
+from tests._fixtures import load_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +43,6 @@ _MISSING = [
     for m in ("fastapi", "uvicorn", "openai", "transformers")
     if importlib.util.find_spec(m) is None
 ]
-
-
-def _fixture(name: str) -> ModuleType:
-    full = f"idealrt_test_fixtures.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, FIXTURES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
 
 
 def _free_port() -> int:
@@ -106,7 +95,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if _MISSING:
         pytest.skip(f"transformers serve needs {_MISSING}: pip install 'transformers[serving]'")
-    make = _fixture("make_hf_model")
+    make = load_fixture("make_hf_model")
     return Path(
         make.make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2", eos_fraction=0.9)
     )

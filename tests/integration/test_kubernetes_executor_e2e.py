@@ -15,13 +15,9 @@ local is refused (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -43,35 +39,21 @@ from idealrt.services.profiler.executor.kubernetes import job_name
 from idealrt.services.serving.server import build_server as build_serving
 from idealrt.services.store import server as store_server
 from idealrt.services.store.repository import open_store
+from tests._fixtures import load_fixture
+from tests._fixtures import wait_for as _wait_for
 
 pytest.importorskip("kubernetes")
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NS = "idealrt"
 
 
-def _fixture(name: str) -> ModuleType:
-    full = f"idealrt_test_fixtures.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, FIXTURES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
 def wait_for(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := cond():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+    return _wait_for(cond, timeout, interval=0.05)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    fake = _fixture("fake_kube_api").FakeKubeApi().start()
+    fake = load_fixture("fake_kube_api").FakeKubeApi().start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         yaml.safe_dump(

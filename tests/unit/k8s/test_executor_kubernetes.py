@@ -7,13 +7,10 @@ else the fake does not model."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -32,26 +29,16 @@ from idealrt.services.profiler.executor.kubernetes import (
     KubernetesOptions,
     job_name,
 )
+from tests._fixtures import load_fixture, wait_for
 
 kubernetes = pytest.importorskip("kubernetes")
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 NS = "idealrt"
 
 
-def _fixture(name: str) -> ModuleType:
-    full = f"idealrt_test_fixtures.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, FIXTURES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
 @pytest.fixture
 def fake() -> Iterator[Any]:
-    server = _fixture("fake_kube_api").FakeKubeApi().start()
+    server = load_fixture("fake_kube_api").FakeKubeApi().start()
     yield server
     server.stop()
 
@@ -123,15 +110,6 @@ class Run:
         self.thread.join(timeout)
         assert self.result is not None, "the run did not end"
         return self.result
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := cond():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def complete(fake: Any, name: str) -> None:

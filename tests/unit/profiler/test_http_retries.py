@@ -9,15 +9,12 @@ values the target chose, never as elapsed time.
 from __future__ import annotations
 
 import email.utils
-import importlib.util
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,24 +28,13 @@ from idealrt.core.errors import (
 from idealrt.services.profiler import _http_client
 from idealrt.services.profiler.http_target import HttpOptions, HttpTarget, http_options
 from idealrt.services.profiler.prompts import PromptTokenizer, load_tokenizer
+from tests._fixtures import load_fixture
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
-def _fixture(name: str) -> ModuleType:
-    """tests/fixtures/<name>.py (test folders are not packages under importlib mode)."""
-    full = f"idealrt_test_fixtures.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, FIXTURES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-fake = _fixture("openai_server")
-make = _fixture("make_hf_model")
+fake = load_fixture("openai_server")
+make = load_fixture("make_hf_model")
 Fault = fake.Fault
 
 

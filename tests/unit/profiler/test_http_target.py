@@ -8,9 +8,7 @@ on cue. tests/integration/test_http_api.py runs the same target against `transfo
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from idealrt.services.profiler.http_target import HttpOptions, HttpTarget
 from idealrt.services.profiler.outbound import Credential, OutboundPolicy
 from idealrt.services.profiler.prompts import PromptBuilder, load_tokenizer
 from idealrt.services.profiler.schedule import SpreadSchedule, sleep_until, spread_offsets
+from tests._fixtures import load_fixture
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 # The error tests below are about what one failed attempt maps to; retries (on by default
@@ -42,20 +41,8 @@ FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 ONE_ATTEMPT = HttpOptions(max_attempts=1)
 
 
-def _fixture(name: str) -> ModuleType:
-    """tests/fixtures/<name>.py (test folders are not packages under importlib mode)."""
-    full = f"idealrt_test_fixtures.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, FIXTURES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-fake = _fixture("openai_server")
-make = _fixture("make_hf_model")
+fake = load_fixture("openai_server")
+make = load_fixture("make_hf_model")
 
 
 @pytest.fixture(scope="module")
