@@ -188,6 +188,8 @@ def render_job(
         "watch",
         profile.id,
         f"--profiler=127.0.0.1:{PROFILER_PORT}",
+        f"--metrics={opts.metrics}",
+        f"--store={opts.store}",
         "--json",
     ]
     for container in pod["initContainers"] + pod["containers"]:

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from idealrt.core.domain import ModelRef, Profile, ProfilePlan, StackSpec
+from idealrt.core.domain import ModelRef, Placement, Profile, ProfilePlan, StackSpec
 from idealrt.services.profiler.executor import kubernetes as kexec
 from idealrt.services.profiler.executor.base import ClusterPlacement
 
@@ -131,3 +131,37 @@ def test_the_gpu_overlay_configures_the_executor_the_code_reads() -> None:
     cfg = ProfilerConfig.from_env({k: str(v) for k, v in data.items()})
     assert cfg.executor == "kubernetes"
     assert cfg.kubernetes.node_selector == (("nvidia.com/gpu.present", "true"),)
+
+
+def test_the_jobs_containers_run_the_users_profile_with_real_cli_flags() -> None:
+    """The Job's pod runs the profile it was made for: the profiler sidecar is told its id
+    (IDEALRT_PROFILER_RUN, read by ProfilerConfig), and the `profile` container follows it
+    with a command line the real CLI parser accepts, naming all three services (a session
+    with fewer would start an embedded suite instead)."""
+    from idealrt.clients.cli import build_parser
+    from idealrt.core.config import ProfilerConfig
+
+    p = Profile(
+        id="prof_0123",
+        model=ModelRef(name="gpt2"),
+        stack=StackSpec(device="cuda", dtype="fp16"),
+        plan=ProfilePlan(prompt_tokens=(1, 64), output_tokens=(1, 8)),
+        placement=Placement(gpu_product="NVIDIA-H100-80GB-HBM3", whole_node=True),
+    )
+    job = kexec.render_job(p, "gpu-1", kexec.KubernetesOptions(), gpus=8)
+    assert kubernetes_validate.validate(job, VERSIONS[-1], strict=True)
+    assert pod_selector(job)["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    pod = job["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["initContainers"] + pod["containers"]}
+    env = {e["name"]: e["value"] for e in containers["profiler"]["env"] if "value" in e}
+    assert ProfilerConfig.from_env(env).run_profile == p.id
+    client = containers["profile"]
+    args = build_parser().parse_args(client["args"])
+    assert client["command"] == ["idealrt"] and args.command == "watch" and args.id == p.id
+    assert args.profiler.startswith("127.0.0.1:") and args.metrics and args.store
+    (serving,) = [c for c in pod["initContainers"] if c["name"] == "serving"]
+    assert serving["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def pod_selector(job: dict) -> dict:
+    return dict(job["spec"]["template"]["spec"]["nodeSelector"])
