@@ -167,17 +167,28 @@ def _column(number: int, values: Tokens) -> bytes | None:
 M = TypeVar("M", bound=Message)
 
 
-def _with_columns(msg: M, p: Tokens, o: Tokens) -> M:
-    """`msg` with its prompt_tokens / output_tokens columns set (ValueError on lengths
-    that differ, as pairing them one to one always raised)."""
+def _wire_columns(msg: Message, p: Tokens, o: Tokens) -> bytes | None:
+    """The wire encoding of `msg`'s prompt_tokens / output_tokens columns = p, o (None
+    when they are not all int32 integers); ValueError on lengths that differ, as pairing
+    them one to one always raised. A message's encoding followed by these bytes is the
+    message with the columns set (protobuf merges concatenated encodings)."""
     if len(p) != len(o):
         raise ValueError(f"prompt_tokens and output_tokens differ in length ({len(p)} vs {len(o)})")
     fields = msg.DESCRIPTOR.fields_by_name
     wire = [
         _column(fields[name].number, v) for name, v in (("prompt_tokens", p), ("output_tokens", o))
     ]
-    if wire[0] is not None and wire[1] is not None:
-        msg.MergeFromString(wire[0] + wire[1])
+    if wire[0] is None or wire[1] is None:
+        return None
+    return wire[0] + wire[1]
+
+
+def _with_columns(msg: M, p: Tokens, o: Tokens) -> M:
+    """`msg` with its prompt_tokens / output_tokens columns set (ValueError on lengths
+    that differ)."""
+    wire = _wire_columns(msg, p, o)
+    if wire is not None:
+        msg.MergeFromString(wire)
         return msg
     _extend(msg.prompt_tokens, p)  # type: ignore[attr-defined]
     _extend(msg.output_tokens, o)  # type: ignore[attr-defined]
@@ -194,6 +205,19 @@ class MetricsClient(ClientChannel):
 
     _STUB = pbg.MetricsServiceStub
     _stub: pbg.MetricsServiceStub
+    _raw_estimate: Any = None
+
+    def _estimate_wire(self) -> Any:
+        """EstimateRuntime taking the request's encoded bytes (what the stub's serializer
+        would produce), so a large workload's columns go to the channel without being
+        parsed into a message and serialized again."""
+        if self._raw_estimate is None:
+            self._raw_estimate = self._channel.unary_unary(
+                f"/{pb.DESCRIPTOR.services_by_name['MetricsService'].full_name}/EstimateRuntime",
+                request_serializer=None,  # bytes as they are
+                response_deserializer=pb.EstimateRuntimeResponse.FromString,
+            )
+        return self._raw_estimate
 
     def fit(
         self,
@@ -250,17 +274,18 @@ class MetricsClient(ClientChannel):
         """Runtime estimates; 95% intervals (low_s/high_s, sum_low_s/sum_high_s) only with
         `intervals` (otherwise zeros: the server does no bootstrap work). Without
         `per_query` the per-query arrays are empty."""
-        r = call(
-            self._stub.EstimateRuntime,
-            _with_columns(
-                pb.EstimateRuntimeRequest(
-                    cost_model_id=cost_model_id, per_query=per_query, intervals=intervals
-                ),
-                prompt_tokens,
-                output_tokens,
-            ),
-            self.timeout,
+        head = pb.EstimateRuntimeRequest(
+            cost_model_id=cost_model_id, per_query=per_query, intervals=intervals
         )
+        wire = _wire_columns(head, prompt_tokens, output_tokens)
+        if wire is not None:  # the columns' bytes as they are: no message built or copied
+            r = call(self._estimate_wire(), head.SerializeToString() + wire, self.timeout)
+        else:
+            r = call(
+                self._stub.EstimateRuntime,
+                _with_columns(head, prompt_tokens, output_tokens),
+                self.timeout,
+            )
         est = r.estimates
         if est:  # a server that answers in messages
             return Estimates(

@@ -7,14 +7,15 @@ and services poll, and each costs two SQL statements' worth of driver and SQLAlc
 the one it gave last time. With a cache that cannot serve a stale answer, a repeat costs
 a dict lookup and one cheap check.
 
-The check is the database's own change counter, read BEFORE the query whose answer is
+The check is the database's own change marker, read BEFORE the query whose answer is
 kept (`Store.read_generation`): an entry made at generation g is served only while the
-counter still reads g. A commit that lands between that read and the query makes the
-entry's answer newer than g, never older, and the next check sees the counter moved: so
+marker still reads g. A commit that lands between that read and the query makes the
+entry's answer newer than g, never older, and the next check sees the marker moved: so
 an answer served from here is never older than what a query at the moment of the check
-would return. Only a counter that every commit moves, from any connection or process,
-qualifies; where the store has none (PostgreSQL, an in-memory SQLite) the generation is
-None and every call reads the database.
+would return. Only a marker that every commit moves, from any connection or process,
+qualifies: SQLite's data_version, PostgreSQL's current snapshot (one round trip instead
+of the queries it saves); where the store has none (an in-memory SQLite) the generation
+is None and every call reads the database.
 
 Entries are keyed by everything the answer depends on (the request's fields and the
 namespaces the caller may see), bounded (oldest dropped first), and hold response
@@ -41,16 +42,16 @@ class ReadCache(Generic[V]):
         if size < 1:
             raise ValueError("size must be >= 1")
         self._size = size
-        self._entries: OrderedDict[Hashable, tuple[int, V]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[Hashable, V]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, generation: int) -> V | None:
+    def get(self, key: Hashable, generation: Hashable) -> V | None:
         hit = self._entries.get(key)
         if hit is None or hit[0] != generation:
             return None
         return hit[1]
 
-    def put(self, key: Hashable, generation: int, value: V) -> None:
+    def put(self, key: Hashable, generation: Hashable, value: V) -> None:
         with self._lock:
             self._entries.pop(key, None)
             while len(self._entries) >= self._size:

@@ -63,7 +63,7 @@ import dataclasses
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -120,6 +120,8 @@ PROFILE_PAGE = (50, 1000)
 SAMPLE_PAGE = (1000, 10000)
 
 _log = structlog.get_logger(__name__)
+# PostgreSQL 13+; the snapshot as text ("xmin:xmax:xip,...") is read_generation's value
+_SNAPSHOT_SQL = "SELECT pg_current_snapshot()::text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +242,8 @@ class Store:
         )
         self._sample_insert = BulkInsert(samples, _SAMPLE_INSERT, engine.dialect)
         self._closed = False
-        # read_generation's connection: a file SQLite's own, never used to write
-        self._watch: sqlite3.Connection | None = None
+        # read_generation's connection (sqlite3 or psycopg), never used to write
+        self._watch: Any = None
         self._watch_lock = threading.Lock()
 
     @property
@@ -261,34 +263,55 @@ class Store:
                 self._watch = None
         self._engine.dispose()
 
-    def read_generation(self) -> int | None:
-        """A counter that moves with every commit to the database, by any connection of
+    def read_generation(self) -> Hashable | None:
+        """A value that changes with every commit to the database, by any connection of
         any process, or None where the store has none: read it before a read whose answer
         is kept, and keep the answer only while it reads the same (see `_read_cache`).
 
-        A file SQLite has one: `PRAGMA data_version` on a connection of its own that never
-        writes changes whenever another connection has committed (SQLite's documented
-        contract; ~3 us, no I/O in WAL mode). PostgreSQL has none that costs less than the
-        read it would save (a round trip), nor has an in-memory SQLite (one connection)."""
+        A file SQLite: `PRAGMA data_version` on a connection of its own that never writes
+        changes whenever another connection has committed (SQLite's documented contract;
+        ~3 us, no I/O in WAL mode).
+        PostgreSQL: the current snapshot, `pg_current_snapshot()` ("xmin:xmax:xip,..."),
+        on a connection of its own (autocommit, one cheap round trip, no table read). A
+        transaction that writes is given an id, which is in the snapshot's in-progress
+        list (or beyond its xmax) until it ends: a commit anywhere in the database (any
+        store replica, any other client) changes it. Read-only transactions get no id and
+        leave it as it is. So a snapshot that reads the same means that nothing committed
+        in between; other writers to the same database only cost cache misses.
+        An in-memory SQLite (one connection) has none."""
         self._check_open()
-        if self._parsed.backend != "sqlite" or self._parsed.path is None:
+        if self._parsed.backend == "sqlite" and self._parsed.path is None:
             return None
         with self._watch_lock:
             try:
                 if self._watch is None:
-                    self._watch = sqlite3.connect(
-                        str(self._parsed.path), isolation_level=None, check_same_thread=False
-                    )
-                row = self._watch.execute("PRAGMA data_version").fetchone()
-            except sqlite3.Error as exc:
+                    self._watch = self._open_watch()
+                if self._parsed.backend == "sqlite":
+                    return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+                with self._watch.cursor() as cur:
+                    cur.execute(_SNAPSHOT_SQL)
+                    return str(cur.fetchone()[0])
+            except Exception as exc:  # the driver's own errors, either database
                 # no counter now: this call reads the database, which reports the failure
                 # (or recovers); the next call opens a new watch connection
-                _log.warning("store_read_generation_failed", error=str(exc))
+                _log.warning("store_read_generation_failed", error=f"{type(exc).__name__}: {exc}")
                 if self._watch is not None:
-                    self._watch.close()
+                    with contextlib.suppress(Exception):
+                        self._watch.close()
                     self._watch = None
                 return None
-        return int(row[0])
+
+    def _open_watch(self) -> Any:
+        """read_generation's own connection: never used to write, outside the pool."""
+        if self._parsed.backend == "sqlite":
+            return sqlite3.connect(
+                str(self._parsed.path), isolation_level=None, check_same_thread=False
+            )
+        pooled = self._engine.raw_connection()
+        raw: Any = pooled.driver_connection
+        pooled.detach()  # ours from now on: the pool neither counts nor recycles it
+        raw.autocommit = True
+        return raw
 
     def __enter__(self) -> Store:
         return self

@@ -41,13 +41,16 @@ def test_entries_answer_only_at_their_generation_and_are_bounded() -> None:
 
 
 def test_the_generation_moves_with_every_commit_from_any_connection(
-    tmp_path: Path, make_profile: Callable[..., Profile]
+    durable_store_url: str, make_profile: Callable[..., Profile]
 ) -> None:
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    with open_store(url) as one, open_store(url) as other:
+    """SQLite's data_version and PostgreSQL's snapshot: unchanged by reads, moved by a
+    commit of another Store (another process's pool) and of this Store's own pool."""
+    with open_store(durable_store_url) as one, open_store(durable_store_url) as other:
         g0 = one.read_generation()
-        assert g0 is not None and one.read_generation() == g0  # no commit: unchanged
-        other.create_profile(make_profile())  # another Store (another process's pool)
+        assert g0 is not None
+        one.list_profiles(10, "")  # reads commit nothing
+        assert one.read_generation() == g0
+        other.create_profile(make_profile())
         g1 = one.read_generation()
         assert g1 != g0
         one.create_profile(make_profile())  # this Store's own pool: not the watch conn
@@ -65,9 +68,9 @@ def test_no_generation_without_a_counter(make_profile: Callable[..., Profile]) -
 
 
 def test_answers_follow_writes_by_another_store(
-    tmp_path: Path, make_profile: Callable[..., Profile]
+    durable_store_url: str, make_profile: Callable[..., Profile]
 ) -> None:
-    url = f"sqlite:///{tmp_path}/s.sqlite"
+    url = durable_store_url
     with open_store(url) as served, open_store(url) as writer:
         sv = StoreServicer(served)
         p, _ = writer.create_profile(make_profile())
@@ -117,3 +120,25 @@ def test_visibility_is_part_of_the_key(
         only_a = sv.ListProfiles(pb.ListProfilesRequest(page_size=10, namespaces=["team-a"]), CTX)
         assert len(both.profiles) == 2
         assert [x.namespace for x in only_a.profiles] == ["team-a"]
+
+
+@pytest.mark.postgres
+def test_a_postgres_commit_by_another_process_is_seen(
+    pg_database_url: str, make_profile: Callable[..., Profile]
+) -> None:
+    """PostgreSQL: the writer is a separate process using psycopg alone (no idealrt code),
+    as another store replica or an operator's script would be: its commit moves the
+    snapshot, and the cached answer is not served again."""
+    with open_store(pg_database_url) as st:
+        sv = StoreServicer(st)
+        p, _ = st.create_profile(make_profile())
+        get = pb.GetProfileRequest(id=p.id)
+        first = sv.GetProfile(get, CTX)
+        assert sv.GetProfile(get, CTX) is first  # cached while nothing commits
+        code = (
+            "import psycopg, sys; c = psycopg.connect(sys.argv[1], autocommit=True); "
+            "c.execute(\"UPDATE profiles SET error = 'set elsewhere' WHERE id = %s\", "
+            "(sys.argv[2],))"
+        )
+        subprocess.run([sys.executable, "-c", code, pg_database_url, p.id], check=True)
+        assert sv.GetProfile(get, CTX).profile.error == "set elsewhere"
