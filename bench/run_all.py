@@ -23,7 +23,15 @@ from typing import Any
 
 import _common as c
 
-BENCHES = ("estimate", "accuracy", "backends", "denoise", "profiling_cost", "service")
+BENCHES = (
+    "estimate",
+    "accuracy",
+    "backends",
+    "agreement",
+    "denoise",
+    "profiling_cost",
+    "service",
+)
 # Results of non-default variants (--grid knee of accuracy, profiling_cost): summarised if present.
 OPTIONAL = ("accuracy_knee", "profiling_cost_knee")
 PLOTS = {
