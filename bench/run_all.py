@@ -28,6 +28,7 @@ BENCHES = (
     "accuracy",
     "backends",
     "agreement",
+    "contention",
     "denoise",
     "profiling_cost",
     "service",
