@@ -297,6 +297,9 @@ class ProfilerConfig:
     # accepted as measured; for test suites whose subject is not contention, on a shared
     # machine where other load would make their profiles INVALID at random)
     contention_checks: bool = True
+    # how long contention may last before a profile ends INVALID instead of waiting it out
+    # (IDEALRT_CONTENTION_PATIENCE_S; services/profiler/contention.py ContentionPolicy)
+    contention_patience_s: float = 120.0
     # store writes (sample batches, progress) on threads of their own, so that a slow
     # store does not pause the run (IDEALRT_BACKGROUND_WRITES=0: between samples, on the
     # measuring thread; the embedded suite does that, as there the store and the serving
@@ -345,6 +348,9 @@ class ProfilerConfig:
             outage_window_s=_float(e, "IDEALRT_OUTAGE_WINDOW_S", cls.outage_window_s),
             contention_monitors=e.get("IDEALRT_CONTENTION_MONITORS", "1") != "0",
             contention_checks=e.get("IDEALRT_CONTENTION_CHECKS", "1") != "0",
+            contention_patience_s=_float(
+                e, "IDEALRT_CONTENTION_PATIENCE_S", cls.contention_patience_s, lo=1.0
+            ),
             background_writes=e.get("IDEALRT_BACKGROUND_WRITES", "1") != "0",
             outbound_config=Path(e["IDEALRT_OUTBOUND_CONFIG"])
             if e.get("IDEALRT_OUTBOUND_CONFIG")

@@ -71,6 +71,14 @@ _ACT = _enum_maps(Activation, cpb.Activation, "ACTIVATION_")
 _POS = _enum_maps(Positional, cpb.Positional, "POSITIONAL_")
 _BACKEND = _enum_maps(d.Backend, cpb.Backend, "BACKEND_")
 _FLAG = _enum_maps(d.SampleFlag, cpb.SampleFlag, "SAMPLE_FLAG_")
+_TIMING = _enum_maps(d.SampleTiming, cpb.SampleTiming, "SAMPLE_TIMING_")
+# reading: UNSPECIFIED (a writer from before the field existed) is SERVER_STEPS, what the
+# Sample contract promised then; see SampleTiming in common.proto
+_TIMING_FROM_PB: dict[int, d.SampleTiming] = {
+    **_TIMING[1],
+    cpb.SAMPLE_TIMING_UNSPECIFIED: d.SampleTiming.SERVER_STEPS,
+}
+_TIMING_READ = (_TIMING[0], _TIMING_FROM_PB)
 _STATE = _enum_maps(d.ProfileState, rpb.ProfileState, "PROFILE_STATE_")
 _LEASE = _enum_maps(d.LeasePolicy, rpb.LeasePolicy, "LEASE_POLICY_")
 _TARGET = _enum_maps(d.TargetKind, rpb.TargetKind, "TARGET_KIND_")
@@ -335,6 +343,8 @@ def sample_to_pb(s: d.Sample) -> cpb.Sample:
         flag=_FLAG[0][s.flag],
         contention=_contention_to_pb(s.contention),
         seq=s.seq,
+        timing=_TIMING[0][s.timing],
+        chunks=s.chunks,
     )
 
 
@@ -352,6 +362,8 @@ def sample_from_pb(m: cpb.Sample, field: str = "samples") -> d.Sample:
         repeat=m.repeat,
         flag=_from(_FLAG, m.flag, f"{field}.flag", cpb.SampleFlag),
         contention=_contention_from_pb(m.contention),
+        timing=_from(_TIMING_READ, m.timing, f"{field}.timing", cpb.SampleTiming),
+        chunks=m.chunks,
         seq=m.seq,
     )
 
@@ -371,6 +383,7 @@ def sample_batch_from_pb(msgs: Sequence[cpb.Sample], field: str = "samples") -> 
             t.nanos, m.rpc_ns, m.heldout, m.repeat, m.flag,
             (c := m.contention).foreign_cpu_seconds, c.gpu_foreign_processes, c.sm_clock_mhz,
             c.temperature_c, c.throttle_reasons, c.energy_joules, c.energy_source,
+            m.timing, m.chunks,
         )
         for m in msgs
     ]  # fmt: skip
@@ -379,15 +392,19 @@ def sample_batch_from_pb(msgs: Sequence[cpb.Sample], field: str = "samples") -> 
     (
         prompt, output, prefill, decode, total, batch_size, timed, seconds, nanos, rpc,
         heldout, repeat, flags, cpu, gpu, sm_clock, temperature, throttle, energy, source,
+        timings, chunks,
     ) = zip(*rows, strict=True)  # fmt: skip
     lo, hi = _TS_SECONDS
     known = _FLAG[1]
+    known_timing = _TIMING_FROM_PB
+    timing_values = set(timings)
     if not (
         lo <= min(seconds)
         and max(seconds) <= hi
         and min(nanos) >= 0
         and max(nanos) <= _MAX_NANOS
         and set(flags) <= known.keys()
+        and timing_values <= known_timing.keys()
     ):
         return d.SampleBatch.from_samples(
             [sample_from_pb(m, f"{field}[{i}]") for i, m in enumerate(msgs)]
@@ -416,6 +433,12 @@ def sample_batch_from_pb(msgs: Sequence[cpb.Sample], field: str = "samples") -> 
             energy_j=energy,
             energy_source=source,
         ),
+        timing=(  # one timing per profile is the rule: no lookup per sample then
+            [known_timing[timings[0]]] * len(timings)
+            if len(timing_values) == 1
+            else [known_timing[t] for t in timings]
+        ),
+        chunks=chunks,
     )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Sample",
     "SampleBatch",
     "SampleFlag",
+    "SampleTiming",
     "StackSpec",
     "Target",
     "TargetKind",
@@ -127,7 +128,9 @@ class ProfileState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    INVALID = "invalid"  # finished, but contention persisted: never an idealized result
+    # finished, but never an idealized result: contention persisted (CONTENTION), or the
+    # samples cannot identify the cost model (TIMING_EVIDENCE_INSUFFICIENT)
+    INVALID = "invalid"
 
     @property
     def terminal(self) -> bool:
@@ -193,6 +196,31 @@ class SampleFlag(enum.StrEnum):
     NONCONFORMING = "nonconforming"  # token counts differ from the plan
 
 
+class SampleTiming(enum.StrEnum):
+    """How a sample's times were obtained: what its prefill_ns and decode_ns can be
+    trusted for. prefill_ns = 0 always means "unknown" (never a measured 0 ns), and
+    decode_ns is empty whenever per-step times are unknown: nothing is invented.
+
+    Samples stored before the field existed read as SERVER_STEPS (what the Sample
+    contract promised then), except those whose times show otherwise (no prefill, or no
+    decode steps for o >= 2), which the store's migration 3 marked TOTALS_ONLY."""
+
+    # the serving service timed prefill and every decode step in-process
+    SERVER_STEPS = "server_steps"
+    # a stream of one chunk per token: prefill = first chunk's arrival, steps = the gaps
+    STREAM_TOKENS = "stream_tokens"
+    # a stream whose chunks carry several (or varying) tokens: per-step times unknown;
+    # prefill_ns only when the first chunk carried exactly the first token, else 0
+    STREAM_CHUNKS = "stream_chunks"
+    # only the request's total (e.g. a non-streamed response); prefill_ns = 0
+    TOTALS_ONLY = "totals_only"
+
+    @property
+    def has_steps(self) -> bool:
+        """Whether samples of this timing carry per-step decode times."""
+        return self in (SampleTiming.SERVER_STEPS, SampleTiming.STREAM_TOKENS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ContentionObservation:
     """Observations taken around (never inside) a timed region."""
@@ -227,7 +255,22 @@ class Sample:
     repeat: int = 0
     flag: SampleFlag = SampleFlag.OK
     contention: ContentionObservation = dataclasses.field(default_factory=ContentionObservation)
+    # how the times were obtained (see SampleTiming); the default is what every sample
+    # meant before the field existed: timed in the serving process
+    timing: SampleTiming = SampleTiming.SERVER_STEPS
+    chunks: int = 0  # stream chunks that carried text (0 when not streamed)
     seq: int = -1  # position within the profile (set by the store)
+
+    @property
+    def measured_prefill_ns(self) -> int:
+        """prefill_ns where it is a measured time, else 0 ("unknown"): a TOTALS_ONLY
+        sample's is never one (a row stored before timing was recorded may hold a value)."""
+        return 0 if self.timing is SampleTiming.TOTALS_ONLY else self.prefill_ns
+
+    @property
+    def measured_decode_ns(self) -> tuple[int, ...]:
+        """decode_ns where its timing has per-step times, else ()."""
+        return self.decode_ns if self.timing.has_steps else ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -264,6 +307,8 @@ class SampleBatch:
     repeat: Sequence[int]
     flag: Sequence[SampleFlag]
     contention: ContentionColumns
+    timing: Sequence[SampleTiming]
+    chunks: Sequence[int]
 
     def __len__(self) -> int:
         return len(self.prompt_tokens)
@@ -306,11 +351,13 @@ class SampleBatch:
                 repeat=r,
                 flag=f,
                 contention=obs,
+                timing=tm,
+                chunks=ch,
             )
-            for p, o, pre, dec, tot, b, t, rpc, h, r, f, obs in zip(
+            for p, o, pre, dec, tot, b, t, rpc, h, r, f, obs, tm, ch in zip(
                 self.prompt_tokens, self.output_tokens, self.prefill_ns, self.decode_ns,
                 self.total_ns, self.batch_size, self.start_time, self.rpc_ns, self.heldout,
-                self.repeat, self.flag, observations, strict=True,
+                self.repeat, self.flag, observations, self.timing, self.chunks, strict=True,
             )
         ]  # fmt: skip
 

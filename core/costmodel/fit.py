@@ -1,7 +1,12 @@
 """Fit the cost model runtime(p, o) = overhead + alpha(p) + sum_{i=1}^{o-1} beta(p + i).
 
 Which samples are used: flag OK, `heldout` False, and conforming counts (p >= 1, o >= 1,
-`decode_ns` empty or exactly o-1 entries, no negative times, total_ns > 0). Held-out samples
+`decode_ns` empty or exactly o-1 entries, no negative times, total_ns > 0). What each time
+is worth is the sample's `timing` (SampleTiming): decode steps are taken only from samples
+whose timing has per-step times (server_steps, stream_tokens), a prefill only where it was
+measured (prefill_ns > 0 and timing not totals_only: 0 is "unknown", never a time). The
+model records the evidence it rests on (`timing_record`: fit_options "timing", the fit
+samples by timing, and "timing_used", which data fitted beta and alpha). Held-out samples
 never touch a fitted value; they are only evaluated (`idealrt.core.costmodel.evaluate`), and
 choose between the selected knots and the medians (below).
 
@@ -53,7 +58,7 @@ import numpy.typing as npt
 
 from idealrt.core.costmodel import robust as rb
 from idealrt.core.costmodel.options import FitOptions
-from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag
+from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag, SampleTiming
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.core.reasons import MIXED_BATCH_SIZES, NOT_ENOUGH_SAMPLES
 
@@ -65,6 +70,7 @@ __all__ = [
     "fit_cost_model",
     "fit_prepared",
     "fit_with_replicates",
+    "timing_record",
     "usable_samples",
 ]
 
@@ -134,17 +140,19 @@ class FitData:
                 field="samples",
             )
         p = np.fromiter((s.prompt_tokens for s in samples), np.int64, len(samples))
-        lens = np.fromiter((len(s.decode_ns) for s in samples), np.int64, len(samples))
+        decode = [s.measured_decode_ns for s in samples]  # steps only where measured
+        lens = np.fromiter((len(d) for d in decode), np.int64, len(samples))
         starts = np.cumsum(lens) - lens
         total = int(lens.sum())
-        steps = np.fromiter(
-            itertools.chain.from_iterable(s.decode_ns for s in samples), np.float64, total
-        )
+        steps = np.fromiter(itertools.chain.from_iterable(decode), np.float64, total)
         ctx = np.repeat(p - starts + 1, lens) + np.arange(total, dtype=np.int64)
         return cls(
             p=p,
             o=np.fromiter((s.output_tokens for s in samples), np.int64, len(samples)),
-            prefill_s=np.fromiter((s.prefill_ns for s in samples), np.float64, len(samples)) * 1e-9,
+            prefill_s=np.fromiter(
+                (s.measured_prefill_ns for s in samples), np.float64, len(samples)
+            )
+            * 1e-9,
             total_s=np.fromiter((s.total_ns for s in samples), np.float64, len(samples)) * 1e-9,
             step_start=starts.astype(np.int64),
             step_len=lens,
@@ -340,8 +348,28 @@ def fit_with_replicates(
     replicates = bootstrap.bootstrap_prepared(data, options) if options.bootstrap > 0 else []
     cm.intervals = bootstrap.intervals(cm, replicates, options.confidence)
     cm.quality = quality
-    cm.fit_options = record
+    cm.fit_options = {**record, **timing_record(fit, data)}
     return cm, replicates
+
+
+def timing_record(samples: Sequence[Sample], data: FitData | None = None) -> dict[str, str]:
+    """The timing evidence of a fit, as fit_options entries (FitOptions.from_record ignores
+    them): "timing" = the fit samples by timing, "server_steps:120,stream_chunks:3" (in
+    SampleTiming's order); with `data` (what fit_prepared fitted), "timing_used" = which
+    data fitted beta ("decode_steps:<samples with steps>", "total_minus_prefill" or
+    "totals") and alpha ("prefill" or "totals")."""
+    counts = {t: 0 for t in SampleTiming}
+    for s in samples:
+        counts[s.timing] += 1
+    record = {"timing": ",".join(f"{t.value}:{n}" for t, n in counts.items() if n)}
+    if data is not None:
+        if data.step_s.size:
+            beta = f"decode_steps:{int(np.count_nonzero(data.step_len))}"
+        else:
+            beta = "total_minus_prefill" if data.has_prefill else "totals"
+        alpha = "prefill" if data.has_prefill else "totals"
+        record["timing_used"] = f"beta={beta} alpha={alpha}"
+    return record
 
 
 def _worse(ours: FitQuality, base: FitQuality) -> bool:

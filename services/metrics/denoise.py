@@ -49,13 +49,16 @@ overhead (exact for p_min = 1), and there is no alpha floor to hold.
   error roughly triples); tests/unit/metrics/test_denoise.py pins these cases.
 
 Stored with the model (`CostModel.fit_options`, text as FitOptions.to_record writes it):
-denoise_method, denoise_quantile (quantile rule), beta_linear, kfold and denoise_alpha_floor
-("ttft_min" or "none"); FitOptions.from_record reads beta_linear and kfold and ignores the
-rest. Quality, like any fit's: held-out error when held-out samples exist, else k-fold over
-the interior prompt sizes (each fold refitted by the same rule without its sizes), else
-"none". The measured value of a configuration is the statistic the rule estimates from
-contended trials -- their minimum (min rule) or their `quantile` (quantile rule) of
-total_ns -- since a median of contended trials is not what a denoised model predicts.
+denoise_method, denoise_quantile (quantile rule), beta_linear, kfold, denoise_alpha_floor
+("ttft_min" or "none"), and the timing evidence: "timing" (the fit samples by
+Sample.timing) and "timing_used" (alpha from "prefill" or "totals"; TTFT is measured only
+where Sample.measured_prefill_ns is: a totals-only sample's never is); FitOptions.from_record
+reads beta_linear and kfold and ignores the rest. Quality, like any fit's: held-out error
+when held-out samples exist, else k-fold over the interior prompt sizes (each fold refitted
+by the same rule without its sizes), else "none". The measured value of a configuration is
+the statistic the rule estimates from contended trials -- their minimum (min rule) or
+their `quantile` (quantile rule) of total_ns -- since a median of contended trials is not
+what a denoised model predicts.
 
 Samples used by both: not warm-ups, not nonconforming, not held out (held-out samples are
 only evaluated).
@@ -74,6 +77,7 @@ import scipy.optimize
 import scipy.sparse
 
 from idealrt.core.costmodel.evaluate import relative_quality
+from idealrt.core.costmodel.fit import timing_record
 from idealrt.core.costmodel.predict import predict_runtime
 from idealrt.core.domain import CostModel, FitQuality, Sample, SampleFlag
 from idealrt.core.errors import FailedPrecondition, IdealrtError, InvalidArgument
@@ -174,7 +178,8 @@ class _Data:
 
     @classmethod
     def of(cls, used: Sequence[Sample]) -> _Data:
-        ttft = np.array([s.prefill_ns for s in used], dtype=np.float64) * 1e-9
+        # measured TTFT only (0, or a totals-only sample's: unknown)
+        ttft = np.array([s.measured_prefill_ns for s in used], dtype=np.float64) * 1e-9
         return cls(
             p=np.array([s.prompt_tokens for s in used], dtype=np.float64),
             o=np.array([s.output_tokens for s in used], dtype=np.float64),
@@ -480,7 +485,8 @@ def denoise(
         )
     if method == "quantile":
         _check_quantile(quantile)
-    data = _Data.of(_usable(samples))
+    used = _usable(samples)
+    data = _Data.of(used)
     held = _valid(samples, heldout=True)
     cm = _fit(data, method, quantile, beta_linear, id, profile_id)
     cm.quality = _quality(cm, data, held, method, quantile, beta_linear, kfold)
@@ -492,5 +498,7 @@ def denoise(
     }
     if method == "quantile":
         record["denoise_quantile"] = repr(float(quantile))
+    record.update(timing_record(used))
+    record["timing_used"] = "alpha=" + ("prefill" if data.ttft_s is not None else "totals")
     cm.fit_options = record
     return cm

@@ -25,7 +25,7 @@ import json
 import random
 import threading
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -390,7 +390,14 @@ class _HttpClient:
                 ),
                 "stream",
             )
-        return to_sample(completion, streamed, p, o, t0, t_end, start)
+        # counted after the stream ended: never inside the timed region
+        return to_sample(
+            completion, streamed, p, o, t0, t_end, start, count_tokens=self._chunk_tokens
+        )
+
+    def _chunk_tokens(self, texts: Sequence[str]) -> Sequence[int]:
+        """The tokens of each stream chunk's text by the profile's tokenizer (HttpTarget)."""
+        raise NotImplementedError
 
     def _request(self, shape: RequestShape, prompt: str | list[int], p: int, o: int) -> Sample:
         """One request: attempts until one succeeds, one fails in a way not retried, the

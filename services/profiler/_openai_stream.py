@@ -12,7 +12,9 @@ several `data:` lines of an event join with "\n"; a blank line dispatches the ev
 starting with ":" are comments (keep-alives); `data: [DONE]` ends an OpenAI stream; an
 unterminated event at EOF is dispatched too.
 
-A *token chunk* is an event whose first choice carries non-empty `text`. Servers differ in
+A *token chunk* is an event whose first choice carries non-empty `text`; an *empty chunk* one
+whose first choice has `text: ""` and no `finish_reason` (a server that cannot decode a
+token, e.g. an id beyond its tokenizer's vocabulary, streams it so). Servers differ in
 where they put `usage` (OpenAI and vLLM: a last chunk with `choices: []`; `transformers
 serve`: the last chunk, with `text: ""` and `finish_reason`), so usage is taken from any
 event that has it (the last one wins).
@@ -24,15 +26,16 @@ import dataclasses
 import itertools
 import json
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from idealrt.core.domain import Sample, SampleFlag
+from idealrt.core.domain import Sample, SampleFlag, SampleTiming
 
 __all__ = [
     "Completion",
     "SseEvent",
+    "TokenCounter",
     "error_message",
     "iter_sse",
     "parse_body",
@@ -56,6 +59,9 @@ class Completion:
     """One completions response, streamed or not."""
 
     chunk_times_ns: tuple[int, ...] = ()  # arrival of each token chunk (streaming only)
+    chunk_texts: tuple[str, ...] = ()  # the text of each token chunk
+    empty_chunks: int = 0  # empty chunks (see the module doc) in all
+    empty_before_text: int = 0  # empty chunks before the first token chunk
     text: str = ""
     prompt_tokens: int | None = None  # from usage; None when the API sent none
     completion_tokens: int | None = None
@@ -118,7 +124,7 @@ def parse_stream(events: Iterable[SseEvent]) -> Completion:
     prompt_tokens = completion_tokens = None
     finish: str | None = None
     error: str | None = None
-    n = 0
+    n = empty = empty_before = 0
     done = False
     for ev in events:
         n += 1
@@ -146,10 +152,16 @@ def parse_stream(events: Iterable[SseEvent]) -> Completion:
         if isinstance(text, str) and text:
             times.append(ev.t_ns)
             parts.append(text)
+        elif text == "" and not choice.get("finish_reason"):
+            empty += 1
+            empty_before += not times
         if choice.get("finish_reason"):
             finish = str(choice["finish_reason"])
     return Completion(
         chunk_times_ns=tuple(times),
+        chunk_texts=tuple(parts),
+        empty_chunks=empty,
+        empty_before_text=empty_before,
         text="".join(parts),
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -211,19 +223,64 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+# The tokens of each text (no special tokens), e.g. PromptTokenizer.encode_batch's lengths.
+TokenCounter = Callable[[Sequence[str]], Sequence[int]]
+
+
+def _token_counts(c: Completion, count: TokenCounter | None) -> tuple[int, ...] | None:
+    if count is None or not c.chunk_texts:
+        return None
+    return tuple(count(c.chunk_texts))
+
+
 def to_sample(
-    c: Completion, streamed: bool, p: int, o: int, t0: int, t_end: int, start: datetime
+    c: Completion,
+    streamed: bool,
+    p: int,
+    o: int,
+    t0: int,
+    t_end: int,
+    start: datetime,
+    count_tokens: TokenCounter | None = None,
 ) -> Sample:
-    """The Sample of one response (the rules are in http_target's docstring)."""
+    """The Sample of one response (the rules are in http_target's docstring). `count_tokens`
+    (the profile's tokenizer) counts the tokens of each chunk's text; without it, what a
+    chunk carried is known only from the chunk count against usage.completion_tokens."""
     times = c.chunk_times_ns
     got_p = c.prompt_tokens if c.prompt_tokens is not None else p
     if c.completion_tokens is not None:
         got_o = c.completion_tokens
     else:
         got_o = len(times) if streamed else 0
-    prefill = times[0] - t0 if streamed and times else 0
-    one_per_chunk = streamed and len(times) == got_o and got_o > 0
-    decode = tuple(b - a for a, b in itertools.pairwise(times)) if one_per_chunk else ()
+    counts = _token_counts(c, count_tokens) if streamed else None
+    # One token per chunk: as many token chunks as the API counted tokens (each carries at
+    # least one, so each carries exactly one); without usage, the tokenizer must say so.
+    one_per_chunk = (
+        streamed
+        and got_o > 0
+        and len(times) == got_o
+        and (c.completion_tokens is not None or (counts is not None and set(counts) == {1}))
+    )
+    decode: tuple[int, ...] = ()
+    if not streamed:
+        timing, prefill = SampleTiming.TOTALS_ONLY, 0
+    elif one_per_chunk:
+        timing = SampleTiming.STREAM_TOKENS
+        prefill = times[0] - t0
+        decode = tuple(b - a for a, b in itertools.pairwise(times))
+    else:
+        # Several tokens a chunk, or tokens without text: no per-step times. The first
+        # chunk's arrival is the first token's only when it carried exactly that token:
+        # nothing before it, one token by the tokenizer, and the tokenizer sees every
+        # token the API counted (else some token's text is invisible and could be in it).
+        timing = SampleTiming.STREAM_CHUNKS
+        first_is_one = (
+            counts is not None
+            and c.empty_before_text == 0
+            and counts[0] == 1
+            and sum(counts) == got_o
+        )
+        prefill = times[0] - t0 if first_is_one else 0
     conforming = (
         c.prompt_tokens is not None
         and c.completion_tokens is not None
@@ -240,4 +297,6 @@ def to_sample(
         start_time=start,
         rpc_ns=total,
         flag=SampleFlag.OK if conforming else SampleFlag.NONCONFORMING,
+        timing=timing,
+        chunks=len(times) if streamed else 0,
     )

@@ -17,10 +17,12 @@ A sample is CONTENDED when any of these holds:
    buckets, slower than that baseline by the same two-sided rule is contended. Used when
    the configuration's own baseline is not ready yet.
 
-The runner stores contended samples (flagged), re-measures the repeat (bounded by
-`max_retries`, with a back-off sleep), and ends the profile INVALID when the fraction of
-contended samples among all measured ones exceeds `max_contended_frac`; `evidence()` is the
-human-readable reason kept in Profile.error.
+The runner stores contended samples (flagged), waits the contention out (blocking waits
+until the monitors see the measured cores quiet, `quiet_window_s`, or a back-off without
+monitors; INVALID when it lasts `patience_s`), then re-measures the repeat (bounded by
+`max_retries`), and ends the profile INVALID when the fraction of contended samples among
+all measured ones exceeds `max_contended_frac`; `evidence()` is the human-readable reason
+kept in Profile.error.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ class ContentionPolicy:
     max_retries: int = 3
     retry_backoff_s: float = 0.25
     max_contended_frac: float = 0.25
+    # waiting contention out (runner._wait_out): before a contended sample is measured
+    # again, the measured cores must be quiet: windows of quiet_window_s (a blocking wait,
+    # then one read of the monitors) until one shows less foreign CPU than
+    # foreign_cpu_frac of it and no foreign GPU process; without a monitor, a back-off
+    # (quiet_window_s doubling, up to 8x) and the re-measurement judges. Contention that
+    # lasts patience_s (from its first contended sample to the next accepted one) ends
+    # the profile INVALID.
+    quiet_window_s: float = 0.5
+    patience_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)

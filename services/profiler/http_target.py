@@ -16,14 +16,21 @@ InvalidArgument carrying the API's message. `environment()` records the shape in
 
 What a Sample holds (all client-side, `time.perf_counter_ns`; the wire is in every number):
 - t0: just before the request is sent (the body is already encoded, the prompt built).
-- streaming: prefill_ns = t0 -> arrival of the first token chunk (an event whose first
-  choice has non-empty text): time to first token. decode_ns = the gaps between consecutive
-  token chunks, kept only when the chunks are exactly the completion tokens the API counted
-  (one token per chunk); otherwise (a server that packs several tokens into one chunk, or
-  sends no text for a token that is a partial UTF-8 sequence) the gaps cannot be split into
-  per-token steps and decode_ns is empty: the metrics fit then uses (total - prefill).
-- non-streaming: prefill_ns = 0 (unknown; the fit treats 0 as "no prefill time"),
-  decode_ns = (), total only.
+- timing (Sample.timing, the evidence the times rest on) and chunks (token chunks: events
+  whose first choice has non-empty text). After the stream has ended, the profile's
+  tokenizer counts the tokens of each chunk's text.
+- streaming, one token per chunk (as many token chunks as usage.completion_tokens; without
+  usage, the tokenizer counts one token in each): timing STREAM_TOKENS, prefill_ns = t0 ->
+  arrival of the first token chunk (time to first token), decode_ns = the gaps between
+  consecutive token chunks.
+- streaming otherwise (a server that packs several tokens into one chunk, or streams a
+  token it cannot decode as empty text: `transformers serve` with a tokenizer smaller
+  than the model's vocabulary): timing STREAM_CHUNKS, decode_ns empty (per-token steps
+  are unknown, never invented), and prefill_ns the first token chunk's arrival only when
+  that chunk carried exactly the first token (no empty chunk before it, one token by the
+  tokenizer, and the tokenizer counts all the tokens usage counted); else 0.
+- non-streaming: timing TOTALS_ONLY, prefill_ns = 0, decode_ns = (), total only.
+- prefill_ns = 0 always means "unknown" (the fit never takes it for a time).
 - total_ns = t0 -> the end of the response body (stream end). rpc_ns = total_ns: for a
   black-box API the round trip is the only time there is.
 - prompt_tokens / output_tokens = the API's `usage` counts. The sample is NONCONFORMING
@@ -75,7 +82,7 @@ import collections
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -358,6 +365,9 @@ class HttpTarget(_HttpClient):
                 continue
             self._locked = True
             return sample
+
+    def _chunk_tokens(self, texts: Sequence[str]) -> Sequence[int]:
+        return [len(ids) for ids in self._prompt_builder().tokenizer.encode_batch(texts)]
 
     def _prompt_builder(self) -> PromptBuilder:
         if self._builder is None:

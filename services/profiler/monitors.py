@@ -21,7 +21,10 @@ the larger of two estimates:
      figure is the largest delay among them: a wake-up of an idle helper thread (an RPC
      poller, a store writer) that waited behind the model is no evidence, while any
      delayed worker of a multi-threaded operator holds the whole operator up.
-"Our processes" are this one plus `own_pids` (the serving process when it is local).
+"Our processes" are this one plus `own_pids` (the serving process when it is local);
+this one is left out (`count_self=False`) when it cannot run on the monitored cores (the
+embedded suite keeps itself off the cores its serving child is pinned to): its CPU time
+then lands on other cores, and subtracting it would hide foreign load.
 
 GPU (NVML) and RAPL monitors live in `_device_monitors` and are re-exported here.
 
@@ -135,9 +138,10 @@ class CpuMonitor:
         own_pids: Iterable[int] = (),
         *,
         proc: Path = Path("/proc"),
+        count_self: bool = True,
     ) -> None:
         self.cores = frozenset(cores) if cores is not None else current_affinity()
-        self.own_pids = frozenset({os.getpid(), *own_pids})
+        self.own_pids = frozenset({*([os.getpid()] if count_self else []), *own_pids})
         self._proc = proc
         self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
         try:
@@ -213,11 +217,23 @@ class MonitorSet:
 
     @classmethod
     def for_device(
-        cls, device: str, cores: Iterable[int] | None = None, own_pids: Iterable[int] = ()
+        cls,
+        device: str,
+        cores: Iterable[int] | None = None,
+        own_pids: Iterable[int] = (),
+        *,
+        count_self: bool = True,
     ) -> MonitorSet:
         own = tuple(own_pids)
         gpu = GpuMonitor(device, own) if gpu_index(device) is not None else None
-        return cls(cpu=CpuMonitor(cores, own), gpu=gpu, rapl=RaplMonitor())
+        cpu = CpuMonitor(cores, own, count_self=count_self)
+        return cls(cpu=cpu, gpu=gpu, rapl=RaplMonitor())
+
+    @property
+    def watching(self) -> bool:
+        """Whether anything is watched (a CPU or GPU monitor): the runner waits contention
+        out on quiet windows of these, else it backs off blind."""
+        return self.cpu is not None or self.gpu is not None
 
     def describe(self) -> dict[str, str]:
         """Provenance entries saying which monitors observed the run."""

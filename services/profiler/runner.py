@@ -18,9 +18,12 @@ Order of work:
     baselines and tally.
  4. Warm-ups (stored, flagged WARMUP; redone on resume: the server may be cold).
  5. Rounds (see plan.py): each sample is bracketed by the monitors, judged for contention,
-    and stored flagged OK / CONTENDED / NONCONFORMING. A contended or nonconforming sample
-    is re-measured at the end of the round after a back-off sleep, at most `max_retries`
-    times; then that repeat is abandoned. `max_nonconforming` nonconforming samples fail the
+    and stored flagged OK / CONTENDED / NONCONFORMING. After a contended sample the run
+    waits the contention out (`_wait_out`: blocking waits until the monitors see the
+    measured cores quiet, or a back-off without monitors; INVALID once it has lasted
+    `patience_s`). A contended or nonconforming sample is re-measured at the end of the
+    round after a back-off sleep, at most `max_retries` times; then that repeat is
+    abandoned. `max_nonconforming` nonconforming samples fail the
     profile (NONCONFORMING): a target that cannot produce exact lengths is broken.
  6. Samples go to the sink in batches (every `batch_samples` samples or `batch_interval_s`
     seconds, checked between samples), stored by a SampleWriter (_sample_writer.py) in
@@ -64,6 +67,11 @@ Order of work:
     or where the stopping rule stopped under until_ci_rel or the budget). A repeat
     abandoned after contention makes the profile INVALID (CONTENTION, saying what is
     missing); any other gap FAILED (INCOMPLETE: n of m samples missing, and where).
+    Timing evidence (_timing_evidence.py): provenance "timing.<kind>" counts the OK
+    samples by how their times were obtained (Sample.timing); a complete profile whose fit
+    samples cannot identify the cost model (no per-step times, no measured prefill, and a
+    grid of one output or one prompt length) ends INVALID (TIMING_EVIDENCE_INSUFFICIENT,
+    naming the evidence).
     total_samples is then what was planned and measured (lower than the plan's upper
     bound when precision or the budget stopped it early).
 
@@ -82,14 +90,21 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
 from idealrt.core.clock import utcnow
-from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample, SampleFlag
+from idealrt.core.domain import (
+    ContentionObservation,
+    Profile,
+    ProfileState,
+    Sample,
+    SampleFlag,
+    TargetKind,
+)
 from idealrt.core.errors import FailedPrecondition, IdealrtError, InvalidArgument
 from idealrt.core.model_spec import ModelSpec
 from idealrt.core.reasons import STORE_UNAVAILABLE
@@ -102,6 +117,7 @@ from idealrt.services.profiler._runner_options import (
     error_text,
 )
 from idealrt.services.profiler._sample_writer import SampleWriter, StoreGaveUp
+from idealrt.services.profiler._timing_evidence import TimingEvidence
 from idealrt.services.profiler.adaptive import AdaptivePlanner, added_prompt_sizes
 from idealrt.services.profiler.contention import ContentionDetector
 from idealrt.services.profiler.fingerprint import collect_fingerprint
@@ -230,6 +246,12 @@ class _RunState:
     rule: StoppingRule = dataclasses.field(init=False)
     nonconforming: int = 0
     abandoned: int = 0
+    # waiting contention out (_wait_out): when the current episode began (None: no
+    # contention since the last accepted sample), its back-offs, all time paused
+    episode_start: float | None = None
+    episode_waits: int = 0
+    paused_s: float = 0.0
+    evidence: TimingEvidence = dataclasses.field(init=False)
 
     store_outage: Outage = dataclasses.field(init=False)
     target_outage: Outage = dataclasses.field(init=False)
@@ -240,6 +262,10 @@ class _RunState:
     spread_started: int = 0
 
     def __post_init__(self) -> None:
+        target = self.profile.target
+        self.evidence = TimingEvidence(
+            tokenizer=target.tokenizer if target.kind == TargetKind.HTTP else ""
+        )
         self.detector = ContentionDetector(self.opts.contention)
         self.rule = StoppingRule(self.profile.plan, clock=self.opts.clock)
         rng = random.Random(f"idealrt-backoff:{self.profile.id}")
@@ -503,6 +529,7 @@ def _prepare(run: _RunState) -> None:
         if s.flag == SampleFlag.OK:
             run.reps[c].done.add(s.repeat)
             run.totals[c].append(s.total_ns)
+            run.evidence.add(s)
         elif s.flag == SampleFlag.CONTENDED:
             contended[(c, s.repeat)] += 1
         elif s.flag == SampleFlag.NONCONFORMING:
@@ -638,10 +665,14 @@ def _rounds(run: _RunState, schedule: SpreadSchedule | None = None) -> StopReaso
                     )
                     run.buffer.append(dataclasses.replace(sample, flag=SampleFlag.CONTENDED))
                     retry = True
+                    _flush(run)  # what was measured is stored before the pause
+                    _wait_out(run, verdict.reasons)
                 else:
+                    run.episode_start, run.episode_waits = None, 0
                     run.detector.accept(config, sample)
                     run.buffer.append(sample)
                     totals[config].append(sample.total_ns)
+                    run.evidence.add(sample)
                     reps[config].settle(r, ok=True)
                     run.completed += 1
             if retry:
@@ -654,6 +685,47 @@ def _rounds(run: _RunState, schedule: SpreadSchedule | None = None) -> StopReaso
             _flush(run)
             run.profile = dataclasses.replace(run.profile, completed_samples=run.completed)
             _emit(run)
+
+
+def _wait_out(run: _RunState, reasons: Sequence[str]) -> None:
+    """Contention was seen: pause until it has passed (ContentionPolicy: quiet windows on
+    the monitors, blocking waits only, nothing spins on the measured cores), so that the
+    re-measurement sees the machine as it is without it. INVALID (raised) once the
+    episode has lasted `patience_s`."""
+    policy, clock, mon = run.opts.contention, run.opts.clock, run.monitors
+    if run.episode_start is None:
+        run.episode_start = clock()
+    watching = policy.use_monitors and mon.watching
+    window = policy.quiet_window_s
+    while True:
+        lasted = clock() - run.episode_start
+        if lasted >= policy.patience_s:
+            raise _Stop(
+                ProfileState.INVALID,
+                f"CONTENTION: contention persisted for {lasted:.0f} s, past the patience of "
+                f"{policy.patience_s:.0f} s (IDEALRT_CONTENTION_PATIENCE_S); last evidence: "
+                f"{'; '.join(reasons) or 'the samples'}; "
+                f"{run.detector.evidence(run.abandoned)}",
+            )
+        t0 = clock()
+        if not watching:  # nothing to watch: back off, the re-measurement judges
+            delay = min(window * 2**run.episode_waits, 8 * window, policy.patience_s - lasted)
+            run.episode_waits += 1
+            if run.opts.sleep(run.cancel, delay):
+                raise _Cancelled
+            run.paused_s += clock() - t0
+            return
+        before = mon.before()
+        if run.opts.sleep(run.cancel, window):
+            raise _Cancelled
+        seen = mon.after(before)
+        run.paused_s += clock() - t0
+        if (
+            seen.foreign_cpu_s < policy.foreign_cpu_frac * window
+            and seen.gpu_foreign_processes == 0
+        ):
+            run.log.info("contention_waited_out", waited_s=round(clock() - run.episode_start, 3))
+            return
 
 
 def _adaptive(run: _RunState, reason: StopReason) -> StopReason:
@@ -742,6 +814,8 @@ def _conclude(run: _RunState, reason: StopReason) -> None:
     entries["contention.measured"] = str(run.detector.measured)
     entries["contention.contended"] = str(run.detector.contended)
     entries["contention.abandoned_repeats"] = str(run.abandoned)
+    entries["contention.paused_s"] = f"{run.paused_s:.3f}"
+    entries.update(run.evidence.provenance())
     run.profile = dataclasses.replace(
         run.profile, provenance=dataclasses.replace(run.profile.provenance, entries=entries)
     )
@@ -775,6 +849,9 @@ def _conclude(run: _RunState, reason: StopReason) -> None:
             f"({_describe_missing(missing)})",
         )
     run.profile = dataclasses.replace(run.profile, total_samples=planned, completed_samples=planned)
+    insufficient = run.evidence.insufficient()
+    if insufficient:
+        raise _Stop(ProfileState.INVALID, insufficient)
 
 
 # ------------------------------------------------------------ the whole run

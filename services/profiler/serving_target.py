@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from idealrt.core.domain import ModelRef, Profile, Sample, SampleFlag, StackSpec
+from idealrt.core.domain import ModelRef, Profile, Sample, SampleFlag, SampleTiming, StackSpec
 from idealrt.core.errors import IdealrtError, NotFound, Unavailable
 from idealrt.core.model_spec import ModelSpec
 from idealrt.services.profiler._outage import is_transient
@@ -227,6 +227,7 @@ class ServingTarget:
             start_time=r.start_time,
             rpc_ns=rpc_ns,
             flag=SampleFlag.OK if conforming else SampleFlag.NONCONFORMING,
+            timing=SampleTiming.SERVER_STEPS,  # the serving process timed every step
         )
 
     def environment(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ from idealrt.core.domain import (
     Sample,
     SampleBatch,
     SampleFlag,
+    SampleTiming,
     StackSpec,
     Target,
 )
@@ -140,7 +141,7 @@ def profile_from_row(row: Mapping[str, Any] | RowMapping) -> Profile:
 # profile_id, seq, batch_id and namespace).
 SAMPLE_COLUMNS = (
     "prompt_tokens", "output_tokens", "batch_size", "prefill_ns", "total_ns", "decode_ns",
-    "rpc_ns", "heldout", "repeat", "flag", "contention", "start_time",
+    "rpc_ns", "heldout", "repeat", "flag", "contention", "start_time", "timing", "chunks",
 )  # fmt: skip
 _CONTENTION_DEFAULTS = tuple(_DEFAULT_CONTENTION.items())
 # json.dumps(..., sort_keys=True, separators=(",", ":")) without building an encoder a call
@@ -170,6 +171,8 @@ def sample_values(s: Sample) -> tuple[Any, ...]:
         s.flag.value,
         _contention_json(s.contention),
         s.start_time,
+        s.timing.value,
+        s.chunks,
     )
 
 
@@ -214,6 +217,7 @@ def _contention_texts(c: ContentionColumns, n: int) -> list[str]:
 
 
 _FLAG_VALUES = {f: f.value for f in SampleFlag}
+_TIMINGS = {t.value: t for t in SampleTiming}
 
 
 def batch_columns(batch: SampleBatch) -> list[Sequence[Any]]:
@@ -234,7 +238,17 @@ def batch_columns(batch: SampleBatch) -> list[Sequence[Any]]:
         [_FLAG_VALUES[f] for f in batch.flag],
         _contention_texts(batch.contention, n),
         batch.start_time,
+        _timing_values(batch.timing, n),
+        batch.chunks,
     ]
+
+
+def _timing_values(column: Sequence[SampleTiming], n: int) -> list[str]:
+    """The timing column as text: one value repeated (a profile's samples share one
+    timing as a rule) without a lookup per sample."""
+    if n and column.count(column[0]) == n:
+        return [column[0].value] * n
+    return [t.value for t in column]
 
 
 _CONTENTION_AT = SAMPLE_COLUMNS.index("contention")
@@ -276,6 +290,8 @@ def sample_from_row(row: Mapping[str, Any] | RowMapping) -> Sample:
         repeat=row["repeat"],
         flag=SampleFlag(row["flag"]),
         contention=_serde.loads(ContentionObservation, row["contention"]),
+        timing=_TIMINGS[row["timing"]],
+        chunks=row["chunks"],
         seq=row["seq"],
     )
 

@@ -31,6 +31,7 @@ from idealrt.core.domain import (
     Sample,
     SampleBatch,
     SampleFlag,
+    SampleTiming,
     StackSpec,
     Target,
 )
@@ -72,6 +73,7 @@ _EXACTLY: dict[Any, frozenset[type]] = {
     str: frozenset({str}),
 }
 _FLAG_ONLY = frozenset({SampleFlag})
+_TIMING_ONLY = frozenset({SampleTiming})
 # A Kubernetes label value (what a placement's fields are matched against), when not empty.
 _LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LABEL_VALUE_LEN = 63
@@ -260,6 +262,7 @@ _SAMPLE_INTS = (
     ("batch_size", 1, _INT32_MAX),
     ("rpc_ns", 0, _INT64_MAX),
     ("repeat", -_INT32_MAX, _INT32_MAX),
+    ("chunks", 0, _INT32_MAX),
 )
 # ContentionObservation's fields and their exact types (float, int or str).
 _CONTENTION_TYPES = tuple(
@@ -294,6 +297,14 @@ def _sample(s: object, f: str) -> Sample:
             flag = SampleFlag(flag)
         except ValueError:
             raise invalid(f"{f}.flag", VALUE_INVALID, f"{f}.flag is not a SampleFlag") from None
+    timing = s.timing
+    if type(timing) is not SampleTiming:
+        try:
+            timing = SampleTiming(timing)
+        except ValueError:
+            raise invalid(
+                f"{f}.timing", VALUE_INVALID, f"{f}.timing is not a SampleTiming"
+            ) from None
     if not isinstance(s.heldout, bool):
         raise invalid(f"{f}.heldout", VALUE_INVALID, f"{f}.heldout must be a bool")
     contention = _contention(s.contention, f)
@@ -312,6 +323,7 @@ def _sample(s: object, f: str) -> Sample:
     if (
         not ints
         and flag is s.flag
+        and timing is s.timing
         and contention is s.contention
         and start is s.start_time
         and decode is s.decode_ns
@@ -330,6 +342,8 @@ def _sample(s: object, f: str) -> Sample:
         repeat=ints.get("repeat", s.repeat),
         flag=flag,
         contention=contention,
+        timing=timing,
+        chunks=ints.get("chunks", s.chunks),
         seq=-1,
     )
 
@@ -384,7 +398,11 @@ def _clean_batch(batch: SampleBatch) -> SampleBatch | None:
         column = columns[name]
         if column and not (_only(column, _INT_ONLY) and lo <= min(column) and max(column) <= hi):
             return None
-    if not (_only(columns["heldout"], _BOOL_ONLY) and _only(columns["flag"], _FLAG_ONLY)):
+    if not (
+        _only(columns["heldout"], _BOOL_ONLY)
+        and _only(columns["flag"], _FLAG_ONLY)
+        and _only(columns["timing"], _TIMING_ONLY)
+    ):
         return None
     times = columns["start_time"]
     if not _only(times, _TIMES) or any(t is not None and t.tzinfo is not UTC for t in times):

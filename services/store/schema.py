@@ -17,7 +17,11 @@ Versions: 1 the tables; 2 namespaces: a NOT NULL `namespace` column (server defa
 'default', so every existing row lands in the default namespace) on profiles and cost_models,
 with (namespace, ...) indexes for listing one namespace newest first. Samples and sample
 batches carry no namespace of their own: they belong to their profile, and every read of
-them goes through it.
+them goes through it. 3 timing evidence: samples get `timing` (how the times were
+obtained, `SampleTiming`'s value) and `chunks` (stream chunks that carried text); existing
+rows read 'server_steps' and 0, except those whose own times show they were not timed step
+by step (no prefill, or no decode steps for o >= 2: an HTTP target's), which become
+'totals_only'.
 
 Conventions: times are UTCDateTime (PostgreSQL timestamptz; SQLite fixed-width text in UTC,
 which sorts chronologically); JSON payloads are TEXT (see `_serde`); sample decode steps are
@@ -56,7 +60,7 @@ __all__ = [
     "schema_version",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ID_LEN = 64
 REQUEST_ID_LEN = 256
 NAME_LEN = 256
@@ -207,6 +211,12 @@ def _current_metadata() -> sa.MetaData:
     sa.Index(
         "ix_cost_models_namespace_create_time_id", cms.c.namespace, cms.c.create_time, cms.c.id
     )
+    # v3: timing evidence
+    smp = md.tables["samples"]
+    smp.append_column(
+        sa.Column("timing", sa.String(16), nullable=False, server_default="server_steps")
+    )
+    smp.append_column(sa.Column("chunks", sa.Integer, nullable=False, server_default="0"))
     return md
 
 
@@ -251,10 +261,28 @@ def _add_namespaces_v2(conn: sa.Connection) -> None:
     )
 
 
+def _add_sample_timing_v3(conn: sa.Connection) -> None:
+    """samples.timing VARCHAR(16) NOT NULL DEFAULT 'server_steps' and samples.chunks
+    INTEGER NOT NULL DEFAULT 0 (one ALTER each, no row rewrite on PostgreSQL 11+); then
+    the rows whose own times say they were not timed step by step (prefill 0, or no
+    decode steps though o >= 2: what an HTTP target stored for a non-streamed or a
+    several-tokens-a-chunk response) become 'totals_only', so that no old row claims
+    evidence it never had. Frozen: it spells out its own DDL."""
+    conn.exec_driver_sql(
+        "ALTER TABLE samples ADD COLUMN timing VARCHAR(16) DEFAULT 'server_steps' NOT NULL"
+    )
+    conn.exec_driver_sql("ALTER TABLE samples ADD COLUMN chunks INTEGER DEFAULT 0 NOT NULL")
+    conn.exec_driver_sql(
+        "UPDATE samples SET timing = 'totals_only' "
+        "WHERE prefill_ns = 0 OR (output_tokens >= 2 AND length(decode_ns) = 0)"
+    )
+
+
 Migration = tuple[int, str, Callable[[sa.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "profiles, samples, sample_batches, cost_models", _create_v1),
     (2, "a namespace column on every table (existing rows: default)", _add_namespaces_v2),
+    (3, "samples: timing and chunks (timing evidence)", _add_sample_timing_v3),
 )
 assert [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 

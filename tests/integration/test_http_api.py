@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from idealrt.core.domain import SampleFlag
+from idealrt.core.domain import SampleFlag, SampleTiming
 from idealrt.services.profiler.http_target import HttpOptions, HttpTarget
 from tests._fixtures import load_fixture
 
@@ -155,6 +155,7 @@ def test_exact_lengths_streamed(target: HttpTarget) -> None:
         assert (s.prompt_tokens, s.output_tokens) == (p, o)
         # every token of the test tokenizer decodes to text, so one chunk per token
         assert len(s.decode_ns) == o - 1
+        assert s.timing == SampleTiming.STREAM_TOKENS and s.chunks == o
         assert s.prefill_ns > 0 and min(s.decode_ns, default=0) >= 0
         assert s.total_ns >= s.prefill_ns + sum(s.decode_ns)
     env = target.environment()
@@ -175,6 +176,26 @@ def test_early_eos_without_eos_control_is_nonconforming(server: str, model_dir: 
         assert s.flag == expected
 
 
+def test_tokens_beyond_the_tokenizer_stream_as_chunks(
+    server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The model's vocabulary is larger than its tokenizer's: the server streams the ids
+    beyond it as empty text, so chunks do not carry one token each. The sample says so
+    (STREAM_CHUNKS), keeps no per-step times and no first-chunk "prefill"."""
+    make = load_fixture("make_hf_model")
+    wide = Path(
+        make.make_tiny_gpt2(tmp_path_factory.mktemp("wide") / "wide-gpt2", extra_model_vocab=4000)
+    )
+    opts = HttpOptions(read_timeout_s=120.0)
+    with HttpTarget(server, str(wide), str(wide), options=opts) as t:
+        samples = [t.generate(16, 12, seed) for seed in range(3)]
+    for s in samples:
+        assert s.flag == SampleFlag.OK and (s.prompt_tokens, s.output_tokens) == (16, 12)
+        assert s.timing == SampleTiming.STREAM_CHUNKS, s
+        assert s.chunks < 12 and s.decode_ns == () and s.prefill_ns == 0
+        assert s.total_ns > 0
+
+
 def test_non_streaming_totals(server: str, model_dir: Path) -> None:
     opts = HttpOptions(stream=False, read_timeout_s=120.0)
     with HttpTarget(server, str(model_dir), str(model_dir), options=opts) as t:
@@ -182,3 +203,4 @@ def test_non_streaming_totals(server: str, model_dir: Path) -> None:
         assert t.environment()["http.request_shape"] == "json/transformers"
     assert s.flag == SampleFlag.OK and (s.prompt_tokens, s.output_tokens) == (20, 5)
     assert s.prefill_ns == 0 and s.decode_ns == () and s.total_ns > 0
+    assert s.timing == SampleTiming.TOTALS_ONLY and s.chunks == 0

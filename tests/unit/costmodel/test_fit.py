@@ -9,10 +9,15 @@ import pytest
 
 from idealrt.core.costmodel import bootstrap, fit
 from idealrt.core.costmodel.bootstrap import bootstrap_models, predict_interval
-from idealrt.core.costmodel.fit import FitOptions, fit_cost_model, fit_with_replicates
+from idealrt.core.costmodel.fit import (
+    FitOptions,
+    fit_cost_model,
+    fit_with_replicates,
+    timing_record,
+)
 from idealrt.core.costmodel.predict import alpha_at, out_of_domain, predict_runtime
 from idealrt.core.costmodel.robust import huber_fit, isotonic, select_knots
-from idealrt.core.domain import CostModel, Sample, SampleFlag
+from idealrt.core.domain import CostModel, Sample, SampleFlag, SampleTiming
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 
 PROMPTS = (1, 64, 128, 256, 384, 512, 768, 1024)
@@ -433,3 +438,58 @@ def test_medians_knots_are_every_profiled_size() -> None:
     with pytest.raises(InvalidArgument) as info:
         FitOptions(knots="some").validate()
     assert info.value.field == "options.knots"
+
+
+# ---- timing evidence: the fit takes from each sample only what its timing proves (Sample.timing),
+# and records the evidence it rests on in fit_options ("timing", "timing_used")
+TRUTH = Truth()
+GRID = {"prompts": (1, 64, 256, 512), "outputs": (2, 16, 64)}
+
+
+def _as(samples: list[Sample], timing: SampleTiming, **changes: object) -> list[Sample]:
+    return [dataclasses.replace(s, timing=timing, **changes) for s in samples]  # type: ignore[arg-type]
+
+
+def test_server_steps_fit_records_its_evidence() -> None:
+    samples = make_samples(TRUTH, **GRID)  # type: ignore[arg-type]
+    cm = fit_cost_model(samples, options=NO_BOOT)
+    n = len(samples)
+    assert cm.fit_options["timing"] == f"server_steps:{n}"
+    assert cm.fit_options["timing_used"] == f"beta=decode_steps:{n} alpha=prefill"
+    assert FitOptions.from_record(cm.fit_options) == NO_BOOT  # the evidence is no option
+
+
+def test_steps_are_used_only_where_the_timing_has_them() -> None:
+    good = make_samples(TRUTH, **GRID)  # type: ignore[arg-type]
+    # the same samples claiming chunks: the steps they carry are not per-step evidence
+    # (a writer that filled decode_ns anyway), and with every prefill measured beta comes
+    # from total - prefill
+    chunked = _as(good, SampleTiming.STREAM_CHUNKS)
+    cm = fit_cost_model(chunked, options=NO_BOOT)
+    assert cm.fit_options["timing"] == f"stream_chunks:{len(good)}"
+    assert cm.fit_options["timing_used"] == "beta=total_minus_prefill alpha=prefill"
+    ref = fit_cost_model(good, options=NO_BOOT)
+    assert cm.beta0_s == pytest.approx(ref.beta0_s, rel=1e-3)
+    # mixed: the steps of the stream_tokens half only
+    mixed = good[::2] + chunked[1::2]
+    used = fit_cost_model(mixed, options=NO_BOOT).fit_options
+    assert used["timing"] == f"server_steps:{len(good[::2])},stream_chunks:{len(good[1::2])}"
+    assert used["timing_used"] == f"beta=decode_steps:{len(good[::2])} alpha=prefill"
+
+
+def test_a_totals_only_prefill_is_never_a_time() -> None:
+    # totals-only samples that still hold a prefill value (rows stored before timing was
+    # recorded): a garbage prefill must not move alpha
+    good = make_samples(TRUTH, **GRID, steps=False, prefill=False)  # type: ignore[arg-type]
+    garbage = _as(good, SampleTiming.TOTALS_ONLY, prefill_ns=1)
+    cm = fit_cost_model(garbage, options=NO_BOOT)
+    assert cm.fit_options["timing_used"] == "beta=totals alpha=totals"
+    ref = fit_cost_model(_as(good, SampleTiming.TOTALS_ONLY), options=NO_BOOT)
+    assert cm.alpha_knots_s == ref.alpha_knots_s and cm.beta0_s == ref.beta0_s
+    assert cm.alpha_knots_s[-1] > 0.01  # alpha is the truth's scale, not 1 ns
+
+
+def test_timing_record_counts_in_enum_order() -> None:
+    s = Sample(1, 1, 0, (), 1)
+    samples = [dataclasses.replace(s, timing=t) for t in (SampleTiming.TOTALS_ONLY,) * 2] + [s]
+    assert timing_record(samples) == {"timing": "server_steps:1,totals_only:2"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from idealrt.core.costmodel.predict import alpha_at, predict_runtime
-from idealrt.core.domain import CostModel, Sample, SampleFlag
+from idealrt.core.domain import CostModel, Sample, SampleFlag, SampleTiming
 from idealrt.core.errors import FailedPrecondition, InvalidArgument
 from idealrt.services.metrics import denoise as denoise_mod
 from idealrt.services.metrics.denoise import denoise, hat_basis
@@ -269,3 +271,20 @@ def test_method_options_and_quality_are_stored() -> None:
     from idealrt.core.costmodel.validate import check_cost_model
 
     check_cost_model(q)
+
+
+def test_the_timing_evidence_is_recorded_and_a_totals_only_prefill_is_no_ttft() -> None:
+    """Issue 15: a denoised model names the timing its samples had; a totals-only sample's
+    prefill (a row stored before timing was recorded may hold one) is never taken for TTFT."""
+    samples, _ = _streaming_api(np.random.default_rng(0))
+    n = sum(1 for s in samples if s.flag is SampleFlag.OK and not s.heldout)
+    streamed = [dataclasses.replace(s, timing=SampleTiming.STREAM_CHUNKS) for s in samples]
+    cm = denoise(streamed, method="min")
+    assert cm.fit_options["timing"] == f"stream_chunks:{n}"
+    assert cm.fit_options["timing_used"] == "alpha=prefill"
+    assert cm.fit_options["denoise_alpha_floor"] == "'ttft_min'"
+    totals = [dataclasses.replace(s, timing=SampleTiming.TOTALS_ONLY) for s in samples]
+    cm = denoise(totals, method="min")
+    assert cm.fit_options["timing"] == f"totals_only:{n}"
+    assert cm.fit_options["timing_used"] == "alpha=totals"
+    assert cm.fit_options["denoise_alpha_floor"] == "'none'"

@@ -67,7 +67,12 @@ def test_intervals_after_a_restart_come_from_the_fits_own_options(store: Store) 
     pid = _profiled(store)
     first = MetricsEngine(store)
     cm = first.fit(pid, OPTIONS)
-    assert store.get_cost_model(cm.id).fit_options == OPTIONS.to_record()
+    # the options, and the timing evidence the fit rested on (FitOptions ignores it)
+    assert store.get_cost_model(cm.id).fit_options == {
+        **OPTIONS.to_record(),
+        "timing": "server_steps:96",
+        "timing_used": "beta=decode_steps:96 alpha=prefill",
+    }
     before = first.estimate(cm.id, PROMPTS, OUTPUTS, per_query=True, intervals=True)
 
     restarted = MetricsEngine(store)  # nothing cached: replicates re-derived from the store

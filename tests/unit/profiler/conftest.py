@@ -110,12 +110,21 @@ class SyntheticTarget:
 
 
 class ScriptedMonitors(MonitorSet):
-    """Monitors whose observation of sample i is `observe(i)` (no real reads)."""
+    """Monitors whose observation of window i (a sample, or a quiet window while the
+    runner waits contention out) is `observe(i)` (no real reads). `watching`: whether the
+    runner may wait on them (a real set watches when it has a CPU or GPU monitor)."""
 
-    def __init__(self, observe: Callable[[int], ContentionObservation]) -> None:
+    def __init__(
+        self, observe: Callable[[int], ContentionObservation], watching: bool = False
+    ) -> None:
         super().__init__()
         self.observe = observe
         self.count = 0
+        self._watching = watching
+
+    @property
+    def watching(self) -> bool:
+        return self._watching
 
     def before(self) -> Window:
         return Window(0, None, None, frozenset(), None)
@@ -135,7 +144,7 @@ def quiet_options(lease_dir: Path, **kw: Any) -> RunnerOptions:
     is not what these tests are about), immediate retries; store writes in background
     or inline as the `write_mode` fixture says (background without it)."""
     kw.setdefault("background_writes", _WRITES["background"])
-    policy = kw.pop("contention", ContentionPolicy(retry_backoff_s=0.0))
+    policy = kw.pop("contention", ContentionPolicy(retry_backoff_s=0.0, quiet_window_s=0.0))
     return RunnerOptions(
         lease_dir=lease_dir,
         contention=policy,

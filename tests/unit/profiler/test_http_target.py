@@ -19,7 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from idealrt.core.domain import ModelRef, Profile, ProfilePlan, SampleFlag, StackSpec, Target
+from idealrt.core.domain import (
+    ModelRef,
+    Profile,
+    ProfilePlan,
+    SampleFlag,
+    SampleTiming,
+    StackSpec,
+    Target,
+)
 from idealrt.core.domain import TargetKind as Kind
 from idealrt.core.errors import (
     FailedPrecondition,
@@ -260,15 +268,18 @@ def test_api_without_eos_control_stops_early_nonconforming(
     assert t.generate(12, 3, seed=1).flag == SampleFlag.OK
 
 
-def test_multi_token_chunks_keep_prefill_and_total_only(
+def test_multi_token_chunks_keep_the_total_only(
     api_factory: Any, targets: list[HttpTarget], tok_path: Path
 ) -> None:
     api = api_factory(tokens_per_chunk=2, prefill_s=0.01)
     t = _target(targets, api.base_url, tok_path)
     s = t.generate(6, 5, seed=0)
     assert s.flag == SampleFlag.OK and s.output_tokens == 5
+    assert s.timing == SampleTiming.STREAM_CHUNKS and s.chunks == 3
     assert s.decode_ns == ()  # 3 chunks for 5 tokens cannot be split into steps
-    assert s.prefill_ns >= 10_000_000 and s.total_ns > s.prefill_ns
+    # the first chunk carried two tokens: its arrival is not the first token's (unknown: 0);
+    # test_timing_evidence.py has the cases where it is
+    assert s.prefill_ns == 0 and s.total_ns >= 10_000_000
 
 
 def test_stream_without_usage_is_nonconforming(
@@ -278,7 +289,10 @@ def test_stream_without_usage_is_nonconforming(
     t = _target(targets, api.base_url, tok_path)
     s = t.generate(6, 4, seed=0)
     assert s.flag == SampleFlag.NONCONFORMING  # counts unverifiable
-    assert (s.prompt_tokens, s.output_tokens, len(s.decode_ns)) == (6, 4, 3)
+    assert (s.prompt_tokens, s.output_tokens) == (6, 4)  # 4 chunks
+    # without usage, one token a chunk must be the tokenizer's count, and it counts two in
+    # the fake's " t<i>": no per-step times claimed
+    assert s.timing == SampleTiming.STREAM_CHUNKS and s.decode_ns == ()
 
 
 def test_non_streaming_records_total_only(
@@ -288,7 +302,7 @@ def test_non_streaming_records_total_only(
     t = _target(targets, api.base_url, tok_path, options=HttpOptions(stream=False))
     s = t.generate(9, 4, seed=0)
     assert s.flag == SampleFlag.OK and (s.prompt_tokens, s.output_tokens) == (9, 4)
-    assert s.prefill_ns == 0 and s.decode_ns == ()
+    assert s.prefill_ns == 0 and s.decode_ns == () and s.timing == SampleTiming.TOTALS_ONLY
     assert s.total_ns >= 10_000_000 + 3 * 2_000_000
     assert "stream" not in api.completions()[0].body
     assert t.environment()["http.request_shape"] == "json/vllm"

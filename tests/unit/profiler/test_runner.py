@@ -301,3 +301,99 @@ def test_budget_stops_the_run(kit, store, lease_dir) -> None:  # type: ignore[no
     none_left = kit.make_profile(store, budget_s=1e-9)
     final, _ = run(kit, store, lease_dir, none_left, kit.SyntheticTarget())
     assert final.state == ProfileState.FAILED and final.error.startswith("BUDGET_EXHAUSTED")
+
+
+class _FakeTime:
+    """A clock that moves only when the runner sleeps on it (its `sleep` option)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, event: threading.Event, seconds: float) -> bool:
+        self.sleeps.append(seconds)
+        self.t += seconds
+        return event.is_set()
+
+
+def _busy(i: int, busy: range) -> ContentionObservation:
+    return ContentionObservation(foreign_cpu_s=0.5 if i in busy else 0.0)
+
+
+def test_transient_contention_is_waited_out_then_remeasured(kit, store, lease_dir) -> None:  # type: ignore[no-untyped-def]
+    """Window 6 (a sample) shows foreign CPU on the measured cores, and so do the next
+    three quiet windows the runner waits on (the load is still there); the fourth is
+    quiet: the runner goes on, re-measures, and the profile SUCCEEDS with every repeat
+    measured clean, 2 s paused (4 windows of 0.5 s, blocking waits on the clock)."""
+    profile = kit.make_profile(store)
+    monitors = kit.ScriptedMonitors(lambda i: _busy(i, range(6, 10)), watching=True)
+    ft = _FakeTime()
+    final, _ = run(
+        kit,
+        store,
+        lease_dir,
+        profile,
+        kit.SyntheticTarget(),
+        monitors=lambda p, env: monitors,
+        clock=ft.clock,
+        sleep=ft.sleep,
+        contention=ContentionPolicy(retry_backoff_s=0.0, quiet_window_s=0.5),
+    )
+    assert final.state == ProfileState.SUCCEEDED, final.error
+    stored = store.all_samples(profile.id)
+    assert sum(s.flag == SampleFlag.CONTENDED for s in stored) == 1
+    assert set(ok_counts(stored).values()) == {3}
+    assert ft.sleeps.count(0.5) == 4
+    assert final.provenance.entries["contention.paused_s"] == "2.000"
+
+
+def test_contention_past_the_patience_ends_invalid(kit, store, lease_dir) -> None:  # type: ignore[no-untyped-def]
+    """Foreign load that never leaves: the runner waits in quiet windows until the
+    patience (3 s) is spent, then ends INVALID saying so; what was measured is kept."""
+    profile = kit.make_profile(store)
+    monitors = kit.ScriptedMonitors(lambda i: _busy(i, range(6, 10_000)), watching=True)
+    ft = _FakeTime()
+    final, _ = run(
+        kit,
+        store,
+        lease_dir,
+        profile,
+        kit.SyntheticTarget(),
+        monitors=lambda p, env: monitors,
+        clock=ft.clock,
+        sleep=ft.sleep,
+        contention=ContentionPolicy(retry_backoff_s=0.0, quiet_window_s=0.5, patience_s=3.0),
+    )
+    assert final.state == ProfileState.INVALID
+    assert final.error.startswith("CONTENTION: contention persisted for 3 s, past the patience")
+    assert ft.sleeps == [0.5] * 6  # blocking waits only, no spinning
+    stored = store.all_samples(profile.id)
+    # windows 0-5 were measured before the load came (warm-ups and samples): all kept
+    assert sum(s.flag in (SampleFlag.OK, SampleFlag.WARMUP) for s in stored) == 6
+    assert sum(s.flag == SampleFlag.CONTENDED for s in stored) == 1
+
+
+def test_without_monitors_contention_is_backed_off_blind(kit, store, lease_dir) -> None:  # type: ignore[no-untyped-def]
+    """No monitor to watch (e.g. a remote API): after each contended sample the runner
+    backs off (0.5 s doubling) and lets the re-measurement judge; an accepted sample
+    ends the episode, so the next one starts again at 0.5 s."""
+    profile = kit.make_profile(store, repeats=6)
+    window = range(20, 23)
+    target = kit.SyntheticTarget(slow=lambda i: 3.0 if i in window else 1.0)
+    ft = _FakeTime()
+    final, _ = run(
+        kit,
+        store,
+        lease_dir,
+        profile,
+        target,
+        clock=ft.clock,
+        sleep=ft.sleep,
+        contention=ContentionPolicy(retry_backoff_s=0.0, quiet_window_s=0.5),
+    )
+    assert final.state == ProfileState.SUCCEEDED, final.error
+    assert sum(s.flag == SampleFlag.CONTENDED for s in store.all_samples(profile.id)) == 3
+    assert ft.sleeps[:3] == [0.5, 1.0, 2.0]  # three contended in a row: one episode

@@ -29,6 +29,7 @@ from idealrt.core.domain import (
     Sample,
     SampleBatch,
     SampleFlag,
+    SampleTiming,
 )
 from idealrt.core.errors import IdealrtError, InvalidArgument
 from idealrt.services.store import _rows, _validate, schema
@@ -67,6 +68,8 @@ def _random_sample(rng: random.Random, i: int) -> Sample:
         repeat=rng.randrange(-3, 10),
         flag=rng.choice(list(SampleFlag)),
         contention=contention,
+        timing=rng.choice(list(SampleTiming)),
+        chunks=rng.choice([0, 0, 1, 2**31 - 1]),
     )
 
 
@@ -90,6 +93,25 @@ def test_batch_from_pb_is_sample_from_pb_per_sample(seed: int) -> None:
     assert cv.sample_batch_from_pb([]).samples() == []
 
 
+def test_timing_from_pb_one_value_mixed_and_unspecified() -> None:
+    """One timing for a whole batch (the rule), several, and UNSPECIFIED (a writer from
+    before the field): read as SERVER_STEPS, by column as sample by sample."""
+    msgs = [cv.sample_to_pb(s) for s in _samples(6)]
+    for m in msgs:
+        m.timing = cpb.SAMPLE_TIMING_STREAM_CHUNKS
+    assert set(cv.sample_batch_from_pb(msgs).timing) == {SampleTiming.STREAM_CHUNKS}
+    msgs[1].ClearField("timing")
+    msgs[2].timing = cpb.SAMPLE_TIMING_TOTALS_ONLY
+    batch = cv.sample_batch_from_pb(msgs)
+    assert list(batch.timing) == [
+        SampleTiming.STREAM_CHUNKS,
+        SampleTiming.SERVER_STEPS,
+        SampleTiming.TOTALS_ONLY,
+        *[SampleTiming.STREAM_CHUNKS] * 3,
+    ]
+    assert [cv.sample_from_pb(m).timing for m in msgs] == list(batch.timing)
+
+
 @pytest.mark.parametrize(
     ("bad", "field"),
     [
@@ -97,6 +119,7 @@ def test_batch_from_pb_is_sample_from_pb_per_sample(seed: int) -> None:
         ({2: "time", 5: "flag"}, "samples[2].start_time"),
         ({4: "both"}, "samples[4].start_time"),  # a sample's time is converted before its flag
         ({0: "unknown-flag"}, "samples[0].flag"),
+        ({3: "unknown-timing"}, "samples[3].timing"),
     ],
 )
 def test_batch_from_pb_raises_the_first_samples_error(bad: dict[int, str], field: str) -> None:
@@ -108,6 +131,8 @@ def test_batch_from_pb_raises_the_first_samples_error(bad: dict[int, str], field
             msgs[i].start_time.seconds = 2**62
         if what == "unknown-flag":
             msgs[i].flag = 99  # type: ignore[assignment]
+        if what == "unknown-timing":
+            msgs[i].timing = 99  # type: ignore[assignment]
     with pytest.raises(InvalidArgument) as batch:
         cv.sample_batch_from_pb(msgs)
     with pytest.raises(InvalidArgument) as single:
@@ -149,6 +174,10 @@ WEIRD: list[tuple[str, Callable[[Sample], Sample]]] = [
     ("flag as text", lambda s: Sample(**{**vars(s), "flag": "warmup"})),
     ("bad flag", lambda s: Sample(**{**vars(s), "flag": "nope"})),
     ("heldout int", lambda s: Sample(**{**vars(s), "heldout": 1})),
+    ("timing as text", lambda s: Sample(**{**vars(s), "timing": "stream_chunks"})),
+    ("bad timing", lambda s: Sample(**{**vars(s), "timing": "guessed"})),
+    ("negative chunks", lambda s: Sample(**{**vars(s), "chunks": -1})),
+    ("chunks too large", lambda s: Sample(**{**vars(s), "chunks": 2**31})),
     ("naive time", lambda s: Sample(**{**vars(s), "start_time": datetime(2026, 1, 1)})),
     (
         "other zone",

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample
 from idealrt.core.errors import AlreadyExists, NotFound
+from idealrt.services.store import _rows
 from idealrt.services.store._group_commit import GroupCommit
 from idealrt.services.store.repository import Store
 from idealrt.services.store.url import create_store_engine, parse_store_url
@@ -61,9 +62,10 @@ def test_an_append_is_a_fixed_handful_of_statements(
     if store.backend == "sqlite":
         full, rest = divmod(size, 500)
         assert [many for _, many, _ in inserts] == [full > 1] * bool(full) + [False] * bool(rest)
-        assert [s.count("?") // 16 for s, _, _ in inserts] == [500] * bool(full) + [rest] * bool(
+        per_row = 4 + len(_rows.SAMPLE_COLUMNS)  # profile_id, seq, batch_id, namespace
+        assert [s.count("?") // per_row for s, _, _ in inserts] == [500] * bool(full) + [
             rest
-        )
+        ] * bool(rest)
     else:
         assert [many for _, many, _ in inserts] == [False]
         assert "unnest(" in inserts[0][0]

@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from idealrt.core.domain import ContentionObservation, Profile, ProfileState, Sample, SampleFlag
+from idealrt.core.domain import (
+    ContentionObservation,
+    Profile,
+    ProfileState,
+    Sample,
+    SampleFlag,
+    SampleTiming,
+)
 from idealrt.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from idealrt.services.store.repository import Store
 
@@ -43,6 +50,8 @@ def test_every_sample_field_round_trips(store: Store, profile: Profile) -> None:
             energy_j=1.5e3,
             energy_source="nvml",
         ),
+        timing=SampleTiming.STREAM_TOKENS,
+        chunks=5,
     )
     sparse = Sample(prompt_tokens=0, output_tokens=1, prefill_ns=0, decode_ns=(), total_ns=0)
     assert store.append_samples(profile.id, "b1", [full, sparse]) == 2

@@ -54,6 +54,14 @@ class SampleFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLE_FLAG_WARMUP: _ClassVar[SampleFlag]
     SAMPLE_FLAG_CONTENDED: _ClassVar[SampleFlag]
     SAMPLE_FLAG_NONCONFORMING: _ClassVar[SampleFlag]
+
+class SampleTiming(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLE_TIMING_UNSPECIFIED: _ClassVar[SampleTiming]
+    SAMPLE_TIMING_SERVER_STEPS: _ClassVar[SampleTiming]
+    SAMPLE_TIMING_STREAM_TOKENS: _ClassVar[SampleTiming]
+    SAMPLE_TIMING_STREAM_CHUNKS: _ClassVar[SampleTiming]
+    SAMPLE_TIMING_TOTALS_ONLY: _ClassVar[SampleTiming]
 NORM_UNSPECIFIED: Norm
 NORM_LAYERNORM: Norm
 NORM_RMSNORM: Norm
@@ -81,6 +89,11 @@ SAMPLE_FLAG_OK: SampleFlag
 SAMPLE_FLAG_WARMUP: SampleFlag
 SAMPLE_FLAG_CONTENDED: SampleFlag
 SAMPLE_FLAG_NONCONFORMING: SampleFlag
+SAMPLE_TIMING_UNSPECIFIED: SampleTiming
+SAMPLE_TIMING_SERVER_STEPS: SampleTiming
+SAMPLE_TIMING_STREAM_TOKENS: SampleTiming
+SAMPLE_TIMING_STREAM_CHUNKS: SampleTiming
+SAMPLE_TIMING_TOTALS_ONLY: SampleTiming
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "layers", "d_model", "heads", "kv_heads", "d_ff", "vocab", "max_positions", "norm", "activation", "positional", "tied_embeddings", "parallel_attention", "rotary_pct", "rotary_base", "bias", "norm_eps", "family", "attn_bias", "lm_head_bias", "embedding_norm", "shared_norm", "sliding_window")
@@ -194,7 +207,7 @@ class ContentionObservation(_message.Message):
     def __init__(self, foreign_cpu_seconds: _Optional[float] = ..., gpu_foreign_processes: _Optional[int] = ..., sm_clock_mhz: _Optional[float] = ..., temperature_c: _Optional[float] = ..., throttle_reasons: _Optional[int] = ..., energy_joules: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
 
 class Sample(_message.Message):
-    __slots__ = ("prompt_tokens", "output_tokens", "batch_size", "prefill_ns", "decode_ns", "total_ns", "rpc_ns", "start_time", "heldout", "repeat", "flag", "contention", "seq")
+    __slots__ = ("prompt_tokens", "output_tokens", "batch_size", "prefill_ns", "decode_ns", "total_ns", "rpc_ns", "start_time", "heldout", "repeat", "flag", "contention", "seq", "timing", "chunks")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +221,8 @@ class Sample(_message.Message):
     FLAG_FIELD_NUMBER: _ClassVar[int]
     CONTENTION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     output_tokens: int
     batch_size: int
@@ -221,4 +236,6 @@ class Sample(_message.Message):
     flag: SampleFlag
     contention: ContentionObservation
     seq: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[_Iterable[int]] = ..., total_ns: _Optional[int] = ..., rpc_ns: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heldout: _Optional[bool] = ..., repeat: _Optional[int] = ..., flag: _Optional[_Union[SampleFlag, str]] = ..., contention: _Optional[_Union[ContentionObservation, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    timing: SampleTiming
+    chunks: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., prefill_ns: _Optional[int] = ..., decode_ns: _Optional[_Iterable[int]] = ..., total_ns: _Optional[int] = ..., rpc_ns: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heldout: _Optional[bool] = ..., repeat: _Optional[int] = ..., flag: _Optional[_Union[SampleFlag, str]] = ..., contention: _Optional[_Union[ContentionObservation, _Mapping]] = ..., seq: _Optional[int] = ..., timing: _Optional[_Union[SampleTiming, str]] = ..., chunks: _Optional[int] = ...) -> None: ...
