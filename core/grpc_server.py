@@ -12,6 +12,7 @@ runs (UNAUTHENTICATED otherwise), and the handler runs as that principal
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from idealrt.core.observability import rpc_metrics, serve_metrics
 from idealrt.core.tls import ENV_VARS, INSECURE_VAR, TlsConfig, server_credentials
 
 __all__ = [
+    "SUPERVISOR_PIPE_VAR",
     "UNARY_WORKERS",
     "UNAUTHENTICATED_METHODS",
     "ErrorInterceptor",
@@ -40,6 +42,7 @@ __all__ = [
     "abort_status",
     "is_loopback",
     "start_server",
+    "stop_when_stdin_closes",
 ]
 
 log = structlog.get_logger("idealrt.grpc")
@@ -553,11 +556,40 @@ def health_address(address: str, port: int) -> str:
     return f"{host or '0.0.0.0'}:{port}"
 
 
+# "1": the service's stdin is a pipe its supervisor holds open (the embedded suite's serving
+# child, services/_service_process.py); end of file on it means the supervisor is gone
+SUPERVISOR_PIPE_VAR = "IDEALRT_SUPERVISOR_PIPE"
+
+
+def stop_when_stdin_closes() -> threading.Thread:
+    """Send this process SIGTERM (the graceful stop of `install_sigterm`) once its stdin
+    reaches end of file: the supervisor holding the pipe's other end closed it or exited,
+    however it exited (the kernel closes a SIGKILLed process's pipes too), so the service
+    never outlives it. The watching thread blocks in read(2): it costs nothing meanwhile."""
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass  # the supervisor writes nothing; anything it did write is ignored
+        except OSError:
+            pass  # stdin unreadable: treated as gone
+        log.info("supervisor_gone")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve_until_sigterm(service: str, server: GrpcServer, port: int) -> int:
     """Run a started service in the foreground until SIGTERM/SIGINT; the exit status. The
     handler is installed before the port line is printed: a supervisor that stops the
-    service as soon as it says it listens gets a graceful stop, not the default SIGTERM."""
+    service as soon as it says it listens gets a graceful stop, not the default SIGTERM.
+    With SUPERVISOR_PIPE_VAR=1 in the environment, end of file on stdin stops it the same
+    way (`stop_when_stdin_closes`)."""
     server.install_sigterm()
+    if os.environ.get(SUPERVISOR_PIPE_VAR) == "1":
+        stop_when_stdin_closes()
     print(f"{service} listening on port {port}", flush=True)
     server.wait()
     return 0

@@ -51,9 +51,10 @@ def demo_workload(n: int = 1000, seed: int = 0) -> tuple[list[int], list[int]]:
 def cmd_demo(args: argparse.Namespace, s: Session) -> int:
     t0 = time.perf_counter()
     model = args.model
-    # One thread pinned to the last core: the profiler watches that core for foreign work
-    # (the embedded suite's own threads share it, but they block while a generation runs).
-    # Decode is memory-bound, so one thread loses little on this class of machine.
+    # One thread pinned to the last core: the profiler watches that core for foreign work.
+    # The embedded suite's serving child is pinned there, and the suite's own threads keep
+    # off it while the profile runs (services/suite.py). Decode is memory-bound, so one
+    # thread loses little on this class of machine.
     core = str(max(os.sched_getaffinity(0)))
     prof = Profile(
         id="",

@@ -17,7 +17,7 @@ from idealrt.core.errors import IdealrtError
 from idealrt.services.profiler._outage import RetryPolicy
 from idealrt.services.profiler.adaptive import AdaptiveOptions
 from idealrt.services.profiler.contention import ContentionPolicy
-from idealrt.services.profiler.monitors import MonitorSet, parse_cores
+from idealrt.services.profiler.monitors import MonitorSet, current_affinity, parse_cores
 
 __all__ = [
     "MonitorFactory",
@@ -47,14 +47,19 @@ def default_monitors(
 ) -> MonitorSet:
     """CPU monitor on `cores` (default: this process's affinity; bind other cores with
     functools.partial), counting the serving process as ours when the target reports it on
-    this host; NVML for GPUs; RAPL."""
+    this host, and this process only while it may run on those cores (the embedded suite
+    keeps itself off the cores its serving child is pinned to: services/suite.py); NVML
+    for GPUs; RAPL."""
     if cores is None and profile.stack.options.get("cores", "").strip():
         cores = parse_cores(profile.stack.options["cores"])
     own: list[int] = []
     pid = target_env.get("serving.pid", "")
     if pid.isdigit() and target_env.get("serving.host") == socket.gethostname():
         own.append(int(pid))
-    return MonitorSet.for_device(profile.stack.device, cores, own)
+    if cores is not None:
+        cores = frozenset(cores)
+    count_self = cores is None or not cores.isdisjoint(current_affinity())
+    return MonitorSet.for_device(profile.stack.device, cores, own, count_self=count_self)
 
 
 def wait_on(event: threading.Event, seconds: float) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
+from idealrt.core.affinity import CoreExclusion
 from idealrt.core.auth import Authenticator
 from idealrt.core.config import ProfilerConfig
 from idealrt.core.domain import Profile, TargetKind
@@ -14,6 +15,7 @@ from idealrt.core.errors import InvalidArgument
 from idealrt.core.grpc_server import UNARY_WORKERS, GrpcServer, start_server
 from idealrt.profiler.v1 import profiler_service_pb2 as pb
 from idealrt.profiler.v1 import profiler_service_pb2_grpc as pbg
+from idealrt.services.profiler._off_cores import OffCoresTarget
 from idealrt.services.profiler.contention import ContentionPolicy
 from idealrt.services.profiler.executor.base import ClusterPlacement, Executor, ProfileReader
 from idealrt.services.profiler.manager import ProfileManager
@@ -45,8 +47,19 @@ def admit_outbound(outbound: OutboundPolicy) -> Callable[[Profile], None]:
     return admit
 
 
-def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = None):  # type: ignore[no-untyped-def]
+def make_target_factory(  # type: ignore[no-untyped-def]
+    cfg: ProfilerConfig,
+    outbound: OutboundPolicy | None = None,
+    off_cores_of: str = "",
+    exclusion: CoreExclusion | None = None,
+):
+    """Targets of profiles: HTTP, or serving at the profile's address (default
+    cfg.serving_target). A serving target at `off_cores_of` (the embedded suite's serving
+    child) keeps this process off the cores the profile pins while it runs
+    (`_off_cores.OffCoresTarget`, with `exclusion`)."""
     policy = outbound if outbound is not None else OutboundPolicy.load(cfg.outbound_config)
+    if off_cores_of and exclusion is None:
+        exclusion = CoreExclusion()
 
     def factory(profile: Profile) -> GenerationTarget:
         if profile.target.kind == TargetKind.HTTP:
@@ -62,11 +75,14 @@ def make_target_factory(cfg: ProfilerConfig, outbound: OutboundPolicy | None = N
             )
         from idealrt.services.profiler.serving_target import ServingTarget
 
-        return ServingTarget(
+        target = ServingTarget(
             ServingClient(address, tls=cfg.tls, token=cfg.auth.service_token()),
             profile,
             owns_serving=True,
         )
+        if off_cores_of and address == off_cores_of and exclusion is not None:
+            return OffCoresTarget(target, profile, exclusion)
+        return target
 
     return factory
 
@@ -102,10 +118,12 @@ def kubernetes_executor(cfg: ProfilerConfig, store: ProfileReader, quotas: Quota
 
 
 def build_server(
-    cfg: ProfilerConfig, outbound: OutboundPolicy | None = None
+    cfg: ProfilerConfig, outbound: OutboundPolicy | None = None, *, off_cores_of: str = ""
 ) -> tuple[GrpcServer, int]:
     """`outbound`: where HTTP targets may go (None: cfg.outbound_config, whose file must
-    parse: a profiler does not start with half a policy)."""
+    parse: a profiler does not start with half a policy). `off_cores_of`: the address of
+    a serving process on this machine whose profiles keep this process off the cores they
+    pin (the embedded suite's serving child; `make_target_factory`)."""
     if not cfg.store_target:
         raise ValueError("ProfilerConfig.store_target is required")
     if outbound is None:
@@ -117,13 +135,15 @@ def build_server(
     remote = kubernetes_executor(cfg, store, quotas) if cfg.executor == "kubernetes" else None
     manager = ProfileManager(
         store,
-        make_target_factory(cfg, outbound),
+        make_target_factory(cfg, outbound, off_cores_of),
         cfg.lease_dir,
         options=RunnerOptions(
             outage_window_s=cfg.outage_window_s,
             background_writes=cfg.background_writes,
             contention=ContentionPolicy(
-                enabled=cfg.contention_checks, use_monitors=cfg.contention_monitors
+                enabled=cfg.contention_checks,
+                use_monitors=cfg.contention_monitors,
+                patience_s=cfg.contention_patience_s,
             ),
         ),
         max_plan_samples=cfg.max_plan_samples,
