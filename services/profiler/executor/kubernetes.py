@@ -81,6 +81,7 @@ K8S_API_ERROR = "K8S_API_ERROR"  # the API server refused a call the executor ne
 JOB_INVALID = "JOB_INVALID"
 K8S_CLIENT_MISSING = "K8S_CLIENT_MISSING"
 PROFILE_ID_LABEL = "idealrt.io/profile-id"
+PROFILE_NAMESPACE_LABEL = "idealrt.io/profile-namespace"  # `kubectl get jobs -l` per team
 ANN_PROFILE_ID = "idealrt.io/profile-id"
 ANN_NAMESPACE = "idealrt.io/profile-namespace"
 ANN_NODE = "idealrt.io/node"
@@ -195,7 +196,11 @@ def render_job(
     for container in pod["initContainers"] + pod["containers"]:
         for amounts in container["resources"].values():  # quantities are strings in the API
             amounts.update({k: str(v) for k, v in amounts.items()})
-    labels = {MANAGED_LABEL[0]: MANAGED_LABEL[1], PROFILE_ID_LABEL: _label_value(profile.id)}
+    labels = {
+        MANAGED_LABEL[0]: MANAGED_LABEL[1],
+        PROFILE_ID_LABEL: _label_value(profile.id),
+        PROFILE_NAMESPACE_LABEL: _label_value(profile.namespace),
+    }
     annotations = {
         ANN_PROFILE_ID: profile.id,
         ANN_NAMESPACE: profile.namespace,

@@ -132,6 +132,12 @@ def test_happy_path(fake: Any, make_executor: Callable[..., KubernetesExecutor])
     assert pod["nodeSelector"]["kubernetes.io/hostname"] == "gpu-1"
     assert job["metadata"]["annotations"]["idealrt.io/profile-id"] == "p1"
     assert job["metadata"]["annotations"]["idealrt.io/profile-namespace"] == "default"
+    labels = job["metadata"]["labels"]
+    assert labels["idealrt.io/profile-id"] == "p1"
+    assert labels["idealrt.io/profile-namespace"] == "default"
+    assert labels["app.kubernetes.io/managed-by"] == "idealrt-profiler"
+    assert "ownerReferences" not in job["metadata"]  # nothing that can vanish owns it
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
     fake.make_pod(NS, name, {"phase": "Running"})
     complete(fake, name)
     final = run.wait()
