@@ -50,6 +50,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -71,6 +72,7 @@ __all__ = [
     "TokenFile",
     "acting_as",
     "audit",
+    "audit_to_file",
     "client_token",
     "current_principal",
     "token_sha256",
@@ -186,20 +188,50 @@ _audit_log = structlog.wrap_logger(
 )
 
 
+# where audit lines go instead of the log, innermost last (`audit_to_file`)
+_audit_files: list[Any] = []
+_audit_files_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def audit_to_file(path: Path) -> Iterator[None]:
+    """While the block runs, audit lines go to `path` (JSON lines, appended, one write and
+    flush per line) instead of the process's log: the embedded CLI keeps its suite's audit
+    trail under its data dir (`<data dir>/audit.log`), off the user's terminal. The lines
+    are the same as the log's (event "audit", the principal, what, where, the outcome,
+    an ISO UTC timestamp)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        with _audit_files_lock:
+            _audit_files.append(f)
+        try:
+            yield
+        finally:
+            with _audit_files_lock:
+                _audit_files.remove(f)
+
+
 def audit(rpc: str, namespace: str, object_id: str, outcome: str, **extra: Any) -> None:
     """One `audit` log line for a write: who (the current principal), what, where, and how
-    it ended. Emitted whatever the log level."""
+    it ended. Emitted whatever the log level (to the file of `audit_to_file`, if any)."""
     p = current_principal()
-    _audit_log.info(
-        "audit",
-        rpc=rpc,
-        namespace=namespace,
-        object_id=object_id,
-        outcome=outcome,
-        subject=p.subject,
-        subject_kind=p.kind,
+    fields = {
+        "rpc": rpc,
+        "namespace": namespace,
+        "object_id": object_id,
+        "outcome": outcome,
+        "subject": p.subject,
+        "subject_kind": p.kind,
         **extra,
-    )
+    }
+    with _audit_files_lock:
+        if _audit_files:
+            stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            line = {"event": "audit", **fields, "level": "info", "timestamp": stamp}
+            _audit_files[-1].write(json.dumps(line, default=str) + "\n")
+            _audit_files[-1].flush()
+            return
+    _audit_log.info("audit", **fields)
 
 
 def _roles(raw: Any, where: str) -> dict[str, Role]:

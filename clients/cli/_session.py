@@ -13,7 +13,7 @@ from idealrt.clients.metrics import MetricsClient
 from idealrt.clients.profiler import ProfilerClient
 from idealrt.clients.serving import ServingClient
 from idealrt.clients.store import StoreClient
-from idealrt.core.auth import CLIENT_TOKEN_FILE_VAR, CLIENT_TOKEN_VAR
+from idealrt.core.auth import CLIENT_TOKEN_FILE_VAR, CLIENT_TOKEN_VAR, audit_to_file
 from idealrt.core.auth import client_token as _client_token
 from idealrt.core.grpc_client import Token
 from idealrt.core.tls import ENV_VARS, TlsConfig
@@ -104,9 +104,11 @@ def open_session(
         raise SystemExit("give all of --profiler, --metrics and --store (or none: embedded)")
     from idealrt.services.suite import start_suite
 
-    with start_suite(
-        data_dir=data_dir, store_url=store_url, serving_target=serving_target
-    ) as suite:
+    # the embedded suite's audit trail goes under its data dir, not to the user's terminal
+    with (
+        audit_to_file(data_dir / "audit.log"),
+        start_suite(data_dir=data_dir, store_url=store_url, serving_target=serving_target) as suite,
+    ):
         pc, mc, sc = (
             ProfilerClient(suite.profiler),
             MetricsClient(suite.metrics),

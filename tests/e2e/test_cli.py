@@ -25,6 +25,7 @@ class Cli:
         rc = main([*args, "--data-dir", str(self.data_dir), "--json"])
         out = self.capsys.readouterr()
         assert rc == expect, out.err[-3000:]
+        assert '"event": "audit"' not in out.err  # audit lines go to <data dir>/audit.log
         return json.loads(out.out) if expect == 0 and out.out.strip() else out
 
 
@@ -87,6 +88,9 @@ def test_profile_fit_estimate_watch_and_list(cli: Cli, tmp_path: Path) -> None:
     )
     assert prof["state"] == "succeeded"
     pid = prof["id"]
+    # the embedded suite's audit trail is under the data dir, not on the user's terminal
+    audited = [json.loads(x) for x in (cli.data_dir / "audit.log").read_text().splitlines()]
+    assert {"CreateProfile", "AppendSamples"} <= {a["rpc"].rsplit("/", 1)[-1] for a in audited}
     cm = cli.run("fit", "--profile", pid, "--bootstrap", "20")
     assert cm["profile_id"] == pid and cm["quality"]["method"] == "heldout"
     one = cli.run(

@@ -27,6 +27,7 @@ from idealrt.core.auth import (
     TokenFile,
     acting_as,
     audit,
+    audit_to_file,
     client_token,
     current_principal,
     token_sha256,
@@ -410,3 +411,26 @@ def test_client_token_sources(tmp_path: Path) -> None:
     assert "two words" not in str(e.value) and "--token-file" in str(e.value)
     with pytest.raises(ValueError, match="IDEALRT_TOKEN_FILE"):
         client_token("", env={"IDEALRT_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_audit_lines_go_to_the_file_while_it_is_set(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    """The embedded CLI's sink: inside `audit_to_file` the line is appended to the file
+    (JSON, the same fields, a timestamp) and not logged; after it, the log again."""
+    path = tmp_path / "data" / "audit.log"
+    with acting_as(Principal("alice", {}, kind="jwt")), audit_to_file(path):
+        audit("CreateProfile", "team-a", "prof_1", "ok", created=True)
+    assert not [e for e in logs if e["event"] == "audit"]
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert line["event"] == "audit" and line["subject"] == "alice" and line["created"] is True
+    assert (line["rpc"], line["namespace"], line["object_id"], line["outcome"]) == (
+        "CreateProfile",
+        "team-a",
+        "prof_1",
+        "ok",
+    )
+    assert line["timestamp"].endswith("Z")
+    audit("UpdateProfile", "team-a", "prof_1", "ok")
+    assert [e["rpc"] for e in logs if e["event"] == "audit"] == ["UpdateProfile"]
+    assert len(path.read_text().splitlines()) == 1
