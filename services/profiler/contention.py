@@ -47,7 +47,10 @@ class ContentionPolicy:
     k_mad: float = 5.0
     min_slowdown: float = 0.25
     min_baseline: int = 3
-    foreign_cpu_frac: float = 0.2
+    # two runnable processes share a core about evenly, so load present for a fraction f of
+    # a sample takes about f/2 of its wall time: 0.05 flags a sample from ~10% overlap
+    # (0.2 needed ~40%, and missed samples slowed 10-25%)
+    foreign_cpu_frac: float = 0.05
     min_foreign_cpu_s: float = 0.002
     use_monitors: bool = True
     max_retries: int = 3
