@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 _SPIN = """
 import os, sys, time
@@ -120,3 +121,24 @@ class Hog:
             self._proc.wait()
             if self._proc.stdout is not None:
                 self._proc.stdout.close()
+
+
+def confusion(
+    samples: Sequence[Any], hog_epoch: Sequence[tuple[float, float]], min_overlap: float = 0.10
+) -> dict[str, int]:
+    """Judged samples (OK or CONTENDED) by flag and by whether the hog covered at least
+    `min_overlap` of them (their start_time and total_ns against the hog's epoch intervals)."""
+    tally = {"flagged_and_hog": 0, "flagged_no_hog": 0, "missed_hog": 0, "clean_ok": 0}
+    for s in samples:
+        if s.flag.value not in ("ok", "contended"):
+            continue
+        start = s.start_time.timestamp()
+        hit = overlap_fraction(hog_epoch, start, start + s.total_ns * 1e-9) >= min_overlap
+        flagged = s.flag.value == "contended"
+        key = (
+            ("flagged_and_hog" if hit else "flagged_no_hog")
+            if flagged
+            else ("missed_hog" if hit else "clean_ok")
+        )
+        tally[key] += 1
+    return tally

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
-from _hog import Hog, overlap_fraction
+from _hog import Hog, confusion
 
 from idealrt.core.costmodel.fit import FitOptions, fit_cost_model
 from idealrt.core.costmodel.predict import alpha_at
@@ -39,24 +39,6 @@ from idealrt.core.errors import IdealrtError
 GRID_P, GRID_O = (1, 128, 512), (1, 16, 32)
 QUICK_P, QUICK_O = (1, 128), (1, 8)
 TRUTH_OVERLAP = 0.10
-
-
-def confusion(samples: list[Sample], hog_epoch: list[tuple[float, float]]) -> dict[str, int]:
-    tally = {"flagged_and_hog": 0, "flagged_no_hog": 0, "missed_hog": 0, "clean_ok": 0}
-    for s in samples:
-        if s.flag.value not in ("ok", "contended"):
-            continue
-        assert s.start_time is not None
-        start = s.start_time.timestamp()
-        hit = overlap_fraction(hog_epoch, start, start + s.total_ns * 1e-9) >= TRUTH_OVERLAP
-        flagged = s.flag.value == "contended"
-        key = (
-            ("flagged_and_hog" if hit else "flagged_no_hog")
-            if flagged
-            else ("missed_hog" if hit else "clean_ok")
-        )
-        tally[key] += 1
-    return tally
 
 
 def _fit(samples: list[Sample]) -> CostModel | str:
@@ -141,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for k, r in runs.items()
     }
-    tally = confusion(runs["contended"].samples, hog_log.epoch)
+    tally = confusion(runs["contended"].samples, hog_log.epoch, TRUTH_OVERLAP)
     doc["hog"] = {"duty_observed": hog_log.duty_observed, "on_intervals": len(hog_log.epoch)}
     doc["confusion"] = tally
     hit = tally["flagged_and_hog"] + tally["missed_hog"]

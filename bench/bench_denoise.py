@@ -39,7 +39,7 @@ from typing import Any
 
 import _common as c
 import numpy as np
-from _hog import Hog, overlap_fraction
+from _hog import Hog, confusion, overlap_fraction
 
 from idealrt.core.costmodel.evaluate import config_runtimes
 from idealrt.core.costmodel.fit import FitOptions, fit_cost_model, usable_samples
@@ -168,18 +168,7 @@ def bonus(
     with Hog(core, duty, seed) as hog:
         run = c.profile_in_process(registry, model, stack, plan, contention=True)
     judged = [s for s in run.samples if s.flag.value in ("ok", "contended")]
-    tally = {"flagged_and_hog": 0, "flagged_no_hog": 0, "missed_hog": 0, "clean_ok": 0}
-    for s in judged:
-        assert s.start_time is not None
-        start = s.start_time.timestamp()
-        hit = overlap_fraction(hog.log.epoch, start, start + s.total_ns * 1e-9) >= TRUTH_OVERLAP
-        flagged = s.flag.value == "contended"
-        key = (
-            ("flagged_and_hog" if hit else "flagged_no_hog")
-            if flagged
-            else ("missed_hog" if hit else "clean_ok")
-        )
-        tally[key] += 1
+    tally = confusion(judged, hog.log.epoch, TRUTH_OVERLAP)
     return {
         "state": run.profile.state.value,
         "error": run.profile.error,

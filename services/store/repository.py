@@ -291,15 +291,23 @@ class Store:
                 with self._watch.cursor() as cur:
                     cur.execute(_SNAPSHOT_SQL)
                     return str(cur.fetchone()[0])
-            except Exception as exc:  # the driver's own errors, either database
+            except self._driver_errors() as exc:  # the database driver's own errors
                 # no counter now: this call reads the database, which reports the failure
                 # (or recovers); the next call opens a new watch connection
                 _log.warning("store_read_generation_failed", error=f"{type(exc).__name__}: {exc}")
                 if self._watch is not None:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(*self._driver_errors()):  # already broken
                         self._watch.close()
                     self._watch = None
                 return None
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """What the watch connection's driver raises (sqlite3, or psycopg 3)."""
+        if self._parsed.backend == "sqlite":
+            return (sqlite3.Error,)
+        import psycopg  # present: this store is open on PostgreSQL
+
+        return (psycopg.Error, OSError)
 
     def _open_watch(self) -> Any:
         """read_generation's own connection: never used to write, outside the pool."""

@@ -223,3 +223,15 @@ def test_a_restarted_profiler_adopts_its_jobs_and_fails_the_lost_ones(
     final = wait_for(lambda: (p := c["client"].get_profile(kept.id)).state.terminal and p)
     assert final.state is ProfileState.SUCCEEDED
     wait_for(lambda: not fake.list("leases", NS), timeout=10)  # both nodes free again
+
+
+def test_a_bad_placement_is_refused_before_anything_runs(cluster: dict[str, Any]) -> None:
+    """Over the real channel: a GPU product that is no Kubernetes label value is
+    INVALID_ARGUMENT naming placement.gpu_product; nothing is stored, no Job is made."""
+    c, fake = cluster, cluster["fake"]
+    bad = dataclasses.replace(new_profile(), placement=Placement(gpu_product="H100 80GB!"))
+    with pytest.raises(InvalidArgument) as err:
+        c["client"].create_profile(bad)
+    assert err.value.field == "placement.gpu_product", err.value
+    assert c["repo"].list_profiles(10, "")[0] == []
+    assert fake.list("jobs", NS) == []

@@ -154,3 +154,33 @@ def test_summary_tables_targets_and_missing_benches(tmp_path: Path) -> None:
 def test_run_all_rejects_unknown_bench() -> None:
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope", "--summary-only"])
+
+
+def test_confusion_sorts_judged_samples_by_flag_and_hog_overlap() -> None:
+    from _hog import confusion
+
+    def sample(start: float, seconds: float, flag: SampleFlag) -> Sample:
+        return Sample(
+            prompt_tokens=1,
+            output_tokens=1,
+            prefill_ns=int(seconds * 1e9),
+            decode_ns=(),
+            total_ns=int(seconds * 1e9),
+            start_time=datetime.fromtimestamp(start, UTC),
+            flag=flag,
+        )
+
+    hog = [(100.0, 110.0)]
+    samples = [
+        sample(101, 1, SampleFlag.CONTENDED),  # under the hog, flagged
+        sample(109.5, 1, SampleFlag.OK),  # half under it, missed
+        sample(120, 1, SampleFlag.CONTENDED),  # no hog, flagged
+        sample(130, 1, SampleFlag.OK),  # clean
+        sample(105, 1, SampleFlag.WARMUP),  # not judged
+    ]
+    assert confusion(samples, hog) == {
+        "flagged_and_hog": 1,
+        "flagged_no_hog": 1,
+        "missed_hog": 1,
+        "clean_ok": 1,
+    }
