@@ -307,7 +307,8 @@ class Store:
             return (sqlite3.Error,)
         import psycopg  # present: this store is open on PostgreSQL
 
-        return (psycopg.Error, OSError)
+        # the connection comes from the engine's pool (an exhausted pool: sa TimeoutError)
+        return (psycopg.Error, OSError, sa.exc.SQLAlchemyError)
 
     def _open_watch(self) -> Any:
         """read_generation's own connection: never used to write, outside the pool."""
